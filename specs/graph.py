@@ -1,0 +1,140 @@
+"""ModelGraph: the traced model as plain data (the IR between the tracer and the cost models).
+
+`planner.trace(model, example_inputs)` produces it; `cost_models` consumes it. It lives in
+specs/ because both sides need it and it is pure data (it round-trips JSON, so a trace can be
+cached or shipped with a plan).
+
+Scaling with micro-batch size: every field named `*_per_sample` is linear in the number of
+samples (dim 0 of the example inputs) and is given for ONE sample; multiply by the micro-batch
+size. Parameter figures (`num_params`, `param_bytes`) do not depend on the batch.
+FLOPs are counted by PyTorch's FLOP counter on fake tensors for the example inputs; byte counts
+use the dtype the model was traced in (`param_dtype`/`activation_dtype`). Cost models rescale
+bytes to the training precision by `bytes * new_itemsize / traced_itemsize`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from specs._base import Frozen
+
+OpKindName = Literal[
+    "matmul", "attention", "conv", "embedding", "norm", "elementwise", "softmax", "dropout",
+    "reduction", "loss", "other",
+]
+# How an op is split when its block is tensor-parallel (Megatron style):
+#   column/row      - Linear output/input features (column->row pairs)
+#   head            - attention core, split by heads
+#   vocab           - embedding / output head split over the vocabulary
+#   conv_out        - conv output channels (operator-wise split)
+#   sequence        - norm/dropout/elementwise that sequence parallelism can split along tokens
+#   replicate       - computed in full on every tp rank
+TPSplit = Literal["column", "row", "head", "vocab", "conv_out", "sequence", "replicate"]
+
+
+class OpInfo(Frozen):
+    name: str = Field(description="Node name in the traced graph (module path for module calls).")
+    target: str = Field(description="What the node calls, e.g. 'aten.mm' or 'Linear'.")
+    kind: OpKindName = Field(description="Op family, selects the efficiency curve.")
+    fwd_flops_per_sample: float = Field(ge=0, description="Forward FLOPs for one sample.")
+    bwd_flops_per_sample: float = Field(ge=0, description="Backward FLOPs for one sample (input + weight grads).")
+    bytes_per_sample: float = Field(ge=0, description="Activation bytes read + written in forward, one sample.")
+    param_bytes: float = Field(default=0, ge=0, description="Bytes of parameters the op reads.")
+    tp_split: TPSplit = Field(default="replicate", description="How tensor parallelism splits this op.")
+    gemm_mnk: tuple[int, int, int] | None = Field(
+        default=None, description="(m, n, k) of the op's matmul for one sample (m grows with batch)."
+    )
+
+
+class TPCandidate(Frozen):
+    kind: Literal["mlp", "gated_mlp", "attention", "vocab_embedding", "output_head", "conv"] = Field(
+        description="Pattern the split follows."
+    )
+    modules: dict[str, Literal["colwise", "rowwise", "vocab", "conv_out", "replicate"]] = Field(
+        description="Module path inside the block -> parallel style."
+    )
+    divisor: int = Field(gt=0, description="tp must divide this (heads, kv heads, features, channels).")
+
+
+class LayerType(Frozen):
+    name: str = Field(description="Layer-type key; repeated blocks share one.")
+    module_type: str = Field(description="Python class of the block module.")
+    num_params: int = Field(ge=0)
+    param_bytes: float = Field(ge=0, description="Parameter bytes at the traced dtype.")
+    fwd_flops_per_sample: float = Field(ge=0)
+    bwd_flops_per_sample: float = Field(ge=0)
+    saved_bytes_per_sample: float = Field(
+        ge=0, description="Activation bytes saved for backward (saved-tensor hooks), one sample."
+    )
+    saved_bytes_attention_core_per_sample: float = Field(
+        default=0, ge=0,
+        description="Part of saved bytes inside the attention core (scores, softmax, dropout mask); "
+        "selective recompute drops it.",
+    )
+    saved_bytes_replicated_per_sample: float = Field(
+        default=0, ge=0,
+        description="Part of saved bytes that tensor parallelism does not split (norm inputs, "
+        "residuals); sequence parallelism does.",
+    )
+    input_bytes_per_sample: float = Field(ge=0, description="Bytes entering the block (kept by full recompute).")
+    output_bytes_per_sample: float = Field(ge=0, description="Bytes leaving the block (pipeline p2p).")
+    ops: list[OpInfo] = Field(default_factory=list)
+    tp_candidates: list[TPCandidate] = Field(default_factory=list)
+    num_heads: int | None = Field(default=None, description="Attention heads, where the block has attention.")
+
+
+class Block(Frozen):
+    name: str = Field(description="Module path of the block (e.g. 'layers.3'), or a synthetic name.")
+    layer_type: str = Field(description="Key into ModelGraph.layer_types.")
+    index: int = Field(ge=0)
+
+
+class CutPoint(Frozen):
+    after_block: int = Field(ge=0, description="A pipeline stage may end after this block.")
+    bytes_per_sample: float = Field(ge=0, description="Activation bytes crossing the cut, one sample.")
+
+
+class ModelGraph(Frozen):
+    name: str
+    fingerprint: str = Field(description="Hash of structure, shapes and parameter counts.")
+    traced_by: Literal["fx", "export", "manual"]
+    param_dtype: str = Field(default="fp32", description="dtype of parameters when traced.")
+    activation_dtype: str = Field(default="fp32", description="dtype of activations when traced.")
+    num_params: int = Field(ge=0, description="Unique parameters (tied ones counted once).")
+    seq_len: int | None = Field(default=None, description="Tokens per sample, for language models.")
+    input_shapes: list[list[int]] = Field(default_factory=list, description="Example input shapes.")
+    input_bytes_per_sample: float = Field(default=0, ge=0)
+    blocks: list[Block]
+    layer_types: dict[str, LayerType]
+    cut_points: list[CutPoint] = Field(default_factory=list)
+    tied_blocks: list[tuple[int, int]] = Field(
+        default_factory=list, description="Pairs of blocks sharing parameters (e.g. tied embedding/head)."
+    )
+    tied_param_bytes: float = Field(default=0, ge=0, description="Bytes of each tied parameter group.")
+    trace_time_s: float = Field(default=0, ge=0)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def layer(self, block_index: int) -> LayerType:
+        return self.layer_types[self.blocks[block_index].layer_type]
+
+    @property
+    def fwd_flops_per_sample(self) -> float:
+        return sum(self.layer(i).fwd_flops_per_sample for i in range(self.num_blocks))
+
+    @property
+    def bwd_flops_per_sample(self) -> float:
+        return sum(self.layer(i).bwd_flops_per_sample for i in range(self.num_blocks))
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.seq_len or 1
+
+    def to_file(self, path: str) -> None:
+        from specs.io import dump_data
+
+        dump_data(self.model_dump(mode="json"), path)

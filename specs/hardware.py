@@ -1,0 +1,178 @@
+"""HardwareSpec: what the cluster is, as data. Presets are bundled YAML under specs/presets/.
+
+Conventions (the cost models rely on them):
+- bandwidths are *unidirectional* bytes per second: `intra_node.bandwidth_bytes_per_s` is what
+  one device can send to the others in its node at once (NVLink: half the marketing
+  "bidirectional" figure); `inter_node.bandwidth_bytes_per_s` is what one *node* can send
+  into the network at once (sum of its NICs).
+- `device.memory_bytes` is what the allocator can see on one device (torch's total_memory).
+- Every number in a preset carries its source in `sources`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from specs._base import Frozen, SpecError, validate_model
+from specs.io import load_data
+
+DType = Literal["fp64", "fp32", "tf32", "bf16", "fp16", "fp8"]
+OpKind = Literal["matmul", "attention", "conv", "elementwise", "memory", "other"]
+
+
+class DeviceSpec(Frozen):
+    name: str = Field(description="Accelerator model, e.g. 'A100-SXM4-80GB'.")
+    memory_bytes: int = Field(gt=0, description="Device memory visible to the allocator, bytes.")
+    peak_flops_per_s: dict[DType, float] = Field(
+        description="Dense peak FLOP/s per dtype (no structured sparsity)."
+    )
+    memory_bandwidth_bytes_per_s: float = Field(gt=0, description="Peak device-memory bandwidth, bytes/s.")
+    kernel_launch_s: float = Field(
+        default=5e-6, ge=0, description="Floor on the time of one kernel/op (launch + tail), seconds."
+    )
+
+    @model_validator(mode="after")
+    def _check_flops(self) -> DeviceSpec:
+        if not self.peak_flops_per_s:
+            raise ValueError("peak_flops_per_s: give at least one dtype, e.g. {bf16: 3.12e14}")
+        for k, v in self.peak_flops_per_s.items():
+            if v <= 0:
+                raise ValueError(f"peak_flops_per_s.{k}: must be > 0 (got {v})")
+        return self
+
+
+class LinkSpec(Frozen):
+    bandwidth_bytes_per_s: float = Field(gt=0, description="Unidirectional bandwidth, bytes/s.")
+    latency_s: float = Field(ge=0, description="Per-message latency (alpha), seconds.")
+
+
+class HostSpec(Frozen):
+    memory_bytes: int = Field(gt=0, description="Host (CPU) memory per node, bytes; bounds offload.")
+    pcie_bandwidth_bytes_per_s: float = Field(
+        gt=0, description="Host<->device bandwidth per device, unidirectional, bytes/s (offload)."
+    )
+    cpu_adam_params_per_s: float = Field(
+        default=1.0e9, gt=0, description="Optimizer-step throughput on the host per device (offload), params/s."
+    )
+
+
+class EfficiencyPoint(Frozen):
+    size: float = Field(gt=0, description="Problem size: FLOPs for compute kinds, bytes for memory kinds.")
+    efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak at that size.")
+
+
+class HardwareSpec(Frozen):
+    name: str = Field(description="Preset or cluster name.")
+    num_nodes: int = Field(gt=0, description="Number of nodes (hosts).")
+    devices_per_node: int = Field(gt=0, description="Accelerators (or processes) per node.")
+    device: DeviceSpec
+    intra_node: LinkSpec = Field(description="Device-to-device link inside a node (NVLink/NVSwitch).")
+    inter_node: LinkSpec = Field(description="Network between nodes; bandwidth is per node.")
+    host: HostSpec
+    efficiency: dict[OpKind, list[EfficiencyPoint]] = Field(
+        default_factory=dict,
+        description="Calibrated efficiency curves (size -> fraction of peak) from `autoplan calibrate`; "
+        "empty means the cost model's documented defaults.",
+    )
+    collective_efficiency: float = Field(
+        default=1.0, gt=0, le=1, description="Achieved fraction of link bandwidth for large collectives."
+    )
+    sources: dict[str, str] = Field(default_factory=dict, description="Where each constant comes from.")
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_nodes * self.devices_per_node
+
+    def __str__(self) -> str:
+        gib = self.device.memory_bytes / 2**30
+        return f"{self.name}: {self.num_nodes}x{self.devices_per_node} {self.device.name} ({gib:.0f} GiB)"
+
+    # ------------------------------------------------------------------ loading
+    @staticmethod
+    def preset_names() -> list[str]:
+        root = resources.files("specs") / "presets"
+        return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+    @classmethod
+    def preset(cls, name: str, nodes: int | None = None, *, devices: int | None = None) -> HardwareSpec:
+        """A bundled preset scaled to `nodes` nodes, or to `devices` devices in all.
+
+        `devices` smaller than one node gives a single partial node (e.g. 4 of 8 GPUs).
+        For the `cpu` preset, `devices` is the number of processes on this host: they share its
+        cores and memory, so per-process peak FLOP/s and memory are divided among them.
+        """
+        names = cls.preset_names()
+        if name not in names:
+            raise SpecError(f"unknown hardware preset {name!r}; known presets: {', '.join(names)}")
+        data = load_data(Path(str(resources.files("specs") / "presets" / f"{name}.yaml")))
+        shared = data.pop("shared_host", None)
+        per_node = int(data["devices_per_node"])
+        if nodes is not None and devices is not None:
+            raise SpecError("give either nodes or devices, not both")
+        if nodes is not None:
+            if nodes <= 0:
+                raise SpecError(f"nodes: must be >= 1 (got {nodes})")
+            data["num_nodes"] = nodes
+        elif devices is not None:
+            if devices <= 0:
+                raise SpecError(f"devices: must be >= 1 (got {devices})")
+            if shared:
+                data["num_nodes"], data["devices_per_node"] = 1, devices
+            elif devices <= per_node:
+                data["num_nodes"], data["devices_per_node"] = 1, devices
+            elif devices % per_node:
+                raise SpecError(
+                    f"{name}: {devices} devices is not a whole number of {per_node}-device nodes; "
+                    f"use a multiple of {per_node}"
+                )
+            else:
+                data["num_nodes"] = devices // per_node
+        if shared:
+            # Processes on one host share its cores and memory (see specs/presets/cpu.yaml).
+            n = data["devices_per_node"]
+            cores = int(shared["cores"])
+            dev = dict(data["device"])
+            dev["peak_flops_per_s"] = {
+                k: v * min(1.0, cores / n) for k, v in dev["peak_flops_per_s"].items()
+            }
+            dev["memory_bandwidth_bytes_per_s"] = dev["memory_bandwidth_bytes_per_s"] * min(1.0, cores / n)
+            dev["memory_bytes"] = int(shared["memory_bytes"] * shared.get("usable_fraction", 1.0) / n)
+            data["device"] = dev
+        return validate_model(cls, data, f"preset {name}")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> HardwareSpec:
+        return validate_model(cls, load_data(path), str(path))
+
+    @classmethod
+    def load(cls, ref: str | os.PathLike | HardwareSpec) -> HardwareSpec:
+        """A spec from a preset string (`dgx-a100-80gb`, `dgx-a100-80gb:16` = 16 devices,
+        `dgx-a100-80gb:2n` = 2 nodes) or from a YAML/JSON file."""
+        if isinstance(ref, HardwareSpec):
+            return ref
+        text = str(ref)
+        if os.path.exists(text) or text.endswith((".yaml", ".yml", ".json")):
+            return cls.from_file(text)
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(?::(\d+)(n?))?", text)
+        if not m:
+            raise SpecError(
+                f"hardware {text!r}: expected a preset like 'dgx-a100-80gb:16' (16 devices) or "
+                f"'dgx-a100-80gb:2n' (2 nodes), or a YAML/JSON file path"
+            )
+        name, count, unit = m.group(1), m.group(2), m.group(3)
+        if count is None:
+            return cls.preset(name)
+        if unit == "n":
+            return cls.preset(name, nodes=int(count))
+        return cls.preset(name, devices=int(count))
+
+    def to_file(self, path: str | os.PathLike) -> None:
+        from specs.io import dump_data
+
+        dump_data(self.model_dump(mode="json"), path)
