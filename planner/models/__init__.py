@@ -1,0 +1,160 @@
+"""Bundled models, by name, and `package.module:factory` references.
+
+`build_model(ref, device=..., dtype=...) -> BuiltModel` gives the module, example inputs (dim 0 is
+the batch), a loss function and a synthetic-batch maker. Nothing is downloaded: torchvision and
+Hugging Face models are built from configs with random weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from planner.models.mlp import MLP, MLP_CONFIGS, MLPConfig
+from planner.models.transformer import GPT_CONFIGS, LLAMA_CONFIGS, Transformer, TransformerConfig
+from specs import SpecError
+
+
+def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy; the targets are the inputs (synthetic language modelling)."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), tokens.flatten())
+
+
+def mse_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out, target)
+
+
+def class_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, target)
+
+
+@dataclass
+class BuiltModel:
+    name: str
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    make_batch: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _lm(name: str, cfg: TransformerConfig, batch: int, device, dtype) -> BuiltModel:
+    with torch.device(device):
+        model = Transformer(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    tokens = torch.zeros(batch, cfg.seq_len, dtype=torch.long, device=device)
+
+    def make_batch(b: int, gen: torch.Generator):
+        t = torch.randint(0, cfg.vocab_size, (b, cfg.seq_len), generator=gen)
+        return t, t
+
+    return BuiltModel(name, model, (tokens,), lm_loss, make_batch, {"config": cfg, "seq_len": cfg.seq_len})
+
+
+def _mlp(name: str, cfg: MLPConfig, batch: int, device, dtype) -> BuiltModel:
+    with torch.device(device):
+        model = MLP(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    if device != "meta" and torch.device(device).type != "meta":
+        model.init_weights(0)
+    x = torch.zeros(batch, cfg.in_features, device=device, dtype=dtype or torch.float32)
+
+    def make_batch(b: int, gen: torch.Generator):
+        return (torch.randn(b, cfg.in_features, generator=gen, dtype=dtype or torch.float32),
+                torch.randn(b, cfg.out_features, generator=gen, dtype=dtype or torch.float32))
+
+    return BuiltModel(name, model, (x,), mse_loss, make_batch, {"config": cfg})
+
+
+def _torchvision(name: str, batch: int, device, dtype, image: int = 224, num_classes: int = 1000) -> BuiltModel:
+    try:
+        import torchvision
+    except ImportError as e:  # pragma: no cover - dev extra
+        raise SpecError(f"model {name!r} needs torchvision (pip install 'autoplan[dev]'): {e}") from None
+    with torch.device(device):
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if dtype is not None:
+        model = model.to(dtype)
+    x = torch.zeros(batch, 3, image, image, device=device, dtype=dtype or torch.float32)
+
+    def make_batch(b: int, gen: torch.Generator):
+        return (torch.randn(b, 3, image, image, generator=gen, dtype=dtype or torch.float32),
+                torch.randint(0, num_classes, (b,), generator=gen))
+
+    return BuiltModel(name, model, (x,), class_loss, make_batch, {"image": image})
+
+
+TORCHVISION_BUNDLED = ("resnet18", "resnet50", "vit_b_16")
+
+
+def list_models() -> list[str]:
+    return sorted([*GPT_CONFIGS, *LLAMA_CONFIGS, *MLP_CONFIGS, *TORCHVISION_BUNDLED])
+
+
+def build_model(
+    ref: str, *, batch: int = 1, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> BuiltModel:
+    """Build a bundled model by name, or call `package.module:factory`.
+
+    A factory returns an nn.Module, a (module, example_inputs) pair, or a BuiltModel.
+    """
+    if ref in GPT_CONFIGS:
+        return _lm(ref, GPT_CONFIGS[ref], batch, device, dtype)
+    if ref in LLAMA_CONFIGS:
+        return _lm(ref, LLAMA_CONFIGS[ref], batch, device, dtype)
+    if ref in MLP_CONFIGS:
+        return _mlp(ref, MLP_CONFIGS[ref], batch, device, dtype)
+    if ref in TORCHVISION_BUNDLED:
+        return _torchvision(ref, batch, device, dtype)
+    if ":" in ref:
+        return _from_factory(ref, batch, device, dtype)
+    raise SpecError(
+        f"unknown model {ref!r}; bundled models: {', '.join(list_models())}; "
+        f"or name a factory as package.module:function"
+    )
+
+
+def _from_factory(ref: str, batch: int, device, dtype) -> BuiltModel:
+    mod_name, _, fn_name = ref.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # any import-time failure is the user's module's
+        raise SpecError(f"model {ref!r}: cannot import module {mod_name!r}: {type(e).__name__}: {e}") from None
+    fn = getattr(mod, fn_name, None)
+    if fn is None or not callable(fn):
+        raise SpecError(f"model {ref!r}: module {mod_name!r} has no callable {fn_name!r}")
+    with torch.device(device):
+        out = fn()
+    if isinstance(out, BuiltModel):
+        return out
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], nn.Module):
+        module, inputs = out
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    elif isinstance(out, nn.Module):
+        raise SpecError(
+            f"model {ref!r}: the factory returned a module without example inputs; return "
+            f"(module, example_inputs) so the tracer knows the input shapes"
+        )
+    else:
+        raise SpecError(f"model {ref!r}: the factory must return an nn.Module with example inputs, got {type(out).__name__}")
+    if dtype is not None:
+        module = module.to(dtype)
+
+    def make_batch(b: int, gen: torch.Generator):
+        xs = [torch.randn((b, *x.shape[1:]), generator=gen) if x.is_floating_point()
+              else torch.randint(0, 2, (b, *x.shape[1:]), generator=gen) for x in inputs]
+        return xs[0], xs[0]
+
+    return BuiltModel(ref, module, inputs, mse_loss, make_batch, {})
+
+
+__all__ = ["BuiltModel", "build_model", "list_models", "lm_loss", "GPT_CONFIGS", "LLAMA_CONFIGS",
+           "MLP_CONFIGS", "Transformer", "TransformerConfig", "MLP", "MLPConfig"]
