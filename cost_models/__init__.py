@@ -1,0 +1,15 @@
+"""autoplan cost models: pure estimators of step time and memory for a Plan.
+
+Pure functions of (ModelGraph, Plan or knobs, HardwareSpec, TrainSpec) returning frozen
+breakdowns. No torch.distributed, no device queries. Contract used by the planner and explainer:
+
+- `estimate_step(graph, plan, hw, train) -> StepEstimate` — full estimate of one Plan.
+  `StepEstimate.to_prediction() -> specs.Prediction` for storing in the Plan.
+- `estimate_knobs(graph, knobs, stages, hw, train) -> StepEstimate` — the same without building a
+  pydantic Plan (the search's fast path). `stages`: list of (first, last, recompute) tuples.
+- `block_costs(graph, hw, train, *, tp, sequence_parallel, micro_batch_size, recompute)`
+  -> per-block times and memory (cached per layer type), for the planner's stage partition DP.
+- `build_schedule(name, pp, num_micro_batches, virtual_stages)` -> per-rank action lists;
+  `simulate(schedule, stage_times) -> ScheduleResult` (step time, bubble, peak in-flight
+  micro-batches per rank, timeline).
+"""
