@@ -1,0 +1,18 @@
+"""autoplan runtime: executes a Plan under torchrun with PyTorch's native distributed engines.
+
+    torchrun --nproc-per-node 8 -m runtime.launch plan.yaml --model gpt-small --steps 100
+
+Multi-node (one command per node, same rendezvous endpoint; RANK 0's host serves it):
+
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST0:29500 --rdzv-id job1 -m runtime.launch plan.yaml --model gpt-small
+    torchrun --nnodes 2 --node-rank 1 --nproc-per-node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST0:29500 --rdzv-id job1 -m runtime.launch plan.yaml --model gpt-small
+
+The plan's pp * dp * tp must equal nnodes * nproc-per-node (tp innermost stays inside a node).
+Python: `pm = runtime.parallelize(model, plan, loss_fn=...)`, then `pm.train_step(pm.local_batch(x, y))`.
+"""
+
+from runtime.parallelize import ParallelModel, parallelize, validate_model
+
+__all__ = ["ParallelModel", "parallelize", "validate_model"]

@@ -1,0 +1,75 @@
+"""The device mesh of a plan, and the checks that must pass before any collective runs.
+
+Mesh layout (DESIGN.md): axes ("pp", "dp", "tp") in that order, so tp is innermost: the ranks
+of one tp group are consecutive (global rank = (pp_i * dp + dp_i) * tp + tp_i) and stay
+inside a node when tp <= devices per node. With `sharding: hsdp` the dp axis is split into
+("dp_replicate", "dp_shard"), shard innermost: replicas = dp / hsdp_shard_size.
+
+`validate_world` is pure (it raises specs.SpecError); `build_mesh` creates the process groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from specs import Plan, SpecError
+
+
+def mesh_shape(plan: Plan) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(sizes, axis names) of the plan's mesh, outermost first."""
+    m, dpc = plan.mesh, plan.data_parallel
+    if dpc.sharding == "hsdp":
+        shard = dpc.hsdp_shard_size
+        assert shard is not None and m.dp % shard == 0  # Plan validation guarantees it
+        return (m.pp, m.dp // shard, shard, m.tp), ("pp", "dp_replicate", "dp_shard", "tp")
+    return (m.pp, m.dp, m.tp), ("pp", "dp", "tp")
+
+
+def validate_world(plan: Plan, world_size: int) -> None:
+    """Raise SpecError when the launched world size is not the plan's pp * dp * tp."""
+    m = plan.mesh
+    if m.world_size != world_size:
+        raise SpecError(
+            f"world size: the plan needs pp({m.pp}) * dp({m.dp}) * tp({m.tp}) = {m.world_size} "
+            f"processes, but {world_size} were launched; run torchrun with --nproc-per-node "
+            f"(times --nnodes) = {m.world_size}, or re-plan for {world_size} devices"
+        )
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The full mesh and the views each technique needs.
+
+    `dp` is the whole data-parallel group (flattened replicate x shard under HSDP);
+    `fsdp` is what fully_shard takes: 1-D dp, or 2-D (dp_replicate, dp_shard) under HSDP.
+    """
+
+    world: DeviceMesh
+    pp: DeviceMesh
+    dp: DeviceMesh
+    fsdp: DeviceMesh
+    tp: DeviceMesh
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp.get_local_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return self.pp.get_local_rank()
+
+
+def build_mesh(plan: Plan, device_type: str = "cpu") -> Meshes:
+    """Create the DeviceMesh (and its process groups) for the plan. Checks the world size first."""
+    validate_world(plan, dist.get_world_size())
+    sizes, names = mesh_shape(plan)
+    world = init_device_mesh(device_type, sizes, mesh_dim_names=names)
+    if plan.data_parallel.sharding == "hsdp":
+        fsdp = world["dp_replicate", "dp_shard"]
+        dp = fsdp._flatten("dp")
+    else:
+        fsdp = dp = world["dp"]
+    return Meshes(world=world, pp=world["pp"], dp=dp, fsdp=fsdp, tp=world["tp"])

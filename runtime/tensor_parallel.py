@@ -1,0 +1,223 @@
+"""Tensor parallelism: the plan's per-module styles applied with DTensor `parallelize_module`.
+
+`plan.tensor_parallel.styles` maps an fnmatch pattern over module paths (relative to the model
+root) to a style. Layouts follow torchtitan's parallelize_llama (Megatron-LM column -> row pairs):
+
+| style     | module     | without sequence parallel                | with sequence parallel            |
+|-----------|------------|------------------------------------------|-----------------------------------|
+| colwise   | Linear     | in Replicate -> out Shard(-1) (local)    | in Shard(1) (all-gather) -> same  |
+| rowwise   | Linear     | in Shard(-1) -> out Replicate (all-red.) | out Shard(1) (reduce-scatter)     |
+| vocab     | Embedding  | Rowwise: in Replicate -> out Replicate   | out Shard(1) (see below)          |
+| sequence  | norm       | (needs sequence parallel)                | SequenceParallel, Shard(1)        |
+| replicate | any        | left as is (plain, replicated tensors)   | same                              |
+
+A colwise module whose name matches the loss head (it has no rowwise partner: its output is
+the model's output) returns vocab-sharded logits, Shard(-1) as a DTensor, when
+`loss_parallel` is set (the loss then runs under `loss_parallel()`), otherwise gathered logits.
+
+Sequence parallel and the embedding: the residual stream between blocks is Shard(1). When the
+embedding is the only parameterised module of its block (Llama) it outputs Shard(1) directly
+(reduce-scatter); when its block adds more (GPT adds learned positions) it outputs Replicate
+and the block's output is re-laid to Shard(1) (a local slice), so `tok + pos` stays correct.
+
+Tied weights (GPT ties embed.tok.weight and head.lm_head.weight): vocab-parallel Embedding
+and colwise Linear both shard the weight on dim 0 over the same tp mesh, so after
+parallelize_module the one DTensor parameter is re-tied to every alias; placements that
+differ raise a SpecError.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from specs import Plan, SpecError
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)
+
+
+def resolve_styles(model: nn.Module, plan: Plan) -> dict[str, str]:
+    """Module path -> style for every module the plan's patterns match (first pattern wins).
+
+    Raises SpecError for a pattern that matches no module, a style that does not fit the module
+    type, or a dimension the tp degree does not divide.
+    """
+    tp = plan.mesh.tp
+    names = [n for n, _ in model.named_modules() if n]
+    out: dict[str, str] = {}
+    for pattern, style in plan.tensor_parallel.styles.items():
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            close = [n for n in names if n.split(".")[-1] == pattern.split(".")[-1]][:3]
+            hint = f" (modules with that leaf name: {', '.join(close)})" if close else ""
+            raise SpecError(
+                f"tensor_parallel.styles: pattern {pattern!r} matches no module of the model{hint}; "
+                f"module paths are relative to the model root, e.g. {', '.join(names[:4])}"
+            )
+        for name in hits:
+            if name in out:
+                continue
+            mod = model.get_submodule(name)
+            _check_style(name, mod, style, tp, plan.tensor_parallel.sequence_parallel)
+            if style == "colwise":
+                parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+                _check_heads(name, mod, parent, tp)
+            out[name] = style
+    return out
+
+
+def _check_style(name: str, mod: nn.Module, style: str, tp: int, sp: bool) -> None:
+    kind = type(mod).__name__
+    if style in ("colwise", "rowwise"):
+        if not isinstance(mod, nn.Linear):
+            raise SpecError(f"tensor_parallel.styles[{name}]: {style} needs an nn.Linear, {name} is a {kind}")
+        dim, what = (mod.out_features, "out_features") if style == "colwise" else (mod.in_features, "in_features")
+        if dim % tp:
+            raise SpecError(f"tensor_parallel.styles[{name}]: {style} splits {what}={dim}, which tp={tp} does not divide")
+    elif style == "vocab":
+        if not isinstance(mod, nn.Embedding):
+            raise SpecError(f"tensor_parallel.styles[{name}]: vocab needs an nn.Embedding, {name} is a {kind}")
+        if mod.num_embeddings % tp:
+            raise SpecError(
+                f"tensor_parallel.styles[{name}]: vocab size {mod.num_embeddings} is not divisible by tp={tp}; "
+                f"pad the vocabulary to a multiple of {tp}"
+            )
+    elif style == "sequence":
+        if not sp:
+            raise SpecError(f"tensor_parallel.styles[{name}]: style 'sequence' needs tensor_parallel.sequence_parallel: true")
+    elif style == "conv_out":
+        raise SpecError(
+            f"tensor_parallel.styles[{name}]: conv_out (output-channel split of a convolution) is not "
+            f"executed by this runtime yet; use replicate for {name}, or data parallelism for conv nets"
+        )
+
+
+def _check_heads(name: str, mod: nn.Module, parent: nn.Module, tp: int) -> None:
+    """Attention projections split by whole heads: heads (out_features / head_dim) % tp == 0."""
+    head_dim = getattr(getattr(parent, "cfg", None), "head_dim", None)
+    if not isinstance(head_dim, int) or head_dim <= 0 or mod.out_features % head_dim:
+        return
+    heads = mod.out_features // head_dim
+    if heads % tp:
+        raise SpecError(
+            f"tensor_parallel.styles[{name}]: colwise splits {heads} attention heads (head_dim {head_dim}) "
+            f"over tp={tp}; tp must divide the number of (key/value) heads"
+        )
+
+
+def _block_of(name: str, block_names: list[str]) -> str | None:
+    best = None
+    for b in block_names:
+        if (name == b or name.startswith(b + ".")) and (best is None or len(b) > len(best)):
+            best = b
+    return best
+
+
+def _tied_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Parameters reachable under several names: [(owner module, attribute name), ...] per param."""
+    seen: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mod in model.modules():
+        for attr, p in mod.named_parameters(recurse=False):
+            seen.setdefault(id(p), []).append((mod, attr))
+    return [owners for owners in seen.values() if len(owners) > 1]
+
+
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh: DeviceMesh, plan: Plan, *, styles: dict[str, str] | None = None
+) -> None:
+    """Shard `model` (a whole model or one pipeline stage) over `tp_mesh` per the plan, in place.
+
+    Args:
+        model: module whose submodule paths match the plan's patterns.
+        tp_mesh: the 1-D tp mesh.
+        plan: the plan (styles, sequence_parallel, loss_parallel, block names).
+        styles: pre-resolved styles (module path -> style); resolved here when None.
+    """
+    if tp_mesh.size() == 1:
+        return
+    tpc = plan.tensor_parallel
+    sp = tpc.sequence_parallel
+    styles = resolve_styles(model, plan) if styles is None else styles
+    names = set(dict(model.named_modules()))
+    styles = {n: s for n, s in styles.items() if n in names}
+    block_names = plan.model.block_names
+    tied = _tied_groups(model)
+    # The output module: a colwise Linear no rowwise module follows (the LM head).
+    order = [n for n, _ in model.named_modules() if n in styles]
+    last_colwise = None
+    for n in order:
+        if styles[n] == "colwise":
+            last_colwise = n
+        elif styles[n] == "rowwise":
+            last_colwise = None
+
+    plan_map: dict[str, object] = {}
+    block_relayout: set[str] = set()
+    for name in order:
+        style = styles[name]
+        if style == "colwise":
+            if name == last_colwise:
+                plan_map[name] = ColwiseParallel(
+                    input_layouts=Shard(1) if sp else Replicate(),
+                    output_layouts=Shard(-1) if tpc.loss_parallel else Replicate(),
+                    use_local_output=not tpc.loss_parallel,
+                )
+            else:
+                plan_map[name] = ColwiseParallel(input_layouts=Shard(1)) if sp else ColwiseParallel()
+        elif style == "rowwise":
+            plan_map[name] = RowwiseParallel(output_layouts=Shard(1)) if sp else RowwiseParallel()
+        elif style == "vocab":
+            direct = sp and _embedding_alone(model, name, _block_of(name, block_names))
+            plan_map[name] = RowwiseParallel(
+                input_layouts=Replicate(), output_layouts=Shard(1) if direct else Replicate()
+            )
+            if sp and not direct:
+                block = _block_of(name, block_names)
+                if block is None:
+                    raise SpecError(
+                        f"tensor_parallel.styles[{name}]: with sequence parallel the embedding's block must be "
+                        f"listed in model.block_names"
+                    )
+                block_relayout.add(block)
+        elif style == "sequence":
+            plan_map[name] = SequenceParallel()
+    for block in block_relayout:
+        plan_map[block] = PrepareModuleOutput(
+            output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True
+        )
+    parallelize_module(model, tp_mesh, plan_map)
+    _retie(tied)
+
+
+def _embedding_alone(model: nn.Module, name: str, block: str | None) -> bool:
+    if block is None:
+        return True
+    emb = set(id(p) for p in model.get_submodule(name).parameters())
+    return all(id(p) in emb for p in model.get_submodule(block).parameters())
+
+
+def _retie(groups: list[list[tuple[nn.Module, str]]]) -> None:
+    for owners in groups:
+        params = [getattr(m, a) for m, a in owners]
+        dt = [p for p in params if isinstance(p, DTensor)]
+        if not dt:
+            continue
+        keep = dt[0]
+        for p in dt[1:]:
+            if p.placements != keep.placements:
+                raise SpecError(
+                    f"tensor_parallel.styles: a tied weight is sharded two ways ({keep.placements} vs "
+                    f"{p.placements}); give the tied modules matching styles (vocab + colwise) or untie them"
+                )
+        for m, a in owners:
+            setattr(m, a, keep)
