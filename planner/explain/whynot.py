@@ -1,0 +1,209 @@
+""" "Why not X?": the cost of a different choice, term by term, against the plan.
+
+`why_not(plan, overrides=..., other=...)` takes either knob changes (`tp=4 zero=3`) or a whole
+other plan. The changed point is completed so it keeps the world size and global batch
+(`knobs.complete_knobs`), then scored by the planner's own model, `planner.plan_from_knobs`
+(the same `cost_models.estimate_step` the search used; nothing here estimates). A whole plan
+file that carries its own prediction is compared as recorded.
+
+The answer is one of:
+- `invalid`: the point breaks a rule before it can be scored (degrees do not divide the
+  devices, batch arithmetic, a validation error), with the message;
+- `does_not_fit`: scored, but the worst rank needs more memory than it has (with the numbers);
+- `slower` / `faster` / `same`: scored and fits; the per-term deltas say where the time goes.
+Where the search itself recorded this point (as an alternative) or pruned its region (as a
+rejection), its note is quoted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from planner.explain.knobs import complete_knobs, parse_assignment
+from planner.explain.report import fmt_bytes, fmt_s, term_label
+from specs import Knobs, Plan, SpecError
+
+
+def build_graph(model_ref: str, batch: int = 1):
+    """Build a model on the meta device and trace it with the planner's tracer."""
+    try:
+        from planner import trace  # type: ignore[attr-defined]
+    except ImportError:
+        raise SpecError(
+            "this build has no tracer yet (planner.trace); cannot score a new point"
+        ) from None
+    from planner.models import build_model
+
+    built = build_model(model_ref, batch=batch, device="meta")
+    return trace(built.module, built.example_inputs)
+
+
+def score_knobs(plan: Plan, knobs: Knobs, graph=None) -> Plan:
+    """The planner's own Plan for `knobs` on the plan's model, hardware and training spec."""
+    try:
+        from planner import plan_from_knobs  # type: ignore[attr-defined]
+    except ImportError:
+        raise SpecError(
+            "this build has no planner.plan_from_knobs yet; cannot score a new point"
+        ) from None
+    if graph is None:
+        graph = build_graph(plan.model.name)
+    return plan_from_knobs(graph, plan.hardware, plan.train, knobs)
+
+
+def _region_matches(region: str, knobs: Knobs) -> bool:
+    """True when every `name=value` token of a rejection's region holds for `knobs`."""
+    toks = [t for t in region.replace(",", " ").split() if "=" in t]
+    if not toks:
+        return False
+    for t in toks:
+        try:
+            name, value = parse_assignment(t)
+        except SpecError:
+            return False
+        if getattr(knobs, name, None) != value:
+            return False
+    return True
+
+
+def search_records(plan: Plan, knobs: Knobs) -> list[str]:
+    """What the search recorded about this point: a matching alternative or pruned region."""
+    out = []
+    for i, alt in enumerate(plan.alternatives, start=1):
+        if alt.knobs == knobs:
+            out.append(f"the search ranked it alternative #{i}: {alt.note or 'no note'}")
+    for r in plan.rejected:
+        if _region_matches(r.region, knobs):
+            out.append(f"the search pruned region {r.region} ({r.count} candidates): {r.reason}")
+    return out
+
+
+def compare_terms(plan: Plan, other: Plan) -> list[dict[str, Any]]:
+    a, b = plan.predicted, other.predicted
+    assert a is not None and b is not None
+    keys = list(a.time_breakdown_s) + [k for k in b.time_breakdown_s if k not in a.time_breakdown_s]
+    rows = []
+    for k in keys:
+        va, vb = a.time_breakdown_s.get(k, 0.0), b.time_breakdown_s.get(k, 0.0)
+        rows.append(
+            {"term": k, "label": term_label(k), "plan_s": va, "other_s": vb, "delta_s": vb - va}
+        )
+    rows.append(
+        {
+            "term": "step_time",
+            "label": "step time",
+            "plan_s": a.step_time_s,
+            "other_s": b.step_time_s,
+            "delta_s": b.step_time_s - a.step_time_s,
+        }
+    )
+    return rows
+
+
+def _fit_reason(other: Plan) -> str:
+    p = other.predicted
+    assert p is not None
+    over = p.peak_memory_bytes - p.memory_capacity_bytes
+    top = max(p.memory_bytes.items(), key=lambda kv: kv[1]) if p.memory_bytes else ("?", 0.0)
+    return (
+        f"memory: the worst rank (pp stage {p.worst_rank_stage}) needs {fmt_bytes(p.peak_memory_bytes)} "
+        f"but has {fmt_bytes(p.memory_capacity_bytes)} (over by {fmt_bytes(over)}); its largest "
+        f"category is {top[0]} at {fmt_bytes(top[1])}"
+    )
+
+
+def why_not(
+    plan: Plan, overrides: dict[str, object] | None = None, other: Plan | None = None, graph=None
+) -> dict[str, Any]:
+    """The counterfactual as data (see the module docstring for the verdicts)."""
+    if plan.predicted is None:
+        raise SpecError(
+            "the plan carries no prediction to compare against; re-plan it with `autoplan plan`"
+        )
+    base = plan.knobs()
+    out: dict[str, Any] = {
+        "plan": str(plan),
+        "asked": None,
+        "knobs": None,
+        "verdict": None,
+        "reason": "",
+        "terms": [],
+        "records": [],
+    }
+    if other is None:
+        overrides = overrides or {}
+        out["asked"] = " ".join(f"{k}={v}" for k, v in overrides.items())
+        try:
+            knobs = complete_knobs(
+                base, overrides, plan.hardware.num_devices, plan.train.global_batch_size
+            )
+        except SpecError as e:
+            out.update(verdict="invalid", reason=str(e))
+            return out
+        out["knobs"] = str(knobs)
+        out["records"] = search_records(plan, knobs)
+        if knobs == base:
+            out.update(verdict="same", reason="that is the plan's own choice")
+            return out
+        try:
+            other = score_knobs(plan, knobs, graph)
+        except SpecError as e:
+            msg = str(e)
+            if "no planner.plan_from_knobs" in msg or "no tracer" in msg:
+                raise
+            out.update(verdict="invalid", reason=msg)
+            return out
+    else:
+        out["asked"] = f"plan file ({other})"
+        out["knobs"] = str(other.knobs())
+        out["records"] = search_records(plan, other.knobs())
+        if other.predicted is None:
+            other = score_knobs(plan, other.knobs(), graph)
+    pr, po = plan.predicted, other.predicted
+    assert po is not None
+    out["terms"] = compare_terms(plan, other)
+    out["other"] = {
+        "step_time_s": po.step_time_s,
+        "mfu": po.mfu,
+        "samples_per_s": po.samples_per_s,
+        "peak_memory_bytes": po.peak_memory_bytes,
+        "memory_capacity_bytes": po.memory_capacity_bytes,
+        "fits": po.fits,
+        "memory_bytes": dict(po.memory_bytes),
+        "notes": list(po.notes),
+    }
+    out["base"] = {
+        "step_time_s": pr.step_time_s,
+        "mfu": pr.mfu,
+        "samples_per_s": pr.samples_per_s,
+        "peak_memory_bytes": pr.peak_memory_bytes,
+        "memory_capacity_bytes": pr.memory_capacity_bytes,
+        "fits": pr.fits,
+        "memory_bytes": dict(pr.memory_bytes),
+    }
+    if not po.fits or po.peak_memory_bytes > po.memory_capacity_bytes:
+        out.update(verdict="does_not_fit", reason=_fit_reason(other))
+        return out
+    delta = po.step_time_s - pr.step_time_s
+    biggest = max((r for r in out["terms"][:-1]), key=lambda r: abs(r["delta_s"]), default=None)
+    if abs(delta) <= 1e-9 * max(1.0, pr.step_time_s):
+        out.update(verdict="same", reason="the same predicted step time")
+    else:
+        verdict = "slower" if delta > 0 else "faster"
+        why = (
+            f"; the largest change is {biggest['label']} ({biggest['delta_s']:+.4g} s)"
+            if biggest
+            else ""
+        )
+        out.update(
+            verdict=verdict,
+            reason=(
+                f"{fmt_s(po.step_time_s)} vs {fmt_s(pr.step_time_s)} per step ({delta / pr.step_time_s:+.1%}){why}"
+            ),
+        )
+        if verdict == "faster":
+            out["reason"] += (
+                " — faster than the plan by this model; if the plan was searched with the "
+                "same model, check its constraints (pins, memory headroom)"
+            )
+    return out
