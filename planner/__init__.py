@@ -1,0 +1,1 @@
+from planner.api import autoplan, plan_from_knobs  # noqa: F401

@@ -1,0 +1,122 @@
+"""The planner's view of the cost models: per-block profiles for the partition DP, and scoring.
+
+The search needs two things from `cost_models`:
+- `profile(tp, sp, mb, recompute) -> BlockProfile`: per-block busy time of one micro-batch and
+  per-block bytes (parameters, gradients, optimizer states, activations per in-flight
+  micro-batch), taken from `cost_models.block_costs` and cached per knob tuple;
+- `score(knobs, stages) -> StepEstimate`: `cost_models.estimate_knobs`, the model's verdict.
+`CostModelBackend` wraps the real cost models; tests may pass another object with the same
+methods (a stand-in with closed-form costs) to check the search logic on its own.
+
+Also here: which micro-batches a (virtual) stage holds at its peak for each schedule, used only to
+steer the partition (the cost model's own simulator gives the memory the plan is judged by).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from specs import HardwareSpec, Knobs, ModelGraph, TrainSpec
+
+
+@dataclass(frozen=True, slots=True)
+class BlockProfile:
+    """Per-block costs for one (tp, sequence_parallel, micro_batch_size, recompute) setting.
+
+    time_s: busy time of one micro-batch through the block on its device (forward + backward
+    + weight gradients + recompute, compute and critical-path tp communication), the quantity the
+    pipeline's slowest stage multiplies by the number of micro-batches. Bytes are per device
+    (after tensor parallelism), before data-parallel sharding.
+    """
+
+    time_s: tuple[float, ...]
+    param_bytes: tuple[float, ...]
+    grad_bytes: tuple[float, ...]
+    optimizer_bytes: tuple[float, ...]
+    act_bytes: tuple[float, ...]  # activations kept per in-flight micro-batch
+
+
+class Estimate(Protocol):
+    step_time_s: float
+    fits: bool
+    peak_memory_bytes: float
+    time_breakdown_s: dict[str, float]
+
+    def to_prediction(self) -> Any: ...
+
+
+class Backend(Protocol):
+    def profile(self, tp: int, sp: bool, mb: int, recompute: str) -> BlockProfile: ...
+
+    def score(self, knobs: Knobs, stages: list[tuple[int, int, str]]) -> Estimate: ...
+
+    def data_parallel_single_process(self, num_devices: int) -> Estimate | None: ...
+
+    def inflight(self, schedule: str, pp: int, num_micro_batches: int, virtual_stages: int) -> tuple[float, ...]: ...
+
+
+def inflight_closed_form(schedule: str, pp: int, num_micro_batches: int, virtual_stages: int) -> tuple[float, ...]:
+    """Micro-batches whose activations each virtual stage holds at its peak (stage j on rank j % pp).
+
+    gpipe: all m forwards run before any backward -> m. 1F1B and ZB-H1: rank r holds pp - r
+    (Narayanan et al. 2021, sec. 2.2; Qi et al. 2023 ZB-H1 keeps 1F1B's memory). Interleaved 1F1B
+    (Megatron-LM's schedule): rank r runs (pp - r - 1) * 2 + (v - 1) * pp warm-up chunk forwards plus
+    one, spread over its v chunks.
+    """
+    m, v = num_micro_batches, virtual_stages
+    out = []
+    for j in range(pp * v):
+        r = j % pp
+        if pp == 1:
+            held = 1.0
+        elif schedule == "gpipe":
+            held = float(m)
+        elif v == 1:
+            held = float(min(pp - r, m))
+        else:
+            units = min(m * v, (pp - r - 1) * 2 + (v - 1) * pp + 1)
+            held = float(-(-units // v))
+        out.append(held)
+    return tuple(out)
+
+
+class CostModelBackend:
+    """The real cost models (cost_models.block_costs / estimate_knobs), with caches."""
+
+    def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec):
+        import cost_models
+
+        self._cm = cost_models
+        self.graph, self.hw, self.train = graph, hw, train
+        self._profiles: dict[tuple, BlockProfile] = {}
+        self._inflight: dict[tuple, tuple[float, ...]] = {}
+
+    def profile(self, tp: int, sp: bool, mb: int, recompute: str) -> BlockProfile:
+        key = (tp, sp, mb, recompute)
+        got = self._profiles.get(key)
+        if got is None:
+            bc = self._cm.block_costs(
+                self.graph, self.hw, self.train, tp=tp, sequence_parallel=sp,
+                micro_batch_size=mb, recompute=recompute,
+            )
+            got = profile_from_block_costs(bc, self.graph.num_blocks)
+            self._profiles[key] = got
+        return got
+
+    def score(self, knobs: Knobs, stages: list[tuple[int, int, str]]) -> Estimate:
+        return self._cm.estimate_knobs(self.graph, knobs, stages, self.hw, self.train)
+
+    def data_parallel_single_process(self, num_devices: int) -> Estimate | None:
+        fn = getattr(self._cm, "estimate_data_parallel_single_process", None)
+        if fn is None:
+            return None
+        return fn(self.graph, self.hw, self.train, num_devices)
+
+    def inflight(self, schedule: str, pp: int, num_micro_batches: int, virtual_stages: int) -> tuple[float, ...]:
+        return inflight_closed_form(schedule, pp, num_micro_batches, virtual_stages)
+
+
+def profile_from_block_costs(bc: Any, num_blocks: int) -> BlockProfile:
+    """Adapter from cost_models.BlockCosts to the planner's BlockProfile."""
+    raise NotImplementedError("cost_models.block_costs adapter: written when cost_models lands")

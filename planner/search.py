@@ -1,0 +1,539 @@
+"""The search: enumerate the hybrid-parallel space, prune by cheap bounds, score the rest.
+
+Space (one point = specs.Knobs plus a stage partition):
+- mesh pp x dp x tp = number of devices; tp inside a node (devices_per_node % tp == 0) unless
+  constraints.tp_across_nodes; tp divides every TPCandidate.divisor of the graph; pp * v stages
+  fit the graph's cut points; dp divides the global batch;
+- sharding none | zero1 | zero2 | zero3 | hsdp(shard size s: 1 < s < dp, s | dp), only none when
+  dp = 1; offload none | cpu (cpu only if train.allow_offload);
+- micro-batch size mb | global_batch / dp, num_micro_batches = global_batch / (dp * mb)
+  (> 1 needs train.allow_grad_accumulation or pp > 1);
+- sequence parallelism (tp > 1);
+- schedule (pp > 1 only): gpipe, 1f1b (num_micro_batches >= pp, as torch's Schedule1F1B
+  requires), interleaved_1f1b with v = 2..8 virtual stages and zero_bubble (ZB-H1, v = 1) where
+  num_micro_batches is a multiple of max(1, num_micro_batches // pp) (torch's interleaved rule);
+- checkpointing per stage: chosen inside the partition DP (planner.partition), the fastest mode
+  whose stage fits memory; a pinned recompute fixes it for all stages.
+
+Bounds. Regions (mesh, mb, sp) are visited in order of a step-time lower bound,
+    LB0 = num_micro_batches * max(sum_i time_i / pp, max_i time_i)   (no recompute)
+because the slowest pipeline rank does at least its share of the work for every micro-batch,
+and every schedule's step is at least that rank's busy time. Inside a region, each candidate gets
+the exact bound of its partition, num_micro_batches * (slowest rank's time), before it is
+scored. A region or candidate is pruned when its bound is no better than the k-th best distinct
+configuration found so far (k = constraints.top_k, so the alternatives are exact too), or when
+its model states alone exceed memory (max(total / pp, largest block) of parameters, gradients and
+optimizer states after sharding). Every pruned region is recorded with its reason.
+
+Scoring calls the cost model (`Backend.score` = cost_models.estimate_knobs). When the cost model
+says a partition does not fit, the partition is redone with the budget lowered by the overshoot
+(twice at most). The best few are then refined by moving single cuts and checkpointing modes
+(hill climbing on the cost model's own step time).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from planner.partition import MODES, ModeCosts, Partition, Partitioner
+from planner.scoring import Backend
+from specs import Constraints, HardwareSpec, Knobs, ModelGraph, Rejection, SpecError, TrainSpec
+
+GiB = 2**30
+MAX_VIRTUAL_STAGES = 8
+SHARDINGS = ("none", "zero1", "zero2", "zero3", "hsdp")
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    knobs: Knobs
+    stages: tuple[tuple[int, int, str], ...]
+    estimate: Any
+    step_time_s: float
+    peak_memory_bytes: float
+    fits: bool
+
+    @property
+    def group(self) -> tuple:
+        return group_key(self.knobs)
+
+
+def group_key(k: Knobs) -> tuple:
+    """Alternatives are distinct in mesh, sharding, offload and schedule (best mb/sp/ckpt of each)."""
+    return (k.pp, k.dp, k.tp, k.sharding, k.hsdp_shard_size or 0, k.offload, k.schedule, k.virtual_stages)
+
+
+def _order(k: Knobs) -> tuple:
+    """Deterministic tie-break between equal step times: simpler plans first."""
+    return (
+        k.pp, k.tp, SHARDINGS.index(k.sharding), k.hsdp_shard_size or 0, k.offload != "none",
+        k.schedule, k.virtual_stages, -k.micro_batch_size, k.sequence_parallel, str(k.recompute),
+    )
+
+
+@dataclass
+class SearchResult:
+    best: Scored
+    ranked: list[Scored]  # best per group, best first (includes best)
+    rejected: list[Rejection]
+    scored: int
+    pruned: int
+    time_s: float
+    extra: list[Rejection] = field(default_factory=list)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def schedule_rule(schedule: str, pp: int, num_micro_batches: int, v: int) -> str | None:
+    """Why a schedule cannot run this shape (torch.distributed.pipelining's checks), or None."""
+    m = num_micro_batches
+    if schedule == "1f1b" and m < pp:
+        return f"1f1b needs num_micro_batches >= pp ({m} < {pp})"
+    if schedule in ("interleaved_1f1b", "zero_bubble"):
+        rounds = max(1, m // pp)
+        if m % rounds:
+            return f"{schedule} needs num_micro_batches ({m}) to be a multiple of max(1, {m} // pp={pp}) = {rounds}"
+    if v > 1 and schedule not in ("interleaved_1f1b", "zero_bubble"):
+        return f"virtual_stages={v} needs interleaved_1f1b or zero_bubble"
+    return None
+
+
+class Search:
+    """One planning problem: the space, the bounds, the records. `run()` returns a SearchResult."""
+
+    def __init__(
+        self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, constraints: Constraints | None,
+        backend: Backend,
+    ):
+        self.graph, self.hw, self.train = graph, hw, train
+        self.c = constraints or Constraints()
+        self.backend = backend
+        self.num_devices = hw.num_devices
+        self.capacity_bytes = float(hw.device.memory_bytes)
+        self.budget_bytes = self.capacity_bytes * (1.0 - self.c.memory_headroom_fraction)
+        cuts = sorted({cp.after_block for cp in graph.cut_points if cp.after_block < graph.num_blocks - 1})
+        if not graph.cut_points:
+            cuts = list(range(graph.num_blocks - 1))
+        self.ends = [*cuts, graph.num_blocks - 1]
+        self.pins = self.c.pins()
+        self.modes = self._modes()
+        self._rejected: dict[str, Rejection] = {}
+        self._partitioners: dict[tuple, Partitioner] = {}
+        self._partitions: dict[tuple, Partition | None] = {}
+        self._state_lb: dict[tuple, float] = {}
+        self.scored = 0
+        self.pruned = 0
+        self.best_by_group: dict[tuple, Scored] = {}
+        self._all: list[Scored] = []
+        self.closest: Scored | None = None  # least memory among scored, for the no-fit error
+        self.least_state: tuple[float, str] | None = None
+
+    # ------------------------------------------------------------------ records
+    def reject(self, region: str, reason: str, count: int = 1) -> None:
+        self.pruned += count
+        old = self._rejected.get(region)
+        if old is None:
+            self._rejected[region] = Rejection(region=region, reason=reason, count=count)
+        else:
+            self._rejected[region] = old.model_copy(update={"count": old.count + count})
+
+    # ------------------------------------------------------------------ knob lists
+    def _modes(self) -> tuple[str, ...]:
+        pin = self.pins.get("recompute")
+        if pin is not None:
+            if pin != "none" and not self.train.allow_checkpointing:
+                raise SpecError(
+                    f"constraints.recompute: pinned to {pin!r} but train.allow_checkpointing is False; "
+                    f"allow checkpointing or pin recompute: none"
+                )
+            return (pin,)
+        return MODES if self.train.allow_checkpointing else ("none",)
+
+    def _tp_divisor_problem(self, tp: int) -> str | None:
+        if tp == 1:
+            return None
+        any_candidate = False
+        for name in sorted(self.graph.layer_types):
+            lt = self.graph.layer_types[name]
+            for cand in lt.tp_candidates:
+                any_candidate = True
+                if cand.divisor % tp:
+                    return f"tp={tp} does not divide {name}'s {cand.kind} candidate (divisor {cand.divisor})"
+        if not any_candidate:
+            return f"tp={tp}: no block has a tensor-parallel candidate, every op would be replicated"
+        return None
+
+    def meshes(self) -> list[tuple[int, int, int]]:
+        """Valid (pp, dp, tp), with every invalid factorization recorded."""
+        n, per_node = self.num_devices, self.hw.devices_per_node
+        out = []
+        for tp in divisors(n):
+            for pp in divisors(n // tp):
+                dp = n // (tp * pp)
+                why = self._mesh_problem(pp, dp, tp, per_node)
+                if why is None:
+                    out.append((pp, dp, tp))
+                elif why[0]:
+                    self.reject(why[0], why[1], self._mesh_size(pp, dp, tp))
+        return out
+
+    def _mesh_problem(self, pp: int, dp: int, tp: int, per_node: int) -> tuple[str, str] | None:
+        p = self.pins
+        for name, val in (("pp", pp), ("dp", dp), ("tp", tp)):
+            if name in p and p[name] != val:
+                return ("", "")  # outside the pinned space: not a rejection
+        if self.c.max_tp and tp > self.c.max_tp:
+            return ("", "")
+        if self.c.max_pp and pp > self.c.max_pp:
+            return ("", "")
+        if tp > 1 and per_node % tp and not self.c.tp_across_nodes:
+            return (f"tp={tp}", f"tp={tp} crosses nodes ({per_node} devices per node); "
+                    f"allow with constraints.tp_across_nodes")
+        why = self._tp_divisor_problem(tp)
+        if why:
+            return (f"tp={tp}", why)
+        if pp > len(self.ends):
+            return (f"pp={pp}", f"pp={pp} needs {pp} stages but the graph has {len(self.ends)} "
+                    f"places to end a stage ({self.graph.num_blocks} blocks)")
+        if self.train.global_batch_size % dp:
+            return (f"dp={dp}", f"dp={dp} does not divide global batch {self.train.global_batch_size}")
+        return None
+
+    def micro_batches(self, pp: int, dp: int) -> list[tuple[int, int]]:
+        per_replica = self.train.global_batch_size // dp
+        out = []
+        for mb in divisors(per_replica):
+            n_mb = per_replica // mb
+            if "micro_batch_size" in self.pins and self.pins["micro_batch_size"] != mb:
+                continue
+            if "num_micro_batches" in self.pins and self.pins["num_micro_batches"] != n_mb:
+                continue
+            if n_mb > 1 and pp == 1 and not self.train.allow_grad_accumulation:
+                continue
+            out.append((mb, n_mb))
+        return out
+
+    def sp_options(self, tp: int) -> list[bool]:
+        if "sequence_parallel" in self.pins:
+            return [self.pins["sequence_parallel"]] if (tp > 1 or not self.pins["sequence_parallel"]) else []
+        return [False, True] if tp > 1 else [False]
+
+    def shardings(self, dp: int) -> list[tuple[str, int | None, str]]:
+        p = self.pins
+        names = [p["sharding"]] if "sharding" in p else (list(SHARDINGS) if dp > 1 else ["none"])
+        offloads = [p["offload"]] if "offload" in p else (["none", "cpu"] if self.train.allow_offload else ["none"])
+        out = []
+        for s in names:
+            sizes: list[int | None] = [None]
+            if s == "hsdp":
+                sizes = [d for d in divisors(dp) if 1 < d < dp]
+                if "hsdp_shard_size" in p:
+                    sizes = [x for x in sizes if x == p["hsdp_shard_size"]]
+            elif "hsdp_shard_size" in p:
+                sizes = []
+            for size in sizes:
+                for off in offloads:
+                    out.append((s, size, off))
+        return out
+
+    def schedules(self, pp: int, n_mb: int) -> list[tuple[str, int]]:
+        p = self.pins
+        if pp == 1:
+            if p.get("virtual_stages", 1) != 1:
+                return []
+            return [(p.get("schedule", "1f1b"), 1)]
+        vmax = min(MAX_VIRTUAL_STAGES, len(self.ends) // pp)
+        cands = [("gpipe", 1), ("1f1b", 1), ("zero_bubble", 1)]
+        cands += [("interleaved_1f1b", v) for v in range(2, vmax + 1)]
+        if "virtual_stages" in p and p["virtual_stages"] > MAX_VIRTUAL_STAGES:
+            cands.append(("interleaved_1f1b", p["virtual_stages"]))
+        out = []
+        for s, v in cands:
+            if p.get("schedule", s) != s or p.get("virtual_stages", v) != v or pp * v > len(self.ends):
+                continue
+            if schedule_rule(s, pp, n_mb, v) is None:
+                out.append((s, v))
+        return out
+
+    def _mesh_size(self, pp: int, dp: int, tp: int) -> int:
+        if self.train.global_batch_size % dp:
+            return len(self.shardings(dp)) * len(self.sp_options(tp))
+        return sum(
+            len(self.shardings(dp)) * len(self.sp_options(tp)) * max(1, len(self.schedules(pp, n)))
+            for _, n in self.micro_batches(pp, dp)
+        )
+
+    # ------------------------------------------------------------------ memory
+    def state_bytes(self, prof, sharding: str, hsdp: int | None, offload: str, dp: int) -> list[float]:
+        """Per-block parameter + gradient + optimizer bytes on one device after sharding."""
+        div = {"none": (1, 1, 1), "zero1": (1, 1, dp), "zero2": (1, dp, dp), "zero3": (dp, dp, dp)}
+        if sharding == "hsdp":
+            dp_p = dp_g = dp_o = hsdp or 1
+        else:
+            dp_p, dp_g, dp_o = div[sharding]
+        keep_opt = 0.0 if offload == "cpu" else 1.0
+        return [
+            p / dp_p + g / dp_g + keep_opt * o / dp_o
+            for p, g, o in zip(prof.param_bytes, prof.grad_bytes, prof.optimizer_bytes, strict=True)
+        ]
+
+    def state_lower_bound(self, pp: int, dp: int, tp: int, sharding: str, hsdp: int | None, offload: str) -> float:
+        key = (pp, dp, tp, sharding, hsdp, offload)
+        got = self._state_lb.get(key)
+        if got is None:
+            prof = self.backend.profile(tp, False, 1, self.modes[-1])
+            st = self.state_bytes(prof, sharding, hsdp, offload, dp)
+            got = max(sum(st) / pp, max(st))
+            self._state_lb[key] = got
+        return got
+
+    # ------------------------------------------------------------------ partitions
+    def partitioner(self, tp: int, sp: bool, mb: int, sharding: str, hsdp: int | None, offload: str, dp: int) -> Partitioner:
+        key = (tp, sp, mb, sharding, hsdp, offload, dp)
+        got = self._partitioners.get(key)
+        if got is None:
+            profs = [self.backend.profile(tp, sp, mb, m) for m in self.modes]
+            modes = [ModeCosts(m, pr.time_s, pr.act_bytes) for m, pr in zip(self.modes, profs, strict=True)]
+            st = self.state_bytes(profs[0], sharding, hsdp, offload, dp)
+            got = Partitioner(modes, st, self.ends)
+            self._partitioners[key] = got
+        return got
+
+    def partition(self, k: Knobs, budget: float) -> Partition | None:
+        part = self.partitioner(k.tp, k.sequence_parallel, k.micro_batch_size, k.sharding,
+                                k.hsdp_shard_size, k.offload, k.dp)
+        inflight = self.backend.inflight(k.schedule, k.pp, k.num_micro_batches, k.virtual_stages)
+        key = (k.tp, k.sequence_parallel, k.micro_batch_size, k.sharding, k.hsdp_shard_size,
+               k.offload, k.dp, inflight, budget / k.virtual_stages)
+        if key not in self._partitions:
+            self._partitions[key] = part.solve(inflight, budget / k.virtual_stages)
+        return self._partitions[key]
+
+    @staticmethod
+    def rank_bottleneck_s(stage_times: tuple[float, ...], pp: int) -> float:
+        ranks = [0.0] * pp
+        for j, t in enumerate(stage_times):
+            ranks[j % pp] += t
+        return max(ranks)
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, k: Knobs, stages: tuple[tuple[int, int, str], ...]) -> Scored:
+        est = self.backend.score(k, [tuple(s) for s in stages])
+        peak = float(est.peak_memory_bytes)
+        fits = bool(est.fits) and peak <= self.budget_bytes
+        return Scored(k, tuple(stages), est, float(est.step_time_s), peak, fits)
+
+    @staticmethod
+    def with_recompute(k: Knobs, stages) -> Knobs:
+        modes = {s[2] for s in stages}
+        rec = modes.pop() if len(modes) == 1 else "mixed"
+        return k if k.recompute == rec else k.model_copy(update={"recompute": rec})
+
+    def evaluate(self, k: Knobs) -> Scored | str:
+        """Partition + score one knob point; retries the partition when the model says it overflows.
+
+        Returns the Scored point, or a reason string when no partition fits."""
+        budget = self.budget_bytes
+        last: Scored | None = None
+        self.scored += 1  # one configuration, however many partitions it takes
+        for _ in range(3):
+            part = self.partition(k, budget)
+            if part is None:
+                break
+            kk = self.with_recompute(k, part.stages)
+            s = self.score(kk, part.stages)
+            self._note_closest(s)
+            if s.fits:
+                return s
+            last = s
+            over = s.peak_memory_bytes - self.budget_bytes
+            budget -= max(over, 0.02 * self.budget_bytes)
+            if budget <= 0:
+                break
+        if last is not None:
+            return (f"{last.peak_memory_bytes / GiB:.1f} GiB > {self.budget_bytes / GiB:.1f} GiB per device "
+                    f"(best partition, {last.knobs.recompute} recompute)")
+        return f"no stage partition fits {self.budget_bytes / GiB:.1f} GiB per device"
+
+    def _note_closest(self, s: Scored) -> None:
+        if self.closest is None or s.peak_memory_bytes < self.closest.peak_memory_bytes:
+            self.closest = s
+
+    # ------------------------------------------------------------------ top-k bookkeeping
+    def _record(self, s: Scored) -> None:
+        self._all.append(s)
+        g = s.group
+        old = self.best_by_group.get(g)
+        if old is None or (s.step_time_s, _order(s.knobs)) < (old.step_time_s, _order(old.knobs)):
+            self.best_by_group[g] = s
+            self._heap_dirty = True
+
+    def threshold_s(self) -> float:
+        """Step time a candidate must beat to matter: the k-th best group's time (inf until k)."""
+        if not getattr(self, "_heap_dirty", True):
+            return self._threshold
+        times = [s.step_time_s for s in self.best_by_group.values()]
+        k = self.c.top_k + 1  # the winner plus top_k alternatives
+        self._threshold = heapq.nsmallest(k, times)[-1] if len(times) >= k else float("inf")
+        self._heap_dirty = False
+        return self._threshold
+
+    # ------------------------------------------------------------------ main loop
+    def regions(self, meshes) -> list[tuple[float, tuple, int]]:
+        out = []
+        for pp, dp, tp in meshes:
+            for mb, n_mb in self.micro_batches(pp, dp):
+                for sp in self.sp_options(tp):
+                    prof = self.backend.profile(tp, sp, mb, self.modes[0])
+                    lb = n_mb * max(sum(prof.time_s) / pp, max(prof.time_s))
+                    out.append((lb, (pp, dp, tp, mb, n_mb, sp)))
+        out.sort(key=lambda r: (r[0], r[1]))
+        return [(lb, key, 0) for lb, key in out]
+
+    def candidates(self, region: tuple) -> Iterator[Knobs]:
+        pp, dp, tp, mb, n_mb, sp = region
+        for sharding, hsdp, off in self.shardings(dp):
+            for sched, v in self.schedules(pp, n_mb):
+                yield Knobs(
+                    pp=pp, dp=dp, tp=tp, sharding=sharding, hsdp_shard_size=hsdp, offload=off,
+                    micro_batch_size=mb, num_micro_batches=n_mb, schedule=sched, virtual_stages=v,
+                    recompute=self.modes[0] if len(self.modes) == 1 else "none", sequence_parallel=sp,
+                )
+
+    def run(self) -> SearchResult:
+        t0 = time.perf_counter()
+        meshes = self.meshes()
+        regions = self.regions(meshes)
+        for idx, (lb0, region, _) in enumerate(regions):
+            if lb0 >= self.threshold_s():
+                self._prune_rest(regions[idx:])
+                break
+            self._visit(region)
+        self._refine()
+        ranked = sorted(self.best_by_group.values(), key=lambda s: (s.step_time_s, _order(s.knobs)))
+        ranked = [s for s in ranked if s.fits]
+        if not ranked:
+            raise SpecError(self._no_fit_message())
+        rejected = list(self._rejected.values())
+        return SearchResult(ranked[0], ranked, rejected, self.scored, self.pruned, time.perf_counter() - t0)
+
+    def _visit(self, region: tuple) -> None:
+        pp, dp, tp, mb, n_mb, sp = region
+        mesh_name = f"pp={pp} dp={dp} tp={tp}"
+        for k in self.candidates(region):
+            lb_state = self.state_lower_bound(pp, dp, tp, k.sharding, k.hsdp_shard_size, k.offload)
+            self._note_state(lb_state, k)
+            if lb_state > self.budget_bytes:
+                zname = k.sharding if k.sharding != "hsdp" else f"hsdp({k.hsdp_shard_size})"
+                off = " offload=cpu" if k.offload == "cpu" else ""
+                self.reject(
+                    f"{mesh_name} {zname}{off}",
+                    f"{zname} with pp={pp}, tp={tp}: model states alone need >= {lb_state / GiB:.1f} GiB "
+                    f"> {self.budget_bytes / GiB:.1f} GiB per device",
+                )
+                continue
+            part = self.partition(k, self.budget_bytes)
+            thr = self.threshold_s()
+            if part is not None:
+                lb = n_mb * self.rank_bottleneck_s(part.stage_time_s, pp)
+                g = group_key(k)
+                old = self.best_by_group.get(g)
+                if lb >= thr or (old is not None and lb >= old.step_time_s):
+                    self.reject(f"{mesh_name} bound", f"step-time lower bound (busiest rank's compute x "
+                                f"micro-batches) is no better than the {self.c.top_k + 1} best found", 1)
+                    continue
+            got = self.evaluate(k)
+            if isinstance(got, str):
+                self.reject(f"{mesh_name} {k.sharding} mb={mb}", got)
+            else:
+                self._record(got)
+
+    def _note_state(self, lb: float, k: Knobs) -> None:
+        if self.least_state is None or lb < self.least_state[0]:
+            self.least_state = (lb, str(k))
+
+    def _prune_rest(self, regions) -> None:
+        count = 0
+        for _, (pp, dp, _tp, _mb, n_mb, _sp), _ in regions:
+            count += len(self.shardings(dp)) * len(self.schedules(pp, n_mb))
+        if count:
+            self.reject(
+                "lower bound", f"{count} candidates whose compute-only lower bound "
+                f"(>= {regions[0][0]:.4g} s) is no better than the {self.c.top_k + 1} best found "
+                f"({self.threshold_s():.4g} s)", count,
+            )
+
+    # ------------------------------------------------------------------ refinement
+    def _refine(self, num: int = 3) -> None:
+        """Hill-climb the best few: move one cut by one slot or one stage's mode by one notch."""
+        top = sorted((s for s in self.best_by_group.values() if s.fits),
+                     key=lambda s: (s.step_time_s, _order(s.knobs)))[:num]
+        for s in top:
+            cur = s
+            for _ in range(50):
+                nxt = None
+                for stages in self._neighbours(cur.stages):
+                    k = self.with_recompute(cur.knobs, stages)
+                    cand = self.score(k, stages)
+                    if cand.fits and cand.step_time_s < cur.step_time_s * (1 - 1e-12) and (
+                        nxt is None or cand.step_time_s < nxt.step_time_s
+                    ):
+                        nxt = cand
+                if nxt is None:
+                    break
+                cur = nxt
+            if cur is not s:
+                self._record(cur)
+
+    def _neighbours(self, stages):
+        slot = {e: i for i, e in enumerate(self.ends)}
+        modes = self.modes
+        st = list(stages)
+        for j in range(len(st) - 1):
+            a0, b0, m0 = st[j]
+            a1, b1, m1 = st[j + 1]
+            i = slot[b0]
+            for d in (-1, 1):
+                ni = i + d
+                if 0 <= ni < len(self.ends):
+                    nb = self.ends[ni]
+                    if a0 <= nb < b1:
+                        new = st.copy()
+                        new[j] = (a0, nb, m0)
+                        new[j + 1] = (nb + 1, b1, m1)
+                        yield tuple(new)
+        if len(modes) > 1:
+            for j, (a, b, m) in enumerate(st):
+                mi = modes.index(m)
+                for d in (-1, 1):
+                    if 0 <= mi + d < len(modes):
+                        new = st.copy()
+                        new[j] = (a, b, modes[mi + d])
+                        yield tuple(new)
+
+    # ------------------------------------------------------------------ no fit
+    def _no_fit_message(self) -> str:
+        cap = self.budget_bytes / GiB
+        parts = [f"no configuration fits {cap:.1f} GiB per device on {self.hw}"]
+        if self.closest is not None:
+            c = self.closest
+            parts.append(
+                f"closest: {c.knobs} needs {c.peak_memory_bytes / GiB:.1f} GiB per device "
+                f"(smallest per-device memory any scored plan needs)"
+            )
+        elif self.least_state is not None:
+            parts.append(
+                f"smallest per-device memory any plan needs: >= {self.least_state[0] / GiB:.1f} GiB "
+                f"for model states alone (closest: {self.least_state[1]})"
+            )
+        else:
+            reasons = "; ".join(f"{r.region}: {r.reason}" for r in list(self._rejected.values())[:5])
+            parts.append(f"nothing in the space is valid: {reasons or 'the constraints leave no point'}")
+        parts.append("use more devices, allow checkpointing/offload, or relax the constraints")
+        return "; ".join(parts)
