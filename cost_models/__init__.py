@@ -13,3 +13,15 @@ breakdowns. No torch.distributed, no device queries. Contract used by the planne
   `simulate(schedule, stage_times) -> ScheduleResult` (step time, bubble, peak in-flight
   micro-batches per rank, timeline).
 """
+
+from cost_models.blocks import BlockCost, BlockCosts, block_costs
+from cost_models.comm import GroupLink, group_link
+from cost_models.estimate import AxisCommEstimate, StepEstimate, estimate_knobs, estimate_step
+from cost_models.schedules import Action, Schedule, build_schedule
+from cost_models.simulator import ScheduleResult, simulate
+
+__all__ = [
+    "Action", "AxisCommEstimate", "BlockCost", "BlockCosts", "GroupLink", "Schedule", "ScheduleResult",
+    "StepEstimate", "block_costs", "build_schedule", "estimate_knobs", "estimate_step", "group_link",
+    "simulate",
+]

@@ -1,0 +1,271 @@
+"""Per-block costs for one (tp, sequence parallel, micro-batch size, recompute) setting.
+
+`block_costs(graph, hw, train, *, tp, sequence_parallel, micro_batch_size, recompute)` is what
+the planner's stage-partition DP and `estimate_knobs` consume. Everything is for ONE
+micro-batch on ONE tensor-parallel rank, cached per layer type (repeated blocks share one
+`BlockCost` object) and per (graph, hw, train) context:
+
+- times: forward / backward (input grads + recompute + TP comm) / weight grads, from
+  cost_models.compute; TP collectives from cost_models.comm.
+- TP traffic (Megatron-LM, Shoeybi et al. 2019; Korthikanti et al. 2022 §4.2.2): each
+  row-parallel op all-reduces its output in forward, each column group all-reduces its input
+  grad in backward (one per row op), a vocab-parallel embedding all-reduces its output, a
+  vocab-parallel output head its input grad. Sizes are the block's hidden state (b s h). With
+  sequence parallelism each all-reduce becomes reduce-scatter + all-gather (ring time equal).
+  All of it sits on the critical path (exposed). Full recompute repeats the forward ones.
+- memory: parameters per tp rank (split ops / tp, the rest replicated), activation bytes per
+  in-flight micro-batch and the recompute working set (cost_models.memory), boundary bytes.
+- FLOPs per tp rank: forward, backward, recompute.
+
+`BlockCosts` also holds prefix sums so a stage (first..last) sums in O(1): `stage(first, last)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+from cost_models import comm
+from cost_models.compute import TP_SPLIT, compute_dtype, itemsize, layer_compute
+from cost_models.memory import bytes_per_param, layer_activation_bytes
+from specs import HardwareSpec, LayerType, ModelGraph, SpecError, TrainSpec
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCost:
+    """One block, one micro-batch, one tp rank. Times in seconds, sizes in bytes."""
+
+    forward_compute_s: float
+    backward_compute_s: float  # input-grad part (all of backward for ops without parameters)
+    weight_compute_s: float  # weight-grad part
+    recompute_s: float  # forward re-run before backward (full: whole block; selective: attention core)
+    tp_forward_s: float  # exposed TP collectives in forward
+    tp_backward_s: float  # ... in backward (and the re-run forward ones under full recompute)
+    tp_volume_bytes: float  # bytes sent per rank on the tp axis, forward + backward
+    num_params: float  # parameters held per tp rank (before data-parallel sharding)
+    activation_bytes: float  # kept per in-flight micro-batch
+    working_bytes: float  # transient while this block's backward runs (recompute)
+    output_bytes: float  # boundary activation per micro-batch (pipeline p2p)
+    fwd_flops: float
+    bwd_flops: float
+    recompute_flops: float
+
+    @property
+    def forward_s(self) -> float:
+        return self.forward_compute_s + self.tp_forward_s
+
+    @property
+    def backward_s(self) -> float:
+        """Backward including recompute and TP comm, without the weight-grad part."""
+        return self.recompute_s + self.backward_compute_s + self.tp_backward_s
+
+    @property
+    def weight_s(self) -> float:
+        return self.weight_compute_s
+
+    @property
+    def total_s(self) -> float:
+        return self.forward_s + self.backward_s + self.weight_s
+
+
+_FIELDS = ("forward_compute_s", "backward_compute_s", "weight_compute_s", "recompute_s", "tp_forward_s",
+           "tp_backward_s", "tp_volume_bytes", "num_params", "activation_bytes", "fwd_flops", "bwd_flops",
+           "recompute_flops")
+
+
+@dataclass(frozen=True, slots=True)
+class StageSum:
+    """Sums of BlockCost fields over a range of blocks (same field names)."""
+
+    forward_compute_s: float
+    backward_compute_s: float
+    weight_compute_s: float
+    recompute_s: float
+    tp_forward_s: float
+    tp_backward_s: float
+    tp_volume_bytes: float
+    num_params: float
+    activation_bytes: float
+    fwd_flops: float
+    bwd_flops: float
+    recompute_flops: float
+    num_blocks: int
+    output_bytes: float  # of the last block (what the stage sends)
+    max_working_bytes: float
+    max_block_params: float
+
+    @property
+    def forward_s(self) -> float:
+        return self.forward_compute_s + self.tp_forward_s
+
+    @property
+    def backward_s(self) -> float:
+        return self.recompute_s + self.backward_compute_s + self.tp_backward_s
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCosts:
+    """Per-block costs for one setting, with O(1) range sums for the stage-partition DP."""
+
+    tp: int
+    sequence_parallel: bool
+    micro_batch_size: int
+    recompute: str
+    blocks: tuple[BlockCost, ...]
+    by_layer_type: dict[str, BlockCost]
+    prefix: tuple[tuple[float, ...], ...]  # per field in _FIELDS: prefix sums over blocks
+    max_working_bytes: float
+    max_block_params: float
+
+    def stage(self, first: int, last: int) -> StageSum:
+        """Sums over blocks first..last (inclusive)."""
+        lo, hi = first, last + 1
+        vals = [pre[hi] - pre[lo] for pre in self.prefix]
+        return StageSum(*vals, hi - lo, self.blocks[last].output_bytes, self.max_working_bytes, self.max_block_params)
+
+    def stage_time_s(self, first: int, last: int) -> float:
+        """Forward + backward (+ weight) time of one micro-batch through blocks first..last."""
+        s = self.stage(first, last)
+        return s.forward_s + s.backward_s + s.weight_compute_s
+
+
+class Context:
+    """Per (graph, hw, train) caches; holds strong references so ids stay valid."""
+
+    __slots__ = ("graph", "hw", "train", "costs", "links", "dtype", "act_scale", "par_scale", "bpp",
+                 "split_fraction", "final_output_bytes", "model_flops_per_sample", "stage_cache")
+
+    def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec):
+        self.graph, self.hw, self.train = graph, hw, train
+        self.costs: dict = {}
+        self.links: dict = {}
+        self.stage_cache: dict = {}
+        self.dtype = compute_dtype(train.precision)
+        self.act_scale = itemsize(self.dtype) / itemsize(graph.activation_dtype)
+        self.par_scale = itemsize(self.dtype) / itemsize(graph.param_dtype)
+        self.bpp = bytes_per_param(train.precision, train.optimizer)
+        self.split_fraction = {name: _split_fraction(lt) for name, lt in graph.layer_types.items()}
+        last = graph.layer(graph.num_blocks - 1)
+        self.final_output_bytes = last.output_bytes_per_sample * self.act_scale
+        self.model_flops_per_sample = graph.fwd_flops_per_sample + graph.bwd_flops_per_sample
+
+    def link(self, size: int, stride: int) -> comm.GroupLink:
+        key = (size, stride)
+        got = self.links.get(key)
+        if got is None:
+            got = self.links[key] = comm.group_link(self.hw, size, stride)
+        return got
+
+
+_CONTEXTS: list[Context] = []
+
+
+def context(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec) -> Context:
+    """The cache context of (graph, hw, train), by identity (a few kept, most recent first)."""
+    for ctx in _CONTEXTS:
+        if ctx.graph is graph and ctx.hw is hw and ctx.train is train:
+            return ctx
+    ctx = Context(graph, hw, train)
+    _CONTEXTS.insert(0, ctx)
+    del _CONTEXTS[8:]
+    return ctx
+
+
+def _split_fraction(lt: LayerType) -> float:
+    """Fraction of the layer's parameters that tensor parallelism splits."""
+    total = sum(op.param_bytes for op in lt.ops)
+    if total <= 0:
+        return 1.0 if lt.tp_candidates else 0.0
+    return sum(op.param_bytes for op in lt.ops if op.tp_split in TP_SPLIT) / total
+
+
+def _check_tp(graph: ModelGraph, tp: int) -> None:
+    for lt in graph.layer_types.values():
+        for cand in lt.tp_candidates:
+            if cand.divisor % tp:
+                raise SpecError(
+                    f"mesh.tp: tp={tp} does not divide {cand.kind} of layer type {lt.name!r} "
+                    f"({cand.divisor}); pick a tp that divides it"
+                )
+
+
+def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompute: str) -> BlockCost:
+    g, hw = ctx.graph, ctx.hw
+    sp = sp and tp > 1
+    lc = layer_compute(lt, hw, precision=ctx.train.precision, traced_activation_dtype=g.activation_dtype,
+                       traced_param_dtype=g.param_dtype, tp=tp, sequence_parallel=sp, micro_batch_size=mb)
+    splittable = bool(lt.tp_candidates) and tp > 1
+    # TP collectives (see module docstring)
+    tp_f = tp_b = tp_vol = 0.0
+    if splittable:
+        link = ctx.link(tp, 1)
+        hidden = lt.output_bytes_per_sample * mb * ctx.act_scale
+        n_row = sum(1 for op in lt.ops if op.tp_split == "row")
+        n_vemb = sum(1 for op in lt.ops if op.tp_split == "vocab" and op.kind == "embedding")
+        n_vhead = sum(1 for op in lt.ops if op.tp_split == "vocab" and op.kind != "embedding")
+        head_in = lt.input_bytes_per_sample * mb * ctx.act_scale
+        if sp:
+            coll = comm.all_gather_s(hidden, link) + comm.reduce_scatter_s(hidden, link)
+            coll_in = comm.all_gather_s(head_in, link) + comm.reduce_scatter_s(head_in, link)
+        else:
+            coll = comm.all_reduce_s(hidden, link)
+            coll_in = comm.all_reduce_s(head_in, link)
+        tp_f = (n_row + n_vemb) * coll
+        tp_b = n_row * coll + n_vhead * coll_in
+        tp_vol = (2 * n_row + n_vemb) * comm.all_reduce_volume_bytes(hidden, tp) + n_vhead * comm.all_reduce_volume_bytes(head_in, tp)
+    if recompute == "full":
+        rec_s, rec_fl = lc.forward_s, lc.fwd_flops
+        tp_b += tp_f
+    elif recompute == "selective":
+        rec_s, rec_fl = lc.attention_core_forward_s, lc.attention_core_fwd_flops
+    else:
+        rec_s, rec_fl = 0.0, 0.0
+    s = ctx.act_scale * mb
+    act = layer_activation_bytes(
+        lt.saved_bytes_per_sample * s, lt.saved_bytes_attention_core_per_sample * s,
+        lt.saved_bytes_replicated_per_sample * s, lt.input_bytes_per_sample * s,
+        tp=tp, sequence_parallel=sp, recompute=recompute, splittable=splittable,
+    )
+    frac = ctx.split_fraction[lt.name] if splittable else 0.0
+    params = lt.num_params * ((1 - frac) + frac / tp)
+    out_b = lt.output_bytes_per_sample * s / (tp if sp and splittable else 1)
+    return BlockCost(
+        lc.forward_s, lc.input_grad_s, lc.weight_grad_s, rec_s, tp_f, tp_b, tp_vol, params,
+        act.stored_bytes, act.working_bytes, out_b, lc.fwd_flops, lc.bwd_flops, rec_fl,
+    )
+
+
+def block_costs_ctx(ctx: Context, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str) -> BlockCosts:
+    key = (tp, bool(sequence_parallel and tp > 1), micro_batch_size, recompute)
+    got = ctx.costs.get(key)
+    if got is not None:
+        return got
+    if tp < 1 or micro_batch_size < 1:
+        raise SpecError(f"block_costs: tp ({tp}) and micro_batch_size ({micro_batch_size}) must be >= 1")
+    if tp > 1:
+        _check_tp(ctx.graph, tp)
+    by_type = {name: _layer_cost(ctx, lt, tp, key[1], micro_batch_size, recompute)
+               for name, lt in ctx.graph.layer_types.items()}
+    blocks = tuple(by_type[b.layer_type] for b in ctx.graph.blocks)
+    prefix = tuple(tuple(accumulate((getattr(b, f) for b in blocks), initial=0.0)) for f in _FIELDS)
+    got = BlockCosts(tp, key[1], micro_batch_size, recompute, blocks, by_type, prefix,
+                     max(b.working_bytes for b in blocks), max(b.num_params for b in blocks))
+    ctx.costs[key] = got
+    return got
+
+
+def block_costs(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, *, tp: int, sequence_parallel: bool,
+                micro_batch_size: int, recompute: str) -> BlockCosts:
+    """Per-block costs of `graph` for one micro-batch on one tp rank (see module docstring).
+
+    Args:
+        graph, hw, train: the model, the machine and the training setup (cached by identity:
+            pass the same objects again to reuse the cache).
+        tp: tensor-parallel degree (must divide every TP candidate's divisor).
+        sequence_parallel: split norms/dropout along the sequence (ignored when tp == 1).
+        micro_batch_size: samples per micro-batch.
+        recompute: "none", "selective" or "full" for every block.
+    Returns:
+        BlockCosts: `.blocks[i]` is block i's BlockCost; `.stage(first, last)` sums a range.
+    """
+    return block_costs_ctx(context(graph, hw, train), tp, sequence_parallel, micro_batch_size, recompute)

@@ -1,0 +1,153 @@
+"""Compute time of ops and layers: a roofline with size-dependent efficiency and a launch floor.
+
+Per op, for one micro-batch on one tensor-parallel rank:
+
+    time_s = max(flops / (peak_flops_per_s[dtype] * eff_compute(kind, flops)),
+                 bytes / (memory_bandwidth_bytes_per_s * eff_memory(bytes)),
+                 kernel_launch_s)
+
+- `flops` and `bytes` are the op's per-sample figures x micro-batch size, divided by its split:
+  ops split by tensor parallelism (`column`, `row`, `head`, `vocab`, `conv_out`) by `tp`;
+  `sequence` ops (norms, dropout, residual adds) by `tp` only with sequence parallelism;
+  `replicate` ops are computed in full on every tp rank.
+- Efficiency curves: cost_models.efficiency (calibrated curves from the HardwareSpec win).
+- dtype: bf16/fp16 mixed precision computes in that dtype; fp32 training uses the fp32 peak
+  (PyTorch's default keeps TF32 off for matmuls).
+- Backward: from the op's backward FLOPs. An op with parameters splits them into the
+  input-gradient part (B) and the weight-gradient part (W, one GEMM the size of the forward,
+  Narayanan et al. 2021 / Qi et al. 2023), so zero-bubble schedules can move W. Memory-bound
+  ops read the saved input and the output grad and write the input grad: 2x forward bytes
+  (an estimate). Ops without FLOP counts cost their bytes only.
+- Bytes recorded at the traced dtype are rescaled to the training dtype by itemsize ratio.
+- The attention core (ops split by `head`, or of kind `attention`) is timed separately: selective
+  recompute re-runs exactly that forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cost_models.efficiency import compute_efficiency, curves_for, memory_efficiency
+from specs import HardwareSpec, LayerType
+
+ITEMSIZE = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int64": 8,
+            "float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+COMPUTE_KINDS = frozenset({"matmul", "attention", "conv"})
+TP_SPLIT = frozenset({"column", "row", "head", "vocab", "conv_out"})
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype name ('bf16', 'fp32', 'float32', ...)."""
+    try:
+        return ITEMSIZE[dtype.replace("torch.", "")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(sorted(ITEMSIZE))}") from None
+
+
+def compute_dtype(precision: str) -> str:
+    """The dtype matmuls run in for a TrainSpec.precision."""
+    return {"bf16": "bf16", "fp16": "fp16"}.get(precision, "fp32")
+
+
+def peak_flops_per_s(hw: HardwareSpec, dtype: str) -> float:
+    """Dense peak FLOP/s of the device in `dtype`; falls back to fp32 when the preset lacks it."""
+    peaks = hw.device.peak_flops_per_s
+    if dtype in peaks:
+        return peaks[dtype]
+    if "fp32" in peaks:
+        return peaks["fp32"]
+    return min(peaks.values())
+
+
+def op_time_s(flops: float, n_bytes: float, kind: str, hw: HardwareSpec, curves: dict, peak: float) -> float:
+    """Roofline time of one kernel (see module docstring)."""
+    t = hw.device.kernel_launch_s
+    if flops > 0 and kind in COMPUTE_KINDS:
+        t = max(t, flops / (peak * compute_efficiency(curves, kind, flops)))
+    if n_bytes > 0:
+        bw = hw.device.memory_bandwidth_bytes_per_s
+        t = max(t, n_bytes / (bw * memory_efficiency(curves, n_bytes)))
+    if flops > 0 and kind not in COMPUTE_KINDS:
+        # FLOPs of an op we have no compute curve for (e.g. a fused norm): at the matmul curve.
+        t = max(t, flops / (peak * compute_efficiency(curves, "matmul", flops)))
+    return t
+
+
+@dataclass(frozen=True, slots=True)
+class LayerCompute:
+    """Compute times of one layer for one micro-batch on one tp rank (seconds) and its FLOPs."""
+
+    forward_s: float
+    input_grad_s: float  # B: backward w.r.t. inputs (and all of backward for ops without params)
+    weight_grad_s: float  # W: backward w.r.t. parameters
+    attention_core_forward_s: float  # what selective recompute re-runs
+    fwd_flops: float  # per tp rank, this micro-batch
+    bwd_flops: float
+    attention_core_fwd_flops: float
+
+
+def is_attention_core(op) -> bool:
+    return op.tp_split == "head" or op.kind == "attention"
+
+
+def layer_compute(
+    layer: LayerType,
+    hw: HardwareSpec,
+    *,
+    precision: str,
+    traced_activation_dtype: str,
+    traced_param_dtype: str,
+    tp: int,
+    sequence_parallel: bool,
+    micro_batch_size: int,
+) -> LayerCompute:
+    """Forward / input-grad / weight-grad times of `layer` (see module docstring)."""
+    curves = curves_for(hw)
+    dtype = compute_dtype(precision)
+    peak = peak_flops_per_s(hw, dtype)
+    act_scale = itemsize(dtype) / itemsize(traced_activation_dtype)
+    par_scale = itemsize(dtype) / itemsize(traced_param_dtype)
+    mb = micro_batch_size
+    fwd = b_s = w_s = core = 0.0
+    fwd_fl = bwd_fl = core_fl = 0.0
+    ops = layer.ops
+    if not ops:
+        # A block the tracer gave no per-op detail for: one matmul-like op with its totals.
+        split = tp if layer.tp_candidates else 1
+        f = layer.fwd_flops_per_sample * mb / split
+        b = layer.bwd_flops_per_sample * mb / split
+        nb = (layer.input_bytes_per_sample + layer.output_bytes_per_sample) * mb * act_scale / split
+        pb = layer.param_bytes * par_scale / split
+        t_f = op_time_s(f, nb + pb, "matmul", hw, curves, peak)
+        w_fl = min(f, b / 2) if layer.num_params else 0.0
+        t_w = op_time_s(w_fl, pb, "matmul", hw, curves, peak) if w_fl else 0.0
+        t_b = op_time_s(b - w_fl, nb, "matmul", hw, curves, peak)
+        return LayerCompute(t_f, t_b, t_w, 0.0, f, b, 0.0)
+    for op in ops:
+        if op.tp_split in TP_SPLIT:
+            split = tp
+        elif op.tp_split == "sequence" and sequence_parallel:
+            split = tp
+        else:
+            split = 1
+        f = op.fwd_flops_per_sample * mb / split
+        b = op.bwd_flops_per_sample * mb / split
+        nb = op.bytes_per_sample * mb * act_scale / split
+        # parameters read by the op (an embedding lookup reads only its rows: counted in nb)
+        pb = 0.0 if op.kind == "embedding" else op.param_bytes * par_scale / (split if op.tp_split in TP_SPLIT else 1)
+        t_f = op_time_s(f, nb + pb, op.kind, hw, curves, peak)
+        fwd += t_f
+        fwd_fl += f
+        bwd_fl += b
+        if is_attention_core(op):
+            core += t_f
+            core_fl += f
+        if op.param_bytes > 0 and b > 0 and op.kind in COMPUTE_KINDS:
+            w_fl = min(f, b / 2)  # weight grad: one GEMM the size of the forward
+            w_s += op_time_s(w_fl, pb + nb / 2, op.kind, hw, curves, peak)
+            b_s += op_time_s(b - w_fl, nb, op.kind, hw, curves, peak)
+        elif b > 0:
+            b_s += op_time_s(b, 2 * nb, op.kind, hw, curves, peak)
+        else:
+            b_s += op_time_s(0.0, 2 * nb, op.kind, hw, curves, peak)
+    return LayerCompute(fwd, b_s, w_s, core, fwd_fl, bwd_fl, core_fl)

@@ -1,0 +1,89 @@
+"""Default efficiency curves: achieved fraction of peak as a function of problem size.
+
+Model: an op of `size` (FLOPs for compute kinds, bytes moved for memory kinds) achieves
+`efficiency(kind, size)` of the device's peak. The curve is piecewise linear in log10(size),
+clamped at both ends. A calibrated `HardwareSpec.efficiency[kind]` (from `autoplan calibrate`,
+i.e. microbenchmarks on the real machine) always replaces the default curve of that kind.
+
+The defaults below are ESTIMATES read off published microbenchmark plots, not fitted to any
+end-to-end training throughput:
+
+- compute (matmul, attention, conv): NVIDIA "Matrix Multiplication Background User's Guide"
+  (docs.nvidia.com/deeplearning/performance/dl-performance-matrix-multiplication), whose
+  A100 GEMM plots show small problems (~1e8 FLOPs) latency-bound at a few-to-15% of peak,
+  1e10-FLOP problems around half of peak, and large square GEMMs (>1e12 FLOPs) at 70-80%
+  of the dense tensor-core peak. FlashAttention-2 (Dao 2023, Fig. 4-6) reaches 50-73% of
+  A100 peak on long sequences, so attention uses a curve one notch below matmul.
+- memory-bound ops (norm, softmax, elementwise, ...): BabelStream/STREAM copy/triad on
+  A100/H100 reach ~85-90% of the datasheet HBM bandwidth for buffers >= 1e8 bytes; below
+  ~1e6 bytes launch latency dominates (Jia et al. 2018 "Dissecting Volta"; NVIDIA Nsight
+  traces of small elementwise kernels).
+
+Each point is (size, efficiency). These are guesses with stated sources: replace with
+`autoplan calibrate` figures for any number that matters.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from specs import HardwareSpec
+
+# (size, efficiency) pairs, size ascending. See the module docstring for sources.
+DEFAULT_CURVES: dict[str, tuple[tuple[float, float], ...]] = {
+    # FLOPs per op -> fraction of dense peak FLOP/s
+    "matmul": ((1e6, 0.01), (1e8, 0.12), (1e9, 0.30), (1e10, 0.55), (1e11, 0.70), (1e12, 0.78)),
+    "conv": ((1e6, 0.01), (1e8, 0.10), (1e9, 0.25), (1e10, 0.45), (1e11, 0.60), (1e12, 0.65)),
+    "attention": ((1e6, 0.01), (1e8, 0.08), (1e9, 0.22), (1e10, 0.45), (1e11, 0.60), (1e12, 0.65)),
+    # bytes moved per op -> fraction of peak memory bandwidth
+    "memory": ((1e4, 0.02), (1e6, 0.25), (1e7, 0.55), (1e8, 0.80), (1e9, 0.85)),
+}
+
+# Which curve each graph op kind uses for its compute part (memory kinds have none).
+COMPUTE_CURVE = {"matmul": "matmul", "attention": "attention", "conv": "conv"}
+# HardwareSpec.efficiency keys a calibrated memory curve as "memory" (or "elementwise").
+MEMORY_CURVE_KEYS = ("memory", "elementwise")
+
+
+def interpolate(points: tuple[tuple[float, float], ...], size: float) -> float:
+    """Piecewise-linear in log10(size), clamped to the first/last point."""
+    if size <= points[0][0]:
+        return points[0][1]
+    if size >= points[-1][0]:
+        return points[-1][1]
+    x = math.log10(size)
+    for (s0, e0), (s1, e1) in zip(points, points[1:], strict=False):
+        if size <= s1:
+            x0, x1 = math.log10(s0), math.log10(s1)
+            return e0 + (e1 - e0) * (x - x0) / (x1 - x0)
+    return points[-1][1]  # pragma: no cover - unreachable
+
+
+@lru_cache(maxsize=64)
+def _curve_cached(key: int, hw_curves: tuple) -> dict[str, tuple[tuple[float, float], ...]]:
+    curves = dict(DEFAULT_CURVES)
+    for kind, pts in hw_curves:
+        target = "memory" if kind in MEMORY_CURVE_KEYS else kind
+        curves[target] = pts
+    return curves
+
+
+def curves_for(hw: HardwareSpec) -> dict[str, tuple[tuple[float, float], ...]]:
+    """Default curves with the hardware's calibrated ones (if any) substituted, by kind."""
+    if not hw.efficiency:
+        return DEFAULT_CURVES
+    items = tuple(
+        (k, tuple(sorted((p.size, p.efficiency) for p in pts))) for k, pts in sorted(hw.efficiency.items()) if pts
+    )
+    return _curve_cached(hash(items), items)
+
+
+def compute_efficiency(curves: dict, kind: str, flops: float) -> float:
+    """Fraction of peak FLOP/s an op of `flops` FLOPs achieves (matmul/attention/conv)."""
+    return interpolate(curves[COMPUTE_CURVE.get(kind, "matmul")], flops)
+
+
+def memory_efficiency(curves: dict, n_bytes: float) -> float:
+    """Fraction of peak memory bandwidth an op moving `n_bytes` achieves."""
+    return interpolate(curves["memory"], n_bytes)

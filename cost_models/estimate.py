@@ -1,0 +1,393 @@
+"""estimate_step / estimate_knobs: one training step of a plan, term by term.
+
+Composition (all per step, for the worst pp rank where ranks differ):
+
+1. Stage times per micro-batch (cost_models.blocks sums): F = forward compute + TP comm
+   (+ exposed FSDP all-gathers), B = recompute + input-grad compute + TP comm (+ exposed FSDP
+   all-gather/reduce-scatter) (+ weight grads unless the schedule splits them into W), p2p =
+   send of the stage's boundary activation over the pp link (cost_models.comm.p2p_link).
+2. The pipeline schedule is played by cost_models.simulator with those times: pipeline time,
+   per-rank busy time, in-flight micro-batches per stage (-> activation memory).
+3. After the last backward, per rank: the data-parallel gradient sync that did not hide behind
+   backward, the optimizer step (memory-bound: bytes read+written per parameter / HBM
+   bandwidth), offload transfers and the host optimizer step. step = pipeline + max over ranks.
+
+What overlaps and what is exposed:
+- TP collectives: exposed (on the critical path of every layer).
+- pipeline p2p: asynchronous; it delays the receiver. The breakdown charges the idle time of
+  the busiest rank first to p2p (up to 2 sends per stage boundary, the warm-up/drain chains)
+  and the rest to the bubble.
+- DDP (`none`): bucketed (25 MiB) gradient all-reduce overlapping the backward of the LAST
+  micro-batch (earlier ones run under no_sync): exposed = max(last bucket, total - that backward).
+- ZeRO-1: the same with reduce-scatter, plus an all-gather of the updated parameters after the
+  optimizer step (exposed). ZeRO-2: reduce-scatter every micro-batch (gradients stay sharded),
+  overlapping all backwards, plus the parameter all-gather after the step.
+- ZeRO-3/FSDP: per block and micro-batch an all-gather in forward, again in backward (FSDP2
+  reshards after forward) and a reduce-scatter of its gradients; the next block's gather is
+  prefetched under the current block's compute: exposed = first gather (+ last reduce-scatter)
+  + max(0, comm - compute) of the rest, added to the stage times.
+- HSDP: ZeRO-3 within the shard group (inner dp ranks), plus an all-reduce of the sharded
+  gradients across replicas overlapping the last backward (as DDP).
+- offload (cpu): gradients device->host, host optimizer step, parameters host->device over
+  PCIe: all exposed (conservative; ZeRO-Offload overlaps part of it).
+- Tied parameters (embedding/head) on different pp ranks: a copy on each, gradients
+  all-reduced between them after backward (exposed, pp axis).
+
+Memory per pp rank (cost_models.memory): model states by ZeRO stage, activations = sum over the
+rank's virtual stages of (peak in-flight micro-batches x stored bytes per micro-batch), transient
+buffers, margin; peak over the step = states + max(activations + backward transients,
+optimizer-step temporaries). The worst rank is reported.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+
+from cost_models import comm
+from cost_models.blocks import Context, block_costs_ctx, context
+from cost_models.compute import itemsize, peak_flops_per_s
+from cost_models.efficiency import curves_for, memory_efficiency
+from cost_models.memory import (
+    DDP_BUCKET_BYTES,
+    margin_bytes,
+    optimizer_step_bytes_per_param,
+    sharded_states,
+)
+from cost_models.simulator import simulate_cached
+from specs import (
+    AxisComm,
+    HardwareSpec,
+    Knobs,
+    ModelGraph,
+    Plan,
+    Prediction,
+    SpecError,
+    StageTimes,
+    TrainSpec,
+)
+
+TIME_TERMS = ("compute_forward_s", "compute_backward_s", "recompute_s", "tp_comm_s", "dp_comm_s", "pp_comm_s",
+              "bubble_s", "optimizer_s", "offload_s")
+MEMORY_CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "transient", "margin")
+
+
+@dataclass(frozen=True, slots=True)
+class AxisCommEstimate:
+    volume_bytes: float  # sent per device per step on this axis
+    time_s: float
+    exposed_s: float  # part not hidden behind compute
+
+
+@dataclass(frozen=True, slots=True)
+class StepEstimate:
+    """One step's prediction. Times in seconds, memory in bytes (worst pp rank unless per rank)."""
+
+    step_time_s: float
+    fits: bool
+    peak_memory_bytes: float
+    memory_capacity_bytes: float
+    memory_bytes: dict[str, float]  # worst rank, by category (MEMORY_CATEGORIES)
+    memory_per_rank_bytes: tuple[float, ...]  # peak per pp rank
+    memory_by_rank: tuple[dict[str, float], ...]
+    worst_rank: int
+    time_breakdown_s: dict[str, float]  # TIME_TERMS; sums to step_time_s
+    comm: dict[str, AxisCommEstimate]  # "tp", "dp", "pp"
+    bubble_fraction: float
+    mfu: float
+    hfu: float
+    samples_per_s: float
+    tokens_per_s: float
+    model_flops_per_step: float
+    hardware_flops_per_step: float
+    stage_times_raw: tuple[tuple[float, float, float, float], ...]  # (F, B, W, p2p) per virtual stage
+    peak_in_flight: tuple[int, ...]  # per pp rank
+    notes: tuple[str, ...] = ()
+
+    @property
+    def stage_times(self) -> list[StageTimes]:
+        return [StageTimes.model_construct(forward_s=f, backward_s=b, weight_s=w, p2p_s=c)
+                for f, b, w, c in self.stage_times_raw]
+
+    def to_prediction(self) -> Prediction:
+        return Prediction(
+            step_time_s=self.step_time_s, samples_per_s=self.samples_per_s, tokens_per_s=self.tokens_per_s,
+            mfu=self.mfu, hfu=self.hfu, model_flops_per_step=self.model_flops_per_step,
+            time_breakdown_s=dict(self.time_breakdown_s), memory_bytes=dict(self.memory_bytes),
+            peak_memory_bytes=self.peak_memory_bytes, memory_capacity_bytes=self.memory_capacity_bytes,
+            worst_rank_stage=self.worst_rank, memory_per_stage_bytes=list(self.memory_per_rank_bytes),
+            comm={k: AxisComm(volume_bytes=c.volume_bytes, time_s=c.time_s, exposed_s=c.exposed_s)
+                  for k, c in self.comm.items()},
+            bubble_fraction=min(1.0, max(0.0, self.bubble_fraction)),
+            stage_times=[StageTimes(forward_s=f, backward_s=b, weight_s=w, p2p_s=c)
+                         for f, b, w, c in self.stage_times_raw],
+            fits=self.fits, notes=list(self.notes),
+        )
+
+
+def _check_stages(graph: ModelGraph, stages, want: int) -> None:
+    if len(stages) != want:
+        raise SpecError(f"stages: pp * virtual_stages = {want} stages expected, got {len(stages)}")
+    nxt = 0
+    for i, (first, last, _rec) in enumerate(stages):
+        if first != nxt or last < first:
+            raise SpecError(
+                f"stages.{i}: ({first}, {last}) but block {nxt} is next; stages must cover blocks "
+                f"0..{graph.num_blocks - 1} once, in order"
+            )
+        nxt = last + 1
+    if nxt != graph.num_blocks:
+        raise SpecError(f"stages: cover blocks 0..{nxt - 1}, but the model has {graph.num_blocks} blocks")
+
+
+def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb: int, split: bool,
+           fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int):
+    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time) per micro-batch."""
+    key = (first, last, rec, tp, sp, mb, split, fsdp_n, fsdp_stride, last_stage, pp_stride)
+    got = ctx.stage_cache.get(key)
+    if got is not None:
+        return got
+    bc = block_costs_ctx(ctx, tp, sp, mb, rec)
+    ss = bc.stage(first, last)
+    fwd_exp = bwd_exp = fsdp_time = 0.0
+    if fsdp_n > 1:
+        link = ctx.link(fsdp_n, fsdp_stride)
+        nb = ss.num_blocks
+        ag = comm.all_gather_s(ss.num_params * ctx.bpp.param / nb, link)
+        rs = comm.reduce_scatter_s(ss.num_params * ctx.bpp.grad / nb, link)
+        f_c = ss.forward_s
+        b_c = ss.backward_s + ss.weight_compute_s
+        fwd_exp = ag + max(0.0, (nb - 1) * ag - f_c * (nb - 1) / nb)
+        bwd_exp = ag + rs + max(0.0, (nb - 1) * (ag + rs) - b_c * (nb - 1) / nb)
+        fsdp_time = nb * (2 * ag + rs)
+    F = ss.forward_s + fwd_exp
+    B = ss.backward_s + bwd_exp + (0.0 if split else ss.weight_compute_s)
+    W = ss.weight_compute_s if split else 0.0
+    c = 0.0
+    if not last_stage:
+        key_l = ("p2p", pp_stride)
+        link = ctx.links.get(key_l)
+        if link is None:
+            link = ctx.links[key_l] = comm.p2p_link(ctx.hw, pp_stride)
+        c = comm.p2p_s(ss.output_bytes, link)
+    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time)
+    ctx.stage_cache[key] = got
+    if len(ctx.stage_cache) > 200_000:
+        ctx.stage_cache.clear()
+    return got
+
+
+def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int, str]], hw: HardwareSpec,
+                   train: TrainSpec) -> StepEstimate:
+    """Estimate one step without building a Plan (the search's fast path).
+
+    Args:
+        graph: the traced model. knobs: the flat plan knobs (pp, dp, tp, sharding, micro-batches,
+            schedule, ...). hw, train: machine and training setup; pass the same objects across
+            calls to reuse the caches (they are keyed by identity).
+        stages: (first_block, last_block, recompute) for each of pp * virtual_stages stages, in
+            order; virtual stage j runs on pp rank j % pp (loop style).
+    Returns:
+        StepEstimate (see the module docstring for the model).
+    """
+    ctx = context(graph, hw, train)
+    k = knobs
+    pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
+    world = pp * dp * tp
+    if world != hw.num_devices:
+        raise SpecError(f"knobs: tp({tp}) * pp({pp}) * dp({dp}) = {world}, but the hardware has {hw.num_devices} devices")
+    S = pp * v
+    _check_stages(graph, stages, S)
+    mb, m = k.micro_batch_size, k.num_micro_batches
+    sp = bool(k.sequence_parallel and tp > 1)
+    sched = k.schedule if pp > 1 else "1f1b"
+    split = sched == "zero_bubble"
+    sharding = k.sharding
+    bpp = ctx.bpp
+    if sharding == "hsdp":
+        shard_n = k.hsdp_shard_size or dp
+        if dp % shard_n:
+            raise SpecError(f"hsdp_shard_size: {shard_n} must divide dp ({dp})")
+    else:
+        shard_n = dp
+    fsdp_n = shard_n if sharding in ("zero3", "hsdp") else 1
+    pp_stride = tp * dp
+
+    st = [_stage(ctx, a, b, r, tp, sp, mb, split, fsdp_n, tp, j == S - 1, pp_stride)
+          for j, (a, b, r) in enumerate(stages)]
+    times = tuple((x[0], x[1], x[2], x[3]) for x in st)
+    sim = simulate_cached(sched, pp, m, v, times)
+    T_pipe = sim.step_time_s
+
+    # ----------------------------------------------------------- per rank: states, post-step time
+    notes: list[str] = []
+    rank_stages = [list(range(r, S, pp)) for r in range(pp)]
+    firsts = [s[0] for s in stages]
+    tied_rank_params = [0.0] * pp
+    tied_comm = [0.0] * pp
+    if graph.tied_blocks and graph.tied_param_bytes > 0:
+        tied_params = graph.tied_param_bytes / itemsize(graph.param_dtype)
+        for a, b in graph.tied_blocks:
+            ja, jb = bisect_right(firsts, a) - 1, bisect_right(firsts, b) - 1
+            ra, rb = ja % pp, jb % pp
+            tsplit = ctx.split_fraction[graph.blocks[a].layer_type] if tp > 1 else 0.0
+            local = tied_params * ((1 - tsplit) + tsplit / tp)
+            if ra == rb:
+                tied_rank_params[ra] += local
+            else:
+                link = comm.p2p_link(hw, pp_stride)
+                t = 2 * comm.p2p_s(local * bpp.grad, link)
+                tied_comm[ra] = max(tied_comm[ra], t)
+                tied_comm[rb] = max(tied_comm[rb], t)
+                notes.append("tied parameters on different pp ranks: a copy on each, gradients all-reduced")
+    dp_link = ctx.link(dp, tp)
+    rep_link = ctx.link(dp // shard_n, tp * shard_n) if sharding == "hsdp" else None
+    curves = curves_for(hw)
+    capacity = float(hw.device.memory_bytes)
+    step_bpp = optimizer_step_bytes_per_param(train.precision, train.optimizer)
+    opt_div = {"zero1": dp, "zero2": dp, "zero3": dp, "hsdp": shard_n}.get(sharding, 1)
+    act_isz = itemsize(ctx.dtype)
+    last_block_split = bool(graph.layer(graph.num_blocks - 1).tp_candidates) and tp > 1
+
+    mem_rank: list[dict[str, float]] = []
+    totals: list[float] = []
+    post: list[tuple[float, float, float, float, float, float]] = []  # (dp_exposed, dp_time, dp_vol, tied, opt, offload)
+    for r in range(pp):
+        js = rank_stages[r]
+        n_params = sum(st[j][4].num_params for j in js) - tied_rank_params[r]
+        states = sharded_states(n_params, bpp, sharding=sharding, dp=dp, hsdp_shard_size=shard_n, offload=k.offload)
+        acts = sum(sim.peak_in_flight_per_stage[j] * st[j][4].activation_bytes for j in js)
+        trans = 0.0
+        if fsdp_n > 1:
+            big = max(st[j][4].max_block_params for j in js)
+            trans += big * (2 * bpp.param + bpp.grad)
+        if sharding in ("none", "zero1"):
+            trans += n_params * bpp.grad  # DDP bucket copies of the gradients
+        elif sharding == "hsdp":
+            trans += n_params * bpp.grad / shard_n
+        elif sharding == "zero2":
+            trans += 2 * DDP_BUCKET_BYTES
+        if pp > 1:
+            trans += 4 * max(st[j][4].output_bytes for j in js)
+        if S - 1 in js:
+            logits = ctx.final_output_bytes * mb * (1 + 2 * 4 / act_isz) / (tp if last_block_split else 1)
+            trans += logits
+        if any(stages[j][2] != "none" for j in js):
+            trans += max(st[j][4].max_working_bytes for j in js if stages[j][2] != "none")
+        opt_params = n_params / opt_div
+        opt_tmp = 4 * opt_params if (train.optimizer in ("adam", "adamw") and k.offload == "none") else 0.0
+        static = states.param + states.grad + states.optimizer
+        dynamic = max(acts + trans, opt_tmp)
+        margin = margin_bytes(static + dynamic, capacity)
+        mem = {"parameters": states.param, "gradients": states.grad, "optimizer": states.optimizer,
+               "activations": acts, "transient": dynamic - acts, "margin": margin}
+        mem_rank.append(mem)
+        totals.append(static + dynamic + margin)
+
+        # post-pipeline time on this rank
+        grad_bytes = n_params * bpp.grad
+        window = sum(st[j][1] + st[j][2] for j in js)  # backward of one micro-batch on this rank
+        dp_exp = dp_time = dp_vol = 0.0
+        if dp > 1:
+            if sharding == "none":
+                tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+                dp_exp, dp_time = max(last, tot - window), tot
+                dp_vol = comm.all_reduce_volume_bytes(grad_bytes, dp)
+            elif sharding in ("zero1", "zero2"):
+                tot, last = comm.bucketed_reduce_scatter_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+                reps = m if sharding == "zero2" else 1
+                ag = comm.all_gather_s(n_params * bpp.param, dp_link)
+                dp_exp = max(last, reps * tot - reps * window) + ag
+                dp_time = reps * tot + ag
+                dp_vol = (reps + 1) * comm.all_gather_volume_bytes(grad_bytes, dp)
+            else:
+                fs = sum(st[j][7] for j in js)
+                dp_time = m * fs
+                dp_vol = m * 3 * comm.all_gather_volume_bytes(grad_bytes, shard_n)
+                if sharding == "hsdp" and rep_link is not None and rep_link.size > 1:
+                    tot, last = comm.bucketed_all_reduce_s(grad_bytes / shard_n, rep_link, DDP_BUCKET_BYTES)
+                    dp_exp = max(last, tot - window)
+                    dp_time += tot
+                    dp_vol += comm.all_reduce_volume_bytes(grad_bytes / shard_n, dp // shard_n)
+        opt_s = off_s = 0.0
+        if k.offload == "cpu":
+            pcie = hw.host.pcie_bandwidth_bytes_per_s
+            off_s = opt_params * (bpp.grad + bpp.param) / pcie + opt_params / hw.host.cpu_adam_params_per_s
+        else:
+            nbytes = opt_params * step_bpp
+            if nbytes > 0:
+                bw = hw.device.memory_bandwidth_bytes_per_s
+                opt_s = max(hw.device.kernel_launch_s, nbytes / (bw * memory_efficiency(curves, nbytes)))
+        post.append((dp_exp, dp_time, dp_vol, tied_comm[r], opt_s, off_s))
+
+    post_tot = [p[0] + p[3] + p[4] + p[5] for p in post]
+    rp = max(range(pp), key=lambda r: post_tot[r])
+    step = T_pipe + post_tot[rp]
+
+    # ----------------------------------------------------------- breakdown on the busiest rank
+    rb = sim.busiest_rank
+    jb = rank_stages[rb]
+    f_c = b_c = rec = tp_s = fsdp_s = tp_vol = pp_vol = pp_t = 0.0
+    for j in jb:
+        ss = st[j][4]
+        f_c += ss.forward_compute_s
+        b_c += ss.backward_compute_s + ss.weight_compute_s
+        rec += ss.recompute_s
+        tp_s += ss.tp_forward_s + ss.tp_backward_s
+        tp_vol += ss.tp_volume_bytes
+        fsdp_s += st[j][5] + st[j][6]
+        if j < S - 1:
+            pp_vol += 2 * ss.output_bytes
+            pp_t += 2 * st[j][3]
+    idle = max(0.0, T_pipe - sim.busy_s[rb])
+    crit_p2p = 2 * sum(t[3] for t in times)
+    pp_exp = min(idle, crit_p2p)
+    dpe, dpt, dpv, tied_t, opt_s, off_s = post[rp]
+    breakdown = {
+        "compute_forward_s": m * f_c, "compute_backward_s": m * b_c, "recompute_s": m * rec,
+        "tp_comm_s": m * tp_s, "dp_comm_s": m * fsdp_s + dpe, "pp_comm_s": pp_exp + tied_t,
+        "bubble_s": idle - pp_exp, "optimizer_s": opt_s, "offload_s": off_s,
+    }
+    comm_axes = {
+        "tp": AxisCommEstimate(m * tp_vol, m * tp_s, m * tp_s),
+        "dp": AxisCommEstimate(dpv, dpt, m * fsdp_s + dpe),
+        "pp": AxisCommEstimate(m * pp_vol, m * pp_t + tied_t, pp_exp + tied_t),
+    }
+
+    # ----------------------------------------------------------- memory, throughput, FLOPs
+    worst = max(range(pp), key=lambda r: totals[r])
+    peak_mem = totals[worst]
+    samples = mb * m * dp
+    model_flops = ctx.model_flops_per_sample * samples
+    hw_flops = sum(x[4].fwd_flops + x[4].bwd_flops + x[4].recompute_flops for x in st) * tp * m * dp
+    peak = peak_flops_per_s(hw, ctx.dtype) * world
+    mfu = model_flops / (step * peak) if step > 0 else 0.0
+    hfu = hw_flops / (step * peak) if step > 0 else 0.0
+    if split:
+        notes.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
+    if train.optimizer == "sgd":
+        notes.append("sgd assumed with momentum (4 bytes/param of state)")
+    return StepEstimate(
+        step_time_s=step, fits=peak_mem <= capacity, peak_memory_bytes=peak_mem, memory_capacity_bytes=capacity,
+        memory_bytes=mem_rank[worst], memory_per_rank_bytes=tuple(totals), memory_by_rank=tuple(mem_rank),
+        worst_rank=worst, time_breakdown_s=breakdown, comm=comm_axes,
+        bubble_fraction=(idle - pp_exp) / step if step > 0 else 0.0, mfu=mfu, hfu=hfu,
+        samples_per_s=samples / step if step > 0 else 0.0,
+        tokens_per_s=samples * graph.tokens_per_sample / step if step > 0 else 0.0,
+        model_flops_per_step=model_flops, hardware_flops_per_step=hw_flops, stage_times_raw=times,
+        peak_in_flight=sim.peak_in_flight, notes=tuple(dict.fromkeys(notes)),
+    )
+
+
+def estimate_step(graph: ModelGraph, plan: Plan, hw: HardwareSpec | None = None,
+                  train: TrainSpec | None = None) -> StepEstimate:
+    """Estimate one training step of `plan` on `hw` (default: the plan's) for `graph`."""
+    hw = hw if hw is not None else plan.hardware
+    train = train if train is not None else plan.train
+    if plan.model.fingerprint != graph.fingerprint:
+        raise SpecError(
+            f"plan.model.fingerprint: the plan was made for model {plan.model.name!r} "
+            f"({plan.model.fingerprint}), but this graph is {graph.name!r} ({graph.fingerprint}); re-plan"
+        )
+    stages = [(s.first, s.last, s.recompute) for s in plan.pipeline.stages]
+    return estimate_knobs(graph, plan.knobs(), stages, hw, train)

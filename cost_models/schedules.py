@@ -1,0 +1,162 @@
+"""Pipeline schedules as data: per-rank ordered action lists.
+
+An action is F (forward), B (backward; input grads only when the schedule splits backward, all
+grads otherwise) or W (weight grads, zero-bubble only) of one (virtual) stage and micro-batch,
+printed as PyTorch's pipelining package prints them: `2F0` = stage 2, forward, micro-batch 0
+(`Action.from_str` parses that back).
+
+Builders (P = pp ranks, m = micro-batches, v = virtual stages per rank):
+- `gpipe`: rank r runs all m forwards of stage r, then all m backwards (Huang et al. 2019).
+- `1f1b`: rank r warms up with min(P-1-r, m) forwards, then alternates one forward and one
+  backward, then drains the remaining backwards (PipeDream-Flush, Narayanan et al. 2021).
+- `interleaved_1f1b`: Megatron-LM's interleaved schedule (Narayanan et al. 2021, §2.2):
+  v stages per rank in loop style, virtual stage j on rank j % P; micro-batches go in groups
+  of P through chunk 0, then chunk 1, ...; warm-up (P-r-1)*2 + (v-1)*P forwards; then 1F1B.
+- `zero_bubble`: ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism", §3), v = 1:
+  1F1B with backward split into B and W; rank r runs each W r micro-batches late, so the last
+  ranks finish their weight grads while the input-grad chain B drains towards rank 0. With
+  equal stages this gives step = m(F+B+W) + (P-1)(F+B-W), the paper's ZB-H1 figure (a test).
+  Same stage-to-rank layout as 1f1b.
+
+The schedules say nothing about time; `cost_models.simulator.simulate` plays them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from specs import SpecError
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    kind: str  # "F", "B" or "W"
+    stage: int
+    microbatch: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind}{self.microbatch}"
+
+    @classmethod
+    def from_str(cls, text: str) -> Action:
+        for kind in "FBW":
+            if kind in text:
+                stage, mb = text.split(kind)
+                return cls(kind, int(stage), int(mb))
+        raise ValueError(f"action {text!r}: expected like '2F0' (stage, F/B/W, micro-batch)")
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    name: str
+    pp: int
+    num_micro_batches: int
+    virtual_stages: int
+    actions: tuple[tuple[Action, ...], ...]  # per pp rank, in execution order
+    stage_rank: tuple[int, ...]  # virtual stage -> pp rank
+    split_backward: bool  # B is input-grad only and W actions exist
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.virtual_stages
+
+    def __str__(self) -> str:
+        return "\n".join(f"rank {r}: " + " ".join(map(str, acts)) for r, acts in enumerate(self.actions))
+
+
+def _gpipe(p: int, m: int) -> list[list[Action]]:
+    return [[Action("F", r, i) for i in range(m)] + [Action("B", r, i) for i in range(m)] for r in range(p)]
+
+
+def _one_f_one_b(p: int, m: int) -> list[list[Action]]:
+    out = []
+    for r in range(p):
+        w = min(p - 1 - r, m)
+        acts = [Action("F", r, i) for i in range(w)]
+        for k in range(m - w):
+            acts += [Action("F", r, w + k), Action("B", r, k)]
+        acts += [Action("B", r, i) for i in range(m - w, m)]
+        out.append(acts)
+    return out
+
+
+def _interleaved(p: int, m: int, v: int) -> list[list[Action]]:
+    order = []  # (chunk, microbatch) in Megatron's forward order
+    for g0 in range(0, m, p):
+        grp = range(g0, min(g0 + p, m))
+        for c in range(v):
+            order += [(c, i) for i in grp]
+    total = m * v
+    out = []
+    for r in range(p):
+        fwd = [Action("F", c * p + r, i) for c, i in order]
+        bwd = [Action("B", (v - 1 - c) * p + r, i) for c, i in order]
+        w = min((p - r - 1) * 2 + (v - 1) * p, total)
+        acts = fwd[:w]
+        for k in range(total - w):
+            acts += [fwd[w + k], bwd[k]]
+        acts += bwd[total - w :]
+        out.append(acts)
+    return out
+
+
+def _zb_h1(p: int, m: int) -> list[list[Action]]:
+    out = []
+    for r in range(p):
+        w = min(p - 1 - r, m)
+        acts = [Action("F", r, i) for i in range(w)]
+        pending: list[int] = []  # micro-batches whose W is still to run
+        for k in range(m):
+            if k < m - w:
+                acts.append(Action("F", r, w + k))
+            acts.append(Action("B", r, k))
+            pending.append(k)
+            if len(pending) > r:  # rank r keeps r weight-grad passes back for the drain
+                acts.append(Action("W", r, pending.pop(0)))
+        acts += [Action("W", r, i) for i in pending]
+        out.append(acts)
+    return out
+
+
+@lru_cache(maxsize=512)
+def build_schedule(name: str, pp: int, num_micro_batches: int, virtual_stages: int = 1) -> Schedule:
+    """Per-rank action lists for schedule `name` (see module docstring). Cached; immutable."""
+    p, m, v = pp, num_micro_batches, virtual_stages
+    if name not in SCHEDULES:
+        raise SpecError(f"pipeline.schedule: unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    if p < 1 or m < 1 or v < 1:
+        raise SpecError(f"pipeline: pp ({p}), num_micro_batches ({m}) and virtual_stages ({v}) must be >= 1")
+    if v > 1 and name != "interleaved_1f1b":
+        raise SpecError(
+            f"pipeline.virtual_stages: {v} virtual stages are modelled only for interleaved_1f1b "
+            f"(zero_bubble is modelled as ZB-H1 with one stage per rank); use virtual_stages: 1"
+        )
+    if name == "interleaved_1f1b" and v > 1 and p > 1 and m % p:
+        raise SpecError(
+            f"pipeline.num_micro_batches: interleaved_1f1b needs a multiple of pp ({p}) micro-batches "
+            f"(got {m}), as Megatron-LM's interleaved schedule does; pick num_micro_batches = {p * -(-m // p)}"
+        )
+    if name == "gpipe":
+        acts = _gpipe(p, m)
+    elif name == "1f1b":
+        acts = _one_f_one_b(p, m)
+    elif name == "interleaved_1f1b":
+        acts = _interleaved(p, m, v)
+    else:
+        acts = _zb_h1(p, m)
+    stage_rank = tuple(j % p for j in range(p * v))
+    return Schedule(name, p, m, v, tuple(tuple(a) for a in acts), stage_rank, name == "zero_bubble")
+
+
+def schedule_from_str(name: str, pp: int, num_micro_batches: int, virtual_stages: int, text: str) -> Schedule:
+    """Parse the output of `str(schedule)` (one 'rank r: 0F0 0F1 ...' line per rank)."""
+    rows = []
+    for line in text.strip().splitlines():
+        _, _, body = line.partition(":")
+        rows.append(tuple(Action.from_str(t) for t in body.split()))
+    split = any(a.kind == "W" for row in rows for a in row)
+    stage_rank = tuple(j % pp for j in range(pp * virtual_stages))
+    return Schedule(name, pp, num_micro_batches, virtual_stages, tuple(rows), stage_rank, split)
