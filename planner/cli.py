@@ -45,7 +45,6 @@ def _console(args):
 # ------------------------------------------------------------------ commands
 def cmd_plan(args) -> int:
     from planner.explain.knobs import constraints_from_pins
-    from planner.models import build_model
     from specs import HardwareSpec, TrainSpec
     from specs._base import validate_model
 
@@ -59,15 +58,7 @@ def cmd_plan(args) -> int:
     extra = {"top_k": args.top_k} if args.top_k else {}
     constraints = constraints_from_pins(args.pin or [], **extra)
     autoplan = _need("planner", "autoplan")
-    built = build_model(args.model, batch=1, device="meta")
-    plan = autoplan(
-        built.module,
-        hw,
-        example_inputs=built.example_inputs,
-        train=train,
-        constraints=constraints,
-        name=args.model,
-    )
+    plan = autoplan(args.model, hw, train=train, constraints=constraints)
     if plan.model.name != args.model:  # the name is how `explain --why-not` rebuilds the model
         plan = plan.model_copy(update={"model": plan.model.model_copy(update={"name": args.model})})
     if args.output:

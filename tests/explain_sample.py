@@ -226,3 +226,13 @@ def small_plan(**pred_overrides) -> Plan:
         ),
         predicted=Prediction(**pred),
     )
+
+
+def count_colour(png_path, hex_colour: str, tol: int = 30) -> int:
+    """Pixels of a PNG within `tol` (sum of |channel differences|) of `hex_colour`."""
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(png_path).convert("RGB"), dtype=np.int32)
+    want = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)], dtype=np.int32)
+    return int((np.abs(img - want).sum(axis=-1) < tol).sum())

@@ -56,7 +56,7 @@ document.querySelectorAll('table.sortable').forEach(function(t){
 
 def _svg(fig) -> str:
     buf = io.StringIO()
-    fig.savefig(buf, format="svg")
+    fig.savefig(buf, format="svg", metadata={"Date": None})
     text = buf.getvalue()
     return text[text.index("<svg") :]
 
@@ -65,6 +65,7 @@ def _figure(width_in: float, height_in: float):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    matplotlib.rcParams["svg.hashsalt"] = "autoplan"  # stable ids in SVG output
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width_in, height_in), dpi=100)
@@ -294,7 +295,7 @@ def render_html(plan: Plan, title: str | None = None, top_k: int = 20) -> str:
                 "sortable",
             ),
         ]
-    data = json.dumps(d).replace("</", "<\\/")
+    data = json.dumps(d).replace("<", "\\u003c")  # nothing in the data can close the script
     body = "\n".join(parts)
     return (
         f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

@@ -164,6 +164,7 @@ def _figure(entries: list[Entry], title: str = ""):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    matplotlib.rcParams["svg.hashsalt"] = "autoplan"  # stable ids in SVG output
     from matplotlib.figure import Figure
 
     num_ranks = max(e.rank for e in entries) + 1
@@ -171,25 +172,32 @@ def _figure(entries: list[Entry], title: str = ""):
     fig = Figure(figsize=(10, 0.6 + 0.45 * num_ranks), dpi=110)
     ax = fig.add_subplot(1, 1, 1)
     scale, unit = (1e3, "ms") if total < 1 else (1.0, "s")
+    bars: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for e in entries:
-        x, w = e.start_s * scale, (e.end_s - e.start_s) * scale
-        ax.broken_barh(
-            [(x, w)],
-            (e.rank - 0.4, 0.8),
-            facecolors=COLORS.get(e.action, "#999999"),
-            edgecolors="white",
-            linewidth=0.4,
+        bars.setdefault((e.rank, e.action), []).append(
+            (e.start_s * scale, (e.end_s - e.start_s) * scale)
         )
-        if w > total * scale / 60:
-            ax.text(
-                x + w / 2,
-                e.rank,
-                str(e.microbatch),
-                ha="center",
-                va="center",
-                fontsize=6,
-                color="white",
-            )
+    for (rank, action), spans in bars.items():  # one collection per row and colour: fast for 1000s
+        ax.broken_barh(
+            spans,
+            (rank - 0.4, 0.8),
+            facecolors=COLORS.get(action, "#999999"),
+            edgecolors="white",
+            linewidth=0.4 if len(spans) < 200 else 0.0,
+        )
+    if len(entries) <= 400:
+        for e in entries:
+            x, w = e.start_s * scale, (e.end_s - e.start_s) * scale
+            if w > total * scale / 60:
+                ax.text(
+                    x + w / 2,
+                    e.rank,
+                    str(e.microbatch),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white",
+                )
     ax.set_yticks(range(num_ranks), [f"rank {r}" for r in range(num_ranks)])
     ax.invert_yaxis()
     ax.set_xlim(0, total * scale)
@@ -211,6 +219,11 @@ def _figure(entries: list[Entry], title: str = ""):
     return fig
 
 
+def _metadata(fmt: str) -> dict:
+    """No creation date in the files, so the same plan gives the same picture."""
+    return {"Date": None} if fmt == "svg" else {"Software": "autoplan"}
+
+
 def draw_timeline(entries: list[Entry], path: str | Path, title: str = "") -> Path:
     """Write the timeline as PNG or SVG (by the file's suffix)."""
     p = Path(path)
@@ -220,13 +233,13 @@ def draw_timeline(entries: list[Entry], path: str | Path, title: str = "") -> Pa
     if not entries:
         raise SpecError(f"--picture {p}: this plan has no pipeline timeline to draw")
     fig = _figure(entries, title)
-    fig.savefig(p, format=fmt)
+    fig.savefig(p, format=fmt, metadata=_metadata(fmt))
     return p
 
 
 def timeline_svg(entries: list[Entry], title: str = "") -> str:
     """The picture as an inline <svg> element (for the HTML report)."""
     buf = io.StringIO()
-    _figure(entries, title).savefig(buf, format="svg")
+    _figure(entries, title).savefig(buf, format="svg", metadata=_metadata("svg"))
     text = buf.getvalue()
     return text[text.index("<svg") :]

@@ -24,18 +24,15 @@ from planner.explain.report import fmt_bytes, fmt_s, term_label
 from specs import Knobs, Plan, SpecError
 
 
-def build_graph(model_ref: str, batch: int = 1):
-    """Build a model on the meta device and trace it with the planner's tracer."""
+def build_graph(model_ref: str):
+    """Trace the plan's model (bundled name or package.module:factory) with the planner's tracer."""
     try:
-        from planner import trace  # type: ignore[attr-defined]
+        from planner.api import trace_model
     except ImportError:
         raise SpecError(
             "this build has no tracer yet (planner.trace); cannot score a new point"
         ) from None
-    from planner.models import build_model
-
-    built = build_model(model_ref, batch=batch, device="meta")
-    return trace(built.module, built.example_inputs)
+    return trace_model(model_ref, None)
 
 
 def score_knobs(plan: Plan, knobs: Knobs, graph=None) -> Plan:
