@@ -1,0 +1,545 @@
+"""`autoplan calibrate`: measure this machine and write a specs.HardwareSpec.
+
+    autoplan calibrate [--nproc N] [-o myhw.yaml] [--preset-form] [--quick]
+    python -m runtime.calibrate ...            (the same, without the CLI)
+
+What goes where (the microbenchmarks are in runtime.calibrate_bench):
+- `device.peak_flops_per_s[dtype]`: the best matmul FLOP/s measured for that dtype.
+- `device.memory_bandwidth_bytes_per_s`: the best copy bandwidth over the sizes measured (up to
+  1 GiB, past the caches); on a CPU that is a cache-resident size, and the `memory` curve gives
+  the fraction reached at each size (the DRAM rate at the largest).
+- `device.kernel_launch_s`: time of one tiny op.
+- `efficiency` (op kind -> [(size, fraction of peak)], what the cost model interpolates):
+  matmul, attention, conv: size in FLOPs, fraction of the primary dtype's matmul peak
+  (fp32 on CPU, bf16 on GPU; the schema keeps one curve per kind, not per dtype);
+  memory (copies), elementwise (mean of add and gelu), other (mean of softmax and layer_norm):
+  size in bytes moved, fraction of the memory bandwidth.
+- Collectives: for each collective c an alpha-beta fit of the measured times
+      t_c(S) = steps_c(n) * alpha_c + bus_c(n) * S / B_c
+  with the ring conventions of nccl-tests' bus bandwidth: all-reduce steps 2(n-1), bus 2(n-1)/n;
+  all-gather and reduce-scatter steps n-1, bus (n-1)/n; broadcast steps n-1, bus 1 (pipelined
+  ring); p2p steps 1, bus 1 (`fit_alpha_beta`, least squares on relative error). These are
+  reported in `sources`. The cost model, however, sees ONE link (alpha, bandwidth x
+  collective_efficiency) for every collective, so `fit_link` fits that pair jointly to every
+  collective and size with the cost model's own formulas (cost_models/comm.py: ring, tree where
+  better): `intra_node.latency_s` = the joint alpha, `intra_node.bandwidth_bytes_per_s` = the p2p
+  busbw (the raw link), `collective_efficiency` = joint busbw / p2p busbw.
+  One host cannot measure a network: `inter_node` repeats `intra_node` and says so.
+- CPU hosts: processes share the cores. With `--preset-form` the output is the bundled-preset form
+  (specs/presets/cpu.yaml): a `shared_host` entry plus per-process figures for a process that has a
+  core to itself; `HardwareSpec.preset("cpu", devices=N)` multiplies FLOP/s and memory bandwidth by
+  min(1, cores / N) and divides host memory by N. Without it, the output is a plain HardwareSpec for
+  exactly `--nproc` processes, with that scaling already applied (`shared_host_scale`).
+  The collective workers also run matmuls concurrently to check that scaling; the result is
+  printed and recorded in `sources`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime import calibrate_bench as bench
+from specs import HardwareSpec, SpecError
+from specs._base import validate_model
+from specs.io import dump_data
+
+PRESET_HEADER = """\
+# This kind of machine: one host, N processes (gloo) sharing its cores and memory.
+# Written by `autoplan calibrate --preset-form` (runtime/calibrate.py); rerun it to refresh.
+# Figures are per process for a process with a core to itself (one intra-op thread, as under
+# torchrun); HardwareSpec.preset("cpu", devices=N) multiplies FLOP/s and memory bandwidth by
+# min(1, cores / N) and divides host memory among the N processes (shared_host). The link
+# figures were measured with devices_per_node processes.
+"""
+
+# (steps(n), bus factor(n)) for each collective: see the module docstring.
+RING = {
+    "all_reduce": (lambda n: 2 * (n - 1), lambda n: 2 * (n - 1) / n),
+    "all_gather": (lambda n: n - 1, lambda n: (n - 1) / n),
+    "reduce_scatter": (lambda n: n - 1, lambda n: (n - 1) / n),
+    "broadcast": (lambda n: n - 1, lambda n: 1.0),
+    "p2p": (lambda n: 1, lambda n: 1.0),
+}
+
+
+# ------------------------------------------------------------------------------- pure helpers
+def fit_alpha_beta(
+    points: list[tuple[float, float]], steps: float, bus: float
+) -> tuple[float, float]:
+    """Fit t = steps * alpha + bus * S / B to [(S_bytes, t_s)]; returns (alpha_s, B_bytes_per_s).
+
+    Weighted least squares on relative error (each row divided by its t), alpha and 1/B clamped
+    to >= 0 (a clamped coefficient is refitted alone).
+    """
+    if len(points) < 2:
+        raise ValueError("fit_alpha_beta: need at least two message sizes")
+    rows = [(steps / t, bus * s / t) for s, t in points]  # target is 1 for every row
+    a11 = sum(r[0] * r[0] for r in rows)
+    a12 = sum(r[0] * r[1] for r in rows)
+    a22 = sum(r[1] * r[1] for r in rows)
+    b1 = sum(r[0] for r in rows)
+    b2 = sum(r[1] for r in rows)
+    det = a11 * a22 - a12 * a12
+    alpha, inv_bw = (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
+    if alpha < 0:
+        alpha, inv_bw = 0.0, b2 / a22
+    elif inv_bw <= 0:
+        alpha, inv_bw = b1 / a11, 0.0
+    if inv_bw <= 0:  # time does not grow with size: bandwidth unmeasurably high at these sizes
+        largest_s, largest_t = max(points)
+        inv_bw = largest_t / (bus * largest_s) * 1e-3
+    return alpha, 1.0 / inv_bw
+
+
+def model_time_s(name: str, n_bytes: float, n: int, alpha_s: float, bw_bytes_per_s: float) -> float:
+    """The cost model's time for one collective (the formulas of cost_models/comm.py's docstring:
+    ring, or tree where NCCL has one and it is better)."""
+    if name == "p2p":
+        return n_bytes / bw_bytes_per_s + alpha_s
+    if name == "all_reduce":
+        ring = 2 * (n - 1) / n * n_bytes / bw_bytes_per_s + 2 * (n - 1) * alpha_s
+        tree = 2 * n_bytes / bw_bytes_per_s + 2 * math.ceil(math.log2(n)) * alpha_s
+        return min(ring, tree)
+    if name == "broadcast":
+        return n_bytes / bw_bytes_per_s + min(n - 1, math.ceil(math.log2(n))) * alpha_s
+    return (n - 1) / n * n_bytes / bw_bytes_per_s + (n - 1) * alpha_s  # all-gather, reduce-scatter
+
+
+def fit_link(
+    measured: dict[str, list[tuple[float, float]]], nproc: int
+) -> tuple[float, float, float]:
+    """One (alpha_s, B_bytes_per_s) for every collective, as the cost model uses one link for all.
+
+    Minimises the mean squared log(predicted / measured) over all collectives and sizes (a
+    log-spaced grid, then a finer one around the best). Returns (alpha_s, B, rms log error).
+    """
+    pts = [
+        (name, s, t, 2 if name == "p2p" else nproc)
+        for name, rows in measured.items()
+        for s, t in rows
+    ]
+
+    def loss(alpha: float, bw: float) -> float:
+        return sum(
+            math.log(model_time_s(nm, s, n, alpha, bw) / t) ** 2 for nm, s, t, n in pts
+        ) / len(pts)
+
+    best = (float("inf"), 1e-5, 1e9)
+    lo_a, hi_a, lo_b, hi_b = -7.0, -1.0, 6.0, 13.0  # log10 ranges: 0.1 us..100 ms, 1 MB/s..10 TB/s
+    for _ in range(3):
+        step_a, step_b = (hi_a - lo_a) / 40, (hi_b - lo_b) / 40
+        for i in range(41):
+            for j in range(41):
+                a, b = 10 ** (lo_a + i * step_a), 10 ** (lo_b + j * step_b)
+                v = loss(a, b)
+                if v < best[0]:
+                    best = (v, a, b)
+        la, lb = math.log10(best[1]), math.log10(best[2])
+        lo_a, hi_a, lo_b, hi_b = la - 2 * step_a, la + 2 * step_a, lb - 2 * step_b, lb + 2 * step_b
+    return best[1], best[2], math.sqrt(best[0])
+
+
+def efficiency_curve(rows: list[tuple[float, float]], peak: float) -> list[dict[str, float]]:
+    """[(size, achieved)] -> sorted [{size, efficiency}] with efficiency = achieved / peak in (0, 1]."""
+    pts = {}
+    for size, achieved in rows:
+        pts[float(size)] = max(1e-4, min(1.0, achieved / peak))
+    return [{"size": s, "efficiency": round(e, 4)} for s, e in sorted(pts.items())]
+
+
+def mean_rows(*series: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Elementwise mean of several [(size, value)] series measured at the same sizes."""
+    return [(rows[0][0], sum(r[1] for r in rows) / len(rows)) for rows in zip(*series, strict=True)]
+
+
+def shared_host_scale(data: dict[str, Any], devices: int) -> dict[str, Any]:
+    """Preset-form data -> plain HardwareSpec data for `devices` processes on the host.
+
+    Mirrors HardwareSpec.preset for `shared_host` presets (tests/test_calibrate.py checks they agree).
+    """
+    data = dict(data)
+    shared = data.pop("shared_host", None)
+    data["num_nodes"], data["devices_per_node"] = 1, devices
+    if shared:
+        scale = min(1.0, int(shared["cores"]) / devices)
+        dev = dict(data["device"])
+        dev["peak_flops_per_s"] = {k: v * scale for k, v in dev["peak_flops_per_s"].items()}
+        dev["memory_bandwidth_bytes_per_s"] = dev["memory_bandwidth_bytes_per_s"] * scale
+        dev["memory_bytes"] = int(
+            shared["memory_bytes"] * shared.get("usable_fraction", 1.0) / devices
+        )
+        data["device"] = dev
+    return data
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> dict[str, Any]:
+    """Measurements (see `measure`) -> HardwareSpec data in preset form (`shared_host` on CPU)."""
+    gpu = m["device_type"] == "cuda"
+    primary = "bf16" if gpu else "fp32"
+    where = f"measured by autoplan calibrate on {date}, this machine ({host})"
+    peaks = {dt: max(r[1] for r in rows) for dt, rows in m["matmul"].items()}
+    if gpu and "tf32" in m:
+        peaks["tf32"] = m["tf32"]
+    mem = m["memory"]
+    # Peak = the best copy rate at any size (on a CPU: cache-resident); the "memory" curve then
+    # carries the DRAM rate at large sizes instead of clipping the cache sizes at 1.
+    mem_bw = max(r[1] for r in mem)
+    fits = {}
+    for name, (steps_f, bus_f) in RING.items():
+        n = 2 if name == "p2p" else nproc
+        alpha, bw = fit_alpha_beta(m["collectives"][name], steps_f(n), bus_f(n))
+        fits[name] = (alpha, bw)
+    alpha, bus_bw, rms = fit_link(m["collectives"], nproc)
+    link_bw = max(bus_bw, fits["p2p"][1])
+    coll_eff = min(1.0, bus_bw / link_bw)
+    fit_text = "; ".join(
+        f"{k}: alpha {a * 1e6:.1f} us, busbw {b / 1e9:.3g} GB/s" for k, (a, b) in fits.items()
+    )
+    eff = {
+        "matmul": efficiency_curve(m["matmul"][primary], peaks[primary]),
+        "attention": efficiency_curve(m["attention"], peaks[primary]),
+        "conv": efficiency_curve(m["conv"], peaks[primary]),
+        "memory": efficiency_curve(mem, mem_bw),
+        "elementwise": efficiency_curve(
+            mean_rows(m["elementwise"]["add"], m["elementwise"]["gelu"]), mem_bw
+        ),
+        "other": efficiency_curve(
+            mean_rows(m["elementwise"]["softmax"], m["elementwise"]["layer_norm"]), mem_bw
+        ),
+    }
+    link = {"bandwidth_bytes_per_s": _sig(link_bw), "latency_s": _sig(alpha)}
+    if gpu:
+        name = m["device_name"]
+        memory_bytes = m["device_memory_bytes"]
+        pcie = m["pcie_bytes_per_s"]
+    else:
+        name = f"cpu-{m['cores']}core"
+        memory_bytes = int(m["host_memory_bytes"] * 0.8 / nproc)
+        pcie = mem_bw  # "offload" on a CPU host is a copy in host memory
+    data: dict[str, Any] = {
+        "name": "cpu" if not gpu else name,
+        "num_nodes": 1,
+        "devices_per_node": nproc,
+    }
+    if not gpu:
+        data["shared_host"] = {
+            "cores": m["cores"],
+            "memory_bytes": m["host_memory_bytes"],
+            "usable_fraction": 0.8,
+        }
+    data["device"] = {
+        "name": name,
+        "memory_bytes": memory_bytes,
+        "peak_flops_per_s": {k: _sig(v) for k, v in peaks.items()},
+        "memory_bandwidth_bytes_per_s": _sig(mem_bw),
+        "kernel_launch_s": _sig(m["launch_s"]),
+    }
+    data["intra_node"] = link
+    data["inter_node"] = dict(link)
+    data["host"] = {
+        "memory_bytes": m["host_memory_bytes"],
+        "pcie_bandwidth_bytes_per_s": _sig(pcie),
+        "cpu_adam_params_per_s": _sig(m["adam_params_per_s"]),
+    }
+    data["efficiency"] = eff
+    data["collective_efficiency"] = round(coll_eff, 4)
+    threads = "one thread per process (as under torchrun)" if not gpu else "one process per GPU"
+    check = m.get("shared_host_check")
+    data["sources"] = {
+        "device": f"{where}: best square-matmul FLOP/s per dtype ({threads}), best copy bandwidth "
+        f"(read+write bytes; DRAM rate {mem[-1][1] / 1e9:.3g} GB/s at {mem[-1][0] / 2**20:.0f} MiB moved), "
+        f"1-element add for kernel_launch_s",
+        "efficiency": f"{where}: achieved/peak by size (runtime/calibrate_bench.py); matmul, attention "
+        f"and conv relative to the {primary} matmul peak; memory/elementwise/other relative to the copy bandwidth",
+        "intra_node": f"{where}: {nproc} processes, {'NCCL' if gpu else 'gloo'}; alpha-beta fits "
+        f"(ring conventions, nccl-tests busbw) per collective: {fit_text}. The cost model uses one link for "
+        f"all: joint fit of its formulas (cost_models/comm.py) to every size and collective: alpha "
+        f"{alpha * 1e6:.1f} us, busbw {bus_bw / 1e9:.3g} GB/s (rms error x{math.exp(rms):.2f}); "
+        f"bandwidth = the p2p busbw, collective_efficiency = joint busbw / p2p busbw",
+        "inter_node": "not measurable on one host: repeats intra_node",
+        "host": f"{where}: host memory from the OS; Adam (foreach, fp32) step on the CPU; "
+        + (
+            "pinned host->device copy"
+            if gpu
+            else "pcie = host copy bandwidth (no device link on a CPU host)"
+        ),
+    }
+    if not gpu:
+        data["sources"]["shared_host"] = (
+            f"{where}: {m['cores']} cores (sched_getaffinity), {m['host_memory_bytes']} bytes of memory; "
+            f"80% usable (the rest: OS, Python, torch)"
+        )
+    if check:
+        data["sources"]["shared_host_check"] = (
+            f"{where}: {check['procs']} processes running fp32 matmuls at once: {check['per_process'] / 1e9:.3g} "
+            f"GFLOP/s each vs {check['single'] / 1e9:.3g} alone (ratio {check['ratio']:.2f}; "
+            f"shared_host predicts {check['predicted']:.2f})"
+        )
+    return data
+
+
+# ---------------------------------------------------------------------------- measurement
+def _host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+
+
+def _count_ticks(sizes: bench.Sizes) -> int:
+    return (
+        sum(len(v) for v in sizes.matmul_n.values())
+        + len(sizes.attention_t)
+        + len(sizes.conv_hw)
+        + len(sizes.memory_bytes)
+        + len(sizes.elementwise_bytes)
+        + 2
+        + len(sizes.collective_bytes)
+    )
+
+
+def measure(nproc: int, sizes: bench.Sizes, device_type: str, progress=None) -> dict[str, Any]:
+    """Run every microbenchmark; returns the raw measurements (JSON-able)."""
+    task = progress.add_task("calibrating", total=_count_ticks(sizes)) if progress else None
+
+    def tick(text: str) -> None:
+        if progress is not None:
+            progress.update(task, advance=1, description=text)
+
+    device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
+    threads = torch.get_num_threads()
+    m: dict[str, Any] = {
+        "device_type": device.type,
+        "nproc": nproc,
+        "cores": bench.cpu_count(),
+        "host_memory_bytes": _host_memory_bytes(),
+    }
+    try:
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        primary = torch.bfloat16 if device.type == "cuda" else torch.float32
+        m["matmul"] = bench.measure_matmul(device, sizes, tick)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            n = max(sizes.matmul_n["fp32"])
+            a = torch.randn(n, n, device=device)
+            m["tf32"] = 2.0 * n**3 / bench.time_op(lambda: torch.mm(a, a), device, sizes.min_time_s)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            props = torch.cuda.get_device_properties(device)
+            m["device_name"], m["device_memory_bytes"] = props.name, int(props.total_memory)
+            m["pcie_bytes_per_s"] = bench.measure_pcie(device, sizes)
+        m["attention"] = bench.measure_attention(device, primary, sizes, tick)
+        m["conv"] = bench.measure_conv(device, primary, sizes, tick)
+        m["memory"] = bench.measure_memory(device, sizes, tick)
+        m["elementwise"] = bench.measure_elementwise(device, primary, sizes, tick)
+        m["launch_s"] = bench.measure_launch(device, sizes)
+        tick("launch floor")
+        m["adam_params_per_s"] = bench.measure_adam(sizes)
+        tick("cpu adam")
+    finally:
+        torch.set_num_threads(threads)
+    coll = measure_collectives(nproc, sizes, "nccl" if device.type == "cuda" else "gloo", tick)
+    m["collectives"] = {k: v for k, v in coll.items() if k in bench.COLLECTIVES}
+    single = (
+        max(r[1] for r in m["matmul"]["fp32"] if r[0] >= 2.0 * 256**3)
+        if device.type == "cpu"
+        else None
+    )
+    if single:
+        per = coll["shared_host_matmul_flops_per_s"]
+        m["shared_host_check"] = {
+            "procs": nproc,
+            "per_process": per,
+            "single": single,
+            "ratio": per / single,
+            "predicted": min(1.0, m["cores"] / nproc),
+        }
+    return m
+
+
+def measure_collectives(nproc: int, sizes: bench.Sizes, backend: str, tick) -> dict[str, Any]:
+    """Spawn `nproc` processes running runtime.calibrate_bench.collective_worker; rank 0's results."""
+    import torch.multiprocessing as mp
+
+    if nproc < 2:
+        raise SpecError(f"--nproc: collectives need at least 2 processes (got {nproc})")
+    if backend == "nccl" and torch.cuda.device_count() < nproc:
+        raise SpecError(
+            f"--nproc {nproc}: only {torch.cuda.device_count()} GPUs visible; use --nproc <= that"
+        )
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = mp.start_processes(
+            bench.collective_worker,
+            args=(nproc, init_file, backend, sizes, q),
+            nprocs=nproc,
+            join=False,
+            start_method="spawn",
+        )
+        result = None
+        while True:
+            while not q.empty():
+                kind, payload = q.get()
+                if kind == "tick":
+                    tick(payload)
+                elif kind == "result":
+                    result = payload
+                else:
+                    raise RuntimeError(f"calibrate collectives failed: {payload}")
+            if procs.join(timeout=0.1):
+                break
+        while not q.empty():
+            kind, payload = q.get()
+            if kind == "result":
+                result = payload
+    if result is None:
+        raise RuntimeError("calibrate collectives: rank 0 returned no result")
+    return result
+
+
+def run(
+    nproc: int | None = None,
+    output: str | os.PathLike | None = None,
+    *,
+    preset_form: bool = False,
+    quick: bool = False,
+    device_type: str | None = None,
+    show_progress: bool = True,
+    measurements: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Measure, build the spec data, validate it as a HardwareSpec, write it; returns the data."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if nproc is None:
+        nproc = torch.cuda.device_count() if device_type == "cuda" else 4
+    sizes = bench.Sizes.quick() if quick else bench.Sizes()
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        disable=not show_progress,
+        transient=False,
+    ) as progress:
+        m = measure(nproc, sizes, device_type, progress)
+    date = _dt.date.today().isoformat()
+    data = build_spec_data(
+        m,
+        nproc=nproc,
+        date=date,
+        host=f"{platform.node() or 'host'}, {platform.processor() or platform.machine()}",
+    )
+    plain = shared_host_scale(data, nproc)
+    validate_model(HardwareSpec, plain, "calibrate output")  # raises SpecError if anything is off
+    out = data if preset_form else plain
+    if output is not None:
+        dump_data(out, output)
+        if preset_form and not str(output).endswith(".json"):
+            text = Path(output).read_text(encoding="utf-8")
+            Path(output).write_text(PRESET_HEADER + text, encoding="utf-8")
+    if output is not None or measurements is not None:
+        dump_data(m, measurements or _measurements_path(output))
+    out = dict(out)
+    out["_elapsed_s"] = time.perf_counter() - t0
+    out["_measurements"] = m
+    return out
+
+
+def _measurements_path(output: str | os.PathLike) -> Path:
+    return Path(output).with_suffix(".measurements.json")
+
+
+def summary(data: dict[str, Any]) -> str:
+    dev = data["device"]
+    flops = ", ".join(f"{k} {v / 1e9:.4g}" for k, v in dev["peak_flops_per_s"].items())
+    lines = [
+        f"device {dev['name']}: peak GFLOP/s {flops}",
+        f"memory bandwidth {dev['memory_bandwidth_bytes_per_s'] / 1e9:.3g} GB/s, op floor {dev['kernel_launch_s'] * 1e6:.2f} us",
+        f"link: {data['intra_node']['bandwidth_bytes_per_s'] / 1e9:.3g} GB/s, latency "
+        f"{data['intra_node']['latency_s'] * 1e6:.1f} us, collective_efficiency {data['collective_efficiency']}",
+        data["sources"]["intra_node"].split("fits ")[-1],
+    ]
+    if "shared_host_check" in data["sources"]:
+        lines.append(data["sources"]["shared_host_check"].split("): ", 1)[-1])
+    if "_elapsed_s" in data:
+        lines.append(f"calibrated in {data['_elapsed_s']:.1f} s")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes for the collectives (default: 4 on CPU, the GPU count on GPU)",
+    )
+    p.add_argument(
+        "-o", "--output", default=None, help="write the HardwareSpec here (YAML or JSON)"
+    )
+    p.add_argument(
+        "--preset-form",
+        action="store_true",
+        help="write the bundled-preset form (shared_host, per-core figures), as specs/presets/cpu.yaml",
+    )
+    p.add_argument(
+        "--measurements",
+        default=None,
+        help="write the raw measurements here (default: next to -o, *.measurements.json)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes (seconds; for tests, not for planning)"
+    )
+    p.add_argument(
+        "--cpu", action="store_true", help="calibrate the CPU even when a GPU is present"
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    data = run(
+        args.nproc,
+        args.output,
+        preset_form=args.preset_form,
+        quick=args.quick,
+        device_type="cpu" if args.cpu else None,
+        measurements=args.measurements,
+    )
+    print(summary(data))
+    if args.output:
+        print(f"wrote {args.output}")
+    if args.output or args.measurements:
+        print(f"raw measurements: {args.measurements or _measurements_path(args.output)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="autoplan calibrate", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    try:
+        return run_from_args(p.parse_args(argv))
+    except SpecError as e:
+        print(f"error: {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

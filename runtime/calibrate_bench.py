@@ -1,0 +1,350 @@
+"""Microbenchmarks behind `autoplan calibrate` (runtime.calibrate assembles them into a spec).
+
+What is timed, and how each figure is counted:
+- matmul: `torch.mm` of two n x n matrices, FLOPs = 2 n^3, per dtype.
+- attention: `F.scaled_dot_product_attention` forward, FLOPs = 4 B H T^2 d (QK^T and PV).
+- conv: `F.conv2d` 3x3, stride 1, padding 1, FLOPs = 2 N C_out H W C_in 9.
+- memory: `dst.copy_(src)`, bytes moved = 2 x size (one read, one write).
+- elementwise: `a + b` (3 x size bytes) and `gelu(a)` (2 x size bytes).
+- other (reductions/normalisations): `softmax` and `layer_norm` over the last dim (2 x size bytes).
+- launch floor: one `torch.add` of 1-element tensors (dispatcher + kernel launch overhead).
+- optimizer: `torch.optim.Adam` (foreach) step on CPU, parameters per second.
+- collectives (one process per device, `collective_worker`): all-reduce, all-gather,
+  reduce-scatter, broadcast over the whole group, and a ping-pong send/recv between ranks 0 and 1
+  (one-way time = round trip / 2). Message size S is the full buffer (nccl-tests convention:
+  the all-gather output, the reduce-scatter input). The time of one call is the slowest rank's.
+
+Every time is the *best* of a few batches, each batch long enough (`min_time_s`) to swamp the
+timer: other processes on a shared machine only ever slow a run down, so the minimum is the
+closest to the undisturbed figure. CPU measurements run with one intra-op thread per process,
+as under `torchrun` (which sets OMP_NUM_THREADS=1).
+
+Only this module and runtime.calibrate touch devices and torch.distributed (runtime/ may).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {
+    "fp64": torch.float64,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "p2p")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What to measure. `quick()` is for tests (seconds); the defaults fit < 3 min on 2 cores."""
+
+    matmul_n: dict[str, tuple[int, ...]] = field(
+        default_factory=lambda: {
+            "fp32": (32, 64, 128, 256, 512, 1024, 2048),
+            "fp64": (64, 256, 1024),
+            "bf16": (32, 64, 128, 256, 512, 1024, 2048),
+            "fp16": (64, 256, 1024),
+        }
+    )
+    attention_t: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    conv_hw: tuple[int, ...] = (8, 16, 32, 56)
+    memory_bytes: tuple[int, ...] = (2**12, 2**16, 2**20, 2**24, 2**28, 2**30)
+    elementwise_bytes: tuple[int, ...] = (2**12, 2**16, 2**20, 2**24, 2**27)
+    collective_bytes: tuple[int, ...] = (2**12, 2**16, 2**18, 2**20, 2**22, 2**24, 2**26)
+    min_time_s: float = 0.08
+    collective_min_time_s: float = 0.1
+
+    @staticmethod
+    def quick() -> Sizes:
+        return Sizes(
+            matmul_n={"fp32": (32, 128, 256), "fp64": (64,), "bf16": (64, 128), "fp16": (64,)},
+            attention_t=(32, 64),
+            conv_hw=(8,),
+            memory_bytes=(2**12, 2**20, 2**22),
+            elementwise_bytes=(2**12, 2**20),
+            collective_bytes=(2**10, 2**14, 2**18),
+            min_time_s=0.005,
+            collective_min_time_s=0.005,
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_op(
+    fn: Callable[[], object], device: torch.device, min_time_s: float, batches: int = 3
+) -> float:
+    """Seconds per call of fn: best of `batches` batches, each >= min_time_s (after one warm-up)."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    one = max(time.perf_counter() - t0, 1e-7)
+    reps = max(1, min(100_000, int(min_time_s / one)))
+    best = float("inf")
+    for _ in range(batches):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def measure_matmul(
+    device: torch.device, sizes: Sizes, tick: Callable[[str], None]
+) -> dict[str, list]:
+    """dtype -> [(flops, flops_per_s)] for square matmuls."""
+    out: dict[str, list] = {}
+    for name, ns in sizes.matmul_n.items():
+        dt = DTYPES[name]
+        if device.type == "cuda" and name == "fp64":
+            ns = ns[:1]  # fp64 on GPUs is a side figure (FP64 units), one size is enough
+        rows = []
+        for n in ns:
+            a = torch.randn(n, n, device=device, dtype=dt)
+            b = torch.randn(n, n, device=device, dtype=dt)
+            t = time_op(lambda a=a, b=b: torch.mm(a, b), device, sizes.min_time_s)
+            rows.append((2.0 * n**3, 2.0 * n**3 / t))
+            tick(f"matmul {name} {n}x{n}")
+        out[name] = rows
+    return out
+
+
+def measure_attention(device: torch.device, dtype: torch.dtype, sizes: Sizes, tick) -> list:
+    """[(flops, flops_per_s)] for scaled-dot-product attention forward, head_dim 64."""
+    rows = []
+    b, h, d = 2, 4, 64
+    for t_len in sizes.attention_t:
+        q, k, v = (torch.randn(b, h, t_len, d, device=device, dtype=dtype) for _ in range(3))
+        t = time_op(
+            lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=False),
+            device,
+            sizes.min_time_s,
+        )
+        flops = 4.0 * b * h * t_len * t_len * d
+        rows.append((flops, flops / t))
+        tick(f"attention T={t_len}")
+    return rows
+
+
+def measure_conv(device: torch.device, dtype: torch.dtype, sizes: Sizes, tick) -> list:
+    """[(flops, flops_per_s)] for 3x3 conv2d, 64 -> 64 channels, batch 8."""
+    rows = []
+    n, c = 8, 64
+    w = torch.randn(c, c, 3, 3, device=device, dtype=dtype)
+    for hw in sizes.conv_hw:
+        x = torch.randn(n, c, hw, hw, device=device, dtype=dtype)
+        t = time_op(lambda x=x: F.conv2d(x, w, padding=1), device, sizes.min_time_s)
+        flops = 2.0 * n * c * hw * hw * c * 9
+        rows.append((flops, flops / t))
+        tick(f"conv {hw}x{hw}")
+    return rows
+
+
+def measure_memory(device: torch.device, sizes: Sizes, tick) -> list:
+    """[(bytes_moved, bytes_per_s)] for copies (read + write)."""
+    rows = []
+    for nbytes in sizes.memory_bytes:
+        src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
+        dst = torch.empty_like(src).fill_(0.0)  # touch the pages before timing
+        t = time_op(lambda s=src, d=dst: d.copy_(s), device, sizes.min_time_s)
+        rows.append((2.0 * nbytes, 2.0 * nbytes / t))
+        tick(f"copy {nbytes / 2**20:.3g} MiB")
+        del src, dst
+    return rows
+
+
+def measure_elementwise(
+    device: torch.device, dtype: torch.dtype, sizes: Sizes, tick
+) -> dict[str, list]:
+    """op -> [(bytes_moved, bytes_per_s)] for add, gelu (elementwise) and softmax, layer_norm (other)."""
+    out: dict[str, list] = {"add": [], "gelu": [], "softmax": [], "layer_norm": []}
+    esize = torch.finfo(dtype).bits // 8
+    for nbytes in sizes.elementwise_bytes:
+        numel = nbytes // esize
+        width = min(1024, numel)
+        a = torch.randn(numel // width, width, device=device, dtype=dtype)
+        b = torch.randn_like(a)
+        ops = {
+            "add": (lambda a=a, b=b: torch.add(a, b), 3),
+            "gelu": (lambda a=a: F.gelu(a), 2),
+            "softmax": (lambda a=a: torch.softmax(a, dim=-1), 2),
+            "layer_norm": (lambda a=a, w=width: F.layer_norm(a, (w,)), 2),
+        }
+        for name, (fn, streams) in ops.items():
+            t = time_op(fn, device, sizes.min_time_s)
+            moved = float(streams * a.numel() * esize)
+            out[name].append((moved, moved / t))
+        tick(f"elementwise {nbytes / 2**20:.3g} MiB")
+    return out
+
+
+def measure_launch(device: torch.device, sizes: Sizes) -> float:
+    """Seconds of one tiny op (1-element add): the per-op floor."""
+    a = torch.ones(1, device=device)
+    b = torch.ones(1, device=device)
+    return time_op(lambda: torch.add(a, b), device, max(sizes.min_time_s, 0.02))
+
+
+def measure_adam(sizes: Sizes) -> float:
+    """Parameters per second of a CPU Adam step (foreach) on 4M fp32 parameters (2M in quick mode)."""
+    numel = 2**21 if sizes.min_time_s < 0.01 else 2**22
+    p = torch.nn.Parameter(torch.randn(numel))
+    p.grad = torch.randn(numel)
+    opt = torch.optim.Adam([p], lr=1e-3, foreach=True)
+    t = time_op(opt.step, torch.device("cpu"), sizes.min_time_s)
+    return numel / t
+
+
+def measure_pcie(device: torch.device, sizes: Sizes) -> float:
+    """Host->device bytes/s from pinned memory (GPU only), 256 MiB (16 MiB in quick mode)."""
+    nbytes = 2**24 if sizes.min_time_s < 0.01 else 2**28
+    src = torch.empty(nbytes // 4, dtype=torch.float32).pin_memory()
+    dst = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    t = time_op(lambda: dst.copy_(src, non_blocking=True), device, sizes.min_time_s)
+    return nbytes / t
+
+
+# ---------------------------------------------------------------- collectives (one process per rank)
+def collective_worker(
+    rank: int, world: int, init_file: str, backend: str, sizes: Sizes, queue
+) -> None:
+    """Entry of each spawned process: time every collective at every size; rank 0 reports.
+
+    Messages on `queue`: ("tick", text) per finished measurement, ("result", dict) at the end,
+    ("error", text) on failure.
+    """
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)  # as under torchrun (OMP_NUM_THREADS=1)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group(
+            backend, init_method=f"file://{init_file}", rank=rank, world_size=world
+        )
+        res = _run_collectives(rank, world, device, sizes, queue)
+        res["shared_host_matmul_flops_per_s"] = _concurrent_matmul(rank, world, device, sizes)
+        if rank == 0:
+            queue.put(("result", res))
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception as e:  # reported to the parent, which raises it with the rank
+        queue.put(("error", f"rank {rank}: {type(e).__name__}: {e}"))
+        raise
+
+
+def _timed_collective(fn, device, min_time_s) -> float:
+    """Seconds per call, the slowest rank's, best of 3 batches (batch length agreed by all ranks)."""
+    import torch.distributed as dist
+
+    fn()
+    _sync(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    one = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(one, op=dist.ReduceOp.MAX)
+    reps = max(1, min(1000, int(min_time_s / max(one.item(), 1e-7))))
+    best = float("inf")
+    for _ in range(3):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        el = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64)
+        dist.all_reduce(el, op=dist.ReduceOp.MAX)
+        best = min(best, el.item())
+    return best
+
+
+def _run_collectives(rank, world, device, sizes: Sizes, queue) -> dict:
+    import torch.distributed as dist
+
+    # torch >= 2.12 renamed the tensor forms (the old names warn); same collectives either way.
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    out: dict[str, list] = {name: [] for name in COLLECTIVES}
+    for nbytes in sizes.collective_bytes:
+        numel = max(world, nbytes // 4) // world * world  # divisible by the world size
+        full = torch.ones(numel, device=device)
+        shard = torch.ones(numel // world, device=device)
+        ops = {
+            "all_reduce": lambda f=full: dist.all_reduce(f),
+            "all_gather": lambda f=full, s=shard: all_gather(f, s),
+            "reduce_scatter": lambda f=full, s=shard: reduce_scatter(s, f),
+            "broadcast": lambda f=full: dist.broadcast(f, src=0),
+        }
+        for name, fn in ops.items():
+            t = _timed_collective(fn, device, sizes.collective_min_time_s)
+            out[name].append((float(numel * 4), t))
+        out["p2p"].append((float(numel * 4), _p2p_one_way(rank, full, device, sizes)))
+        if rank == 0:
+            queue.put(("tick", f"collectives {nbytes / 2**20:.3g} MiB"))
+    return out
+
+
+def _p2p_one_way(rank, buf, device, sizes: Sizes) -> float:
+    """One-way seconds of a send/recv between ranks 0 and 1 (ping-pong / 2); others wait."""
+    import torch.distributed as dist
+
+    def pingpong():
+        if rank == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+        elif rank == 1:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+
+    if rank > 1:
+        pingpong = lambda: None  # noqa: E731 - idle ranks still join the timing reductions
+    return _timed_collective(pingpong, device, sizes.collective_min_time_s) / 2
+
+
+def _concurrent_matmul(rank, world, device, sizes: Sizes) -> float:
+    """Median per-process FLOP/s while all `world` processes run fp32 matmuls for the same wall time.
+
+    Checks the shared-host assumption (per-process throughput = single * min(1, cores / N)).
+    """
+    import torch.distributed as dist
+
+    n = 256 if sizes.min_time_s < 0.01 else 512
+    duration_s = max(sizes.min_time_s * 10, 0.05) if sizes.min_time_s < 0.01 else 0.6
+    a = torch.randn(n, n, device=device)
+    torch.mm(a, a)
+    dist.barrier()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < duration_s:
+        torch.mm(a, a)
+        reps += 1
+    _sync(device)
+    flops = torch.tensor([2.0 * n**3 * reps / (time.perf_counter() - t0)], dtype=torch.float64)
+    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(gathered, flops)
+    vals = sorted(g.item() for g in gathered)
+    return vals[len(vals) // 2]
+
+
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
