@@ -288,6 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("trace", parents=[common], help="trace a model and print its block table")
     sp.add_argument("model")
     sp.set_defaults(fn=cmd_trace)
+
+    # `calibrate` times collectives with torch.distributed, so it lives in runtime/ (the only
+    # package that may use it); imported by name when run, and it parses its own options.
+    sp = sub.add_parser(
+        "calibrate",
+        add_help=False,
+        prefix_chars="+",
+        help="measure this machine, write a HardwareSpec (autoplan calibrate --help)",
+    )
+    sp.add_argument("args", nargs="*")
+    sp.set_defaults(
+        fn=lambda a: __import__("importlib").import_module("runtime.calibrate").main(a.args)
+    )
     return p
 
 
