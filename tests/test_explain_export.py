@@ -4,9 +4,13 @@ Megatron-LM arguments, each with notes for the knobs the target cannot express."
 from __future__ import annotations
 
 import json
-import tomllib
 
 import pytest
+
+try:
+    import tomllib  # Python >= 3.11
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    tomllib = pytest.importorskip("tomli", reason="needs tomllib (3.11+) or tomli to read TOML")
 
 from planner.explain.export import export_plan
 from specs import DataParallel, SpecError
