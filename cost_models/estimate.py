@@ -266,7 +266,7 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
         elif sharding == "hsdp":
             trans += n_params * bpp.grad / shard_n
         elif sharding == "zero2":
-            trans += 2 * DDP_BUCKET_BYTES
+            trans += min(2 * DDP_BUCKET_BYTES, n_params * bpp.grad)  # reduce-scatter buckets
         if pp > 1:
             trans += 4 * max(st[j][4].output_bytes for j in js)
         if S - 1 in js:
