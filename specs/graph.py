@@ -46,6 +46,10 @@ class OpInfo(Frozen):
     gemm_mnk: tuple[int, int, int] | None = Field(
         default=None, description="(m, n, k) of the op's matmul for one sample (m grows with batch)."
     )
+    output_shape: list[int] | None = Field(
+        default=None, description="Shape of the op's output at the traced example batch."
+    )
+    dtype: str | None = Field(default=None, description="dtype of the op's output (fp32, bf16, ...).")
 
 
 class TPCandidate(Frozen):
@@ -89,6 +93,11 @@ class Block(Frozen):
     name: str = Field(description="Module path of the block (e.g. 'layers.3'), or a synthetic name.")
     layer_type: str = Field(description="Key into ModelGraph.layer_types.")
     index: int = Field(ge=0)
+    modules: list[str] = Field(
+        default_factory=list,
+        description="Module paths the block consists of, in execution order (several when small "
+        "leaf modules were merged, e.g. a ResNet stem conv1+bn1+relu+maxpool).",
+    )
 
 
 class CutPoint(Frozen):

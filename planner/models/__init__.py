@@ -94,9 +94,44 @@ def _torchvision(name: str, batch: int, device, dtype, image: int = 224, num_cla
 
 TORCHVISION_BUNDLED = ("resnet18", "resnet50", "vit_b_16")
 
+# Hugging Face transformers models built from small configs (random weights, nothing downloaded),
+# eager attention and no KV cache so torch.export can capture them.
+HF_BUNDLED = {
+    "hf-gpt2-tiny": ("GPT2Config", "GPT2LMHeadModel",
+                     dict(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
+                          bos_token_id=0, eos_token_id=0), 32),
+    "hf-llama-tiny": ("LlamaConfig", "LlamaForCausalLM",
+                      dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                           max_position_embeddings=64, bos_token_id=0, eos_token_id=0), 32),
+}
+
+
+def _hf(name: str, batch: int, device, dtype) -> BuiltModel:
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - dev extra
+        raise SpecError(f"model {name!r} needs transformers (pip install 'autoplan[dev]'): {e}") from None
+    cfg_cls, model_cls, kwargs, seq = HF_BUNDLED[name]
+    cfg = getattr(transformers, cfg_cls)(**kwargs, use_cache=False, attn_implementation="eager")
+    with torch.device(device):
+        model = getattr(transformers, model_cls)(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    tokens = torch.zeros(batch, seq, dtype=torch.long, device=device)
+
+    def make_batch(b: int, gen: torch.Generator):
+        t = torch.randint(0, cfg.vocab_size, (b, seq), generator=gen)
+        return t, t
+
+    def loss(out, target):
+        return lm_loss(out.logits if hasattr(out, "logits") else out, target)
+
+    return BuiltModel(name, model, (tokens,), loss, make_batch, {"config": cfg, "seq_len": seq})
+
 
 def list_models() -> list[str]:
-    return sorted([*GPT_CONFIGS, *LLAMA_CONFIGS, *MLP_CONFIGS, *TORCHVISION_BUNDLED])
+    return sorted([*GPT_CONFIGS, *LLAMA_CONFIGS, *MLP_CONFIGS, *TORCHVISION_BUNDLED, *HF_BUNDLED])
 
 
 def build_model(
@@ -114,6 +149,8 @@ def build_model(
         return _mlp(ref, MLP_CONFIGS[ref], batch, device, dtype)
     if ref in TORCHVISION_BUNDLED:
         return _torchvision(ref, batch, device, dtype)
+    if ref in HF_BUNDLED:
+        return _hf(ref, batch, device, dtype)
     if ":" in ref:
         return _from_factory(ref, batch, device, dtype)
     raise SpecError(

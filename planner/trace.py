@@ -1,0 +1,348 @@
+"""planner.trace: a model and example inputs -> specs.ModelGraph.
+
+Pipeline (each step in its own module):
+1. Capture (here): `torch.fx.symbolic_trace`; if that fails (data-dependent control flow,
+   tensor factories with traced sizes, Hugging Face models), `torch.export.export(strict=False)`
+   (unlifted with `.module()`, so parameters are get_attr nodes again). If both fail, a
+   SpecError names the module that failed and the construct, with the fix. `traced_by` records
+   which capture was used. The model is traced in training mode (dropout active).
+2. Shapes (`measure.propagate`): every node run once on fake tensors, no autograd.
+3. Blocks (`blocks.build_blocks`) and layer types (`blocks.block_signature`).
+4. Per layer type, ONE representative block is measured (`measure.measure_block`: FLOPs by
+   FlopCounterMode, saved activations by saved-tensor hooks) and analysed for tensor
+   parallelism (`tp_candidates.analyse_block`); 96 identical GPT-3 layers cost one measurement.
+5. Cut points and ties (`cut_points`), fingerprint (here).
+
+Per-sample figures divide by the example batch (dim 0 of the first input) and are linear in
+the micro-batch size; FLOPs and bytes are for the dtypes the model and inputs were traced in.
+The fingerprint is a SHA-256 over block names, layer-type signatures (node targets, wiring,
+output shapes/dtypes, parameter shapes), parameter counts and input shapes: equal for the same
+model in any process, different when any shape or structure differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten
+
+from planner.blocks import BlockSpec, block_params, block_signature, build_blocks, node_module_path
+from planner.cut_points import dataflow_graph, find_cut_points, input_dependent_nodes
+from planner.measure import FakeState, block_io, measure_block, propagate
+from planner.ops import full_target, op_kind, target_name
+from planner.tp_candidates import analyse_block, node_kind
+from specs import Block, LayerType, ModelGraph, OpInfo, SpecError
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+class _PathTracer(fx.Tracer):
+    """symbolic_trace that remembers which module it was inside when tracing failed."""
+
+    def __init__(self, leaf_modules: tuple[str, ...] = ()):
+        super().__init__()
+        self.stack: list[str] = []
+        self.leaf_names = set(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or type(m).__name__ in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.stack.pop()
+
+
+def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple[str, ...]):
+    tracer = _PathTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__), "fx"
+    except Exception as e:  # fx raises many types (TraceError, TypeError, ValueError, ...)
+        fx_err = e
+        where = tracer.stack[-1] if tracer.stack else ""
+    try:
+        cfg = getattr(model, "config", None)
+        old_cache = getattr(cfg, "use_cache", None)
+        if old_cache:
+            cfg.use_cache = False  # a DynamicCache in the output breaks export
+        try:
+            ep = torch.export.export(model, tuple(inputs), strict=False)
+        finally:
+            if old_cache:
+                cfg.use_cache = old_cache
+        return ep.module(), "export"
+    except Exception as e:
+        ex_err = e
+    mod = where or "(top level)"
+    cls = type(model.get_submodule(where)).__name__ if where else type(model).__name__
+    raise SpecError(
+        f"cannot trace module {mod!r} ({cls}): torch.fx failed with "
+        f"{type(fx_err).__name__}: {_first_line(fx_err)}; torch.export failed with "
+        f"{type(ex_err).__name__}: {_first_line(ex_err)}. Fix: make control flow in {mod!r} "
+        f"independent of tensor values (torch.where / torch.cond), or, if it depends only on "
+        f"shapes, mark it a leaf module: trace(..., leaf_modules=({mod!r},))"
+    ) from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else "")[:300]
+
+
+def _needs_grad(gm: fx.GraphModule, values: dict) -> set[fx.Node]:
+    out: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        v = values.get(n)
+        if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tree_flatten(v)[0]):
+            continue
+        if n.op == "get_attr":
+            if isinstance(values.get(n), torch.Tensor) and isinstance(_attr(gm, n.target), nn.Parameter):
+                out.add(n)
+            continue
+        if n.op == "call_module" and any(p.requires_grad for p in gm.get_submodule(n.target).parameters()):
+            out.add(n)
+        elif any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
+def _attr(gm, target):
+    obj = gm
+    for p in str(target).split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def _dtype_name(dt: torch.dtype | None) -> str:
+    return _DTYPE_NAMES.get(dt, str(dt).replace("torch.", "")) if dt is not None else "fp32"
+
+
+def trace(
+    model: nn.Module,
+    example_inputs,
+    *,
+    name: str | None = None,
+    leaf_modules: tuple[str, ...] = (),
+) -> ModelGraph:
+    """Trace `model` on fake tensors into a ModelGraph.
+
+    Args:
+        model: the module (on any device, meta included; weights are never read).
+        example_inputs: a tensor or a tuple of positional inputs; dim 0 is the batch.
+        name: graph name (default: the model's class name).
+        leaf_modules: module paths or class names that fx should keep whole.
+    Returns:
+        The ModelGraph (blocks, layer types with FLOPs/bytes per sample, TP candidates, cuts).
+    """
+    t0 = time.perf_counter()
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 0:
+        raise SpecError("trace: example_inputs must start with a tensor whose dim 0 is the batch")
+    batch = int(inputs[0].shape[0])
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    try:
+        gm, traced_by = _capture(model, inputs, tuple(leaf_modules))
+        return _build(model, gm, traced_by, inputs, batch, name or type(model).__name__, t0)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _build(model, gm, traced_by, inputs, batch, name, t0) -> ModelGraph:
+    fs = FakeState(gm)
+    specs, assign = build_blocks(model, gm)
+    if not specs:
+        raise SpecError(f"trace: {name} has no submodules to form blocks; wrap its layers in modules")
+    try:
+        values = propagate(gm, fs, inputs, specs)
+    except Exception as e:
+        raise SpecError(f"trace: running {name} on fake tensors failed: {type(e).__name__}: "
+                        f"{_first_line(e)} (data-dependent ops cannot run without real data)") from None
+    g = dataflow_graph(gm, assign)
+    dependent = input_dependent_nodes(g, values)
+    needs_grad = _needs_grad(gm, values)
+    reaches_out = _reaches_output(gm, values)
+
+    sig_to_type: dict[str, str] = {}
+    layer_types: dict[str, LayerType] = {}
+    blocks: list[Block] = []
+    sigs: list[str] = []
+    block_param_sets = []
+    for i, b in enumerate(specs):
+        sig = block_signature(b, values, gm)
+        params = block_params(gm, b)
+        block_param_sets.append(params)
+        sigs.append(sig)
+        if sig not in sig_to_type:
+            lt_name = _unique(b.module_type if len(b.modules) == 1 else b.name, layer_types)
+            sig_to_type[sig] = lt_name
+            layer_types[lt_name] = _measure_type(
+                lt_name, b, i, gm, fs, values, assign, params, dependent, needs_grad, reaches_out, batch)
+        blocks.append(Block(name=b.name, layer_type=sig_to_type[sig], index=i, modules=list(b.modules)))
+
+    tied, tied_bytes = _ties(block_param_sets)
+    cuts = find_cut_points(g, len(blocks), values, dependent, batch)
+    uniq = {id(p): p for p in model.parameters()}
+    first_param = next(iter(uniq.values()), None)
+    act_dtype = next((t.dtype for n in specs[0].nodes for t in tree_flatten(values.get(n))[0]
+                      if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+    x0 = inputs[0]
+    seq_len = int(x0.shape[1]) if x0.dim() == 2 and not x0.is_floating_point() else None
+    fp = hashlib.sha256()
+    for b, sig in zip(blocks, sigs, strict=True):
+        fp.update(f"{b.name}:{sig}:{layer_types[b.layer_type].num_params}\n".encode())
+    fp.update(repr([list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]).encode())
+    fp.update(repr([str(x.dtype) for x in inputs if isinstance(x, torch.Tensor)]).encode())
+    return ModelGraph(
+        name=name,
+        fingerprint=fp.hexdigest()[:32],
+        traced_by=traced_by,
+        param_dtype=_dtype_name(first_param.dtype if first_param is not None else None),
+        activation_dtype=_dtype_name(act_dtype),
+        num_params=sum(p.numel() for p in uniq.values()),
+        seq_len=seq_len,
+        input_shapes=[list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
+        input_bytes_per_sample=sum(x.numel() * x.element_size() for x in inputs
+                                   if isinstance(x, torch.Tensor)) / batch,
+        blocks=blocks,
+        layer_types=layer_types,
+        cut_points=cuts,
+        tied_blocks=tied,
+        tied_param_bytes=tied_bytes,
+        trace_time_s=time.perf_counter() - t0,
+    )
+
+
+def _unique(base: str, taken: dict) -> str:
+    if base not in taken:
+        return base
+    k = 1
+    while f"{base}_{k}" in taken:
+        k += 1
+    return f"{base}_{k}"
+
+
+def _reaches_output(gm: fx.GraphModule, values) -> set[fx.Node]:
+    """Nodes whose value reaches the graph output through views/elementwise/loss ops only."""
+    out: set[fx.Node] = set()
+    ok = {None, "elementwise", "loss", "reduction", "dropout", "softmax"}
+    for n in reversed(list(gm.graph.nodes)):
+        if n.op in ("output", "placeholder", "get_attr"):
+            continue
+        for u in n.users:
+            if u.op == "output" or (u in out and node_kind(u, gm) in ok):
+                out.add(n)
+                break
+    return out
+
+
+def _ties(param_sets) -> tuple[list[tuple[int, int]], float]:
+    owner: dict[int, int] = {}
+    pairs: set[tuple[int, int]] = set()
+    tied_bytes: dict[int, float] = {}
+    for i, ps in enumerate(param_sets):
+        for pid, (_, p) in ps.items():
+            if pid in owner and owner[pid] != i:
+                pairs.add((owner[pid], i))
+                tied_bytes[pid] = p.numel() * p.element_size()
+            owner.setdefault(pid, i)
+    return sorted(pairs), float(sum(tied_bytes.values()))
+
+
+def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, dependent,
+                  needs_grad, reaches_out, batch) -> LayerType:
+    ins, outs = block_io(b, assign, index)
+    try:
+        m = measure_block(gm, fs, b, values, ins, outs, needs_grad=needs_grad, input_dependent=dependent)
+    except Exception as e:
+        raise SpecError(f"trace: measuring block {b.name!r} on fake tensors failed: "
+                        f"{type(e).__name__}: {_first_line(e)}") from None
+    tp = analyse_block(b, gm, values, input_dependent=dependent, reaches_output=reaches_out, batch=batch)
+    core = replicated = total = 0.0
+    for s in m.saved.values():
+        total += s.nbytes
+        if s.producer in tp.attention_core and not (s.internal and s.producer in tp.attention_scores):
+            core += s.nbytes  # q @ k^T's own copies of q and k are not scores: selective recompute keeps them
+        if s.producer not in b.nodes or tp.tp_split.get(s.producer) in ("sequence", "replicate", "row"):
+            replicated += s.nbytes
+    ops = _ops(b, gm, values, m, tp, dependent, batch)
+    num_params = sum(p.numel() for _, p in params.values())
+    return LayerType(
+        name=lt_name,
+        module_type=b.module_type,
+        num_params=num_params,
+        param_bytes=float(sum(p.numel() * p.element_size() for _, p in params.values())),
+        fwd_flops_per_sample=m.fwd_flops / batch,
+        bwd_flops_per_sample=m.bwd_flops / batch,
+        saved_bytes_per_sample=total / batch,
+        saved_bytes_attention_core_per_sample=core / batch,
+        saved_bytes_replicated_per_sample=replicated / batch,
+        input_bytes_per_sample=m.input_bytes / batch,
+        output_bytes_per_sample=m.output_bytes / batch,
+        ops=ops,
+        tp_candidates=tp.candidates,
+        num_heads=tp.num_heads,
+    )
+
+
+def _ops(b: BlockSpec, gm, values, m, tp, dependent, batch) -> list[OpInfo]:
+    ops: list[OpInfo] = []
+    for n in b.nodes:
+        kind = op_kind(target_name(n, gm))
+        if kind is None:
+            continue
+        act = 0
+        for t in [*_tensors_of(n.all_input_nodes, values, dependent), *_tensors_of([n], values, dependent)]:
+            act += t.numel() * t.element_size()
+        pbytes = 0.0
+        if n.op == "call_module":
+            pbytes = sum(p.numel() * p.element_size() for p in gm.get_submodule(n.target).parameters())
+        pbytes += sum(values[a].numel() * values[a].element_size() for a in n.all_input_nodes
+                      if a.op == "get_attr" and isinstance(values.get(a), torch.Tensor))
+        out = values.get(n)
+        ops.append(OpInfo(
+            name=node_module_path(n) if n.op == "call_module" else n.name,
+            target=full_target(n, gm),
+            kind=kind,
+            fwd_flops_per_sample=m.fwd_flops_by_node.get(n, 0) / batch,
+            bwd_flops_per_sample=m.bwd_flops_by_node.get(n, 0) / batch,
+            bytes_per_sample=act / batch,
+            param_bytes=pbytes,
+            tp_split=tp.tp_split.get(n, "replicate"),
+            gemm_mnk=_gemm_mnk(n, values, kind, batch),
+            output_shape=list(out.shape) if isinstance(out, torch.Tensor) else None,
+            dtype=_dtype_name(out.dtype) if isinstance(out, torch.Tensor) else None,
+        ))
+    return ops
+
+
+def _tensors_of(nodes, values, dependent):
+    for a in nodes:
+        if a in dependent:
+            for t in tree_flatten(values.get(a))[0]:
+                if isinstance(t, torch.Tensor):
+                    yield t
+
+
+def _gemm_mnk(n: fx.Node, values, kind: str, batch: int) -> tuple[int, int, int] | None:
+    """(m, n, k) for one sample: m = output rows per sample (batched dims folded in), n = output
+    columns, k = the contracted dimension (last dim of the first activation operand)."""
+    if kind != "matmul":
+        return None
+    out = values.get(n)
+    acts = [values[a] for a in n.all_input_nodes
+            if a.op != "get_attr" and isinstance(values.get(a), torch.Tensor) and values[a].dim() >= 2]
+    if not isinstance(out, torch.Tensor) or out.dim() < 2 or not acts:
+        return None
+    k = int(acts[0].shape[-1])
+    rows = out.numel() // out.shape[-1]
+    return (max(rows // batch, 1), int(out.shape[-1]), k)
