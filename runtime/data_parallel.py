@@ -2,8 +2,12 @@
 
 | sharding | engine                                                                 | shards          |
 |----------|------------------------------------------------------------------------|-----------------|
-| none     | DDP (tp = 1); FSDP2-based `replicate` on the dp mesh when tp > 1        | nothing         |
+| none     | DDP; FSDP2-based `replicate` on the dp mesh when tp > 1 or pp > 1       | nothing         |
 | zero1    | DDP + ZeroRedundancyOptimizer over the dp group (see `build_optimizer`) | optimizer state |
+
+DDP cannot take DTensor parameters (TP), nor several forwards in flight before their backwards
+(a pipeline schedule: its reducer fails "rebuilt parameter indices size is not same"), so
+tp > 1 or pp > 1 with sharding none uses FSDP2's `replicate`, and zero1 refuses them.
 | zero2    | FSDP2 `fully_shard(reshard_after_forward=False)` per block, then root   | + gradients     |
 | zero3    | FSDP2 `fully_shard(reshard_after_forward=True)` per block, then root    | + parameters    |
 | hsdp     | FSDP2 on the 2-D (dp_replicate, dp_shard) mesh                          | within a group  |
@@ -21,7 +25,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -40,17 +49,22 @@ def validate_data_parallel(plan: Plan) -> None:
             f"data_parallel.offload: cpu offload runs through FSDP2; it needs sharding zero2, zero3 or hsdp "
             f"(got {dpc.sharding})"
         )
-    if dpc.sharding == "zero1" and plan.mesh.tp > 1:
+    if dpc.sharding == "zero1" and plan.mesh.dp > 1 and (plan.mesh.tp > 1 or plan.mesh.pp > 1):
         raise SpecError(
-            "data_parallel.sharding: zero1 (ZeroRedundancyOptimizer) does not take tensor-parallel DTensor "
-            "parameters; use zero2 (FSDP2 without resharding) with tp > 1"
+            f"data_parallel.sharding: zero1 (ZeroRedundancyOptimizer over DDP) works with neither tensor-parallel "
+            f"DTensor parameters nor pipeline schedules (tp={plan.mesh.tp}, pp={plan.mesh.pp}); use zero2 "
+            f"(FSDP2 without resharding after forward), which also keeps optimizer states sharded"
         )
 
 
 def uses_fsdp(plan: Plan) -> bool:
     """True when gradients/parameters are handled by an FSDP2 engine (fully_shard or replicate)."""
     s = plan.data_parallel.sharding
-    return plan.mesh.dp > 1 and (s in FSDP_SHARDINGS or (s == "none" and plan.mesh.tp > 1))
+    return plan.mesh.dp > 1 and (s in FSDP_SHARDINGS or (s == "none" and not _ddp_ok(plan)))
+
+
+def _ddp_ok(plan: Plan) -> bool:
+    return plan.mesh.tp == 1 and plan.mesh.pp == 1
 
 
 def _shared_param_ids(blocks: list[nn.Module]) -> set[int]:
@@ -86,9 +100,9 @@ def apply_data_parallel(
     if plan.mesh.dp == 1:
         return model
     mp_policy = mp_policy or MixedPrecisionPolicy()
-    if dpc.sharding in ("none", "zero1") and plan.mesh.tp == 1:
+    if dpc.sharding in ("none", "zero1") and _ddp_ok(plan):
         return DDP(model, process_group=meshes.dp.get_group(), broadcast_buffers=False)
-    if dpc.sharding == "none":  # tp > 1: DDP does not take DTensor parameters; FSDP2's replicate does
+    if dpc.sharding == "none":  # DTensor parameters or a pipeline: FSDP2's replicate
         replicate(model, mesh=meshes.dp, mp_policy=mp_policy)
         return model
     offload: OffloadPolicy = CPUOffloadPolicy() if dpc.offload == "cpu" else OffloadPolicy()

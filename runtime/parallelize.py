@@ -33,7 +33,12 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from runtime.checkpointing import apply_activation_checkpointing
-from runtime.data_parallel import apply_data_parallel, build_optimizer, uses_fsdp, validate_data_parallel
+from runtime.data_parallel import (
+    apply_data_parallel,
+    build_optimizer,
+    uses_fsdp,
+    validate_data_parallel,
+)
 from runtime.mesh import Meshes, build_mesh, validate_world
 from runtime.precision import PrecisionSetup, build_precision
 from runtime.tensor_parallel import apply_tensor_parallel, resolve_styles
@@ -54,9 +59,10 @@ def _planner_trace():
 def validate_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor] | None = None) -> list[str]:
     """Raise SpecError when `model` is not the model the plan was made for. Pure: no collectives.
 
-    Checks that every block name exists, that the blocks own every parameter (so the stages
-    cover the model), that tp styles name real modules, and the fingerprint (planner.trace)
-    unless the plan's fingerprint is "*". Returns notes on checks that could not run.
+    Checks that every block name exists, that tp styles name real modules (with dimensions tp
+    divides), the pipeline split (stages cover the blocks; runtime.pipeline) when pp > 1, and
+    the fingerprint (planner.trace) unless the plan's fingerprint is "*". Returns notes on
+    checks that could not run.
     """
     notes = []
     names = dict(model.named_modules())
@@ -68,16 +74,12 @@ def validate_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.
             f"({type(model).__name__} has top-level modules {', '.join(n for n in names if n and '.' not in n)}); "
             f"was the plan made for another model?"
         )
-    if blocks:
-        owned = {id(p) for b in blocks for p in names[b].parameters()}
-        loose = [n for n, p in model.named_parameters() if id(p) not in owned]
-        if loose:
-            raise SpecError(
-                f"pipeline.stages: the plan's blocks do not cover the model: parameter(s) {', '.join(loose[:4])} "
-                f"belong to no block in model.block_names; re-trace the model and re-plan"
-            )
     if plan.mesh.tp > 1:
         resolve_styles(model, plan)
+    if plan.mesh.pp > 1:
+        from runtime.pipeline import validate_pipeline
+
+        validate_pipeline(model, plan)
     fp = plan.model.fingerprint
     if fp == UNCHECKED_FINGERPRINT:
         notes.append("model fingerprint not checked (plan says '*')")
@@ -136,11 +138,6 @@ class ParallelModel:
             raise AttributeError("this rank holds several pipeline stages; use .modules")
         return self.modules[0]
 
-    @property
-    def has_loss(self) -> bool:
-        """True on ranks that compute the loss (all without a pipeline; the last stage with one)."""
-        return self.runner is None or self.meshes.pp_rank == self.plan.mesh.pp - 1
-
     def local_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This replica's slice of a global batch (dim 0)."""
         dp, rank = self.plan.mesh.dp, self.meshes.dp_rank
@@ -160,7 +157,7 @@ class ParallelModel:
 
         Returns:
             The mean loss over the step's micro-batches (averaged over dp replicas when sync_loss),
-            detached; None on pipeline ranks without the last stage.
+            detached, on every rank (the pipeline broadcasts it from its last stage).
         """
         t0 = time.perf_counter()
         inputs, targets = batch
@@ -220,12 +217,20 @@ class ParallelModel:
             opt.zero_grad(set_to_none=True)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full (unsharded) parameters of the local stage(s) by their original names. A collective:
-        every rank must call it."""
+        """Full (unsharded) parameters of the whole model by their original names, on every rank.
+        A collective (gathers over dp/tp, and over pp with a pipeline); meant for tests and export
+        of small models."""
         out: dict[str, torch.Tensor] = {}
         for m in self.modules:
             sd = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True))
             out.update({k: v.detach().cpu() for k, v in sd.items()})
+        if self.runner is not None:
+            from runtime.pipeline_split import clean_param_name
+
+            out = {clean_param_name(k): v for k, v in out.items()}
+            parts: list[dict | None] = [None] * self.plan.mesh.pp
+            dist.all_gather_object(parts, out, group=self.meshes.pp.get_group())
+            out = {k: v for part in parts for k, v in part.items()}
         return out
 
 
@@ -267,6 +272,7 @@ def parallelize(
     precision = build_precision(plan.train.precision, fsdp=fsdp, sharded_grads=fsdp or plan.mesh.tp > 1,
                                 device_type=device.type)
     styles = resolve_styles(model, plan) if plan.mesh.tp > 1 else {}
+    meta = any(p.is_meta for p in model.parameters())
 
     def apply(stage: nn.Module, is_stage: bool = False) -> nn.Module:
         apply_tensor_parallel(stage, meshes.tp, plan, styles=styles)
@@ -283,6 +289,8 @@ def parallelize(
         runner = _build_pipeline(model, plan, meshes, loss_fn, example_inputs, device,
                                  lambda m: apply(m, is_stage=True))
         modules = list(runner.stage_modules)
+        if meta:
+            runner.sync_tied_parameters()  # copies of a tied weight start from the first stage's values
     else:
         modules = [apply(model)]
     opt_kwargs = dict(optimizer_kwargs or {})

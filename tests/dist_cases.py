@@ -88,6 +88,16 @@ def _cases() -> list[Case]:
         Case("tp2-sp-zero2-accum-ckpt-llama-4", 4, "llama-tiny",
              dict(dp=2, tp=2, sharding="zero2", sequence_parallel=True, num_micro_batches=2, recompute="full",
                   **llama_tp)),
+        # pipeline hybrids (runtime/pipeline.py runs the schedule; TP/ckpt/FSDP/DDP go on its stages)
+        Case("pp2-ddp-gpt-4", 4, "gpt-tiny", dict(pp=2, dp=2, num_micro_batches=2)),
+        Case("pp2-zero3-ckpt-llama-4", 4, "llama-tiny", dict(pp=2, dp=2, num_micro_batches=2, sharding="zero3",
+                                                             recompute="full")),
+        Case("pp2-tp2-llama-4", 4, "llama-tiny", dict(pp=2, tp=2, num_micro_batches=2, schedule="gpipe", **llama_tp)),
+        Case("pp2-tp2-zero3-gpt-8", 8, "gpt-tiny", dict(pp=2, dp=2, tp=2, num_micro_batches=2, sharding="zero3",
+                                                        **gpt_tp)),
+        Case("pp2-tp2-zero2-sp-interleaved-llama-8", 8, "llama-tiny",
+             dict(pp=2, dp=2, tp=2, num_micro_batches=2, sharding="zero2", sequence_parallel=True,
+                  schedule="interleaved_1f1b", virtual_stages=2, **llama_tp)),
     ]
     return c
 
@@ -167,7 +177,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", default="")
     args = ap.parse_args()
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     world = dist.get_world_size()
     only = set(filter(None, args.only.split(",")))
     results = []
@@ -177,6 +187,7 @@ def main() -> None:
         try:
             results.append(run_case(case))
         except Exception as e:  # record and go on: one broken case must not hide the others
+            print(f"[rank {dist.get_rank()}] case {case.name} failed:\n{traceback.format_exc()}", file=sys.stderr)
             results.append({"name": case.name, "world": world, "error": f"{type(e).__name__}: {e}",
                             "traceback": traceback.format_exc()[-3000:]})
         dist.barrier()
