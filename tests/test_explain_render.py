@@ -168,3 +168,13 @@ def test_complete_knobs_keeps_world_and_batch():
         complete_knobs(base, {"tp": 3}, 1024, 1536)
     with pytest.raises(SpecError, match="global batch 1536 is not divisible"):
         complete_knobs(base, {"micro_batch_size": 5}, 1024, 1536)
+
+
+def test_term_labels_of_the_cost_models_keys():
+    from planner.explain.report import term_label
+
+    assert term_label("tp_comm_s") == "exposed comm (tp)"
+    assert term_label("comm_dp") == "exposed comm (dp)"
+    assert term_label("bubble_s") == "pipeline bubble"
+    assert term_label("compute_forward_s") == "compute: forward"
+    assert term_label("something_new_s") == "something new"

@@ -81,11 +81,13 @@ def plan_tree(d: dict) -> Tree:
             )
             if on
         ]
-        styles = ", ".join(f"{k}: {v}" for k, v in list(tp["styles"].items())[:4])
-        more = " ..." if len(tp["styles"]) > 4 else ""
+        counts: dict[str, int] = {}
+        for style in tp["styles"].values():
+            counts[style] = counts.get(style, 0) + 1
+        styles = f"{len(tp['styles'])} module patterns"
         root.add(
             f"tensor parallel: {', '.join(extra) or 'plain Megatron splits'}"
-            + (f"; {styles}{more}" if styles else "")
+            + (f"; {styles}" if tp["styles"] else "")
         )
     p = d["pipeline"]
     sched = p["schedule"] + (f" (v={p['virtual_stages']})" if p["virtual_stages"] > 1 else "")

@@ -19,6 +19,8 @@ from specs import Knobs, Plan
 # Friendly names of the cost model's time-breakdown keys; unknown keys are shown as they are.
 TERM_LABELS = {
     "compute": "compute",
+    "compute_forward": "compute: forward",
+    "compute_backward": "compute: backward",
     "forward": "forward compute",
     "backward": "backward compute",
     "recompute": "recompute",
@@ -31,6 +33,8 @@ AXIS_ORDER = ("tp", "dp", "pp", "cp")
 
 
 def term_label(key: str) -> str:
+    """`tp_comm_s` -> `exposed comm (tp)`, `bubble_s` -> `pipeline bubble`, ..."""
+    key = key[:-2] if key.endswith("_s") else key
     if key in TERM_LABELS:
         return TERM_LABELS[key]
     for axis in AXIS_ORDER:
