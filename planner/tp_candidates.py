@@ -228,8 +228,11 @@ def analyse_block(
                                               modules={relative_path(block, p.path): "vocab"}))
         elif p.kind == "linear" and n in reaches_output:
             res.tp_split[n] = "vocab"
+            # The op is vocab-split; the module style is colwise (a Linear's output features),
+            # which is what runtime.tensor_parallel applies to an output head ("vocab" is its
+            # style for an nn.Embedding and is refused on a Linear).
             res.candidates.append(TPCandidate(kind="output_head", divisor=p.out_features,
-                                              modules={relative_path(block, p.path): "vocab"}))
+                                              modules={relative_path(block, p.path): "colwise"}))
         elif p.kind == "conv":
             res.tp_split[n] = "conv_out"
             res.candidates.append(TPCandidate(kind="conv", divisor=p.out_features,
