@@ -45,6 +45,7 @@ class _PathTracer(fx.Tracer):
     def __init__(self, leaf_modules: tuple[str, ...] = ()):
         super().__init__()
         self.stack: list[str] = []
+        self.failed_at: str | None = None
         self.leaf_names = set(leaf_modules)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -56,6 +57,10 @@ class _PathTracer(fx.Tracer):
         self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = self.stack[-1]  # innermost module: the first to see the error
+            raise
         finally:
             self.stack.pop()
 
@@ -67,7 +72,7 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple[str, ...]):
         return fx.GraphModule(tracer.root, graph, type(model).__name__), "fx"
     except Exception as e:  # fx raises many types (TraceError, TypeError, ValueError, ...)
         fx_err = e
-        where = tracer.stack[-1] if tracer.stack else ""
+        where = tracer.failed_at or ""
     try:
         cfg = getattr(model, "config", None)
         old_cache = getattr(cfg, "use_cache", None)

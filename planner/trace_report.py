@@ -51,7 +51,7 @@ def render_block_table(graph: ModelGraph) -> Table:
     for col, just in (("blocks", "left"), ("type", "left"), ("count", "right"), ("params", "right"),
                       ("fwd GFLOP", "right"), ("saved MiB", "right"),
                       ("boundary MiB", "right"), ("TP candidates", "left")):
-        t.add_column(col, justify=just, overflow="fold")
+        t.add_column(col, justify=just, overflow="fold", no_wrap=col == "blocks")
     for first, last in _runs(graph):
         b0, b1 = graph.blocks[first], graph.blocks[last]
         lt = graph.layer(first)
