@@ -72,38 +72,79 @@ def part_tiny(con, args) -> None:
     plan = autoplan("gpt-tiny", hw, train=train)
     con.print(f"plan for this machine: {plan.summary()}")
     tmp = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="autoplan-demo-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "gpt-tiny.yaml"
     plan.to_file(path)
+    log = tmp / "train-log.jsonl"
+    log.unlink(missing_ok=True)
+    run_plan(con, path, args.nproc, args.steps, log)
+    report_run(con, plan, log)
+
+
+def run_plan(con, path: Path, nproc: int, steps: int, log: Path) -> None:
+    """torchrun the plan; rank 0 appends one JSON line per step to `log`."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc-per-node",
-        str(args.nproc),
+        str(nproc),
         "-m",
         "runtime.launch",
         str(path),
         "--model",
         "gpt-tiny",
         "--steps",
-        str(args.steps),
+        str(steps),
+        "--log-file",
+        str(log),
     ]
-    con.print("$ " + " ".join(cmd[1:]))
+    con.print("$ " + " ".join(["python", *cmd[1:]]), markup=False)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    wall = time.perf_counter() - t0
-    out = (proc.stdout or "").rstrip()
-    if out:
-        con.print(out, markup=False, highlight=False)
+    con.print(f"torchrun finished in {time.perf_counter() - t0:.1f} s (exit {proc.returncode})")
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
+        text = (proc.stderr or "") + (proc.stdout or "")
+        # the ranks' own messages, not torchrun's summary around them
+        errs = [ln for ln in text.splitlines() if "error" in ln.lower() and "elastic" not in ln]
+        tail = "\n".join(list(dict.fromkeys(errs))[-8:] or text.strip().splitlines()[-15:])
         raise RuntimeError(f"torchrun exited with {proc.returncode}:\n{tail}")
-    pred = plan.predicted.step_time_s if plan.predicted else float("nan")
+
+
+def report_run(con, plan, log: Path) -> None:
+    """Loss per step, and measured against predicted step time."""
+    import json
+    import statistics
+
+    from rich.table import Table
+
+    recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not recs:
+        raise RuntimeError(f"the run wrote no steps to {log}")
+    pred = plan.predicted
+    t = Table(title="training steps (rank 0)", title_justify="left")
+    for col in ("step", "loss", "step time", "peak RSS"):
+        t.add_column(col, justify="right")
+    for r in recs:
+        t.add_row(
+            str(r["step"]),
+            f"{r['loss']:.4f}",
+            f"{r['step_time_s'] * 1e3:.1f} ms",
+            f"{r.get('peak_memory_bytes', 0) / 2**20:.0f} MiB",
+        )
+    con.print(t)
+    steady = [r["step_time_s"] for r in recs[1:]] or [recs[0]["step_time_s"]]
+    measured = statistics.median(steady)
     con.print(
-        f"predicted step time {pred * 1e3:.1f} ms (the launcher's output above has the measured "
-        f"one); {args.steps} steps took {wall:.1f} s of wall clock including start-up"
+        f"step time: measured {measured * 1e3:.1f} ms (median of the steps after the first) vs "
+        f"predicted {pred.step_time_s * 1e3:.1f} ms: measured/predicted = "
+        f"{measured / pred.step_time_s:.2f}"
+    )
+    con.print(
+        f"memory: predicted peak {pred.peak_memory_bytes / 2**20:.1f} MiB per rank (model state and "
+        f"activations); the measured RSS also holds the interpreter and torch itself"
     )
 
 
