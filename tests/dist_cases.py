@@ -88,6 +88,11 @@ def _cases() -> list[Case]:
         Case("tp2-sp-zero2-accum-ckpt-llama-4", 4, "llama-tiny",
              dict(dp=2, tp=2, sharding="zero2", sequence_parallel=True, num_micro_batches=2, recompute="full",
                   **llama_tp)),
+        # meta-device start: a model larger than the per-rank budget never exists whole on a rank
+        Case("meta-zero3-gpt-small-4", 4, "gpt-small", dict(dp=4, sharding="zero3"), torch.float32,
+             meta={"meta_init": True}),
+        Case("meta-tp2-zero3-gpt-small-4", 4, "gpt-small", dict(dp=2, tp=2, sharding="zero3", **gpt_tp), torch.float32,
+             meta={"meta_init": True}),
         # pipeline hybrids (runtime/pipeline.py runs the schedule; TP/ckpt/FSDP/DDP go on its stages)
         Case("pp2-ddp-gpt-4", 4, "gpt-tiny", dict(pp=2, dp=2, num_micro_batches=2)),
         Case("pp2-zero3-ckpt-llama-4", 4, "llama-tiny", dict(pp=2, dp=2, num_micro_batches=2, sharding="zero3",
@@ -131,7 +136,28 @@ def _local_param_bytes(pm) -> int:
     return total
 
 
+def run_meta_case(case: Case) -> dict:
+    """Build on meta, shard, materialise: per-rank parameter bytes vs a budget of half the model."""
+    torch.manual_seed(SEED)
+    batch = case.meta.get("batch", 8)
+    built = build_model(case.model, batch=batch, dtype=case.dtype, device="meta")
+    full_bytes = sum(p.numel() * p.element_size() for p in built.module.parameters())
+    plan = make_plan(case.model, global_batch_size=batch, **case.plan)
+    example = tuple(torch.zeros(x.shape, dtype=x.dtype) for x in built.example_inputs)
+    pm = parallelize(built.module, plan, loss_fn=built.loss_fn, example_inputs=example, optimizer_kwargs={"lr": 1e-3})
+    stds = [float(p.to_local().std()) for n, p in pm.module.named_parameters() if n.endswith("q_proj.weight")]
+    gen = torch.Generator().manual_seed(SEED)
+    losses = [float(pm.train_step(pm.local_batch(*built.make_batch(batch, gen)))) for _ in range(STEPS)]
+    local = _local_param_bytes(pm)
+    all_bytes = [None] * dist.get_world_size()
+    dist.all_gather_object(all_bytes, local)
+    return {"name": case.name, "world": case.world, "meta_init": True, "losses": losses, "full_param_bytes": full_bytes,
+            "local_param_bytes": all_bytes, "budget_bytes": full_bytes // 2, "q_proj_std": stds, "notes": pm.notes}
+
+
 def run_case(case: Case) -> dict:
+    if case.meta.get("meta_init"):
+        return run_meta_case(case)
     torch.manual_seed(SEED)
     batch = case.meta.get("batch", 8)
     built = build_model(case.model, batch=batch, dtype=case.dtype)

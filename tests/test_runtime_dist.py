@@ -8,6 +8,7 @@ final parameters against the single-process reference, and that sharding is real
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,6 +49,12 @@ def test_matches_single_process(name, tmp_path_factory):
     case = CASES[name]
     r = run_world(case.world, tmp_path_factory.mktemp(f"w{case.world}"))[name]
     assert "error" not in r, r.get("traceback", r.get("error"))
+    if r.get("meta_init"):
+        # Built on meta: each rank materialised only its shards, within a budget of half the model.
+        assert max(r["local_param_bytes"]) <= r["budget_bytes"] < r["full_param_bytes"], r
+        assert all(math.isfinite(x) for x in r["losses"]) and r["losses"][-1] < r["losses"][0], r["losses"]
+        assert r["q_proj_std"] and all(0.017 < s < 0.023 for s in r["q_proj_std"]), "init_weights did not run"
+        return
     assert r["missing_params"] == [], f"parameters missing from the parallel model: {r['missing_params']}"
     scale = max(1.0, max(abs(x) for x in r["ref_losses"]))
     assert r["loss_diff"] <= case.tol * scale, (r["losses"], r["ref_losses"])
