@@ -1,9 +1,9 @@
 """The block table of a traced model (rich), as printed by `autoplan trace MODEL`.
 
 Consecutive blocks of the same layer type are one row (`layers.0 .. layers.95`, count 96).
-Columns: block range, layer type, count, parameters per block, forward GFLOPs per sample,
-saved activation MiB per sample (per block), boundary MiB per sample (bytes leaving the block),
-and the tensor-parallel candidates (kind and divisor).
+Columns: block range, layer type (with attention heads), count, parameters per block, forward
+GFLOPs per sample, saved activation MiB per sample (per block), boundary MiB per sample (bytes
+leaving the block), and the tensor-parallel candidates (kind/divisor; attn = attention).
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ def _runs(graph: ModelGraph) -> list[tuple[int, int]]:
     return runs
 
 
+_SHORT = {"attention": "attn", "vocab_embedding": "vocab_emb", "output_head": "out_head"}
+
+
 def _tp_text(lt) -> str:
-    parts = [f"{c.kind}/{c.divisor}" for c in lt.tp_candidates]
+    parts = [f"{_SHORT.get(c.kind, c.kind)}/{c.divisor}" for c in lt.tp_candidates]
     text = ", ".join(dict.fromkeys(parts))
     return text or "-"
 
@@ -48,15 +51,17 @@ def render_block_table(graph: ModelGraph) -> Table:
              f"{len(graph.layer_types)} layer types, traced by {graph.traced_by} in "
              f"{graph.trace_time_s:.2f} s ({graph.activation_dtype} activations)")
     t = Table(title=title, title_justify="left")
-    for col, just in (("blocks", "left"), ("type", "left"), ("count", "right"), ("params", "right"),
-                      ("fwd GFLOP", "right"), ("saved MiB", "right"),
-                      ("boundary MiB", "right"), ("TP candidates", "left")):
-        t.add_column(col, justify=just, overflow="fold", no_wrap=col == "blocks")
+    for col, just in (("blocks", "left"), ("type", "left"), ("n", "right"), ("params", "right"),
+                      ("GFLOP", "right"), ("saved MiB", "right"),
+                      ("out MiB", "right"), ("TP (kind/divisor)", "left")):
+        text_col = just == "left"
+        t.add_column(col, justify=just, overflow="fold", no_wrap=not text_col,
+                     min_width=18 if col.startswith("TP") else None, ratio=1 if text_col else None)
     for first, last in _runs(graph):
         b0, b1 = graph.blocks[first], graph.blocks[last]
         lt = graph.layer(first)
         name = b0.name if first == last else f"{b0.name} .. {b1.name}"
-        heads = f" ({lt.num_heads} heads)" if lt.num_heads else ""
+        heads = f" ({lt.num_heads}h)" if lt.num_heads else ""
         t.add_row(
             name + ("" if last in cut_after or last == graph.num_blocks - 1 else " (no cut)"),
             lt.name + heads,
@@ -67,7 +72,8 @@ def render_block_table(graph: ModelGraph) -> Table:
             f"{lt.output_bytes_per_sample / MiB:.2f}",
             _tp_text(lt),
         )
-    t.caption = (f"FLOPs and MiB per sample and per block (linear in micro-batch size); "
+    t.caption = (f"GFLOP (forward), saved and output MiB: per sample and per block, linear in "
+                 f"micro-batch size; "
                  f"{len(graph.cut_points)} pipeline cut points; "
                  + (f"tied blocks {graph.tied_blocks} ({graph.tied_param_bytes / MiB:.1f} MiB)"
                     if graph.tied_blocks else "no tied parameters"))

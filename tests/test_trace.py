@@ -235,5 +235,5 @@ def test_bad_inputs_raise_spec_error():
 def test_block_table_renders():
     g = _trace("gpt-tiny")
     text = block_table_text(g, width=120)
-    assert "layers.0 .. layers.3" in text and "TransformerBlock" in text and "attention/4" in text
+    assert "layers.0 .. layers.3" in text and "TransformerBlock" in text and "attn/4" in text
     assert render_block_table(g).row_count == 3
