@@ -205,7 +205,7 @@ def cmd_trace(args) -> int:
         _print_json(graph.model_dump(mode="json"))
         return 0
     block_table_text = _need("planner.trace_report", "block_table_text")
-    sys.stdout.write(block_table_text(graph).rstrip("\n") + "\n")
+    sys.stdout.write(block_table_text(graph, width=args.width or 100).rstrip("\n") + "\n")
     return 0
 
 

@@ -268,3 +268,18 @@ def test_console_script_exit_code_and_message(tmp_path):
     )
     assert proc.returncode == 2
     assert "format version 99" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_trace(capsys):
+    pytest.importorskip("planner.trace_report")
+    code, out, _ = run(capsys, "trace", "gpt-tiny")
+    assert code == 0 and "TransformerBlock" in out
+    assert max(len(ln) for ln in out.splitlines()) <= 100
+    code, out, _ = run(capsys, "trace", "gpt-tiny", "--format", "json")
+    graph = json.loads(out)
+    assert code == 0 and len(graph["blocks"]) == 6 and graph["num_params"] > 0
+
+
+def test_trace_unknown_model(capsys):
+    err = _err(capsys, "trace", "gpt-9000")
+    assert "unknown model 'gpt-9000'" in err and "gpt-tiny" in err
