@@ -178,3 +178,12 @@ def test_term_labels_of_the_cost_models_keys():
     assert term_label("bubble_s") == "pipeline bubble"
     assert term_label("compute_forward_s") == "compute: forward"
     assert term_label("something_new_s") == "something new"
+
+
+def test_pins_accept_search_bounds_but_why_not_does_not():
+    c = constraints_from_pins(["max_tp=4", "memory_headroom_fraction=0.1", "tp_across_nodes=true"])
+    assert (c.max_tp, c.memory_headroom_fraction, c.tp_across_nodes) == (4, 0.1, True)
+    with pytest.raises(SpecError, match="memory_headroom_fraction"):
+        constraints_from_pins(["memory_headroom_fraction=1.5"])
+    with pytest.raises(SpecError, match="unknown knob 'max_tp'"):
+        parse_assignment("max_tp=4")

@@ -55,15 +55,21 @@ _PIN_FIELDS = (
 )
 
 
+# Bounds of the search that `--pin` also accepts (not knobs of a plan, so not for --why-not).
+_BOUND_FIELDS = ("max_tp", "max_pp", "tp_across_nodes", "memory_headroom_fraction", "top_k")
+
+
 def _field_kind(name: str) -> tuple[str, tuple[str, ...]]:
-    """('int'|'bool'|'choice', allowed choices) for a Constraints field."""
+    """('int'|'float'|'bool'|'choice', allowed choices) for a Constraints field."""
     ann = Constraints.model_fields[name].annotation
-    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    args = [a for a in typing.get_args(ann) if a is not type(None)] or [ann]
     for a in args:
         if typing.get_origin(a) is typing.Literal:
             return "choice", tuple(str(x) for x in typing.get_args(a))
     if bool in args:
         return "bool", ("true", "false")
+    if float in args:
+        return "float", ()
     return "int", ()
 
 
@@ -75,18 +81,22 @@ def allowed_values(name: str) -> str:
         return ", ".join(choices)
     if kind == "bool":
         return "true or false"
+    if kind == "float":
+        return "a fraction in [0, 1)"
     return "a positive integer"
 
 
-def parse_assignment(text: str) -> tuple[str, object]:
-    """'tp=8' -> ('tp', 8); 'zero=1' -> ('sharding', 'zero1'). Raises SpecError naming the knob."""
+def parse_assignment(text: str, bounds: bool = False) -> tuple[str, object]:
+    """'tp=8' -> ('tp', 8); 'zero=1' -> ('sharding', 'zero1'). Raises SpecError naming the knob.
+    With `bounds`, the search bounds (max_tp, max_pp, ...) are accepted too."""
     if "=" not in text:
         raise SpecError(f"knob {text!r}: expected NAME=VALUE, e.g. tp=8 or zero=1")
     raw_name, _, raw_value = text.partition("=")
     raw_name, raw_value = raw_name.strip(), raw_value.strip()
     name, value_map = ALIASES.get(raw_name, (raw_name, None))
-    if name not in _PIN_FIELDS:
-        known = ", ".join(_PIN_FIELDS)
+    names = _PIN_FIELDS + (_BOUND_FIELDS if bounds else ())
+    if name not in names:
+        known = ", ".join(names)
         alias = ", ".join(f"{a}={k}" for a, (k, _) in ALIASES.items())
         raise SpecError(f"unknown knob {raw_name!r}; knobs: {known} (aliases: {alias})")
     value: object = raw_value
@@ -108,6 +118,13 @@ def parse_assignment(text: str) -> tuple[str, object]:
             raise SpecError(
                 f"knob {raw_name}: {raw_value!r} is not allowed; allowed: {allowed_values(name)}"
             )
+    elif kind == "float":
+        try:
+            value = float(str(value))
+        except ValueError:
+            raise SpecError(
+                f"knob {raw_name}: {raw_value!r} is not allowed; allowed: {allowed_values(name)}"
+            ) from None
     elif kind == "bool":
         low = str(value).lower()
         if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
@@ -122,12 +139,12 @@ def parse_assignment(text: str) -> tuple[str, object]:
     return name, value
 
 
-def parse_assignments(items: list[str]) -> dict[str, object]:
+def parse_assignments(items: list[str], bounds: bool = False) -> dict[str, object]:
     """Several `NAME=VALUE` items (each may hold several, comma or space separated)."""
     out: dict[str, object] = {}
     for item in items:
         for part in item.replace(",", " ").split():
-            name, value = parse_assignment(part)
+            name, value = parse_assignment(part, bounds)
             if name in out and out[name] != value:
                 raise SpecError(f"knob {name}: given twice ({out[name]} and {value})")
             out[name] = value
@@ -138,7 +155,7 @@ def constraints_from_pins(items: list[str], **extra: object) -> Constraints:
     """`--pin` items -> specs.Constraints (validation errors become SpecError)."""
     from specs._base import validate_model
 
-    return validate_model(Constraints, {**parse_assignments(items), **extra}, "--pin")
+    return validate_model(Constraints, {**parse_assignments(items, bounds=True), **extra}, "--pin")
 
 
 def complete_knobs(
