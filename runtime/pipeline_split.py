@@ -1,0 +1,239 @@
+"""Split a model into a Plan's pipeline stages by its torch.fx graph (no communication here).
+
+The model is traced once with torch.fx, with every block of `plan.model.block_names` (a module
+path such as "embed", "layers.3" or "layer2.1") kept as a leaf, so the stage modules hold the
+model's ORIGINAL block modules (real nn.Linear, nn.Embedding, ...): tensor parallelism,
+activation checkpointing and FSDP can be applied to them afterwards exactly as to the model.
+
+Node -> stage: walking the graph in execution order, the stage changes at the call of the first
+block of each stage (the split point sits at the BEGINNING of that block, as
+torch.distributed.pipelining's `SplitPoint.BEGINNING` would put it); every other node (functions,
+non-block modules such as a ResNet's `bn1`, `relu`, or `torch.flatten` before `fc`) belongs to
+the stage of the block call before it. Stage s is a GraphModule built on the original model
+(`GraphModule(model, graph)`), so its parameter names are the model's own ("layers.3.attn.q_proj
+.weight"). Its inputs are the values crossing the cut before it, its outputs those crossing the
+cut after it: every value produced up to stage s and used after it. A value that skips a stage
+(a long skip connection, a model input used late) is passed through the stages in between, so
+each stage talks only to its neighbours, as PipelineStage requires.
+
+Tied parameters (GPT ties `embed.tok.weight` and `head.lm_head.weight`): a Parameter used by
+several stages stays in the first stage that uses it; each later stage gets its own copy
+(`nn.Parameter(p.detach().clone())`) installed on its module, recorded in `TiedParam`. The
+runtime sums the copies' gradients after backward (runtime.pipeline), so they stay equal.
+
+The model is modified in place (the later stages' copies replace the tied attribute), as
+`parallelize_module` and `fully_shard` modify theirs.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+from specs import Plan, SpecError
+
+__all__ = ["SplitModel", "TiedParam", "split_model", "validate_split", "clean_param_name"]
+
+# Name atoms that wrappers insert (checkpoint_wrapper, FSDP1, torch.compile); DDP adds a leading
+# "module.".
+_WRAPPER_ATOMS = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod"})
+
+
+def clean_param_name(name: str) -> str:
+    """The model's own name of a parameter seen through wrappers ("module.layers.0.x" -> "layers.0.x")."""
+    name = name.removeprefix("module.")
+    return ".".join(a for a in name.split(".") if a not in _WRAPPER_ATOMS)
+
+
+@dataclass(frozen=True)
+class TiedParam:
+    """One parameter used by several stages: the name it has in each stage, by stage index."""
+
+    names: dict[int, str]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class SplitModel:
+    """The model cut into stage modules (all of them; a rank keeps only its own)."""
+
+    stage_modules: list[torch.fx.GraphModule]
+    tied: list[TiedParam] = field(default_factory=list)
+
+
+def validate_split(model: nn.Module, plan: Plan) -> None:
+    """Raise SpecError if the plan's pipeline does not fit this model. Pure: no communication.
+
+    Checks that stages cover blocks 0..num_blocks-1 once and in order (again: a Plan made with
+    `model_construct` skips its validator), that block_names are given, one per block, and that
+    each names a module of the model.
+    """
+    names = plan.model.block_names
+    num_blocks = plan.model.num_blocks
+    if not names:
+        raise SpecError(
+            "model.block_names: empty; the pipeline splits the model at module paths, so the plan "
+            "must name each block's module (e.g. 'embed', 'layers.0', ..., 'head')"
+        )
+    if len(names) != num_blocks:
+        raise SpecError(f"model.block_names: {len(names)} names for {num_blocks} blocks (model.num_blocks)")
+    stages = plan.pipeline.stages
+    want = plan.mesh.pp * plan.pipeline.virtual_stages
+    if len(stages) != want:
+        raise SpecError(
+            f"pipeline.stages: pp({plan.mesh.pp}) * virtual_stages({plan.pipeline.virtual_stages}) = "
+            f"{want} stages expected, got {len(stages)}"
+        )
+    nxt = 0
+    for i, st in enumerate(stages):
+        if st.first != nxt or st.last < st.first:
+            raise SpecError(
+                f"pipeline.stages.{i}: covers blocks {st.first}..{st.last} but block {nxt} is next; "
+                f"stages must cover blocks 0..{num_blocks - 1} once, in order"
+            )
+        nxt = st.last + 1
+    if nxt != num_blocks:
+        raise SpecError(
+            f"pipeline.stages: cover blocks 0..{nxt - 1}, but the model has {num_blocks} blocks "
+            f"(0..{num_blocks - 1}); the last stage must end at block {num_blocks - 1}"
+        )
+    modules = dict(model.named_modules())
+    for i, name in enumerate(names):
+        if name not in modules or name == "":
+            close = difflib.get_close_matches(name, list(modules), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise SpecError(
+                f"model.block_names.{i}: {name!r} is not a module of {type(model).__name__}{hint} "
+                f"(a pipeline stage begins at a block's module, so each block must name one)"
+            )
+
+
+def _tracer(block_modules: set[nn.Module]) -> torch.fx.Tracer:
+    class _BlockTracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return m in block_modules or super().is_leaf_module(m, qualname)
+
+    return _BlockTracer()
+
+
+def split_model(model: nn.Module, plan: Plan) -> SplitModel:
+    """Cut `model` into the plan's pp * virtual_stages stage modules (see the module docstring).
+
+    Raises SpecError for a plan that does not fit the model, a model torch.fx cannot trace, or a
+    stage whose first block is never called in forward.
+    """
+    validate_split(model, plan)
+    names = plan.model.block_names
+    stage_starts = {names[st.first]: s for s, st in enumerate(plan.pipeline.stages)}
+    num_stages = len(plan.pipeline.stages)
+    blocks = {model.get_submodule(n) for n in names}
+    try:
+        graph = _tracer(blocks).trace(model)
+    except Exception as e:  # fx raises many types; the user needs to know it was the trace
+        raise SpecError(
+            f"pipeline: torch.fx cannot trace {type(model).__name__} with its blocks as leaves "
+            f"({type(e).__name__}: {e}); make forward fx-traceable (torch.fx.wrap helpers that "
+            f"build tensors from traced sizes) or change the block boundaries"
+        ) from None
+
+    stage_of: dict[torch.fx.Node, int] = {}
+    cur, seen_starts = 0, []
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in stage_starts:
+            s = stage_starts[node.target]
+            if s in seen_starts:
+                raise SpecError(
+                    f"pipeline.stages.{s}: its first block {node.target!r} is called more than once in "
+                    f"forward; a stage cannot begin at a module the model reuses"
+                )
+            if s != 0 and s != cur + 1:
+                raise SpecError(
+                    f"pipeline.stages.{s}: block {node.target!r} runs after stage {cur}'s blocks but the "
+                    f"plan puts it at stage {s}; block_names must be in execution order"
+                )
+            cur = s
+            seen_starts.append(s)
+        stage_of[node] = 0 if node.op == "placeholder" else cur
+    missing = [s for s in range(1, num_stages) if s not in seen_starts]
+    if missing:
+        s = missing[0]
+        raise SpecError(
+            f"pipeline.stages.{s}: its first block {names[plan.pipeline.stages[s].first]!r} is never "
+            f"called in {type(model).__name__}.forward, so there is no point to split at"
+        )
+
+    # A value produced at stage a (placeholders at 0) and last used at stage b crosses cuts a..b-1.
+    # get_attr nodes are not values: each stage that uses one re-reads the attribute.
+    last_use: dict[torch.fx.Node, int] = {}
+    for node in graph.nodes:
+        for inp in node.all_input_nodes:
+            if inp.op != "get_attr":
+                last_use[inp] = max(last_use.get(inp, 0), stage_of[node] if node.op != "output" else num_stages - 1)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    crossing = [
+        sorted((n for n, last in last_use.items() if stage_of[n] <= s < last), key=order.__getitem__)
+        for s in range(num_stages - 1)
+    ]
+
+    stage_modules = []
+    for s in range(num_stages):
+        g = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        inputs = [n for n in graph.nodes if n.op == "placeholder"] if s == 0 else crossing[s - 1]
+        for n in inputs:
+            env[n] = g.node_copy(n) if s == 0 else g.placeholder(n.name)
+        for node in graph.nodes:
+            if node.op == "placeholder" or node.op == "output" or stage_of[node] != s and node.op != "get_attr":
+                continue
+            if node.op == "get_attr" and not any(stage_of[u] == s for u in node.users if u.op != "output"):
+                continue
+            env[node] = g.node_copy(node, env.__getitem__)
+        if s == num_stages - 1:
+            out = next(n for n in graph.nodes if n.op == "output")
+            g.output(torch.fx.graph.map_arg(out.args[0], env.__getitem__))
+        else:
+            outs = [env[n] for n in crossing[s]]
+            g.output(outs[0] if len(outs) == 1 else tuple(outs))
+        g.lint()
+        stage_modules.append(torch.fx.GraphModule(model, g, class_name=f"Stage{s}"))
+    return SplitModel(stage_modules, _untie(stage_modules))
+
+
+def _untie(stage_modules: list[torch.fx.GraphModule]) -> list[TiedParam]:
+    """Give each later stage its own copy of a Parameter an earlier stage also uses."""
+    first_seen: dict[int, tuple[int, str]] = {}
+    groups: dict[int, dict[int, str]] = {}
+    module_stage: dict[int, int] = {}
+    for s, mod in enumerate(stage_modules):
+        for sub in mod.modules():
+            module_stage.setdefault(id(sub), s)
+    for s, mod in enumerate(stage_modules):
+        replaced: dict[int, nn.Parameter] = {}  # one copy per stage, even if used twice in it
+        for name, p in list(mod.named_parameters(remove_duplicate=False)):
+            key = id(p)
+            if key in replaced or (key in first_seen and first_seen[key][0] != s):
+                owner_path, _, attr = name.rpartition(".")
+                owner = mod.get_submodule(owner_path)
+                if module_stage[id(owner)] != s:
+                    raise SpecError(
+                        f"pipeline.stages.{s}: module {owner_path!r} is called in stage "
+                        f"{module_stage[id(owner)]} and again in stage {s}; stages cannot share a module "
+                        f"(tie parameters, not modules, or keep both calls in one stage)"
+                    )
+                if key not in replaced:
+                    replaced[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                    groups.setdefault(key, {first_seen[key][0]: first_seen[key][1]})[s] = name
+                setattr(owner, attr, replaced[key])
+            else:
+                first_seen.setdefault(key, (s, name))
+    tied = []
+    for names in groups.values():
+        stage, name = min(names.items())
+        ref = stage_modules[stage].get_parameter(name)
+        tied.append(TiedParam(names=dict(sorted(names.items())), shape=tuple(ref.shape), dtype=ref.dtype))
+    return tied

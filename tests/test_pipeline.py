@@ -1,0 +1,164 @@
+"""Pure tests of the pipeline split (runtime.pipeline_split) and of build_pipeline's checks:
+no process group, no processes. The multi-process schedules are in test_pipeline_dist.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from planner.models import build_model
+from runtime.pipeline import build_pipeline, local_stage_indices, validate_pipeline
+from runtime.pipeline_split import clean_param_name, split_model
+from specs import SpecError, Stage
+from tests.plan_builders import block_names_of, make_plan
+
+
+def _run_stages(split, *inputs):
+    out = inputs
+    for mod in split.stage_modules:
+        out = mod(*out)
+        out = out if isinstance(out, tuple) else (out,)
+    return out[0]
+
+
+def _with_stages(plan, stages):
+    return plan.model_copy(update={"pipeline": plan.pipeline.model_copy(update={"stages": stages})})
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny", "mlp-tiny"])
+@pytest.mark.parametrize("pp", [2, 3, 6])
+def test_stages_compose_to_the_model(name, pp):
+    built = build_model(name, batch=2, dtype=torch.float64)
+    model = built.module
+    x, _ = built.make_batch(2, torch.Generator().manual_seed(0))
+    want = model(x)
+    split = split_model(model, make_plan(name, pp=pp, num_micro_batches=pp, model=model))
+    assert len(split.stage_modules) == pp
+    torch.testing.assert_close(_run_stages(split, x), want, rtol=0, atol=0)
+
+
+def test_resnet18_split_keeps_original_blocks():
+    model = torchvision.models.resnet18(num_classes=10).double().eval()
+    names = block_names_of(model)
+    assert names[0] == "conv1" and names[-1] == "avgpool" and "layer3.1" in names
+    plan = make_plan("resnet18", pp=4, model=model, num_micro_batches=4)
+    split = split_model(model, plan)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(_run_stages(split, x), model(x), rtol=0, atol=0)
+    # The stage holds the model's own module objects, under the model's own names.
+    last = split.stage_modules[-1]
+    assert last.get_submodule("fc") is model.fc
+    assert {n for n, _ in last.named_parameters()} == {"layer4.1." + n for n, _ in model.layer4[1].named_parameters()} | {"fc.weight", "fc.bias"}
+
+
+def test_every_parameter_in_exactly_one_stage_and_tied_copies():
+    built = build_model("gpt-tiny", dtype=torch.float64)
+    model = built.module
+    full = dict(model.named_parameters(remove_duplicate=False))
+    split = split_model(model, make_plan("gpt-tiny", pp=3, num_micro_batches=3, model=model))
+    seen = [n for m in split.stage_modules for n, _ in m.named_parameters()]
+    assert sorted(seen) == sorted(full)  # tied embed/head: both names, each in one stage
+    assert len(split.tied) == 1
+    tied = split.tied[0]
+    assert tied.names == {0: "embed.tok.weight", 2: "head.lm_head.weight"}
+    a = split.stage_modules[0].get_parameter("embed.tok.weight")
+    b = split.stage_modules[2].get_parameter("head.lm_head.weight")
+    assert a is not b and torch.equal(a, b)  # separate copies with equal values
+
+
+def test_values_skipping_a_stage_are_passed_through():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.c(self.b(h) + x) + h  # x and h cross two cuts
+
+    model = Skip().double()
+    plan = make_plan("skip", pp=3, num_micro_batches=3, model=model, block_names=["a", "b", "c"])
+    split = split_model(model, plan)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(_run_stages(split, x), model(x), rtol=0, atol=0)
+
+
+def test_clean_param_name():
+    assert clean_param_name("module.layers.0._checkpoint_wrapped_module.attn.q_proj.weight") == (
+        "layers.0.attn.q_proj.weight")
+
+
+@pytest.mark.parametrize(
+    ("schedule", "v", "rank", "want"),
+    [("1f1b", 1, 1, [1]), ("gpipe", 1, 3, [3]), ("interleaved_1f1b", 2, 1, [1, 5]),
+     ("zero_bubble", 1, 2, [2]), ("zero_bubble", 2, 0, [0, 4])],
+)
+def test_local_stage_indices_loop_style(schedule, v, rank, want):
+    assert local_stage_indices(schedule, rank, 4, v) == want
+
+
+# ---------------------------------------------------------------------------- bad input
+def _gpt():
+    return build_model("gpt-tiny", dtype=torch.float64).module
+
+
+def _raises_before_any_collective(model, plan, match):
+    # A group that is not a ProcessGroup: any use of it would fail with another error.
+    with pytest.raises(SpecError, match=match):
+        build_pipeline(model, plan, object(), loss_fn=torch.nn.functional.mse_loss)
+
+
+def test_unknown_block_name():
+    model = _gpt()
+    plan = make_plan("gpt-tiny", pp=2, num_micro_batches=2, model=model)
+    names = list(plan.model.block_names)
+    names[2] = "layer.1"
+    bad = plan.model_copy(update={"model": plan.model.model_copy(update={"block_names": names})})
+    _raises_before_any_collective(model, bad, r"model.block_names.2: 'layer.1' is not a module.*did you mean 'layers.1'")
+
+
+def test_stages_that_do_not_cover_the_model():
+    model = _gpt()
+    plan = make_plan("gpt-tiny", pp=2, num_micro_batches=2, model=model)
+    bad = _with_stages(plan, [Stage(first=0, last=1), Stage(first=2, last=4)])
+    _raises_before_any_collective(model, bad, r"cover blocks 0..4, but the model has 6 blocks")
+    gap = _with_stages(plan, [Stage(first=0, last=1), Stage(first=3, last=5)])
+    _raises_before_any_collective(model, gap, r"pipeline.stages.1: covers blocks 3..5 but block 2 is next")
+
+
+def test_blocks_out_of_execution_order():
+    model = _gpt()
+    plan = make_plan("gpt-tiny", pp=3, num_micro_batches=3, model=model)
+    names = ["embed", "layers.0", "layers.3", "layers.2", "layers.1", "head"]
+    bad = plan.model_copy(update={"model": plan.model.model_copy(update={"block_names": names})})
+    with pytest.raises(SpecError, match="execution order"):
+        split_model(model, bad)
+
+
+def test_stage_starting_at_a_module_forward_never_calls():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.spare = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Unused()
+    plan = make_plan("unused", pp=3, num_micro_batches=3, model=model, block_names=["a", "b", "spare"])
+    with pytest.raises(SpecError, match=r"stages.2: its first block 'spare' is never called"):
+        split_model(model, plan)
+
+
+def test_schedule_micro_batch_rules():
+    model = _gpt()
+    with pytest.raises(SpecError, match=r"1f1b needs at least pp\(3\) micro-batches \(got 2\)"):
+        validate_pipeline(model, make_plan("gpt-tiny", pp=3, num_micro_batches=2, model=model))
+    plan = make_plan("gpt-tiny", pp=2, virtual_stages=2, schedule="interleaved_1f1b",
+                     num_micro_batches=5, model=model)
+    with pytest.raises(SpecError, match=r"num_micro_batches\(5\) % rounds\(2\)"):
+        validate_pipeline(model, plan)
+    validate_pipeline(model, make_plan("gpt-tiny", pp=2, virtual_stages=2, schedule="interleaved_1f1b",
+                                       num_micro_batches=6, model=model))
