@@ -68,7 +68,11 @@ def search_records(plan: Plan, knobs: Knobs) -> list[str]:
     out = []
     for i, alt in enumerate(plan.alternatives, start=1):
         if alt.knobs == knobs:
-            out.append(f"the search ranked it alternative #{i}: {alt.note or 'no note'}")
+            fit = "" if alt.fits else ", does not fit"
+            out.append(
+                f"the search ranked it alternative #{i} ({fmt_s(alt.step_time_s)}/step with its own "
+                f"stage split{fit}): {alt.note or 'no note'}"
+            )
     for r in plan.rejected:
         if _region_matches(r.region, knobs):
             out.append(f"the search pruned region {r.region} ({r.count} candidates): {r.reason}")
