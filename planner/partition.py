@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MODES = ("none", "selective", "full")
+INF = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,50 +114,66 @@ class Partitioner:
         mem = (st[last + 1] - st[first]) + inflight * (a[last + 1] - a[first])
         return time_s, mem
 
-    def _reach(self, k0: int, j_max: int, limit_s: float, inflight: float, budget: float) -> int:
-        """Largest end index k in [k0, j_max] with the stage starting at end-slot k0 feasible, or -1."""
+    def _reach(self, k0: int, j_max: int, limit_s: float, inflight: float, budget: float) -> tuple[int, float]:
+        """(largest end slot k in [k0, j_max] such that a stage from slot k0 to k is feasible, or -1;
+        the smallest limit above limit_s at which that reach would grow (inf if never))."""
         start = self._starts[k0]
         best = -1
+        event = INF
         for mi in range(len(self.modes)):
             tend = self._time_end[mi]
             t0 = self._time[mi][start]
-            k_t = bisect_right(tend, t0 + limit_s, k0, j_max + 1) - 1
-            if k_t < k0:
-                continue
+            k_t = bisect_right(tend, t0 + limit_s * (1 + 1e-12), k0, j_max + 1) - 1
             mend = self._mem_end(mi, inflight)
             m0 = self._state_at[start] + inflight * self._act[mi][start]
-            k_m = bisect_right(mend, m0 + budget, k0, k_t + 1) - 1
-            if k_m > best:
-                best = k_m
-        return best
+            cap = m0 + budget
+            if k_t >= k0:
+                k_m = bisect_right(mend, cap, k0, k_t + 1) - 1
+                if k_m > best:
+                    best = k_m
+                if k_m < k_t:
+                    continue  # memory binds in this mode: more time does not help it
+            nxt = k_t + 1
+            if nxt <= j_max and mend[nxt] <= cap:
+                ev = tend[nxt] - t0
+                if ev < event:
+                    event = ev
+        return best, event
 
-    def _greedy(self, limit_s: float, inflight: Sequence[float], budget: float) -> list[int] | None:
-        """End slots of a greedy partition with every stage under limit_s, or None."""
+    def _greedy(self, limit_s: float, inflight: Sequence[float], budget: float) -> tuple[list[int] | None, float]:
+        """(end slots of the greedy partition with every stage under limit_s, or None; the smallest
+        limit above limit_s at which some stage of this greedy could reach further)."""
         num_stages = len(inflight)
         n_ends = len(self.ends)
         k0 = 0
         cuts: list[int] = []
+        event = INF
         for j in range(num_stages):
             remaining = num_stages - 1 - j
             j_max = n_ends - 1 - remaining
             if j_max < k0:
-                return None
+                return None, event
+            k, ev = self._reach(k0, j_max, limit_s, inflight[j], budget)
+            event = min(event, ev)
             if remaining == 0:
                 # The last stage must take the rest.
-                if self._reach(k0, n_ends - 1, limit_s, inflight[j], budget) != n_ends - 1:
-                    return None
+                if k != n_ends - 1:
+                    return None, event
                 cuts.append(n_ends - 1)
-                return cuts
-            k = self._reach(k0, j_max, limit_s, inflight[j], budget)
+                return cuts, event
             if k < k0:
-                return None
+                return None, event
             cuts.append(k)
             k0 = k + 1
-        return None
+        return None, event
 
     # ------------------------------------------------------------------ API
     def solve(self, inflight: Sequence[float], budget_bytes: float) -> Partition | None:
-        """Min-max partition into len(inflight) stages, each fitting budget_bytes; None if none fits."""
+        """Min-max partition into len(inflight) stages, each fitting budget_bytes; None if none fits.
+
+        Bisection on the bottleneck whose ends snap to attainable values: a feasible probe lowers
+        `hi` to its partition's real bottleneck, an infeasible one raises `lo` to the next limit at
+        which the greedy could change, so it stops exactly at the optimum."""
         num_stages = len(inflight)
         if num_stages > len(self.ends):
             return None
@@ -164,22 +181,80 @@ class Partitioner:
         slowest = max(self.total_time_s)
         lo = max(min(self.max_block_time_s), fastest_total / num_stages) * (1 - 1e-12)
         hi = slowest * (1 + 1e-12) + 1e-30
-        cuts = self._greedy(hi, inflight, budget_bytes)
+        cuts, _ = self._greedy(hi, inflight, budget_bytes)
         if cuts is None:
             return None
-        # Is the lower end already feasible? Then it is optimal.
-        first = self._greedy(lo, inflight, budget_bytes) if lo > 0 else None
-        if first is not None:
-            cuts, hi = first, lo
-        else:
-            while hi - lo > 1e-9 * hi:
-                mid = 0.5 * (lo + hi)
-                got = self._greedy(mid, inflight, budget_bytes)
-                if got is None:
-                    lo = mid
-                else:
-                    hi, cuts = mid, got
+        hi = self._bottleneck(cuts, inflight, budget_bytes)
+        probe_lo = False
+        while lo < hi * (1 - 1e-12):
+            mid = lo if probe_lo else 0.5 * (lo + hi)
+            got, event = self._greedy(mid, inflight, budget_bytes)
+            if got is None:
+                if event >= hi:
+                    break  # nothing below hi is attainable: hi is optimal
+                lo = max(mid, event)
+                probe_lo = not probe_lo  # alternate: try the attainable lo itself, then bisect
+            else:
+                new_hi = self._bottleneck(got, inflight, budget_bytes)
+                if new_hi >= hi:
+                    break  # feasible at mid within rounding: hi is optimal
+                cuts, hi = got, new_hi
+                probe_lo = False
         return self._assign(cuts, inflight, budget_bytes)
+
+    def solve_free(self, num_stages: int) -> Partition | None:
+        """Min-max partition ignoring memory, every stage in the fastest mode (the same snapping
+        bisection as `solve`, one mode, no memory: O(num_stages log B) per probe).
+        The returned stage_memory_bytes are 0 (not computed)."""
+        n_ends = len(self.ends)
+        if num_stages > n_ends:
+            return None
+        tend, tpre, starts = self._time_end[0], self._time[0], self._starts
+        eps = 1 + 1e-12
+
+        def greedy(limit: float):
+            k0, cuts, event, worst = 0, [], INF, 0.0
+            for j in range(num_stages):
+                j_max = n_ends - num_stages + j
+                t0 = tpre[starts[k0]]
+                k = bisect_right(tend, t0 + limit * eps, k0, j_max + 1) - 1
+                if k + 1 <= j_max:
+                    event = min(event, tend[k + 1] - t0)
+                if k < k0 or (j == num_stages - 1 and k != n_ends - 1):
+                    return None, event, 0.0
+                worst = max(worst, tend[k] - t0)
+                cuts.append(k)
+                k0 = k + 1
+            return cuts, event, worst
+
+        lo = max(self.max_block_time_s[0], self.total_time_s[0] / num_stages) * (1 - 1e-12)
+        cuts, _, hi = greedy(self.total_time_s[0] * eps + 1e-30)
+        if cuts is None:
+            return None
+        probe_lo = False
+        while lo < hi * (1 - 1e-12):
+            mid = lo if probe_lo else 0.5 * (lo + hi)
+            got, event, worst = greedy(mid)
+            if got is None:
+                if event >= hi:
+                    break
+                lo = max(mid, event)
+                probe_lo = not probe_lo
+            else:
+                if worst >= hi:
+                    break
+                cuts, hi, probe_lo = got, worst, False
+        stages, times, first = [], [], 0
+        name = self.modes[0].mode
+        for k in cuts:
+            last = self.ends[k]
+            stages.append((first, last, name))
+            times.append(tpre[last + 1] - tpre[first])
+            first = last + 1
+        return Partition(tuple(stages), tuple(times), (0.0,) * len(stages))
+
+    def _bottleneck(self, cuts: Sequence[int], inflight: Sequence[float], budget: float) -> float:
+        return self._assign(cuts, inflight, budget).bottleneck_s
 
     def _assign(self, cuts: Sequence[int], inflight: Sequence[float], budget: float) -> Partition:
         """Stages from end slots: each takes the fastest mode that fits its budget."""
@@ -211,6 +286,25 @@ class Partitioner:
             times.append(t)
             mems.append(m)
         return Partition(tuple(tuple(s) for s in stages), tuple(times), tuple(mems))
+
+    def fits(self, stages: Sequence[tuple[int, int, str]], inflight: Sequence[float], budget: float) -> Partition | None:
+        """The partition with each stage in its fastest mode that fits, or None if a stage cannot."""
+        return self._assign_ranges([(a, b) for a, b, _ in stages], inflight, budget)
+
+    def _assign_ranges(self, ranges, inflight, budget) -> Partition | None:
+        stages, times, mems = [], [], []
+        for j, (first, last) in enumerate(ranges):
+            pick = None
+            for mi in range(len(self.modes)):
+                t, m = self.stage_cost(first, last, mi, inflight[j])
+                if m <= budget * (1 + 1e-12) and (pick is None or t < pick[1]):
+                    pick = (mi, t, m)
+            if pick is None:
+                return None
+            stages.append((first, last, self.modes[pick[0]].mode))
+            times.append(pick[1])
+            mems.append(pick[2])
+        return Partition(tuple(stages), tuple(times), tuple(mems))
 
     def min_bottleneck_s(self, num_stages: int) -> float:
         """Lower bound on the slowest stage of any partition into num_stages (no memory limit)."""

@@ -86,11 +86,12 @@ class CostModelBackend:
 
     def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec):
         import cost_models
+        from cost_models import memory
 
         self._cm = cost_models
         self.graph, self.hw, self.train = graph, hw, train
         self._profiles: dict[tuple, BlockProfile] = {}
-        self._inflight: dict[tuple, tuple[float, ...]] = {}
+        self._bpp = memory.bytes_per_param(train.precision, train.optimizer)
 
     def profile(self, tp: int, sp: bool, mb: int, recompute: str) -> BlockProfile:
         key = (tp, sp, mb, recompute)
@@ -100,7 +101,7 @@ class CostModelBackend:
                 self.graph, self.hw, self.train, tp=tp, sequence_parallel=sp,
                 micro_batch_size=mb, recompute=recompute,
             )
-            got = profile_from_block_costs(bc, self.graph.num_blocks)
+            got = profile_from_block_costs(bc, self._bpp)
             self._profiles[key] = got
         return got
 
@@ -116,7 +117,23 @@ class CostModelBackend:
     def inflight(self, schedule: str, pp: int, num_micro_batches: int, virtual_stages: int) -> tuple[float, ...]:
         return inflight_closed_form(schedule, pp, num_micro_batches, virtual_stages)
 
+    def partition_budget_bytes(self, budget_bytes: float) -> float:
+        """Bytes the partition DP may fill with model states and activations: the budget less the
+        cost model's allocator margin (cost_models.memory.margin_bytes charges fragmentation on
+        top of the tensors and a fixed runtime reserve)."""
+        from cost_models import memory
 
-def profile_from_block_costs(bc: Any, num_blocks: int) -> BlockProfile:
-    """Adapter from cost_models.BlockCosts to the planner's BlockProfile."""
-    raise NotImplementedError("cost_models.block_costs adapter: written when cost_models lands")
+        reserve = min(memory.RESERVE_MAX_BYTES, memory.RESERVE_FRACTION * self.hw.device.memory_bytes)
+        return max(0.0, (budget_bytes - reserve) / (1 + memory.FRAGMENTATION_FRACTION))
+
+
+def profile_from_block_costs(bc: Any, bpp: Any) -> BlockProfile:
+    """cost_models.blocks.BlockCosts -> BlockProfile (bpp: cost_models.memory.BytesPerParam)."""
+    blocks = bc.blocks
+    return BlockProfile(
+        time_s=tuple(b.total_s for b in blocks),
+        param_bytes=tuple(b.num_params * bpp.param for b in blocks),
+        grad_bytes=tuple(b.num_params * bpp.grad for b in blocks),
+        optimizer_bytes=tuple(b.num_params * bpp.optimizer for b in blocks),
+        act_bytes=tuple(b.activation_bytes for b in blocks),
+    )

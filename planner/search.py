@@ -126,6 +126,7 @@ class Search:
         self._rejected: dict[str, Rejection] = {}
         self._partitioners: dict[tuple, Partitioner] = {}
         self._partitions: dict[tuple, Partition | None] = {}
+        self._unconstrained: dict[tuple, Partition | None] = {}
         self._state_lb: dict[tuple, float] = {}
         self.scored = 0
         self.pruned = 0
@@ -306,14 +307,24 @@ class Search:
         return got
 
     def partition(self, k: Knobs, budget: float) -> Partition | None:
+        """Min-max stage partition for the knobs under a per-device budget (cached).
+
+        Fast path: the partition that ignores memory (shared by every sharding and schedule of
+        the same tp/sp/mb/stage count) is optimal whenever it fits in its fastest modes."""
         part = self.partitioner(k.tp, k.sequence_parallel, k.micro_batch_size, k.sharding,
                                 k.hsdp_shard_size, k.offload, k.dp)
         inflight = self.backend.inflight(k.schedule, k.pp, k.num_micro_batches, k.virtual_stages)
+        per_stage = budget / k.virtual_stages
         key = (k.tp, k.sequence_parallel, k.micro_batch_size, k.sharding, k.hsdp_shard_size,
-               k.offload, k.dp, inflight, budget / k.virtual_stages)
-        if key not in self._partitions:
-            self._partitions[key] = part.solve(inflight, budget / k.virtual_stages)
-        return self._partitions[key]
+               k.offload, k.dp, inflight, per_stage)
+        if key in self._partitions:
+            return self._partitions[key]
+        free = self.free_partition(k)
+        got = part.fits(free.stages, inflight, per_stage) if free is not None else None
+        if got is None or got.bottleneck_s > free.bottleneck_s * (1 + 1e-12):
+            got = part.solve(inflight, per_stage)
+        self._partitions[key] = got
+        return got
 
     @staticmethod
     def rank_bottleneck_s(stage_times: tuple[float, ...], pp: int) -> float:
@@ -339,7 +350,7 @@ class Search:
         """Partition + score one knob point; retries the partition when the model says it overflows.
 
         Returns the Scored point, or a reason string when no partition fits."""
-        budget = self.budget_bytes
+        budget = self._first_budget()
         last: Scored | None = None
         self.scored += 1  # one configuration, however many partitions it takes
         for _ in range(3):
@@ -360,6 +371,10 @@ class Search:
             return (f"{last.peak_memory_bytes / GiB:.1f} GiB > {self.budget_bytes / GiB:.1f} GiB per device "
                     f"(best partition, {last.knobs.recompute} recompute)")
         return f"no stage partition fits {self.budget_bytes / GiB:.1f} GiB per device"
+
+    def _first_budget(self) -> float:
+        shrink = getattr(self.backend, "partition_budget_bytes", None)
+        return shrink(self.budget_bytes) if shrink else self.budget_bytes
 
     def _note_closest(self, s: Scored) -> None:
         if self.closest is None or s.peak_memory_bytes < self.closest.peak_memory_bytes:
@@ -438,21 +453,52 @@ class Search:
                     f"> {self.budget_bytes / GiB:.1f} GiB per device",
                 )
                 continue
-            part = self.partition(k, self.budget_bytes)
-            thr = self.threshold_s()
-            if part is not None:
-                lb = n_mb * self.rank_bottleneck_s(part.stage_time_s, pp)
-                g = group_key(k)
-                old = self.best_by_group.get(g)
-                if lb >= thr or (old is not None and lb >= old.step_time_s):
-                    self.reject(f"{mesh_name} bound", f"step-time lower bound (busiest rank's compute x "
-                                f"micro-batches) is no better than the {self.c.top_k + 1} best found", 1)
-                    continue
+            # 1) exact bound: the memory-free min-max partition's busiest rank, every micro-batch
+            free = self.free_partition(k)
+            if free is None:
+                self.reject(f"pp={pp} v={k.virtual_stages}", f"{pp * k.virtual_stages} stages do not fit "
+                            f"the graph's {len(self.ends)} places to end a stage")
+                continue
+            lb = n_mb * self.rank_bottleneck_s(free.stage_time_s, pp)
+            if self._beaten(k, lb):
+                self.reject(f"{mesh_name} bound", f"step-time lower bound (busiest rank's compute x "
+                            f"micro-batches) is no better than the {self.c.top_k + 1} best found")
+                continue
+            # 2) score the memory-free partition: if it fits, it is this point's answer; if not,
+            #    its step time bounds (heuristically) what recompute or rebalancing can reach
+            s_free = self.score(self.with_recompute(k, free.stages), free.stages)
+            self._note_closest(s_free)
+            if s_free.fits:
+                self.scored += 1
+                self._record(s_free)
+                continue
+            if self._beaten(k, s_free.step_time_s):
+                self.reject(f"{mesh_name} bound", f"does not fit without recompute/rebalancing, and "
+                            f"even then it is no better than the {self.c.top_k + 1} best found")
+                continue
+            # 3) memory-aware partition (checkpointing per stage), scored
             got = self.evaluate(k)
             if isinstance(got, str):
                 self.reject(f"{mesh_name} {k.sharding} mb={mb}", got)
             else:
                 self._record(got)
+
+    def _beaten(self, k: Knobs, bound_s: float) -> bool:
+        """A point whose step time is >= bound_s cannot enter the top-k nor improve its group."""
+        if bound_s >= self.threshold_s():
+            return True
+        old = self.best_by_group.get(group_key(k))
+        return old is not None and bound_s >= old.step_time_s
+
+    def free_partition(self, k: Knobs) -> Partition | None:
+        """Min-max partition ignoring memory, fastest mode (shared by shardings and schedules)."""
+        num = k.pp * k.virtual_stages
+        ukey = (k.tp, k.sequence_parallel, k.micro_batch_size, num)
+        if ukey not in self._unconstrained:
+            part = self.partitioner(k.tp, k.sequence_parallel, k.micro_batch_size, k.sharding,
+                                    k.hsdp_shard_size, k.offload, k.dp)
+            self._unconstrained[ukey] = part.solve_free(num)
+        return self._unconstrained[ukey]
 
     def _note_state(self, lb: float, k: Knobs) -> None:
         if self.least_state is None or lb < self.least_state[0]:

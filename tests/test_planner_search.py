@@ -79,6 +79,12 @@ def test_partition_is_min_max_optimal(seed):
         assert all(m <= budget * (1 + 1e-9) for m in got.stage_memory_bytes)
         assert [s[1] for s in got.stages][-1] == n - 1
         assert all(s[1] in ends for s in got.stages)
+    # memory-free, fastest mode only
+    one = Partitioner(modes[:1], state, ends)
+    want_free = _brute_partition(one, ends, inflight, float("inf"))
+    free = part.solve_free(stages)
+    assert free.bottleneck_s == pytest.approx(want_free, rel=1e-9)
+    assert free.bottleneck_s == pytest.approx(one.solve(inflight, float("inf")).bottleneck_s, rel=1e-9)
 
 
 def test_even_partition_counts_and_cuts():
