@@ -105,7 +105,9 @@ def apply_data_parallel(
     if dpc.sharding == "none":  # DTensor parameters or a pipeline: FSDP2's replicate
         replicate(model, mesh=meshes.dp, mp_policy=mp_policy)
         return model
-    offload: OffloadPolicy = CPUOffloadPolicy() if dpc.offload == "cpu" else OffloadPolicy()
+    # Pinned host memory needs a CUDA driver; on a CPU-only run the policy is kept (a no-op move).
+    pin = torch.cuda.is_available()
+    offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=pin) if dpc.offload == "cpu" else OffloadPolicy()
     reshard = dpc.sharding != "zero2"
     names = dict(model.named_modules())
     blocks = [names[b] for b in plan.model.block_names if b in names and names[b] is not model]

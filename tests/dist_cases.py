@@ -81,6 +81,8 @@ def _cases() -> list[Case]:
         Case("tp-sp-lossparallel-gpt-2", 2, "gpt-tiny", dict(tp=2, sequence_parallel=True, loss_parallel=True, **gpt_tp)),
         Case("bf16-zero2-gpt-2", 2, "gpt-tiny", dict(dp=2, sharding="zero2", **sgd), torch.float32, 5e-3, "bf16"),
         Case("bf16-ddp-gpt-2", 2, "gpt-tiny", dict(dp=2, **sgd), torch.float32, 5e-3, "bf16"),
+        Case("zero3-offload-gpt-2", 2, "gpt-tiny", dict(dp=2, sharding="zero3", offload="cpu")),
+        Case("bf16-tp-gpt-2", 2, "gpt-tiny", dict(tp=2, **gpt_tp, **sgd), torch.float32, 5e-3, "bf16"),
         Case("fp16-zero3-mlp-2", 2, "mlp-tiny", dict(dp=2, sharding="zero3", **sgd), torch.float32, 5e-3, "fp16"),
         Case("hsdp-gpt-4", 4, "gpt-tiny", dict(dp=4, sharding="hsdp", hsdp_shard_size=2)),
         Case("tp2-zero3-gpt-4", 4, "gpt-tiny", dict(dp=2, tp=2, sharding="zero3", **gpt_tp)),
