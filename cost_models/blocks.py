@@ -17,7 +17,10 @@ micro-batch on ONE tensor-parallel rank, cached per layer type (repeated blocks 
   in-flight micro-batch and the recompute working set (cost_models.memory), boundary bytes.
 - FLOPs per tp rank: forward, backward, recompute.
 
-`BlockCosts` also holds prefix sums so a stage (first..last) sums in O(1): `stage(first, last)`.
+`BlockCosts` sums a stage (first..last) in O(number of layer types) with `stage(first, last)`:
+from per-type prefix counts it gets the stage's composition (how many blocks of each layer
+type) and sums count x cost per type, so equal compositions give bit-identical sums (and share
+caches downstream).
 """
 
 from __future__ import annotations
@@ -113,15 +116,27 @@ class BlockCosts:
     recompute: str
     blocks: tuple[BlockCost, ...]
     by_layer_type: dict[str, BlockCost]
-    prefix: tuple[tuple[float, ...], ...]  # per field in _FIELDS: prefix sums over blocks
+    type_costs: tuple[BlockCost, ...]  # per layer type, in type_counts order
+    type_counts: tuple[tuple[int, ...], ...]  # per layer type: prefix counts of its blocks
+    block_type: tuple[int, ...]  # layer-type index of each block
     max_working_bytes: float
     max_block_params: float
+    sums: dict  # (composition, last type) -> StageSum
+
+    def composition(self, first: int, last: int) -> tuple[tuple[int, ...], int]:
+        """(blocks of each layer type in first..last, layer type of the last block)."""
+        return tuple(c[last + 1] - c[first] for c in self.type_counts), self.block_type[last]
 
     def stage(self, first: int, last: int) -> StageSum:
         """Sums over blocks first..last (inclusive)."""
-        lo, hi = first, last + 1
-        vals = [pre[hi] - pre[lo] for pre in self.prefix]
-        return StageSum(*vals, hi - lo, self.blocks[last].output_bytes, self.max_working_bytes, self.max_block_params)
+        key = self.composition(first, last)
+        got = self.sums.get(key)
+        if got is None:
+            comp, lt = key
+            vals = [sum(n * getattr(c, f) for n, c in zip(comp, self.type_costs, strict=True) if n) for f in _FIELDS]
+            got = self.sums[key] = StageSum(*vals, sum(comp), self.type_costs[lt].output_bytes,
+                                            self.max_working_bytes, self.max_block_params)
+        return got
 
     def stage_time_s(self, first: int, last: int) -> float:
         """Forward + backward (+ weight) time of one micro-batch through blocks first..last."""
@@ -247,9 +262,12 @@ def block_costs_ctx(ctx: Context, tp: int, sequence_parallel: bool, micro_batch_
     by_type = {name: _layer_cost(ctx, lt, tp, key[1], micro_batch_size, recompute)
                for name, lt in ctx.graph.layer_types.items()}
     blocks = tuple(by_type[b.layer_type] for b in ctx.graph.blocks)
-    prefix = tuple(tuple(accumulate((getattr(b, f) for b in blocks), initial=0.0)) for f in _FIELDS)
-    got = BlockCosts(tp, key[1], micro_batch_size, recompute, blocks, by_type, prefix,
-                     max(b.working_bytes for b in blocks), max(b.num_params for b in blocks))
+    names = list(by_type)
+    block_type = tuple(names.index(b.layer_type) for b in ctx.graph.blocks)
+    counts = tuple(tuple(accumulate((int(t == i) for t in block_type), initial=0)) for i in range(len(names)))
+    got = BlockCosts(tp, key[1], micro_batch_size, recompute, blocks, by_type,
+                     tuple(by_type[n] for n in names), counts, block_type,
+                     max(b.working_bytes for b in blocks), max(b.num_params for b in blocks), {})
     ctx.costs[key] = got
     return got
 

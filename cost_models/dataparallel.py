@@ -96,7 +96,7 @@ def estimate_data_parallel_single_process(graph: ModelGraph, hw: HardwareSpec, t
     return StepEstimate(
         step_time_s=step, fits=peak <= hw.device.memory_bytes, peak_memory_bytes=peak,
         memory_capacity_bytes=float(hw.device.memory_bytes), memory_bytes=mem, memory_per_rank_bytes=(peak,),
-        memory_by_rank=(mem,), worst_rank=0, time_breakdown_s=breakdown,
+        memory_by_rank_raw=(tuple(mem.values()),), worst_rank=0, time_breakdown_s=breakdown,
         comm={"dp": AxisCommEstimate(2 * (n - 1) * (in_bytes + out_bytes) + 2 * params * bpp.param, comm_s, comm_s)},
         bubble_fraction=0.0, mfu=model_flops / (step * peak_flops), hfu=model_flops / (step * peak_flops),
         samples_per_s=B / step, tokens_per_s=B * graph.tokens_per_sample / step,

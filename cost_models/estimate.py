@@ -89,7 +89,7 @@ class StepEstimate:
     memory_capacity_bytes: float
     memory_bytes: dict[str, float]  # worst rank, by category (MEMORY_CATEGORIES)
     memory_per_rank_bytes: tuple[float, ...]  # peak per pp rank
-    memory_by_rank: tuple[dict[str, float], ...]
+    memory_by_rank_raw: tuple[tuple[float, ...], ...]  # per pp rank, values in MEMORY_CATEGORIES order
     worst_rank: int
     time_breakdown_s: dict[str, float]  # TIME_TERMS; sums to step_time_s
     comm: dict[str, AxisCommEstimate]  # "tp", "dp", "pp"
@@ -103,6 +103,11 @@ class StepEstimate:
     stage_times_raw: tuple[tuple[float, float, float, float], ...]  # (F, B, W, p2p) per virtual stage
     peak_in_flight: tuple[int, ...]  # per pp rank
     notes: tuple[str, ...] = ()
+
+    @property
+    def memory_by_rank(self) -> list[dict[str, float]]:
+        """Peak memory by category for every pp rank."""
+        return [dict(zip(MEMORY_CATEGORIES, row, strict=True)) for row in self.memory_by_rank_raw]
 
     @property
     def stage_times(self) -> list[StageTimes]:
@@ -142,12 +147,13 @@ def _check_stages(graph: ModelGraph, stages, want: int) -> None:
 
 def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb: int, split: bool,
            fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int):
-    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time) per micro-batch."""
-    key = (first, last, rec, tp, sp, mb, split, fsdp_n, fsdp_stride, last_stage, pp_stride)
+    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, key) per
+    micro-batch, cached by the stage's composition (not its position)."""
+    bc = block_costs_ctx(ctx, tp, sp, mb, rec)
+    key = (bc.composition(first, last), rec, tp, sp, mb, split, fsdp_n, fsdp_stride, last_stage, pp_stride)
     got = ctx.stage_cache.get(key)
     if got is not None:
         return got
-    bc = block_costs_ctx(ctx, tp, sp, mb, rec)
     ss = bc.stage(first, last)
     fwd_exp = bwd_exp = fsdp_time = 0.0
     if fsdp_n > 1:
@@ -170,11 +176,189 @@ def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb:
         if link is None:
             link = ctx.links[key_l] = comm.p2p_link(ctx.hw, pp_stride)
         c = comm.p2p_s(ss.output_bytes, link)
-    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time)
-    ctx.stage_cache[key] = got
+    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, key)
     if len(ctx.stage_cache) > 200_000:
         ctx.stage_cache.clear()
+    ctx.stage_cache[key] = got
     return got
+
+
+@dataclass(frozen=True, slots=True)
+class _Rank:
+    """What one pp rank needs that does not depend on the micro-batch count or the schedule."""
+
+    activation: tuple[float, ...]  # stored bytes per micro-batch, per stage of this rank
+    param_b: float
+    grad_b: float
+    opt_b: float
+    trans_b: float  # transient buffers besides activations
+    opt_tmp_b: float  # optimizer-step temporaries
+    # post-pipeline communication pieces (see _post)
+    rs_tot: float
+    rs_last: float
+    window: float  # backward of one micro-batch on this rank
+    ag_after: float
+    fixed_exposed: float  # DDP / HSDP replica all-reduce exposed, independent of m
+    fixed_time: float
+    fixed_vol: float
+    grad_vol: float
+    fsdp_per_mb: float
+    tied: float
+    opt_s: float
+    offload_s: float
+    # per-micro-batch sums for the breakdown
+    f_c: float
+    b_c: float
+    rec: float
+    tp_s: float
+    tp_vol: float
+    fsdp_s: float
+    pp_vol: float
+    pp_t: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    times: tuple[tuple[float, float, float, float], ...]
+    ranks: tuple[_Rank, ...]
+    rank_stages: tuple[tuple[int, ...], ...]
+    flops_per_mb: float  # per tp rank, all stages: fwd + bwd + recompute
+    crit_p2p: float
+    notes: tuple[str, ...]
+
+
+def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
+    graph, hw, train = ctx.graph, ctx.hw, ctx.train
+    pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
+    S = pp * v
+    mb = k.micro_batch_size
+    sp = bool(k.sequence_parallel and tp > 1)
+    split = sched == "zero_bubble"
+    sharding, bpp = k.sharding, ctx.bpp
+    if sharding == "hsdp":
+        shard_n = k.hsdp_shard_size or dp
+        if dp % shard_n:
+            raise SpecError(f"hsdp_shard_size: {shard_n} must divide dp ({dp})")
+    else:
+        shard_n = dp
+    fsdp_n = shard_n if sharding in ("zero3", "hsdp") else 1
+    pp_stride = tp * dp
+    st = [_stage(ctx, a, b, r, tp, sp, mb, split, fsdp_n, tp, j == S - 1, pp_stride)
+          for j, (a, b, r) in enumerate(stages)]
+    times = tuple((x[0], x[1], x[2], x[3]) for x in st)
+
+    notes: list[str] = []
+    firsts = [s_[0] for s_ in stages]
+    tied_rank_params = [0.0] * pp
+    tied_comm = [0.0] * pp
+    if graph.tied_blocks and graph.tied_param_bytes > 0:
+        tied_params = graph.tied_param_bytes / itemsize(graph.param_dtype)
+        for a, b in graph.tied_blocks:
+            ra, rb = (bisect_right(firsts, a) - 1) % pp, (bisect_right(firsts, b) - 1) % pp
+            tsplit = ctx.split_fraction[graph.blocks[a].layer_type] if tp > 1 else 0.0
+            local = tied_params * ((1 - tsplit) + tsplit / tp)
+            if ra == rb:
+                tied_rank_params[ra] += local
+            else:
+                t = 2 * comm.p2p_s(local * bpp.grad, comm.p2p_link(hw, pp_stride))
+                tied_comm[ra] = max(tied_comm[ra], t)
+                tied_comm[rb] = max(tied_comm[rb], t)
+                notes.append("tied parameters on different pp ranks: a copy on each, gradients all-reduced")
+    dp_link = ctx.link(dp, tp)
+    rep_link = ctx.link(dp // shard_n, tp * shard_n) if sharding == "hsdp" else None
+    curves = curves_for(hw)
+    step_bpp = optimizer_step_bytes_per_param(train.precision, train.optimizer)
+    opt_div = {"zero1": dp, "zero2": dp, "zero3": dp, "hsdp": shard_n}.get(sharding, 1)
+    act_isz = itemsize(ctx.dtype)
+    last_block_split = bool(graph.layer(graph.num_blocks - 1).tp_candidates) and tp > 1
+
+    ranks = []
+    rank_stages = tuple(tuple(range(r, S, pp)) for r in range(pp))
+    for r in range(pp):
+        js = rank_stages[r]
+        rkey = ("rank", tuple(st[j][8] for j in js), tied_rank_params[r], tied_comm[r], S - 1 in js, pp, dp, tp,
+                sharding, shard_n, k.offload)
+        got = ctx.stage_cache.get(rkey)
+        if got is not None:
+            ranks.append(got)
+            continue
+        sums = [st[j][4] for j in js]
+        n_params = sum(x.num_params for x in sums) - tied_rank_params[r]
+        states = sharded_states(n_params, bpp, sharding=sharding, dp=dp, hsdp_shard_size=shard_n, offload=k.offload)
+        trans = 0.0
+        if fsdp_n > 1:
+            trans += max(x.max_block_params for x in sums) * (2 * bpp.param + bpp.grad)
+        if sharding in ("none", "zero1"):
+            trans += n_params * bpp.grad  # DDP bucket copies of the gradients
+        elif sharding == "hsdp":
+            trans += n_params * bpp.grad / shard_n
+        elif sharding == "zero2":
+            trans += min(2 * DDP_BUCKET_BYTES, n_params * bpp.grad)  # reduce-scatter buckets
+        if pp > 1:
+            trans += 4 * max(x.output_bytes for x in sums)
+        if S - 1 in js:
+            trans += ctx.final_output_bytes * mb * (1 + 2 * 4 / act_isz) / (tp if last_block_split else 1)
+        recomputed = [st[j][4].max_working_bytes for j in js if stages[j][2] != "none"]
+        if recomputed:
+            trans += max(recomputed)
+        opt_params = n_params / opt_div
+        opt_tmp = 4 * opt_params if (train.optimizer in ("adam", "adamw") and k.offload == "none") else 0.0
+
+        grad_bytes = n_params * bpp.grad
+        window = sum(st[j][1] + st[j][2] for j in js)
+        rs_tot = rs_last = ag_after = fixed_exp = fixed_time = fixed_vol = grad_vol = fsdp_mb = 0.0
+        if dp > 1:
+            if sharding == "none":
+                tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+                fixed_exp, fixed_time = max(last, tot - window), tot
+                fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp)
+            elif sharding in ("zero1", "zero2"):
+                rs_tot, rs_last = comm.bucketed_reduce_scatter_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+                ag_after = comm.all_gather_s(n_params * bpp.param, dp_link)
+                grad_vol = comm.all_gather_volume_bytes(grad_bytes, dp)
+            else:
+                fsdp_mb = sum(st[j][7] for j in js)
+                grad_vol = 3 * comm.all_gather_volume_bytes(grad_bytes, shard_n)
+                if sharding == "hsdp" and rep_link is not None and rep_link.size > 1:
+                    tot, last = comm.bucketed_all_reduce_s(grad_bytes / shard_n, rep_link, DDP_BUCKET_BYTES)
+                    fixed_exp, fixed_time = max(last, tot - window), tot
+                    fixed_vol = comm.all_reduce_volume_bytes(grad_bytes / shard_n, dp // shard_n)
+        opt_s = off_s = 0.0
+        if k.offload == "cpu":
+            pcie = hw.host.pcie_bandwidth_bytes_per_s
+            off_s = opt_params * (bpp.grad + bpp.param) / pcie + opt_params / hw.host.cpu_adam_params_per_s
+        else:
+            nbytes = opt_params * step_bpp
+            if nbytes > 0:
+                bw = hw.device.memory_bandwidth_bytes_per_s
+                opt_s = max(hw.device.kernel_launch_s, nbytes / (bw * memory_efficiency(curves, nbytes)))
+        got = ctx.stage_cache[rkey] = _Rank(
+            tuple(x.activation_bytes for x in sums), states.param, states.grad, states.optimizer, trans, opt_tmp,
+            rs_tot, rs_last, window, ag_after, fixed_exp, fixed_time, fixed_vol, grad_vol, fsdp_mb, tied_comm[r],
+            opt_s, off_s,
+            sum(x.forward_compute_s for x in sums), sum(x.backward_compute_s + x.weight_compute_s for x in sums),
+            sum(x.recompute_s for x in sums), sum(x.tp_forward_s + x.tp_backward_s for x in sums),
+            sum(x.tp_volume_bytes for x in sums), sum(st[j][5] + st[j][6] for j in js),
+            sum(2 * st[j][4].output_bytes for j in js if j < S - 1), sum(2 * st[j][3] for j in js if j < S - 1),
+        )
+        ranks.append(got)
+    flops = sum(x[4].fwd_flops + x[4].bwd_flops + x[4].recompute_flops for x in st)
+    if split:
+        notes.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
+    if train.optimizer == "sgd":
+        notes.append("sgd assumed with momentum (4 bytes/param of state)")
+    return _Layout(times, tuple(ranks), rank_stages, flops, 2 * sum(t[3] for t in times), tuple(dict.fromkeys(notes)))
+
+
+def _post(rk: _Rank, sharding: str, m: int) -> tuple[float, float, float]:
+    """(exposed, time, volume) of the rank's data-parallel traffic for m micro-batches."""
+    if sharding in ("zero1", "zero2"):
+        reps = m if sharding == "zero2" else 1
+        exposed = max(rk.rs_last, reps * (rk.rs_tot - rk.window)) + rk.ag_after if rk.rs_tot else 0.0
+        return exposed, reps * rk.rs_tot + rk.ag_after, (reps + 1) * rk.grad_vol
+    if sharding in ("zero3", "hsdp"):
+        return rk.fixed_exposed, m * rk.fsdp_per_mb + rk.fixed_time, m * rk.grad_vol + rk.fixed_vol
+    return rk.fixed_exposed, rk.fixed_time, rk.fixed_vol
 
 
 def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int, str]], hw: HardwareSpec,
@@ -196,186 +380,72 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     world = pp * dp * tp
     if world != hw.num_devices:
         raise SpecError(f"knobs: tp({tp}) * pp({pp}) * dp({dp}) = {world}, but the hardware has {hw.num_devices} devices")
-    S = pp * v
-    _check_stages(graph, stages, S)
-    mb, m = k.micro_batch_size, k.num_micro_batches
-    sp = bool(k.sequence_parallel and tp > 1)
     sched = k.schedule if pp > 1 else "1f1b"
-    split = sched == "zero_bubble"
-    sharding = k.sharding
-    bpp = ctx.bpp
-    if sharding == "hsdp":
-        shard_n = k.hsdp_shard_size or dp
-        if dp % shard_n:
-            raise SpecError(f"hsdp_shard_size: {shard_n} must divide dp ({dp})")
-    else:
-        shard_n = dp
-    fsdp_n = shard_n if sharding in ("zero3", "hsdp") else 1
-    pp_stride = tp * dp
-
-    st = [_stage(ctx, a, b, r, tp, sp, mb, split, fsdp_n, tp, j == S - 1, pp_stride)
-          for j, (a, b, r) in enumerate(stages)]
-    times = tuple((x[0], x[1], x[2], x[3]) for x in st)
-    sim = simulate_cached(sched, pp, m, v, times)
+    mb, m = k.micro_batch_size, k.num_micro_batches
+    key = ("layout", tuple(stages), pp, dp, tp, v, k.sharding, k.hsdp_shard_size, k.offload, mb,
+           k.sequence_parallel, sched == "zero_bubble")
+    lay = ctx.stage_cache.get(key)
+    if lay is None:
+        _check_stages(graph, stages, pp * v)
+        lay = ctx.stage_cache[key] = _layout(ctx, k, stages, sched)
+    sim = simulate_cached(sched, pp, m, v, lay.times)
     T_pipe = sim.step_time_s
-
-    # ----------------------------------------------------------- per rank: states, post-step time
-    notes: list[str] = []
-    rank_stages = [list(range(r, S, pp)) for r in range(pp)]
-    firsts = [s[0] for s in stages]
-    tied_rank_params = [0.0] * pp
-    tied_comm = [0.0] * pp
-    if graph.tied_blocks and graph.tied_param_bytes > 0:
-        tied_params = graph.tied_param_bytes / itemsize(graph.param_dtype)
-        for a, b in graph.tied_blocks:
-            ja, jb = bisect_right(firsts, a) - 1, bisect_right(firsts, b) - 1
-            ra, rb = ja % pp, jb % pp
-            tsplit = ctx.split_fraction[graph.blocks[a].layer_type] if tp > 1 else 0.0
-            local = tied_params * ((1 - tsplit) + tsplit / tp)
-            if ra == rb:
-                tied_rank_params[ra] += local
-            else:
-                link = comm.p2p_link(hw, pp_stride)
-                t = 2 * comm.p2p_s(local * bpp.grad, link)
-                tied_comm[ra] = max(tied_comm[ra], t)
-                tied_comm[rb] = max(tied_comm[rb], t)
-                notes.append("tied parameters on different pp ranks: a copy on each, gradients all-reduced")
-    dp_link = ctx.link(dp, tp)
-    rep_link = ctx.link(dp // shard_n, tp * shard_n) if sharding == "hsdp" else None
-    curves = curves_for(hw)
     capacity = float(hw.device.memory_bytes)
-    step_bpp = optimizer_step_bytes_per_param(train.precision, train.optimizer)
-    opt_div = {"zero1": dp, "zero2": dp, "zero3": dp, "hsdp": shard_n}.get(sharding, 1)
-    act_isz = itemsize(ctx.dtype)
-    last_block_split = bool(graph.layer(graph.num_blocks - 1).tp_candidates) and tp > 1
+    sharding = k.sharding
 
-    mem_rank: list[dict[str, float]] = []
-    totals: list[float] = []
-    post: list[tuple[float, float, float, float, float, float]] = []  # (dp_exposed, dp_time, dp_vol, tied, opt, offload)
-    for r in range(pp):
-        js = rank_stages[r]
-        n_params = sum(st[j][4].num_params for j in js) - tied_rank_params[r]
-        states = sharded_states(n_params, bpp, sharding=sharding, dp=dp, hsdp_shard_size=shard_n, offload=k.offload)
-        acts = sum(sim.peak_in_flight_per_stage[j] * st[j][4].activation_bytes for j in js)
-        trans = 0.0
-        if fsdp_n > 1:
-            big = max(st[j][4].max_block_params for j in js)
-            trans += big * (2 * bpp.param + bpp.grad)
-        if sharding in ("none", "zero1"):
-            trans += n_params * bpp.grad  # DDP bucket copies of the gradients
-        elif sharding == "hsdp":
-            trans += n_params * bpp.grad / shard_n
-        elif sharding == "zero2":
-            trans += min(2 * DDP_BUCKET_BYTES, n_params * bpp.grad)  # reduce-scatter buckets
-        if pp > 1:
-            trans += 4 * max(st[j][4].output_bytes for j in js)
-        if S - 1 in js:
-            logits = ctx.final_output_bytes * mb * (1 + 2 * 4 / act_isz) / (tp if last_block_split else 1)
-            trans += logits
-        if any(stages[j][2] != "none" for j in js):
-            trans += max(st[j][4].max_working_bytes for j in js if stages[j][2] != "none")
-        opt_params = n_params / opt_div
-        opt_tmp = 4 * opt_params if (train.optimizer in ("adam", "adamw") and k.offload == "none") else 0.0
-        static = states.param + states.grad + states.optimizer
-        dynamic = max(acts + trans, opt_tmp)
+    totals, mem_rank, post_tot, posts = [], [], [], []
+    peaks = sim.peak_in_flight_per_stage
+    for rk, js in zip(lay.ranks, lay.rank_stages, strict=True):
+        acts = 0.0
+        for j, a in zip(js, rk.activation, strict=True):
+            acts += peaks[j] * a
+        static = rk.param_b + rk.grad_b + rk.opt_b
+        dynamic = max(acts + rk.trans_b, rk.opt_tmp_b)
         margin = margin_bytes(static + dynamic, capacity)
-        mem = {"parameters": states.param, "gradients": states.grad, "optimizer": states.optimizer,
-               "activations": acts, "transient": dynamic - acts, "margin": margin}
-        mem_rank.append(mem)
         totals.append(static + dynamic + margin)
-
-        # post-pipeline time on this rank
-        grad_bytes = n_params * bpp.grad
-        window = sum(st[j][1] + st[j][2] for j in js)  # backward of one micro-batch on this rank
-        dp_exp = dp_time = dp_vol = 0.0
-        if dp > 1:
-            if sharding == "none":
-                tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
-                dp_exp, dp_time = max(last, tot - window), tot
-                dp_vol = comm.all_reduce_volume_bytes(grad_bytes, dp)
-            elif sharding in ("zero1", "zero2"):
-                tot, last = comm.bucketed_reduce_scatter_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
-                reps = m if sharding == "zero2" else 1
-                ag = comm.all_gather_s(n_params * bpp.param, dp_link)
-                dp_exp = max(last, reps * tot - reps * window) + ag
-                dp_time = reps * tot + ag
-                dp_vol = (reps + 1) * comm.all_gather_volume_bytes(grad_bytes, dp)
-            else:
-                fs = sum(st[j][7] for j in js)
-                dp_time = m * fs
-                dp_vol = m * 3 * comm.all_gather_volume_bytes(grad_bytes, shard_n)
-                if sharding == "hsdp" and rep_link is not None and rep_link.size > 1:
-                    tot, last = comm.bucketed_all_reduce_s(grad_bytes / shard_n, rep_link, DDP_BUCKET_BYTES)
-                    dp_exp = max(last, tot - window)
-                    dp_time += tot
-                    dp_vol += comm.all_reduce_volume_bytes(grad_bytes / shard_n, dp // shard_n)
-        opt_s = off_s = 0.0
-        if k.offload == "cpu":
-            pcie = hw.host.pcie_bandwidth_bytes_per_s
-            off_s = opt_params * (bpp.grad + bpp.param) / pcie + opt_params / hw.host.cpu_adam_params_per_s
-        else:
-            nbytes = opt_params * step_bpp
-            if nbytes > 0:
-                bw = hw.device.memory_bandwidth_bytes_per_s
-                opt_s = max(hw.device.kernel_launch_s, nbytes / (bw * memory_efficiency(curves, nbytes)))
-        post.append((dp_exp, dp_time, dp_vol, tied_comm[r], opt_s, off_s))
-
-    post_tot = [p[0] + p[3] + p[4] + p[5] for p in post]
-    rp = max(range(pp), key=lambda r: post_tot[r])
+        mem_rank.append((acts, dynamic, margin))
+        p = _post(rk, sharding, m)
+        posts.append(p)
+        post_tot.append(p[0] + rk.tied + rk.opt_s + rk.offload_s)
+    rp = max(range(pp), key=post_tot.__getitem__)
     step = T_pipe + post_tot[rp]
 
-    # ----------------------------------------------------------- breakdown on the busiest rank
     rb = sim.busiest_rank
-    jb = rank_stages[rb]
-    f_c = b_c = rec = tp_s = fsdp_s = tp_vol = pp_vol = pp_t = 0.0
-    for j in jb:
-        ss = st[j][4]
-        f_c += ss.forward_compute_s
-        b_c += ss.backward_compute_s + ss.weight_compute_s
-        rec += ss.recompute_s
-        tp_s += ss.tp_forward_s + ss.tp_backward_s
-        tp_vol += ss.tp_volume_bytes
-        fsdp_s += st[j][5] + st[j][6]
-        if j < S - 1:
-            pp_vol += 2 * ss.output_bytes
-            pp_t += 2 * st[j][3]
+    R, P = lay.ranks[rb], lay.ranks[rp]
     idle = max(0.0, T_pipe - sim.busy_s[rb])
-    crit_p2p = 2 * sum(t[3] for t in times)
-    pp_exp = min(idle, crit_p2p)
-    dpe, dpt, dpv, tied_t, opt_s, off_s = post[rp]
+    pp_exp = min(idle, lay.crit_p2p)
+    dpe, dpt, dpv = posts[rp]
     breakdown = {
-        "compute_forward_s": m * f_c, "compute_backward_s": m * b_c, "recompute_s": m * rec,
-        "tp_comm_s": m * tp_s, "dp_comm_s": m * fsdp_s + dpe, "pp_comm_s": pp_exp + tied_t,
-        "bubble_s": idle - pp_exp, "optimizer_s": opt_s, "offload_s": off_s,
+        "compute_forward_s": m * R.f_c, "compute_backward_s": m * R.b_c, "recompute_s": m * R.rec,
+        "tp_comm_s": m * R.tp_s, "dp_comm_s": m * R.fsdp_s + dpe, "pp_comm_s": pp_exp + P.tied,
+        "bubble_s": idle - pp_exp, "optimizer_s": P.opt_s, "offload_s": P.offload_s,
     }
     comm_axes = {
-        "tp": AxisCommEstimate(m * tp_vol, m * tp_s, m * tp_s),
-        "dp": AxisCommEstimate(dpv, dpt, m * fsdp_s + dpe),
-        "pp": AxisCommEstimate(m * pp_vol, m * pp_t + tied_t, pp_exp + tied_t),
+        "tp": AxisCommEstimate(m * R.tp_vol, m * R.tp_s, m * R.tp_s),
+        "dp": AxisCommEstimate(dpv, dpt, m * R.fsdp_s + dpe),
+        "pp": AxisCommEstimate(m * R.pp_vol, m * R.pp_t + P.tied, pp_exp + P.tied),
     }
-
-    # ----------------------------------------------------------- memory, throughput, FLOPs
-    worst = max(range(pp), key=lambda r: totals[r])
+    worst = max(range(pp), key=totals.__getitem__)
+    W = lay.ranks[worst]
+    acts, dynamic, margin = mem_rank[worst]
+    memory = {"parameters": W.param_b, "gradients": W.grad_b, "optimizer": W.opt_b, "activations": acts,
+              "transient": dynamic - acts, "margin": margin}
     peak_mem = totals[worst]
     samples = mb * m * dp
     model_flops = ctx.model_flops_per_sample * samples
-    hw_flops = sum(x[4].fwd_flops + x[4].bwd_flops + x[4].recompute_flops for x in st) * tp * m * dp
+    hw_flops = lay.flops_per_mb * tp * m * dp
     peak = peak_flops_per_s(hw, ctx.dtype) * world
-    mfu = model_flops / (step * peak) if step > 0 else 0.0
-    hfu = hw_flops / (step * peak) if step > 0 else 0.0
-    if split:
-        notes.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
-    if train.optimizer == "sgd":
-        notes.append("sgd assumed with momentum (4 bytes/param of state)")
+    inv = 1.0 / step if step > 0 else 0.0
     return StepEstimate(
         step_time_s=step, fits=peak_mem <= capacity, peak_memory_bytes=peak_mem, memory_capacity_bytes=capacity,
-        memory_bytes=mem_rank[worst], memory_per_rank_bytes=tuple(totals), memory_by_rank=tuple(mem_rank),
-        worst_rank=worst, time_breakdown_s=breakdown, comm=comm_axes,
-        bubble_fraction=(idle - pp_exp) / step if step > 0 else 0.0, mfu=mfu, hfu=hfu,
-        samples_per_s=samples / step if step > 0 else 0.0,
-        tokens_per_s=samples * graph.tokens_per_sample / step if step > 0 else 0.0,
-        model_flops_per_step=model_flops, hardware_flops_per_step=hw_flops, stage_times_raw=times,
-        peak_in_flight=sim.peak_in_flight, notes=tuple(dict.fromkeys(notes)),
+        memory_bytes=memory, memory_per_rank_bytes=tuple(totals),
+        memory_by_rank_raw=tuple((rk.param_b, rk.grad_b, rk.opt_b, a, d - a, mg)
+                                 for rk, (a, d, mg) in zip(lay.ranks, mem_rank, strict=True)),
+        worst_rank=worst, time_breakdown_s=breakdown,
+        comm=comm_axes, bubble_fraction=(idle - pp_exp) * inv, mfu=model_flops * inv / peak,
+        hfu=hw_flops * inv / peak, samples_per_s=samples * inv, tokens_per_s=samples * graph.tokens_per_sample * inv,
+        model_flops_per_step=model_flops, hardware_flops_per_step=hw_flops, stage_times_raw=lay.times,
+        peak_in_flight=sim.peak_in_flight, notes=lay.notes,
     )
 
 

@@ -18,8 +18,8 @@ busiest rank: the part of the step the pipeline adds), peak in-flight micro-batc
 split: conservative for zero-bubble, whose B frees most of it), and the timeline.
 
 Speed: the dependency order depends only on the schedule's structure, so it is compiled once
-per (schedule, pp, m, v) and the timing pass is one loop over the actions. Results are cached
-per (structure, stage times).
+per (schedule, pp, m, v) and the timing pass is one loop over the actions (~0.5 us per action
+in CPython). `simulate_cached` memoises results per (structure, stage times).
 """
 
 from __future__ import annotations
@@ -52,9 +52,27 @@ class _Compiled:
     order: tuple[tuple[int, int, int, int, int, int], ...]
     num_ranks: int
     num_stages: int
+    # the same as flat columns for the fast pass: (rank, dep index or -1, lag slot, duration slot)
+    flat: tuple[tuple[int, int, int, int], ...]
+    peak_in_flight: tuple[int, ...]
+    peak_in_flight_per_stage: tuple[int, ...]
+    actions_per_rank_stage: tuple[tuple[int, int, int], ...]  # per stage: count of F, B, W actions
+    stage_rank: tuple[int, ...]
 
 
 @lru_cache(maxsize=256)
+def _compiled(name: str, pp: int, m: int, v: int) -> _Compiled:
+    """The compiled form of a built schedule, cached by its parameters (hashing a Schedule
+    would hash every action)."""
+    return _compile(build_schedule(name, pp, m, v))
+
+
+def _compile_any(sched: Schedule) -> _Compiled:
+    if sched is build_schedule(sched.name, sched.pp, sched.num_micro_batches, sched.virtual_stages):
+        return _compiled(sched.name, sched.pp, sched.num_micro_batches, sched.virtual_stages)
+    return _compile(sched)
+
+
 def _compile(sched: Schedule) -> _Compiled:
     p = sched.pp
     S = sched.num_stages
@@ -90,50 +108,67 @@ def _compile(sched: Schedule) -> _Compiled:
         if not progressed:
             stuck = {r: str(sched.actions[r][ptr[r]]) for r in range(p) if ptr[r] < len(sched.actions[r])}
             raise ValueError(f"schedule {sched.name} deadlocks: next actions {stuck} wait on each other")
-    return _Compiled(tuple(order), p, S)
+    # In-flight micro-batches change only with a rank's own actions, which run in list order,
+    # so their peaks are a property of the schedule, not of the times.
+    release = 2 if sched.split_backward else 1
+    inflight, peak = [0] * p, [0] * p
+    st_in, st_peak = [0] * S, [0] * S
+    counts = [[0, 0, 0] for _ in range(S)]
+    for r, acts in enumerate(sched.actions):
+        for a in acts:
+            k, s = _KIND[a.kind], a.stage
+            counts[s][k] += 1
+            if k == 0:
+                inflight[r] += 1
+                st_in[s] += 1
+                peak[r] = max(peak[r], inflight[r])
+                st_peak[s] = max(st_peak[s], st_in[s])
+            elif k == release:
+                inflight[r] -= 1
+                st_in[s] -= 1
+    # lag slot S means "no p2p" (a 0.0 appended to the lag list); dep -1 reads a 0.0 sentinel
+    flat = tuple((r, dep, lag if lag >= 0 else S, 3 * s + k) for r, k, s, _mb, dep, lag in order)
+    return _Compiled(tuple(order), p, S, flat, tuple(peak), tuple(st_peak), tuple(tuple(c) for c in counts),
+                     rank_of)
 
 
 def _run(comp: _Compiled, dur: tuple[tuple[float, float, float], ...], lag: tuple[float, ...],
          split: bool, want_timeline: bool) -> ScheduleResult:
-    p, S = comp.num_ranks, comp.num_stages
-    end = [0.0] * len(comp.order)
+    p = comp.num_ranks
+    d = [x for t in dur for x in t]
+    lg = [*lag, 0.0]
+    end = [0.0] * (len(comp.flat) + 1)  # end[-1] stays 0.0: the sentinel for "no dependency"
     free = [0.0] * p
-    busy = [0.0] * p
-    inflight = [0] * p
-    peak = [0] * p
-    st_in = [0] * S
-    st_peak = [0] * S
-    release = 2 if split else 1
-    timeline = []
-    for i, (r, k, s, mb, dep, lg) in enumerate(comp.order):
-        start = free[r]
-        if dep >= 0:
-            ready = end[dep] + (lag[lg] if lg >= 0 else 0.0)
-            if ready > start:
-                start = ready
-        d = dur[s][k]
-        e = start + d
-        end[i] = e
-        free[r] = e
-        busy[r] += d
-        if k == 0:
-            inflight[r] += 1
-            st_in[s] += 1
-            if inflight[r] > peak[r]:
-                peak[r] = inflight[r]
-            if st_in[s] > st_peak[s]:
-                st_peak[s] = st_in[s]
-        elif k == release:
-            inflight[r] -= 1
-            st_in[s] -= 1
-        if want_timeline:
+    if want_timeline:
+        timeline = []
+        for i, ((r, dep, li, di), (_, k, s, mb, _, _)) in enumerate(zip(comp.flat, comp.order, strict=True)):
+            start = free[r]
+            x = end[dep] + lg[li]
+            if x > start:
+                start = x
+            e = start + d[di]
+            end[i] = free[r] = e
             timeline.append((r, "FBW"[k], s, mb, start, e))
+        timeline.sort(key=lambda t: (t[0], t[4]))
+    else:
+        timeline = ()
+        i = 0
+        for r, dep, li, di in comp.flat:
+            start = free[r]
+            x = end[dep] + lg[li]
+            if x > start:
+                start = x
+            end[i] = free[r] = start + d[di]
+            i += 1
+    busy = [0.0] * p
+    for s, (nf, nb, nw) in enumerate(comp.actions_per_rank_stage):
+        f, b, w = dur[s]
+        busy[comp.stage_rank[s]] += nf * f + nb * b + nw * w
     step = max(free)
     top = max(busy)
     bubble = 1.0 - top / step if step > 0 else 0.0
-    if want_timeline:
-        timeline.sort(key=lambda t: (t[0], t[4]))
-    return ScheduleResult(step, max(0.0, bubble), tuple(busy), tuple(peak), tuple(st_peak), tuple(timeline))
+    return ScheduleResult(step, max(0.0, bubble), tuple(busy), comp.peak_in_flight, comp.peak_in_flight_per_stage,
+                          tuple(timeline))
 
 
 def simulate(schedule: Schedule, stage_times, *, timeline: bool = True) -> ScheduleResult:
@@ -147,7 +182,7 @@ def simulate(schedule: Schedule, stage_times, *, timeline: bool = True) -> Sched
             f"{schedule.virtual_stages}), got {len(stage_times)}"
         )
     dur, lag = _durations(stage_times, schedule.split_backward)
-    return _run(_compile(schedule), dur, lag, schedule.split_backward, timeline)
+    return _run(_compile_any(schedule), dur, lag, schedule.split_backward, timeline)
 
 
 def _durations(stage_times, split: bool):
@@ -167,23 +202,14 @@ _CACHE_MAX = 50_000
 
 
 def simulate_cached(name: str, pp: int, m: int, v: int, times: tuple[tuple[float, float, float, float], ...]) -> ScheduleResult:
-    """`simulate` without a timeline, memoised on the schedule and the stage times.
-
-    The simulator is homogeneous (scaling every time by a scales the step time by a and leaves
-    bubble and in-flight counts unchanged), so the key is the times relative to the first
-    stage's forward, rounded to 1e-9; the cached result is rescaled.
-    """
-    scale = times[0][0] or 1.0
-    key = (name, pp, m, v, tuple(round(x / scale, 9) for t in times for x in t))
+    """`simulate` without a timeline, memoised on (schedule, pp, m, v, stage times)."""
+    key = (name, pp, m, v, times)
     hit = _CACHE.get(key)
     if hit is None:
-        sched = build_schedule(name, pp, m, v)
-        dur, lag = _durations(tuple(tuple(x / scale for x in t) for t in times), sched.split_backward)
-        hit = _run(_compile(sched), dur, lag, sched.split_backward, False)
+        split = name == "zero_bubble"
+        dur, lag = _durations(times, split)
+        hit = _run(_compiled(name, pp, m, v), dur, lag, split, False)
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.clear()
         _CACHE[key] = hit
-    if scale == 1.0:
-        return hit
-    return ScheduleResult(hit.step_time_s * scale, hit.bubble_fraction, tuple(b * scale for b in hit.busy_s),
-                          hit.peak_in_flight, hit.peak_in_flight_per_stage)
+    return hit

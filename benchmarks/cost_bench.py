@@ -1,0 +1,120 @@
+"""Per-candidate cost of scoring plans with estimate_knobs, for GPT-3 175B on 1024 A100s.
+
+Enumerates a search-like space (tp x pp x dp = 1024, micro-batch size, ZeRO stage, recompute,
+sequence parallelism, schedule) with an even stage partition, and scores every candidate:
+
+- cold: each candidate once, from empty caches (what a search pays the first time it sees a
+  candidate: block costs per layer type are shared, pipeline simulations are shared only
+  between candidates with the same pipeline and stage times);
+- warm: the same candidates again with every cache hot (the fixed overhead per call);
+- the pipeline simulations on their own (count and mean time).
+
+Times are CPU time of this process (time.process_time), so other load on a shared machine
+inflates them less than wall-clock would. Run: .venv/bin/python benchmarks/cost_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cost_models import estimate_knobs  # noqa: E402
+from cost_models import simulator as sim_mod  # noqa: E402
+from specs import HardwareSpec, Knobs, TrainSpec  # noqa: E402
+
+
+def even_stages(num_blocks: int, n: int, rec: str) -> list[tuple[int, int, str]]:
+    out, b = [], 0
+    for j in range(n):
+        c = num_blocks // n + (1 if j < num_blocks % n else 0)
+        out.append((b, b + c - 1, rec))
+        b += c
+    return out
+
+
+def candidates(num_blocks: int, world: int, batch: int):
+    for tp in (1, 2, 4, 8):
+        for pp in (1, 2, 4, 8, 16, 32):
+            if world % (tp * pp):
+                continue
+            dp = world // (tp * pp)
+            for mb in (1, 2):
+                if batch % (dp * mb):
+                    continue
+                m = batch // (dp * mb)
+                scheds = [("1f1b", 1)]
+                if pp > 1:
+                    scheds.append(("zero_bubble", 1))
+                    if m % pp == 0 and num_blocks >= 2 * pp * 2:
+                        scheds.append(("interleaved_1f1b", 2))
+                for sched, v in scheds:
+                    for sharding in ("none", "zero1", "zero2", "zero3"):
+                        for rec in ("none", "selective", "full"):
+                            for sp in ((False, True) if tp > 1 else (False,)):
+                                knobs = Knobs(pp=pp, dp=dp, tp=tp, sharding=sharding, micro_batch_size=mb,
+                                              num_micro_batches=m, schedule=sched, virtual_stages=v,
+                                              recompute=rec, sequence_parallel=sp)
+                                yield knobs, even_stages(num_blocks, pp * v, rec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--traced", action="store_true", help="trace the bundled gpt3-175b (planner.trace) "
+                    "instead of the analytic graph (tests/graphs.py)")
+    args = ap.parse_args()
+    if args.traced:
+        from planner import trace
+        from planner.models import build_model
+
+        bm = build_model("gpt3-175b", device="meta")
+        graph = trace(bm.module, bm.example_inputs)
+    else:
+        from tests.graphs import gpt_graph_from_config
+
+        graph = gpt_graph_from_config("gpt3-175b")
+    hw = HardwareSpec.preset("dgx-a100-80gb", nodes=128)
+    train = TrainSpec(global_batch_size=1536)
+    cands = list(candidates(graph.num_blocks, hw.num_devices, train.global_batch_size))
+
+    sims_before = len(sim_mod._CACHE)
+    t0 = time.process_time()
+    results = [estimate_knobs(graph, k, s, hw, train) for k, s in cands]
+    cold = (time.process_time() - t0) / len(cands)
+    num_sims = len(sim_mod._CACHE) - sims_before
+
+    reps = 3
+    t0 = time.process_time()
+    for _ in range(reps):
+        for k, s in cands:
+            estimate_knobs(graph, k, s, hw, train)
+    warm = (time.process_time() - t0) / (reps * len(cands))
+
+    keys = list(sim_mod._CACHE)[-num_sims:] if num_sims else []
+    sim_mod._CACHE.clear()
+    t0 = time.process_time()
+    for name, pp, m, v, times in keys:
+        sim_mod.simulate_cached(name, pp, m, v, times)
+    sim_mean = (time.process_time() - t0) / max(1, len(keys))
+
+    fits = [(r.step_time_s, str(k), r) for (k, _), r in zip(cands, results, strict=True) if r.fits]
+    print(f"model {graph.name} ({graph.num_params / 1e9:.1f}B params, {graph.num_blocks} blocks, "
+          f"traced_by={graph.traced_by}); {hw}; global batch {train.global_batch_size}")
+    print(f"candidates scored:          {len(cands)} ({len(fits)} fit in memory)")
+    print(f"per candidate, cold caches: {cold * 1e6:8.1f} us  (CPU time)")
+    print(f"per candidate, warm caches: {warm * 1e6:8.1f} us")
+    print(f"pipeline simulations:       {num_sims} distinct, {sim_mean * 1e6:8.1f} us each on average")
+    print(f"cold time without simulations: {(cold * len(cands) - sim_mean * num_sims) / len(cands) * 1e6:8.1f} us per candidate")
+    if fits:
+        fits.sort(key=lambda x: x[0])
+        step, name, best = fits[0]
+        print(f"fastest plan that fits: {name}: {step:.2f} s/step, MFU {best.mfu:.1%}, "
+              f"{best.peak_memory_bytes / 2**30:.1f} GiB peak")
+        print("  " + ", ".join(f"{k}={v:.3g}" for k, v in best.time_breakdown_s.items()))
+
+
+if __name__ == "__main__":
+    main()
