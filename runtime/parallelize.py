@@ -88,11 +88,11 @@ def validate_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.
     elif example_inputs is None:
         notes.append("model fingerprint not checked (no example_inputs given)")
     else:
-        found = trace(model, tuple(example_inputs)).fingerprint
-        if found != fp:
+        found = _fingerprints(trace, model, tuple(example_inputs), plan)
+        if fp not in found:
             raise SpecError(
                 f"model.fingerprint: the plan was made for a model with fingerprint {fp}, this model "
-                f"({plan.model.name}) traces to {found}; re-plan for this model (or set the fingerprint to "
+                f"({plan.model.name}) traces to {found[0]}; re-plan for this model (or set the fingerprint to "
                 f"'*' in a hand-written plan to skip the check)"
             )
     return notes
@@ -113,6 +113,19 @@ def _materialize(module: nn.Module, device: torch.device, init_fn: Callable[[nn.
                 f"model on the meta device: {type(inner).__name__} has no init_weights(); pass init_fn= "
                 f"to parallelize, or build the model on a real device"
             )
+
+
+def _fingerprints(trace, model: nn.Module, inputs: tuple, plan: Plan) -> list[str]:
+    """Fingerprints of `model` traced with `inputs`, then (only while none matches) with the same
+    inputs at batch 1 (the autoplan CLI's convention) and at the plan's micro-batch size: the
+    trace's fingerprint includes input shapes, the batch dimension among them."""
+    out = [trace(model, inputs).fingerprint]
+    for b in (1, plan.pipeline.micro_batch_size):
+        if plan.model.fingerprint in out:
+            break
+        if all(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] != b for x in inputs):
+            out.append(trace(model, tuple(x.new_zeros((b, *x.shape[1:])) for x in inputs)).fingerprint)
+    return out
 
 
 class ParallelModel:

@@ -84,3 +84,20 @@ def test_two_nodes_on_loopback_train_as_one_job(tmp_path):
     assert sorted(multi) == [1, 2, 3]  # only global rank 0 logs: one job, not two
     for step in (1, 2, 3):  # lm_loss reduces in float32: compare to float32 round-off
         assert abs(multi[step] - one[step]) <= 1e-6 * one[step], (multi, one)
+
+
+def test_autoplan_plan_runs_with_its_fingerprint_checked(tmp_path):
+    """A plan from the planner's search (not hand-written) runs, and its fingerprint is verified."""
+    from planner import autoplan
+    from planner.models import build_model
+    from specs import Constraints, HardwareSpec, TrainSpec
+
+    built = build_model("gpt-tiny", device="meta")
+    plan = autoplan(built.module, HardwareSpec.preset("cpu", devices=2), example_inputs=built.example_inputs,
+                    train=TrainSpec(global_batch_size=8, precision="fp32"),
+                    constraints=Constraints(dp=2, tp=1, pp=1, sharding="zero3"))
+    path = tmp_path / "auto.yaml"
+    plan.to_file(path)
+    out = _torchrun(2, [str(path), "--model", "gpt-tiny", "--steps", "2"])
+    assert "fingerprint not checked" not in out.stdout
+    assert '"step": 2' in out.stdout
