@@ -71,7 +71,7 @@ def estimate_data_parallel_single_process(graph: ModelGraph, hw: HardwareSpec, t
     grad_out = gather
     bwd = whole.backward_s + whole.weight_compute_s
     reduce = comm.broadcast_s(params * bpp.grad, link)
-    step_bytes = params * optimizer_step_bytes_per_param(train.precision, train.optimizer)
+    step_bytes = params * optimizer_step_bytes_per_param(bpp)
     opt = step_bytes / (mem_bw * memory_efficiency(curves, step_bytes))
     comm_s = scatter + replicate + gather + grad_out + reduce
     step = comm_s + fwd + loss + bwd + opt
@@ -81,7 +81,7 @@ def estimate_data_parallel_single_process(graph: ModelGraph, hw: HardwareSpec, t
     # memory of device 0
     acts = whole.activation_bytes
     states = {"parameters": params * bpp.param, "gradients": params * bpp.grad, "optimizer": params * bpp.optimizer}
-    trans = out_bytes * n * (1 + 2 * 4 / itemsize(ctx.dtype))
+    trans = out_bytes * n * (1 + 2 * 4 / itemsize(ctx.dtype)) + params * bpp.working  # + autocast copies
     tensors = sum(states.values()) + acts + trans
     mem = {**states, "activations": acts, "transient": trans, "margin": margin_bytes(tensors, hw.device.memory_bytes)}
     peak = sum(mem.values())

@@ -19,15 +19,19 @@ What overlaps and what is exposed:
   and the rest to the bubble.
 - DDP (`none`): bucketed (25 MiB) gradient all-reduce overlapping the backward of the LAST
   micro-batch (earlier ones run under no_sync): exposed = max(last bucket, total - that backward).
-- ZeRO-1: the same with reduce-scatter, plus an all-gather of the updated parameters after the
-  optimizer step (exposed). ZeRO-2: reduce-scatter every micro-batch (gradients stay sharded),
-  overlapping all backwards, plus the parameter all-gather after the step.
+- ZeRO-1 (the runtime's ZeroRedundancyOptimizer over DDP): the same all-reduce, then each rank
+  steps its shard and the updated parameters are all-gathered (exposed).
+- ZeRO-2 (the runtime's FSDP2 `fully_shard(reshard_after_forward=False)`): per block and
+  micro-batch an all-gather in forward only (prefetched as below), gradients accumulate unsharded
+  and are reduce-scattered once, under the last backward (exposed as DDP's).
 - ZeRO-3/FSDP: per block and micro-batch an all-gather in forward, again in backward (FSDP2
   reshards after forward) and a reduce-scatter of its gradients; the next block's gather is
   prefetched under the current block's compute: exposed = first gather (+ last reduce-scatter)
   + max(0, comm - compute) of the rest, added to the stage times.
 - HSDP: ZeRO-3 within the shard group (inner dp ranks), plus an all-reduce of the sharded
   gradients across replicas overlapping the last backward (as DDP).
+- Byte sizes follow cost_models.memory's convention ("torch"): gathers move the bf16 compute
+  copies, gradient reductions fp32 gradients, ZeRO-1's parameter gather fp32 parameters.
 - offload (cpu): gradients device->host, host optimizer step, parameters host->device over
   PCIe: all exposed (conservative; ZeRO-Offload overlaps part of it).
 - Tied parameters (embedding/head) on different pp ranks: a copy on each, gradients
@@ -146,11 +150,13 @@ def _check_stages(graph: ModelGraph, stages, want: int) -> None:
 
 
 def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb: int, split: bool,
-           fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int):
+           fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int, reshard: bool):
     """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, key) per
-    micro-batch, cached by the stage's composition (not its position)."""
+    micro-batch, cached by the stage's composition (not its position). `reshard`: FSDP gathers
+    again in backward and reduce-scatters every micro-batch (zero3/hsdp); otherwise (zero2) it
+    gathers in forward only and reduce-scatters once per step (after the pipeline)."""
     bc = block_costs_ctx(ctx, tp, sp, mb, rec)
-    key = (bc.composition(first, last), rec, tp, sp, mb, split, fsdp_n, fsdp_stride, last_stage, pp_stride)
+    key = (bc.composition(first, last), rec, tp, sp, mb, split, fsdp_n, fsdp_stride, last_stage, pp_stride, reshard)
     got = ctx.stage_cache.get(key)
     if got is not None:
         return got
@@ -159,13 +165,15 @@ def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb:
     if fsdp_n > 1:
         link = ctx.link(fsdp_n, fsdp_stride)
         nb = ss.num_blocks
-        ag = comm.all_gather_s(ss.num_params * ctx.bpp.param / nb, link)
-        rs = comm.reduce_scatter_s(ss.num_params * ctx.bpp.grad / nb, link)
+        ag = comm.all_gather_s(ss.num_params * ctx.bpp.compute / nb, link)  # bf16 copies under mixed precision
         f_c = ss.forward_s
-        b_c = ss.backward_s + ss.weight_compute_s
         fwd_exp = ag + max(0.0, (nb - 1) * ag - f_c * (nb - 1) / nb)
-        bwd_exp = ag + rs + max(0.0, (nb - 1) * (ag + rs) - b_c * (nb - 1) / nb)
-        fsdp_time = nb * (2 * ag + rs)
+        fsdp_time = nb * ag
+        if reshard:
+            rs = comm.reduce_scatter_s(ss.num_params * ctx.bpp.grad / nb, link)
+            b_c = ss.backward_s + ss.weight_compute_s
+            bwd_exp = ag + rs + max(0.0, (nb - 1) * (ag + rs) - b_c * (nb - 1) / nb)
+            fsdp_time += nb * (ag + rs)
     F = ss.forward_s + fwd_exp
     B = ss.backward_s + bwd_exp + (0.0 if split else ss.weight_compute_s)
     W = ss.weight_compute_s if split else 0.0
@@ -241,9 +249,10 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
             raise SpecError(f"hsdp_shard_size: {shard_n} must divide dp ({dp})")
     else:
         shard_n = dp
-    fsdp_n = shard_n if sharding in ("zero3", "hsdp") else 1
+    fsdp_n = shard_n if sharding in ("zero2", "zero3", "hsdp") else 1
+    reshard = sharding != "zero2"
     pp_stride = tp * dp
-    st = [_stage(ctx, a, b, r, tp, sp, mb, split, fsdp_n, tp, j == S - 1, pp_stride)
+    st = [_stage(ctx, a, b, r, tp, sp, mb, split, fsdp_n, tp, j == S - 1, pp_stride, reshard)
           for j, (a, b, r) in enumerate(stages)]
     times = tuple((x[0], x[1], x[2], x[3]) for x in st)
 
@@ -267,17 +276,18 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
     dp_link = ctx.link(dp, tp)
     rep_link = ctx.link(dp // shard_n, tp * shard_n) if sharding == "hsdp" else None
     curves = curves_for(hw)
-    step_bpp = optimizer_step_bytes_per_param(train.precision, train.optimizer)
+    step_bpp = optimizer_step_bytes_per_param(bpp)
     opt_div = {"zero1": dp, "zero2": dp, "zero3": dp, "hsdp": shard_n}.get(sharding, 1)
     act_isz = itemsize(ctx.dtype)
     last_block_split = bool(graph.layer(graph.num_blocks - 1).tp_candidates) and tp > 1
 
+    accum = k.num_micro_batches > 1
     ranks = []
     rank_stages = tuple(tuple(range(r, S, pp)) for r in range(pp))
     for r in range(pp):
         js = rank_stages[r]
         rkey = ("rank", tuple(st[j][8] for j in js), tied_rank_params[r], tied_comm[r], S - 1 in js, pp, dp, tp,
-                sharding, shard_n, k.offload)
+                sharding, shard_n, k.offload, accum)
         got = ctx.stage_cache.get(rkey)
         if got is not None:
             ranks.append(got)
@@ -285,15 +295,21 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
         sums = [st[j][4] for j in js]
         n_params = sum(x.num_params for x in sums) - tied_rank_params[r]
         states = sharded_states(n_params, bpp, sharding=sharding, dp=dp, hsdp_shard_size=shard_n, offload=k.offload)
+        big = max(x.max_block_params for x in sums)
         trans = 0.0
-        if fsdp_n > 1:
-            trans += max(x.max_block_params for x in sums) * (2 * bpp.param + bpp.grad)
         if sharding in ("none", "zero1"):
             trans += n_params * bpp.grad  # DDP bucket copies of the gradients
-        elif sharding == "hsdp":
-            trans += n_params * bpp.grad / shard_n
+            trans += n_params * bpp.working  # autocast's bf16 weight copies, saved for backward
         elif sharding == "zero2":
-            trans += min(2 * DDP_BUCKET_BYTES, n_params * bpp.grad)  # reduce-scatter buckets
+            # FSDP2 without resharding: every local block stays unsharded from forward to backward,
+            # and gradients accumulate unsharded until the last micro-batch syncs
+            trans += n_params * bpp.compute + big * bpp.grad
+            if accum:
+                trans += n_params * bpp.grad
+        else:  # zero3 / hsdp: two blocks unsharded (current + prefetched), one block's gradients
+            trans += big * (2 * bpp.compute + bpp.grad)
+            if sharding == "hsdp":
+                trans += n_params * bpp.grad / shard_n  # replica all-reduce buckets
         if pp > 1:
             trans += 4 * max(x.output_bytes for x in sums)
         if S - 1 in js:
@@ -312,13 +328,25 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
                 tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
                 fixed_exp, fixed_time = max(last, tot - window), tot
                 fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp)
-            elif sharding in ("zero1", "zero2"):
+            elif sharding == "zero1":
+                # ZeroRedundancyOptimizer over DDP: bucketed all-reduce under the last backward,
+                # then each rank steps its shard and the updated parameters are gathered (exposed)
+                tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+                ag = comm.all_gather_s(n_params * bpp.param, dp_link)
+                fixed_exp, fixed_time = max(last, tot - window) + ag, tot + ag
+                fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp) + comm.all_gather_volume_bytes(
+                    n_params * bpp.param, dp)
+            elif sharding == "zero2":
+                # FSDP2, no resharding: gathers in each forward (in the stage times), one
+                # reduce-scatter of the accumulated gradients under the last backward
                 rs_tot, rs_last = comm.bucketed_reduce_scatter_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
-                ag_after = comm.all_gather_s(n_params * bpp.param, dp_link)
-                grad_vol = comm.all_gather_volume_bytes(grad_bytes, dp)
+                fsdp_mb = sum(st[j][7] for j in js)
+                grad_vol = comm.all_gather_volume_bytes(n_params * bpp.compute, dp)
+                fixed_vol = comm.all_gather_volume_bytes(grad_bytes, dp)
             else:
                 fsdp_mb = sum(st[j][7] for j in js)
-                grad_vol = 3 * comm.all_gather_volume_bytes(grad_bytes, shard_n)
+                grad_vol = (2 * comm.all_gather_volume_bytes(n_params * bpp.compute, shard_n)
+                            + comm.all_gather_volume_bytes(grad_bytes, shard_n))
                 if sharding == "hsdp" and rep_link is not None and rep_link.size > 1:
                     tot, last = comm.bucketed_all_reduce_s(grad_bytes / shard_n, rep_link, DDP_BUCKET_BYTES)
                     fixed_exp, fixed_time = max(last, tot - window), tot
@@ -351,11 +379,11 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
 
 
 def _post(rk: _Rank, sharding: str, m: int) -> tuple[float, float, float]:
-    """(exposed, time, volume) of the rank's data-parallel traffic for m micro-batches."""
-    if sharding in ("zero1", "zero2"):
-        reps = m if sharding == "zero2" else 1
-        exposed = max(rk.rs_last, reps * (rk.rs_tot - rk.window)) + rk.ag_after if rk.rs_tot else 0.0
-        return exposed, reps * rk.rs_tot + rk.ag_after, (reps + 1) * rk.grad_vol
+    """(exposed, time, volume) of the rank's data-parallel traffic for m micro-batches
+    (exposed: only the part after the pipeline; FSDP gathers are in the stage times)."""
+    if sharding == "zero2":
+        exposed = max(rk.rs_last, rk.rs_tot - rk.window) if rk.rs_tot else 0.0
+        return exposed, m * rk.fsdp_per_mb + rk.rs_tot, m * rk.grad_vol + rk.fixed_vol
     if sharding in ("zero3", "hsdp"):
         return rk.fixed_exposed, m * rk.fsdp_per_mb + rk.fixed_time, m * rk.grad_vol + rk.fixed_vol
     return rk.fixed_exposed, rk.fixed_time, rk.fixed_vol
@@ -383,7 +411,7 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     sched = k.schedule if pp > 1 else "1f1b"
     mb, m = k.micro_batch_size, k.num_micro_batches
     key = ("layout", tuple(stages), pp, dp, tp, v, k.sharding, k.hsdp_shard_size, k.offload, mb,
-           k.sequence_parallel, sched == "zero_bubble")
+           k.sequence_parallel, sched == "zero_bubble", m > 1)
     lay = ctx.stage_cache.get(key)
     if lay is None:
         _check_stages(graph, stages, pp * v)

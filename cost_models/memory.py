@@ -1,18 +1,33 @@
 """Memory per rank, by category: the model behind the promise "a plan predicted to fit fits".
 
-Model states, bytes per parameter (Rajbhandari et al. 2020, ZeRO, §3.1; `bytes_per_param`):
+Model states, bytes per parameter (`bytes_per_param`), in two conventions:
 
-    precision     optimizer      param  grad  optimizer states
-    bf16 / fp16   adam, adamw    2      2     12  (fp32 master 4 + m 4 + v 4)
-    bf16 / fp16   sgd            2      2      8  (fp32 master 4 + momentum 4)
-    fp32          adam, adamw    4      4      8  (m 4 + v 4)
-    fp32          sgd            4      4      4  (momentum 4)
+"torch" (the default; what this project's runtime runs): PyTorch-native mixed precision keeps
+the parameters in fp32 and they ARE the master weights: `torch.autocast` over fp32 parameters
+(DDP, ZeroRedundancyOptimizer, TP) or FSDP2 `MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32)` over fp32 sharded parameters. Gradients of fp32 parameters are fp32.
+The bf16 compute copy of the weights (autocast's cast cache, saved for backward; FSDP2's
+unsharded bf16 parameters) is a transient of `compute` bytes per parameter.
+
+    precision     optimizer      param  grad  optimizer states        compute copy
+    bf16 / fp16   adam, adamw    4      4      8 (m, v)               2
+    bf16 / fp16   sgd            4      4      4 (momentum)           2
+    fp32          adam, adamw    4      4      8 (m, v)               - (computes on the params)
+    fp32          sgd            4      4      4 (momentum)           -
+
+"megatron" (Rajbhandari et al. 2020, ZeRO §3.1; Megatron-LM/DeepSpeed): bf16 parameters and
+gradients, fp32 master + m + v in the optimizer: 2 + 2 + 12 for mixed-precision Adam
+(2 + 2 + 8 for SGD). Both conventions total 16 bytes/param for Adam; they differ in what each
+ZeRO stage divides.
 
 SGD is assumed WITH momentum (torch's default is none): conservative by 4 bytes/param.
 Sharding over the data-parallel group (`sharded_states`): zero1 divides optimizer states by
-dp; zero2 also gradients; zero3 also parameters; hsdp divides all three by the shard-group
-size. Offload moves the optimizer states (and fp32 master) to the host. Tensor parallelism
-divides the split parameters by tp; a pipeline rank holds only its stages' blocks.
+dp; zero2 also gradients (and, in the torch convention, the stored fp32 parameters: the
+runtime's zero2 is FSDP2 without resharding after forward, which keeps unsharded bf16 copies
+as a transient instead); zero3 divides all three; hsdp divides all three by the shard-group
+size. Offload moves the optimizer states to the host (params and grads are still counted on
+the device: conservative). Tensor parallelism divides the split parameters by tp; a pipeline
+rank holds only its stages' blocks.
 
 Activations per layer and micro-batch (`layer_activation_bytes`), from the graph's saved bytes
 (the tracer measures them with saved-tensor hooks), following Korthikanti et al. 2022
@@ -26,15 +41,17 @@ Activations per layer and micro-batch (`layer_activation_bytes`), from the graph
 Layers without tensor-parallel candidates are not divided. Full (selective) recompute needs one
 layer's full (attention-core) activations again during its backward: a transient working set.
 
-Transient buffers (`transient_bytes` in cost_models.estimate): FSDP unsharded parameters of a
-block plus the prefetched next one and one block's unsharded gradients; DDP gradient buckets:
-PyTorch's Reducer keeps a flat copy of every gradient in its buckets unless
-`gradient_as_bucket_view=True` (torch DistributedDataParallel docs: that flag saves "the total
-gradients size"), so a full gradient copy is charged (conservative); pipeline p2p send and
-receive buffers (activation and gradient, 4 boundary tensors); logits on the last stage in the
-training dtype plus an fp32 copy and its fp32 gradient for the loss; foreach-Adam's temporary
-(one fp32 tensor per local optimizer parameter, at the optimizer step when activations are
-freed).
+Transient buffers (cost_models.estimate): the bf16 compute copy of the rank's weights (non-FSDP
+mixed precision); FSDP unsharded bf16 parameters of a block plus the prefetched next one and one
+block's unsharded fp32 gradients (zero3/hsdp), or of ALL local blocks plus unsharded gradients
+accumulated over micro-batches (zero2: no resharding after forward, no gradient sync until the
+last micro-batch); DDP gradient buckets: PyTorch's Reducer keeps a flat copy of every gradient in
+its buckets unless `gradient_as_bucket_view=True` (torch DistributedDataParallel docs: that flag
+saves "the total gradients size"), so a full gradient copy is charged (conservative); pipeline
+p2p send and receive buffers (activation and gradient, 4 boundary tensors); logits on the last
+stage in the training dtype plus an fp32 copy and its fp32 gradient for the loss; foreach-Adam's
+temporary (one fp32 tensor per local optimizer parameter, at the optimizer step when
+activations are freed).
 
 Margin (`margin_bytes`): PyTorch's caching allocator fragments (ZeRO paper §3.2 reports
 fragmentation that leaves memory unusable; we charge 10% of the tensors, an estimate) plus a
@@ -55,34 +72,42 @@ RESERVE_MAX_BYTES = 2 * 2**30
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP bucket_cap_mb default (25 MiB)
 
 
+DEFAULT_CONVENTION = "torch"
+
+
 @dataclass(frozen=True, slots=True)
 class BytesPerParam:
-    param: float
-    grad: float
-    optimizer: float
+    param: float  # stored parameter
+    grad: float  # stored gradient
+    optimizer: float  # optimizer states (incl. a separate fp32 master in the megatron convention)
+    compute: float  # bytes per parameter of the copy matmuls read (bf16 under mixed precision)
+    working: float  # extra bytes of that copy held as a transient (0 when it is the parameter)
+    convention: str = DEFAULT_CONVENTION
 
     @property
     def total(self) -> float:
         return self.param + self.grad + self.optimizer
 
 
-def bytes_per_param(precision: str, optimizer: str) -> BytesPerParam:
-    """Bytes per parameter of parameters, gradients and optimizer states (table above)."""
+def bytes_per_param(precision: str, optimizer: str, convention: str = DEFAULT_CONVENTION) -> BytesPerParam:
+    """Bytes per parameter of parameters, gradients and optimizer states (tables above)."""
     mixed = precision in ("bf16", "fp16")
-    if optimizer in ("adam", "adamw"):
-        return BytesPerParam(2, 2, 12) if mixed else BytesPerParam(4, 4, 8)
-    if optimizer == "sgd":
-        return BytesPerParam(2, 2, 8) if mixed else BytesPerParam(4, 4, 4)
-    raise SpecError(f"train.optimizer: unknown optimizer {optimizer!r}; use adamw, adam or sgd")
+    if optimizer not in ("adam", "adamw", "sgd"):
+        raise SpecError(f"train.optimizer: unknown optimizer {optimizer!r}; use adamw, adam or sgd")
+    state = 8 if optimizer in ("adam", "adamw") else 4
+    if convention == "torch":
+        return BytesPerParam(4, 4, state, 2 if mixed else 4, 2 if mixed else 0, convention)
+    if convention == "megatron":
+        if mixed:
+            return BytesPerParam(2, 2, 4 + state, 2, 0, convention)
+        return BytesPerParam(4, 4, state, 4, 0, convention)
+    raise ValueError(f"convention: {convention!r}; use 'torch' or 'megatron'")
 
 
-def optimizer_step_bytes_per_param(precision: str, optimizer: str) -> float:
-    """Bytes the optimizer step reads + writes per parameter (memory-bound kernel)."""
-    mixed = precision in ("bf16", "fp16")
-    if optimizer in ("adam", "adamw"):
-        # read grad, master, m, v; write master, m, v (+ the low-precision param copy)
-        return 2 + 4 * 3 + 4 * 3 + 2 if mixed else 4 * 4 + 4 * 3
-    return 2 + 4 + 4 + 4 + 4 + 2 if mixed else 4 * 3 + 4 * 2
+def optimizer_step_bytes_per_param(bpp: BytesPerParam) -> float:
+    """Bytes the optimizer step reads + writes per parameter (a memory-bound kernel): reads the
+    gradient, parameter and states, writes the parameter and states."""
+    return bpp.grad + 2 * bpp.param + 2 * bpp.optimizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +124,8 @@ def sharded_states(num_params: float, bpp: BytesPerParam, *, sharding: str, dp: 
     if sharding == "zero1":
         o /= dp
     elif sharding == "zero2":
+        if bpp.convention == "torch":
+            p /= dp  # FSDP2 stores the fp32 parameters sharded
         g /= dp
         o /= dp
     elif sharding == "zero3":

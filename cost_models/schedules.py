@@ -25,14 +25,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from specs import SpecError
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 
 
-@dataclass(frozen=True, slots=True)
-class Action:
+class Action(NamedTuple):
+    """One pipeline action; a tuple (cheap to build by the thousand)."""
+
     kind: str  # "F", "B" or "W"
     stage: int
     microbatch: int

@@ -76,8 +76,9 @@ def _compile_any(sched: Schedule) -> _Compiled:
 def _compile(sched: Schedule) -> _Compiled:
     p = sched.pp
     S = sched.num_stages
+    M = sched.num_micro_batches
     rank_of = sched.stage_rank
-    index: dict[tuple[int, int, int], int] = {}
+    index = [-1] * (3 * S * M)  # (kind * S + stage) * M + mb -> position in `order`
     order: list[tuple[int, int, int, int, int, int]] = []
     ptr = [0] * p
     remaining = sum(len(a) for a in sched.actions)
@@ -85,25 +86,38 @@ def _compile(sched: Schedule) -> _Compiled:
         progressed = False
         for r in range(p):
             acts = sched.actions[r]
-            while ptr[r] < len(acts):
-                a = acts[ptr[r]]
-                k, s, mb = _KIND[a.kind], a.stage, a.microbatch
+            n = len(acts)
+            i = ptr[r]
+            while i < n:
+                kind, s, mb = acts[i]
+                k = _KIND[kind]
                 if k == 0:
-                    dep = (0, s - 1, mb) if s > 0 else None
+                    dep = index[(s - 1) * M + mb] if s > 0 else -1
+                    if s > 0 and dep < 0:
+                        break
                     lag = s - 1 if s > 0 and rank_of[s - 1] != r else -1
                 elif k == 1:
-                    dep = (1, s + 1, mb) if s < S - 1 else (0, s, mb)
-                    lag = s if s < S - 1 and rank_of[s + 1] != r else -1
+                    own = index[s * M + mb]
+                    if own < 0:
+                        break
+                    if s < S - 1:
+                        dep = index[(S + s + 1) * M + mb]
+                        if dep < 0:
+                            break
+                        lag = s if rank_of[s + 1] != r else -1
+                    else:
+                        dep, lag = own, -1
                 else:
-                    dep, lag = (1, s, mb), -1
-                if dep is not None and dep not in index:
-                    break
-                if k == 1 and (0, s, mb) not in index:
-                    break
-                index[(k, s, mb)] = len(order)
-                order.append((r, k, s, mb, index[dep] if dep is not None else -1, lag))
-                ptr[r] += 1
-                remaining -= 1
+                    dep = index[(S + s) * M + mb]
+                    if dep < 0:
+                        break
+                    lag = -1
+                index[(k * S + s) * M + mb] = len(order)
+                order.append((r, k, s, mb, dep, lag))
+                i += 1
+            if i != ptr[r]:
+                remaining -= i - ptr[r]
+                ptr[r] = i
                 progressed = True
         if not progressed:
             stuck = {r: str(sched.actions[r][ptr[r]]) for r in range(p) if ptr[r] < len(sched.actions[r])}

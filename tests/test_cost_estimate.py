@@ -115,7 +115,9 @@ def test_ddp_exposes_less_than_zero1_and_zero3_pays_gathers(graph):
     est = {sh: estimate_knobs(graph, Knobs(pp=1, dp=16, tp=1, sharding=sh, num_micro_batches=1),
                               stages_for(graph, 1), hw, tr) for sh in ("none", "zero1", "zero3")}
     assert est["none"].comm["dp"].exposed_s < est["zero1"].comm["dp"].exposed_s
-    assert est["zero3"].comm["dp"].volume_bytes > est["none"].comm["dp"].volume_bytes
+    # ZeRO-3 sends 2 gathers of bf16 copies + 1 reduce-scatter of fp32 grads = DDP's fp32 all-reduce
+    assert est["zero3"].comm["dp"].volume_bytes == pytest.approx(est["none"].comm["dp"].volume_bytes)
+    assert est["zero3"].comm["dp"].time_s > est["none"].comm["dp"].time_s
     assert est["zero3"].peak_memory_bytes < est["none"].peak_memory_bytes
 
 

@@ -54,16 +54,18 @@ def test_fp32_training_doubles_activations(graph, hw):
     assert a32 == pytest.approx(2 * a16)
 
 
-def test_zero_bytes_per_param():
-    mp = bytes_per_param("bf16", "adamw")
+def test_zero_bytes_per_param_paper_convention():
+    mp = bytes_per_param("bf16", "adamw", convention="megatron")
     assert (mp.param, mp.grad, mp.optimizer) == (2, 2, 12)
-    f32 = bytes_per_param("fp32", "adam")
+    f32 = bytes_per_param("fp32", "adam", convention="megatron")
     assert (f32.param, f32.grad, f32.optimizer) == (4, 4, 8)
     n, d = 1e9, 8
+
     # Rajbhandari et al. 2020, Fig. 1: (2+2+K)Psi, (2+2+K/Nd)Psi, (2+(2+K)/Nd)Psi, (2+2+K)Psi/Nd
     def total(sh):
         s = sharded_states(n, mp, sharding=sh, dp=d, hsdp_shard_size=None, offload="none")
         return s.param + s.grad + s.optimizer
+
     assert total("none") == pytest.approx(16 * n)
     assert total("zero1") == pytest.approx((4 + 12 / d) * n)
     assert total("zero2") == pytest.approx((2 + 14 / d) * n)
@@ -72,6 +74,19 @@ def test_zero_bytes_per_param():
     assert hs.param + hs.grad + hs.optimizer == pytest.approx(16 * n / 4)
     off = sharded_states(n, mp, sharding="none", dp=d, hsdp_shard_size=None, offload="cpu")
     assert off.optimizer == 0
+
+
+def test_torch_convention_fp32_master_in_params():
+    """Autocast / FSDP2 MixedPrecisionPolicy: fp32 params and grads, Adam m+v, bf16 copies."""
+    tb = bytes_per_param("bf16", "adamw")
+    assert (tb.param, tb.grad, tb.optimizer, tb.compute, tb.working) == (4, 4, 8, 2, 2)
+    assert tb.total == bytes_per_param("bf16", "adamw", convention="megatron").total == 16
+    assert bytes_per_param("fp32", "sgd").optimizer == 4  # SGD with momentum, conservatively
+    n, d = 1e9, 8
+    z1 = sharded_states(n, tb, sharding="zero1", dp=d, hsdp_shard_size=None, offload="none")
+    assert z1.param + z1.grad + z1.optimizer == pytest.approx((8 + 8 / d) * n)
+    z2 = sharded_states(n, tb, sharding="zero2", dp=d, hsdp_shard_size=None, offload="none")
+    assert z2.param + z2.grad + z2.optimizer == pytest.approx(16 * n / d)  # FSDP2 shards all three
 
 
 def _stages(graph, pp, rec="none"):
@@ -94,10 +109,13 @@ def test_estimate_memory_categories_by_zero_stage(graph):
         params[sh] = e.memory_bytes
         assert e.peak_memory_bytes == pytest.approx(sum(e.memory_bytes.values()))
     n = graph.num_params
-    assert params["none"]["optimizer"] == pytest.approx(12 * n)
-    assert params["zero1"]["optimizer"] == pytest.approx(12 * n / 8)
-    assert params["zero2"]["gradients"] == pytest.approx(2 * n / 8)
-    assert params["zero3"]["parameters"] == pytest.approx(2 * n / 8)
+    assert params["none"]["optimizer"] == pytest.approx(8 * n)
+    assert params["none"]["parameters"] == pytest.approx(4 * n)
+    assert params["zero1"]["optimizer"] == pytest.approx(8 * n / 8)
+    assert params["zero2"]["gradients"] == pytest.approx(4 * n / 8)
+    assert params["zero3"]["parameters"] == pytest.approx(4 * n / 8)
+    # non-FSDP mixed precision holds the bf16 autocast copies and DDP's gradient buckets
+    assert params["none"]["transient"] >= (2 + 4) * n
 
 
 def test_peak_in_flight_feeds_activation_memory(graph):
