@@ -14,6 +14,16 @@ breakdowns. No torch.distributed, no device queries. Contract used by the planne
 - `build_schedule(name, pp, num_micro_batches, virtual_stages)` -> per-rank action lists;
   `simulate(schedule, stage_times) -> ScheduleResult` (step time, bubble, peak in-flight
   micro-batches per rank, timeline).
+
+Conventions: virtual stage j runs on pp rank j % pp (loop style); `zero_bubble` is ZB-H1
+(Qi et al. 2023) with one stage per rank; `interleaved_1f1b` needs a multiple of pp
+micro-batches. Memory follows PyTorch-native mixed precision (fp32 parameters are the master
+weights, bf16 compute copies are transients; cost_models.memory), the engines the runtime uses.
+
+Modules, in pipeline order: efficiency (default curves, sources) -> compute (roofline) ->
+comm (alpha-beta collectives, topology) -> memory (bytes by category) -> blocks (per-block
+costs, cached per layer type) -> schedules (action lists) -> simulator (event simulation) ->
+estimate (one step, term by term) -> dataparallel (single-process nn.DataParallel).
 """
 
 from cost_models.blocks import BlockCost, BlockCosts, block_costs
