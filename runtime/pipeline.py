@@ -34,6 +34,10 @@ zeros), so every copy gets the single-process gradient and, stepped by the same 
 equal to the others. After materialising a meta-built model, call
 `runner.sync_tied_parameters()` so that the copies start from the first stage's values.
 
+PP x DP: apply_fn wraps each stage for the dp sub-mesh. FSDP2 `fully_shard` works with every
+schedule; DDP only with one stage per rank and no activation checkpointing in it (see
+`_refuse_ddp_double_backward`, which refuses the rest with a SpecError).
+
 `step(inputs, targets) -> loss` returns the loss on EVERY pp rank (broadcast from the rank that
 holds the last stage, a 0-d float64 tensor), so one training loop can log it anywhere.
 """
@@ -112,6 +116,23 @@ def _resolve_group(pp_mesh_or_group) -> dist.ProcessGroup:
     if pp_mesh_or_group is None:
         return dist.group.WORLD
     return pp_mesh_or_group
+
+
+def _refuse_ddp_double_backward(mod: nn.Module, num_local_stages: int) -> None:
+    """DDP inside torch pipelining (torch 2.14, gloo, measured in tests/dist_pipeline_cases.py):
+    with two stages on a rank (interleaved/zero_bubble v>1) or activation checkpointing in the
+    stage, the 2nd step fails in DDP's Reducer._rebuild_buckets ("rebuilt parameter indices size
+    is not same as original model parameters size"), and static_graph=True runs but gives wrong
+    gradients. Refuse it here, before any step, instead of failing (and hanging peers) mid-run."""
+    if not isinstance(mod, nn.parallel.DistributedDataParallel):
+        return
+    ckpt = any(type(m).__name__ == "CheckpointWrapper" for m in mod.modules())
+    if num_local_stages > 1 or ckpt:
+        why = f"{num_local_stages} stages per rank" if num_local_stages > 1 else "activation checkpointing"
+        raise SpecError(
+            f"data_parallel.sharding: none (DDP) does not work inside a pipeline stage with {why} "
+            f"(DDP's reducer fails at the 2nd step); use FSDP2 (zero2/zero3) for pp x dp here"
+        )
 
 
 class PipelineRunner:
@@ -284,6 +305,7 @@ def build_pipeline(
         mod = split.stage_modules[s]
         if apply_fn is not None:
             mod = apply_fn(mod)
+        _refuse_ddp_double_backward(mod, len(indices))
         modules.append(mod)
         stages.append(PipelineStage(mod, s, num_stages, device, group=group))
     split.stage_modules = []  # drop the other ranks' stages

@@ -12,6 +12,7 @@ without launching anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -71,6 +73,8 @@ def cases(world: int) -> list[Case]:
         out.append(Case("pp2xdp2-zero_bubble-fsdp-gpt", "gpt", pp=2, dp=2, schedule="zero_bubble",
                         dp_engine="fsdp"))
         out.append(Case("pp4-1f1b-ckpt-gpt", "gpt", pp=4, num_micro_batches=8, checkpoint=True))
+        out.append(Case("bad-ddp_interleaved", "llama", pp=2, dp=2, schedule="interleaved_1f1b",
+                        virtual_stages=2, bad="ddp_interleaved"))
         out.append(Case("pp2xdp2-gpipe-ckpt-fsdp-gpt", "gpt", pp=2, dp=2, schedule="gpipe",
                         checkpoint=True, dp_engine="fsdp"))
     return out
@@ -151,6 +155,20 @@ def reference(case: Case):
 
 
 # ---------------------------------------------------------------------------- one case
+class _SoftmaxCount(TorchDispatchMode):
+    """Counts forward softmaxes (one per attention forward): recomputation runs them again.
+    (Module forward hooks do not fire during checkpoint recomputation, so ops are counted.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._softmax.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
 def run_case(case: Case, world_rank: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -175,31 +193,29 @@ def run_case(case: Case, world_rank: int) -> dict:
                      recompute="full" if case.checkpoint else "none")
     mesh = init_device_mesh("cpu", (case.pp, case.dp), mesh_dim_names=("pp", "dp"))
     if case.bad:
-        names = list(plan.model.block_names)
+        bad, bad_apply = plan, None
         if case.bad == "unknown_block":
+            names = list(plan.model.block_names)
             names[3] = "layers.99"
             bad = plan.model_copy(update={"model": plan.model.model_copy(update={"block_names": names})})
-        else:
+        elif case.bad == "uncovered":
             # model_copy skips the Plan's validator, as a hand-edited model_construct plan would
             stages = [Stage(first=0, last=1), Stage(first=2, last=3)]  # blocks 4.. uncovered
             bad = plan.model_copy(update={"pipeline": plan.pipeline.model_copy(update={"stages": stages})})
+        else:  # "ddp_interleaved": DDP around stages of a 2-stages-per-rank schedule
+
+            def bad_apply(stage):
+                return DDP(stage, process_group=mesh["dp"].get_group())
+
         try:
-            build_pipeline(m, bad, mesh["pp"], loss_fn=loss_fn, device="cpu")
+            build_pipeline(m, bad, mesh["pp"], loss_fn=loss_fn, device="cpu", apply_fn=bad_apply)
         except SpecError as e:
             dist.barrier()  # every rank got here: nobody is left waiting on a peer
             return {"raised": "SpecError", "message": str(e)}
         return {"raised": None}
 
-    calls = [0]
-
-    def count(_mod, _inp, _out):
-        calls[0] += 1
-
     def apply_fn(stage):
         if case.checkpoint:
-            for sub in stage.modules():
-                if isinstance(sub, block):
-                    sub.register_forward_hook(count)
             apply_activation_checkpointing(
                 stage, checkpoint_wrapper_fn=lambda mod: checkpoint_wrapper(mod, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
                 check_fn=lambda mod: isinstance(mod, block))
@@ -217,9 +233,11 @@ def run_case(case: Case, world_rank: int) -> dict:
     dp_rank = mesh["dp"].get_local_rank()
     local = case.micro_batch_size * case.num_micro_batches
     losses, t0 = [], time.perf_counter()
+    counter = _SoftmaxCount() if case.checkpoint else contextlib.nullcontext()
     for x, y in batches(case, make_batch):
         xs, ys = x[dp_rank * local:(dp_rank + 1) * local], y[dp_rank * local:(dp_rank + 1) * local]
-        loss = runner.step(xs, ys)
+        with counter:
+            loss = runner.step(xs, ys)
         if case.dp > 1:
             dist.all_reduce(loss, group=mesh["dp"].get_group())
             loss /= case.dp
@@ -251,7 +269,7 @@ def run_case(case: Case, world_rank: int) -> dict:
         "step_s": step_s, "stages": runner.stage_indices, "tied": [t.names for t in runner.tied],
     }
     if case.checkpoint:
-        rec["block_calls"] = calls[0]
+        rec["softmax_calls"] = counter.calls
         rec["blocks_local"] = sum(isinstance(s, block) for mod in runner.stage_modules for s in mod.modules())
     return rec
 
