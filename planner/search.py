@@ -10,8 +10,9 @@ Space (one point = specs.Knobs plus a stage partition):
   (> 1 needs train.allow_grad_accumulation or pp > 1);
 - sequence parallelism (tp > 1);
 - schedule (pp > 1 only): gpipe, 1f1b (num_micro_batches >= pp, as torch's Schedule1F1B
-  requires), interleaved_1f1b with v = 2..8 virtual stages and zero_bubble (ZB-H1, v = 1) where
-  num_micro_batches is a multiple of max(1, num_micro_batches // pp) (torch's interleaved rule);
+  requires), interleaved_1f1b with v = 2..8 virtual stages where num_micro_batches is a multiple
+  of pp (Megatron-LM's rule, which the cost model's schedule builder enforces; it also satisfies
+  torch's "multiple of max(1, m // pp)"), and zero_bubble as ZB-H1 (v = 1, torch's rule on m);
 - checkpointing per stage: chosen inside the partition DP (planner.partition), the fastest mode
   whose stage fits memory; a pinned recompute fixes it for all stages.
 
@@ -34,6 +35,8 @@ says a partition does not fit, the partition is redone with the budget lowered b
 from __future__ import annotations
 
 import heapq
+import itertools
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,10 +98,10 @@ def schedule_rule(schedule: str, pp: int, num_micro_batches: int, v: int) -> str
     m = num_micro_batches
     if schedule == "1f1b" and m < pp:
         return f"1f1b needs num_micro_batches >= pp ({m} < {pp})"
-    if schedule in ("interleaved_1f1b", "zero_bubble"):
-        rounds = max(1, m // pp)
-        if m % rounds:
-            return f"{schedule} needs num_micro_batches ({m}) to be a multiple of max(1, {m} // pp={pp}) = {rounds}"
+    if schedule == "interleaved_1f1b" and m % pp:
+        return f"interleaved_1f1b needs num_micro_batches ({m}) to be a multiple of pp ({pp})"
+    if schedule == "zero_bubble" and m % max(1, m // pp):
+        return f"zero_bubble needs num_micro_batches ({m}) to be a multiple of max(1, {m} // pp={pp})"
     if v > 1 and schedule not in ("interleaved_1f1b", "zero_bubble"):
         return f"virtual_stages={v} needs interleaved_1f1b or zero_bubble"
     return None
@@ -393,9 +396,11 @@ class Search:
         """Step time a candidate must beat to matter: the k-th best group's time (inf until k)."""
         if not getattr(self, "_heap_dirty", True):
             return self._threshold
-        times = [s.step_time_s for s in self.best_by_group.values()]
+        times = [s.step_time_s for s in self.best_by_group.values() if s.fits]
         k = self.c.top_k + 1  # the winner plus top_k alternatives
-        self._threshold = heapq.nsmallest(k, times)[-1] if len(times) >= k else float("inf")
+        kth = heapq.nsmallest(k, times)[-1] if len(times) >= k else float("inf")
+        best = min(times) if times else float("inf")
+        self._threshold = min(kth, best * (1 + self.ALTERNATIVES_WINDOW))
         self._heap_dirty = False
         return self._threshold
 
@@ -516,15 +521,42 @@ class Search:
             )
 
     # ------------------------------------------------------------------ refinement
-    def _refine(self, num: int = 3) -> None:
-        """Hill-climb the best few: move one cut by one slot or one stage's mode by one notch."""
-        top = sorted((s for s in self.best_by_group.values() if s.fits),
-                     key=lambda s: (s.step_time_s, _order(s.knobs)))[:num]
+    # Alternatives are exact (the true k best groups) within this fraction of the best step time;
+    # slower ones are the best found before their bound ruled them out.
+    ALTERNATIVES_WINDOW = 0.05
+    REFINE_CALLS = 300
+    EXHAUSTIVE_PARTITIONS = 64  # refinement scores every partition of a point when there are this few  # cost-model calls the refinement may spend in all
+
+    def _refine(self) -> None:
+        """Hill-climb the pipelined groups, best first: move one cut by one slot or one stage's mode
+        by one notch (at most REFINE_CALLS scorings in all, so large pipelines stay fast). The
+        min-max partition is what the cost model's simulator mostly rewards, not all of it."""
+        top = sorted((s for s in self.best_by_group.values() if s.fits and s.knobs.pp > 1),
+                     key=lambda s: (s.step_time_s, _order(s.knobs)))
+        calls = 0
         for s in top:
             cur = s
-            for _ in range(50):
+            num = len(s.stages)
+            n_parts = math.comb(len(self.ends) - 1, num - 1)
+            if n_parts <= self.EXHAUSTIVE_PARTITIONS and calls + n_parts <= self.REFINE_CALLS:
+                # few partitions: score them all (keeping the stage modes where they still apply)
+                for cut in itertools.combinations(range(len(self.ends) - 1), num - 1):
+                    bounds = [self.ends[i] for i in cut] + [self.ends[-1]]
+                    stages, first = [], 0
+                    for j, b in enumerate(bounds):
+                        stages.append((first, b, s.stages[j][2]))
+                        first = b + 1
+                    stages = tuple(stages)
+                    cand = self.score(self.with_recompute(s.knobs, stages), stages)
+                    calls += 1
+                    if cand.fits and cand.step_time_s < cur.step_time_s * (1 - 1e-12):
+                        cur = cand
+            while calls < self.REFINE_CALLS:
                 nxt = None
                 for stages in self._neighbours(cur.stages):
+                    calls += 1
+                    if calls > self.REFINE_CALLS:
+                        break
                     k = self.with_recompute(cur.knobs, stages)
                     cand = self.score(k, stages)
                     if cand.fits and cand.step_time_s < cur.step_time_s * (1 - 1e-12) and (

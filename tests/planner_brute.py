@@ -22,7 +22,10 @@ def _ok_schedule(s: str, pp: int, m: int) -> bool:
     # a multiple of max(1, m // pp).
     if s == "1f1b":
         return m >= pp
-    if s in ("interleaved_1f1b", "zero_bubble"):
+    # cost_models.schedules: Megatron-LM's interleaved schedule needs a multiple of pp.
+    if s == "interleaved_1f1b":
+        return m % pp == 0
+    if s == "zero_bubble":
         return m % max(1, m // pp) == 0
     return True
 

@@ -1,0 +1,70 @@
+"""Tier 1/2: the planner against brute force and against practice, on the real cost models."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.api import autoplan
+from planner.scoring import CostModelBackend
+from specs import Constraints, HardwareSpec, TrainSpec
+from tests.graphs import gpt_graph, gpt_graph_from_config
+from tests.planner_brute import brute_force
+
+
+class CountingBackend(CostModelBackend):
+    calls = 0
+
+    def score(self, knobs, stages):
+        self.calls += 1
+        return super().score(knobs, stages)
+
+
+SMALL = [
+    # (graph kwargs, preset, devices, batch, allow_checkpointing, constraints)
+    (dict(vocab=1024, hidden=256, layers=4, heads=8, seq_len=128), "dgx-a100-80gb", 8, 8, False, None),
+    (dict(vocab=2048, hidden=512, layers=6, heads=8, seq_len=256), "dgx-h100-80gb", 8, 16, False,
+     Constraints(max_pp=2)),
+    (dict(vocab=1024, hidden=256, layers=4, heads=8, seq_len=128), "dgx-a100-80gb", 16, 16, False,
+     Constraints(sharding="zero1")),
+    (dict(vocab=1024, hidden=256, layers=4, heads=4, seq_len=128), "dgx-a100-80gb", 8, 32, True,
+     Constraints(schedule="1f1b", max_pp=2, tp=1)),
+]
+
+
+@pytest.mark.tier1
+@pytest.mark.parametrize("case", SMALL, ids=[f"small{i}" for i in range(len(SMALL))])
+def test_optimal_under_the_cost_model(case):
+    kw, preset, devices, batch, ckpt, cons = case
+    g = gpt_graph(**kw)
+    hw = HardwareSpec.preset(preset, devices=devices)
+    train = TrainSpec(global_batch_size=batch, allow_checkpointing=ckpt)
+    want_t, want_k, want_stages, count = brute_force(g, hw, train, CostModelBackend(g, hw, train), cons)
+    assert want_k is not None
+    backend = CountingBackend(g, hw, train)
+    plan = autoplan(None, hw, graph=g, train=train, constraints=cons, backend=backend)
+    assert plan.predicted.step_time_s == pytest.approx(want_t, rel=1e-9), (
+        f"planner {plan} {plan.predicted.step_time_s} vs brute force {want_k} {want_stages} {want_t}")
+    assert backend.calls < count
+
+
+EXPERTS = [
+    Constraints(tp=8, pp=pp, sharding="none", schedule="interleaved_1f1b", virtual_stages=2,
+                recompute="full", micro_batch_size=1, sequence_parallel=False, offload="none")
+    for pp in (8, 16)
+]
+
+
+@pytest.mark.tier2
+@pytest.mark.slow
+def test_gpt3_175b_on_1024_a100_beats_the_experts():
+    g = gpt_graph_from_config("gpt3-175b")
+    hw = HardwareSpec.preset("dgx-a100-80gb", nodes=128)
+    train = TrainSpec(global_batch_size=1536, precision="bf16")
+    plan = autoplan(None, hw, graph=g, train=train)
+    assert hw.devices_per_node % plan.mesh.tp == 0
+    assert plan.predicted.fits and plan.predicted.peak_memory_bytes <= hw.device.memory_bytes
+    assert len(plan.alternatives) == 10
+    for cons in EXPERTS:
+        ref = autoplan(None, hw, graph=g, train=train, constraints=cons)
+        assert ref.search.candidates_scored == 1 + 1  # the pinned point + the DataParallel baseline
+        assert plan.predicted.samples_per_s >= ref.predicted.samples_per_s * (1 - 1e-12)
