@@ -94,6 +94,7 @@ def test_knob_diff_reports_dropped_flags():
     a = Knobs(pp=1, dp=2, tp=4, sequence_parallel=True)
     b = Knobs(pp=1, dp=2, tp=4)
     assert knob_diff(a, b) == "no-sp"
+    assert knob_diff(b, a) == "sp"
     assert knob_diff(a, a) == "(same knobs)"
 
 
@@ -187,3 +188,29 @@ def test_pins_accept_search_bounds_but_why_not_does_not():
         constraints_from_pins(["memory_headroom_fraction=1.5"])
     with pytest.raises(SpecError, match="unknown knob 'max_tp'"):
         parse_assignment("max_tp=4")
+
+
+def test_knob_diff_names_hsdp_group_size():
+    a = Knobs(pp=1, dp=256, tp=4, sharding="hsdp", hsdp_shard_size=128)
+    b = Knobs(pp=1, dp=256, tp=4, sharding="hsdp", hsdp_shard_size=64)
+    assert knob_diff(a, b) == "zero=hsdp(64)"
+
+
+def test_rejected_table_keeps_named_baselines_and_largest_regions():
+    from planner.explain.render import rejected_table
+    from specs import Rejection
+
+    rej = [Rejection(region=f"tp={2**i}", reason="r", count=i) for i in range(20)]
+    rej.append(
+        Rejection(region="layer-wise model parallelism", reason="needs 1024 stages", count=1)
+    )
+    t = rejected_table(explain_data(big_plan(rejected=rej)), max_rows=5)
+    regions = list(t.columns[0].cells)
+    assert regions == [
+        "tp=65536",
+        "tp=131072",
+        "tp=262144",
+        "tp=524288",
+        "layer-wise model parallelism",
+    ]
+    assert "16 smaller regions not shown" in t.caption

@@ -219,13 +219,28 @@ def alternatives_table(d: dict) -> Table:
     return t
 
 
-def rejected_table(d: dict) -> Table:
-    t = Table(title="pruned from the search", title_justify="left")
+def rejected_table(d: dict, max_rows: int = 12) -> Table:
+    """The pruned regions: named baselines (regions without `=`, e.g. the primer's layer-wise model
+    parallelism) always, then the largest regions, in the planner's order, up to max_rows."""
+    rows = d["rejected"]
+    keep = {i for i, r in enumerate(rows) if "=" not in r["region"]}
+    by_count = sorted(range(len(rows)), key=lambda i: -rows[i]["count"])
+    for i in by_count:
+        if len(keep) >= max_rows:
+            break
+        keep.add(i)
+    t = Table(title=f"pruned from the search ({len(rows)} regions)", title_justify="left")
     t.add_column("region", max_width=24, overflow="fold")
     t.add_column("count", justify="right")
     t.add_column("reason", overflow="fold")
-    for r in d["rejected"]:
+    for i in sorted(keep):
+        r = rows[i]
         t.add_row(r["region"], str(r["count"]), r["reason"])
+    if len(keep) < len(rows):
+        t.caption = (
+            f"{len(rows) - len(keep)} smaller regions not shown (all in --format json and --html)"
+        )
+        t.caption_justify = "left"
     return t
 
 

@@ -112,14 +112,30 @@ def stage_rows(plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
+def _knob_tokens(k: Knobs) -> dict[str, str]:
+    """Each knob as a short `name=value` token, keyed by what it sets."""
+    zero = {"none": "0", "zero1": "1", "zero2": "2", "zero3": "3", "hsdp": "hsdp"}[k.sharding]
+    if k.sharding == "hsdp":
+        zero += f"({k.hsdp_shard_size})"
+    sched = k.schedule + (f"(v={k.virtual_stages})" if k.virtual_stages > 1 else "")
+    return {
+        "dp": f"dp={k.dp}",
+        "tp": f"tp={k.tp}",
+        "pp": f"pp={k.pp}",
+        "zero": f"zero={zero}",
+        "mb": f"mb={k.micro_batch_size}x{k.num_micro_batches}",
+        "sched": f"sched={sched}" if k.pp > 1 else "",
+        "ckpt": f"ckpt={k.recompute}",
+        "sp": "sp" if k.sequence_parallel else "no-sp",
+        "offload": f"offload={k.offload}",
+    }
+
+
 def knob_diff(base: Knobs, other: Knobs) -> str:
-    """The knobs of `other` that differ from `base`, as `tp=4 dp=32`."""
-    a, b = str(base).split(), str(other).split()
-    key = lambda t: t.split("=")[0]  # noqa: E731
-    amap = {key(t): t for t in a}
-    diff = [t for t in b if amap.get(key(t)) != t]
-    gone = [f"no-{key(t)}" for t in a if key(t) not in {key(x) for x in b} and "=" not in t]
-    return " ".join(diff + gone) or "(same knobs)"
+    """The knobs of `other` that differ from `base`, as `dp=32 tp=4` (HSDP shard size included)."""
+    a, b = _knob_tokens(base), _knob_tokens(other)
+    diff = [b[key] for key in b if b[key] != a[key] and b[key]]
+    return " ".join(diff) or "(same knobs)"
 
 
 def explain_data(plan: Plan, top_k: int = 5) -> dict[str, Any]:
