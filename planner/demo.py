@@ -54,6 +54,7 @@ def part_big(con, args) -> None:
     con.print(f"planned in {time.perf_counter() - t0:.1f} s\n")
     render_explain(plan, con)
     if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         plan.to_file(Path(args.out) / "gpt3-175b.yaml")
 
 
