@@ -1,7 +1,8 @@
 """Split a model into a Plan's pipeline stages by its torch.fx graph (no communication here).
 
 The model is traced once with torch.fx, with every block of `plan.model.block_names` (a module
-path such as "embed", "layers.3" or "layer2.1") kept as a leaf, so the stage modules hold the
+path such as "embed", "layers.3" or "layer2.1", or modules joined by "+" as planner.trace names a
+run of small ones: "conv1+bn1+relu+maxpool", "avgpool+fc") kept as a leaf, so the stage modules hold the
 model's ORIGINAL block modules (real nn.Linear, nn.Embedding, ...): tensor parallelism,
 activation checkpointing and FSDP can be applied to them afterwards exactly as to the model.
 
@@ -36,7 +37,7 @@ from torch import nn
 
 from specs import Plan, SpecError
 
-__all__ = ["SplitModel", "TiedParam", "split_model", "validate_split", "clean_param_name"]
+__all__ = ["SplitModel", "TiedParam", "block_parts", "clean_param_name", "split_model", "validate_split"]
 
 # Name atoms that wrappers insert (checkpoint_wrapper, FSDP1, torch.compile); DDP adds a leading
 # "module.".
@@ -104,13 +105,21 @@ def validate_split(model: nn.Module, plan: Plan) -> None:
         )
     modules = dict(model.named_modules())
     for i, name in enumerate(names):
-        if name not in modules or name == "":
-            close = difflib.get_close_matches(name, list(modules), n=3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise SpecError(
-                f"model.block_names.{i}: {name!r} is not a module of {type(model).__name__}{hint} "
-                f"(a pipeline stage begins at a block's module, so each block must name one)"
-            )
+        for part in block_parts(name):
+            if part not in modules or part == "":
+                close = difflib.get_close_matches(part, list(modules), n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise SpecError(
+                    f"model.block_names.{i}: {part!r} is not a module of {type(model).__name__}{hint} "
+                    f"(a pipeline stage begins at a block's module, so each block must name its "
+                    f"module(s): 'layers.3', or 'conv1+bn1+relu' for a run of modules)"
+                )
+
+
+def block_parts(name: str) -> list[str]:
+    """Module paths of a block name: 'layers.3' -> ['layers.3']; 'avgpool+fc' -> ['avgpool', 'fc']
+    (planner.trace names a run of small modules, such as a ResNet's stem or head, that way)."""
+    return name.split("+")
 
 
 def _tracer(block_modules: set[nn.Module]) -> torch.fx.Tracer:
@@ -129,9 +138,10 @@ def split_model(model: nn.Module, plan: Plan) -> SplitModel:
     """
     validate_split(model, plan)
     names = plan.model.block_names
-    stage_starts = {names[st.first]: s for s, st in enumerate(plan.pipeline.stages)}
+    # Every module of a stage's first block marks the stage's start (the first one called wins).
+    start_of = {part: s for s, st in enumerate(plan.pipeline.stages) for part in block_parts(names[st.first])}
     num_stages = len(plan.pipeline.stages)
-    blocks = {model.get_submodule(n) for n in names}
+    blocks = {model.get_submodule(part) for n in names for part in block_parts(n)}
     try:
         graph = _tracer(blocks).trace(model)
     except Exception as e:  # fx raises many types; the user needs to know it was the trace
@@ -142,22 +152,23 @@ def split_model(model: nn.Module, plan: Plan) -> SplitModel:
         ) from None
 
     stage_of: dict[torch.fx.Node, int] = {}
-    cur, seen_starts = 0, []
+    cur, seen_starts = 0, [0]
     for node in graph.nodes:
-        if node.op == "call_module" and node.target in stage_starts:
-            s = stage_starts[node.target]
-            if s in seen_starts:
+        if node.op == "call_module" and node.target in start_of:
+            s = start_of[node.target]
+            if s < cur:
                 raise SpecError(
-                    f"pipeline.stages.{s}: its first block {node.target!r} is called more than once in "
-                    f"forward; a stage cannot begin at a module the model reuses"
+                    f"pipeline.stages.{s}: module {node.target!r} of its first block is called again in "
+                    f"stage {cur}; a stage cannot begin at a module the model reuses later"
                 )
-            if s != 0 and s != cur + 1:
+            if s > cur + 1:
                 raise SpecError(
-                    f"pipeline.stages.{s}: block {node.target!r} runs after stage {cur}'s blocks but the "
-                    f"plan puts it at stage {s}; block_names must be in execution order"
+                    f"pipeline.stages.{s}: block {node.target!r} runs right after stage {cur}'s blocks but "
+                    f"the plan puts it at stage {s}; block_names must be in execution order"
                 )
-            cur = s
-            seen_starts.append(s)
+            if s == cur + 1:
+                cur = s
+                seen_starts.append(s)
         stage_of[node] = 0 if node.op == "placeholder" else cur
     missing = [s for s in range(1, num_stages) if s not in seen_starts]
     if missing:

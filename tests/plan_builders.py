@@ -3,8 +3,8 @@
 Block names are module paths, derived from the model by `block_names_of`: the top-level
 children in order, ModuleList/Sequential children expanded one level per container (so
 "layers.0", "layer2.1"), and each run of other top-level modules grouped into one block named by
-its first module (a ResNet's conv1/bn1/relu/maxpool stem is block "conv1", its avgpool+fc head
-is block "avgpool"). Stages split the blocks as evenly as possible, earlier stages taking the
+its modules joined with "+", as planner.trace names them (a ResNet's stem is block
+"conv1+bn1+relu+maxpool", its head "avgpool+fc"). Stages split the blocks as evenly as possible, earlier stages taking the
 extra block.
 """
 
@@ -27,20 +27,23 @@ from specs import (
 
 
 def block_names_of(model: nn.Module) -> list[str]:
-    """Module path of each block, in definition order (see the module docstring)."""
+    """Block names as planner.trace gives them for the bundled models (see the module docstring)."""
     names: list[str] = []
-    in_group = False
+    run: list[str] = []
     for name, child in model.named_children():
         if isinstance(child, (nn.ModuleList, nn.Sequential)):
+            if run:
+                names.append("+".join(run))
+                run = []
             for sub, grand in child.named_children():
                 if isinstance(grand, (nn.ModuleList, nn.Sequential)):
                     names += [f"{name}.{sub}.{g}" for g, _ in grand.named_children()]
                 else:
                     names.append(f"{name}.{sub}")
-            in_group = False
-        elif not in_group:
-            names.append(name)
-            in_group = True
+        else:
+            run.append(name)
+    if run:
+        names.append("+".join(run))
     return names
 
 

@@ -42,7 +42,7 @@ def test_stages_compose_to_the_model(name, pp):
 def test_resnet18_split_keeps_original_blocks():
     model = torchvision.models.resnet18(num_classes=10).double().eval()
     names = block_names_of(model)
-    assert names[0] == "conv1" and names[-1] == "avgpool" and "layer3.1" in names
+    assert names[0] == "conv1+bn1+relu+maxpool" and names[-1] == "avgpool+fc" and "layer3.1" in names
     plan = make_plan("resnet18", pp=4, model=model, num_micro_batches=4)
     split = split_model(model, plan)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -82,6 +82,27 @@ def test_values_skipping_a_stage_are_passed_through():
     plan = make_plan("skip", pp=3, num_micro_batches=3, model=model, block_names=["a", "b", "c"])
     split = split_model(model, plan)
     x = torch.randn(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(_run_stages(split, x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "mlp-tiny", "resnet18"])
+def test_plan_builder_block_names_match_the_tracer(name):
+    from planner import trace
+
+    built = build_model(name, device="meta")
+    inputs = built.example_inputs
+    if name == "resnet18":
+        inputs = (torch.zeros(1, 3, 64, 64, device="meta"),)
+    assert block_names_of(built.module) == [b.name for b in trace(built.module, inputs).blocks]
+
+
+def test_split_at_a_composite_block_name():
+    model = torchvision.models.resnet18(num_classes=10).double().eval()
+    plan = make_plan("resnet18", pp=2, model=model, num_micro_batches=2)
+    plan = _with_stages(plan, [Stage(first=0, last=8), Stage(first=9, last=9)])  # head "avgpool+fc" alone
+    split = split_model(model, plan)
+    assert {n for n, _ in split.stage_modules[1].named_parameters()} == {"fc.weight", "fc.bias"}
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(_run_stages(split, x), model(x), rtol=0, atol=0)
 
 
