@@ -220,10 +220,10 @@ def alternatives_table(d: dict) -> Table:
 
 
 def rejected_table(d: dict, max_rows: int = 12) -> Table:
-    """The pruned regions: named baselines (regions without `=`, e.g. the primer's layer-wise model
-    parallelism) always, then the largest regions, in the planner's order, up to max_rows."""
+    """The pruned regions: named baselines (regions whose name is not a knob, e.g. the primer's
+    layer-wise model parallelism) always, then the largest regions, in the planner's order, up to max_rows."""
     rows = d["rejected"]
-    keep = {i for i, r in enumerate(rows) if "=" not in r["region"]}
+    keep = {i for i, r in enumerate(rows) if "=" not in (r["region"].split() or [""])[0]}
     by_count = sorted(range(len(rows)), key=lambda i: -rows[i]["count"])
     for i in by_count:
         if len(keep) >= max_rows:
