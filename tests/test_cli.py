@@ -284,3 +284,46 @@ def test_trace(capsys):
 def test_trace_unknown_model(capsys):
     err = _err(capsys, "trace", "gpt-9000")
     assert "unknown model 'gpt-9000'" in err and "gpt-tiny" in err
+
+
+def test_plan_command_end_to_end(capsys, tmp_path):
+    """`autoplan plan` with the real planner: writes a plan that `explain` reads back; pins hold."""
+    pytest.importorskip("planner.api")
+    out_file = tmp_path / "tiny.yaml"
+    argv = [
+        "plan",
+        "gpt-tiny",
+        "--hw",
+        "cpu:4",
+        "--batch",
+        "16",
+        "--precision",
+        "fp32",
+        "--pin",
+        "pp=2",
+        "--pin",
+        "zero=0",
+        "-o",
+        out_file,
+    ]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert max(len(ln) for ln in out.splitlines()) <= 100
+    assert "pp=2" in out and "zero=0" in out and "Why: where the step time goes" in out
+    assert "rank 1 |" in out  # a pipeline, so a timeline
+    from specs import Plan
+
+    plan = Plan.from_file(out_file)
+    assert (
+        plan.mesh.pp == 2
+        and plan.data_parallel.sharding == "none"
+        and plan.model.name == "gpt-tiny"
+    )
+    assert plan.predicted is not None and plan.train.global_batch_size == 16
+    code, out, _ = run(capsys, "explain", out_file, "--format", "json")
+    assert json.loads(out)["explain"]["plan"] == str(plan)
+    code, out, _ = run(capsys, *argv[:-2], "--format", "json")
+    d = json.loads(out)
+    assert (
+        code == 0 and d["plan"]["mesh"]["pp"] == 2 and d["explain"]["predicted"]["step_time_s"] > 0
+    )

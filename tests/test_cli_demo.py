@@ -48,3 +48,23 @@ def test_parts_skip_with_a_reason_when_a_piece_is_missing(monkeypatch):
     monkeypatch.setitem(demo.PARTS, "tiny", ("3. tiny", missing))
     assert demo.main(["--only", "tiny"]) == 0
     assert "skipped: runtime.launch is not in this build yet" in con.file.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.tier3
+def test_demo_tiny_run_under_torchrun(tmp_path):
+    """Part 3 of `make demo` for real: plan gpt-tiny for 4 CPU processes, torchrun it 2 steps."""
+    pytest.importorskip("runtime.launch")
+    con = Console(width=100, file=io.StringIO(), highlight=False)
+    import planner.demo as d
+
+    orig = d.make_console
+    d.make_console = lambda width=None: con
+    try:
+        code = d.main(["--only", "tiny", "--steps", "2", "--out", str(tmp_path)])
+    finally:
+        d.make_console = orig
+    out = con.file.getvalue()
+    assert code == 0, out
+    assert "measured/predicted" in out and "training steps" in out
+    assert len((tmp_path / "train-log.jsonl").read_text().splitlines()) == 2
