@@ -194,7 +194,10 @@ def render_html(plan: Plan, title: str | None = None, top_k: int = 20) -> str:
         f"<li>pipeline: {_e(d['pipeline']['schedule'])} (v={d['pipeline']['virtual_stages']}), "
         f"{d['pipeline']['num_micro_batches']} micro-batches of {d['pipeline']['micro_batch_size']}</li>",
         "</ul>",
-        _table(["stage", "pp rank", "blocks", "names", "recompute"], stage_rows),
+        # long stage lists fold away so the charts stay near the top
+        f"<details{' open' if len(stage_rows) <= 12 else ''}><summary>{len(stage_rows)} stage(s)</summary>"
+        + _table(["stage", "pp rank", "blocks", "names", "recompute"], stage_rows)
+        + "</details>",
     ]
     if pr:
         parts += [
