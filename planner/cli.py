@@ -55,7 +55,7 @@ def cmd_plan(args) -> int:
     if args.allow_offload:
         train_fields["allow_offload"] = True
     train = validate_model(TrainSpec, train_fields, "train")
-    extra = {"top_k": args.top_k} if args.top_k else {}
+    extra = {"top_k": args.top_k} if args.top_k is not None else {}
     constraints = constraints_from_pins(args.pin or [], **extra)
     autoplan = _need("planner", "autoplan")
     plan = autoplan(args.model, hw, train=train, constraints=constraints)

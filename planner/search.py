@@ -176,6 +176,7 @@ class Search:
     def meshes(self) -> list[tuple[int, int, int]]:
         """Valid (pp, dp, tp), with every invalid factorization recorded."""
         n, per_node = self.num_devices, self.hw.devices_per_node
+        self._check_pinned_degrees(n)
         out = []
         for tp in divisors(n):
             for pp in divisors(n // tp):
@@ -186,6 +187,22 @@ class Search:
                 elif why[0]:
                     self.reject(why[0], why[1], self._mesh_size(pp, dp, tp))
         return out
+
+    def _check_pinned_degrees(self, n: int) -> None:
+        """Pinned pp/dp/tp must multiply to a divisor of the device count (all three: to it)."""
+        pinned = {k: self.pins[k] for k in ("pp", "dp", "tp") if k in self.pins}
+        if not pinned:
+            return
+        prod = 1
+        for v in pinned.values():
+            prod *= v
+        expr = " * ".join(f"{k}({v})" for k, v in pinned.items())
+        if len(pinned) == 3 and prod != n:
+            raise SpecError(f"constraints: {expr} = {prod}, but {self.hw} has {n} devices; "
+                            f"pin degrees whose product is {n}")
+        if n % prod:
+            raise SpecError(f"constraints: {expr} = {prod} does not divide the {n} devices of {self.hw}; "
+                            f"pin degrees whose product divides {n}")
 
     def _mesh_problem(self, pp: int, dp: int, tp: int, per_node: int) -> tuple[str, str] | None:
         p = self.pins
@@ -598,6 +615,10 @@ class Search:
     # ------------------------------------------------------------------ no fit
     def _no_fit_message(self) -> str:
         cap = self.budget_bytes / GiB
+        if self.closest is None and self.least_state is None:  # not a memory problem: say so
+            reasons = "; ".join(f"{r.region}: {r.reason}" for r in list(self._rejected.values())[:5])
+            return (f"no valid configuration on {self.hw}: {reasons or 'the constraints leave no point'}; "
+                    f"relax the constraints (pins, max_tp/max_pp) or use other hardware")
         parts = [f"no configuration fits {cap:.1f} GiB per device on {self.hw}"]
         if self.closest is not None:
             c = self.closest

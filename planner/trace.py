@@ -23,6 +23,7 @@ model in any process, different when any shape or structure differs.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 
 import torch
@@ -167,11 +168,20 @@ def _build(model, gm, traced_by, inputs, batch, name, t0) -> ModelGraph:
     specs, assign = build_blocks(model, gm)
     if not specs:
         raise SpecError(f"trace: {name} has no submodules to form blocks; wrap its layers in modules")
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # its ERROR log repeats the failure below as a traceback
     try:
         values = propagate(gm, fs, inputs, specs)
     except Exception as e:
+        shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in inputs
+                           if isinstance(x, torch.Tensor))
+        hint = ("data-dependent ops cannot run without real data" if "DataDependent" in type(e).__name__
+                else f"check that example_inputs ({shapes}) have the shapes and dtypes the model expects")
         raise SpecError(f"trace: running {name} on fake tensors failed: {type(e).__name__}: "
-                        f"{_first_line(e)} (data-dependent ops cannot run without real data)") from None
+                        f"{_first_line(e)} ({hint})") from None
+    finally:
+        fake_log.setLevel(level)
     g = dataflow_graph(gm, assign)
     dependent = input_dependent_nodes(g, values)
     needs_grad = _needs_grad(gm, values)

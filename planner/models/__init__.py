@@ -168,8 +168,13 @@ def _from_factory(ref: str, batch: int, device, dtype) -> BuiltModel:
     fn = getattr(mod, fn_name, None)
     if fn is None or not callable(fn):
         raise SpecError(f"model {ref!r}: module {mod_name!r} has no callable {fn_name!r}")
-    with torch.device(device):
-        out = fn()
+    try:
+        with torch.device(device):
+            out = fn()
+    except Exception as e:  # the user's factory failed: name it, keep the message on one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise SpecError(f"model {ref!r}: the factory {fn_name}() raised {type(e).__name__}: {first}; "
+                        f"fix the factory (it is called with no arguments)") from None
     if isinstance(out, BuiltModel):
         return out
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], nn.Module):
