@@ -162,7 +162,13 @@ def build_vision(name: str, device: str = "meta") -> tuple[nn.Module, tuple[torc
     import torchvision
 
     image = 299 if name == "inception_v3" else 224
-    with torch.device(device):
+    try:
+        with torch.device(device):
+            model = torchvision.models.get_model(name, weights=None)
+    except NotImplementedError:
+        # RegNet's constructor copies data out of a tensor (its width schedule), which a meta
+        # tensor cannot give: build it on the CPU (random weights; the trace still runs on fakes).
+        device = "cpu"
         model = torchvision.models.get_model(name, weights=None)
     return model, (torch.zeros(2, 3, image, image, device=device),)
 
@@ -230,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default=None, help="comma-separated names (tv/resnet50, hf/llama, ...)"
     )
     p.add_argument("--skip-vision", action="store_true")
+    p.add_argument(
+        "--update", action="store_true", help="replace only these models' rows in --output"
+    )
     p.add_argument("-o", "--output", default=str(RESULTS))
     args = p.parse_args(argv)
     hw = HardwareSpec.load(args.hw)
@@ -249,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         partial = Path(args.output).with_suffix(".partial.json")
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(rows, indent=1) + "\n")  # a crash or timeout keeps what ran
+    if args.update and Path(args.output).exists():
+        fresh = {r["model"]: r for r in rows}
+        old_rows = json.loads(Path(args.output).read_text())["models"]
+        rows = [fresh.pop(r["model"], r) for r in old_rows] + list(fresh.values())
     table = Table(title=f"coverage on {hw}")
     for col in (
         "model",
