@@ -13,6 +13,8 @@ Space (one point = specs.Knobs plus a stage partition):
   requires), interleaved_1f1b with v = 2..8 virtual stages where num_micro_batches is a multiple
   of pp (Megatron-LM's rule, which the cost model's schedule builder enforces; it also satisfies
   torch's "multiple of max(1, m // pp)"), and zero_bubble as ZB-H1 (v = 1, torch's rule on m);
+- points the runtime refuses (planner.capabilities: zero1 with tp/pp, offload without FSDP, fp16
+  with pp, tp over conv candidates) are recorded as rejected with the runtime's reason;
 - checkpointing per stage: chosen inside the partition DP (planner.partition), the fastest mode
   whose stage fits memory; a pinned recompute fixes it for all stages.
 
@@ -42,6 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from planner.capabilities import executable_candidate, knob_problem
 from planner.partition import MODES, ModeCosts, Partition, Partitioner
 from planner.scoring import Backend
 from specs import Constraints, HardwareSpec, Knobs, ModelGraph, Rejection, SpecError, TrainSpec
@@ -166,6 +169,10 @@ class Search:
         for name in sorted(self.graph.layer_types):
             lt = self.graph.layer_types[name]
             for cand in lt.tp_candidates:
+                if not executable_candidate(cand):
+                    styles = sorted(set(cand.modules.values()))
+                    return (f"tp={tp}: the runtime cannot split {name}'s {cand.kind} candidate "
+                            f"(style {', '.join(styles)} is not executable yet; planner.capabilities)")
                 any_candidate = True
                 if cand.divisor % tp:
                     return f"tp={tp} does not divide {name}'s {cand.kind} candidate (divisor {cand.divisor})"
@@ -184,6 +191,7 @@ class Search:
                 why = self._mesh_problem(pp, dp, tp, per_node)
                 if why is None:
                     out.append((pp, dp, tp))
+                    self._reject_refused_shardings(pp, dp, tp)
                 elif why[0]:
                     self.reject(why[0], why[1], self._mesh_size(pp, dp, tp))
         return out
@@ -224,6 +232,9 @@ class Search:
                     f"places to end a stage ({self.graph.num_blocks} blocks)")
         if self.train.global_batch_size % dp:
             return (f"dp={dp}", f"dp={dp} does not divide global batch {self.train.global_batch_size}")
+        why = knob_problem(sharding="none", offload="none", pp=pp, dp=dp, tp=tp, precision=self.train.precision)
+        if why:
+            return (f"pp={pp} {self.train.precision}", why)
         return None
 
     def micro_batches(self, pp: int, dp: int) -> list[tuple[int, int]]:
@@ -245,7 +256,27 @@ class Search:
             return [self.pins["sequence_parallel"]] if (tp > 1 or not self.pins["sequence_parallel"]) else []
         return [False, True] if tp > 1 else [False]
 
-    def shardings(self, dp: int) -> list[tuple[str, int | None, str]]:
+    def _reject_refused_shardings(self, pp: int, dp: int, tp: int) -> None:
+        """Record the sharding/offload points of a valid mesh that the runtime refuses."""
+        refused = [x for x in self.shardings(dp) if x not in self.shardings(dp, pp, tp)]
+        if not refused:
+            return
+        per = len(self.sp_options(tp)) * sum(max(1, len(self.schedules(pp, n))) for _, n in self.micro_batches(pp, dp))
+        for sharding, _hsdp, off in refused:
+            why = knob_problem(sharding=sharding, offload=off, pp=pp, dp=dp, tp=tp, precision=self.train.precision)
+            region = f"pp={pp} dp={dp} tp={tp} {sharding}" + (" offload=cpu" if off == "cpu" else "")
+            self.reject(region, f"the runtime refuses it: {why}", per)
+
+    def shardings(self, dp: int, pp: int | None = None, tp: int | None = None) -> list[tuple[str, int | None, str]]:
+        """(sharding, hsdp shard size, offload) options for dp; with pp and tp, only those the
+        runtime executes (planner.capabilities)."""
+        out = self._shardings(dp)
+        if pp is None or tp is None:
+            return out
+        prec = self.train.precision
+        return [x for x in out if knob_problem(sharding=x[0], offload=x[2], pp=pp, dp=dp, tp=tp, precision=prec) is None]
+
+    def _shardings(self, dp: int) -> list[tuple[str, int | None, str]]:
         p = self.pins
         names = [p["sharding"]] if "sharding" in p else (list(SHARDINGS) if dp > 1 else ["none"])
         offloads = [p["offload"]] if "offload" in p else (["none", "cpu"] if self.train.allow_offload else ["none"])
@@ -286,7 +317,7 @@ class Search:
         if self.train.global_batch_size % dp:
             return len(self.shardings(dp)) * len(self.sp_options(tp))
         return sum(
-            len(self.shardings(dp)) * len(self.sp_options(tp)) * max(1, len(self.schedules(pp, n)))
+            len(self.shardings(dp, pp, tp)) * len(self.sp_options(tp)) * max(1, len(self.schedules(pp, n)))
             for _, n in self.micro_batches(pp, dp)
         )
 
@@ -435,7 +466,7 @@ class Search:
 
     def candidates(self, region: tuple) -> Iterator[Knobs]:
         pp, dp, tp, mb, n_mb, sp = region
-        for sharding, hsdp, off in self.shardings(dp):
+        for sharding, hsdp, off in self.shardings(dp, pp, tp):
             for sched, v in self.schedules(pp, n_mb):
                 yield Knobs(
                     pp=pp, dp=dp, tp=tp, sharding=sharding, hsdp_shard_size=hsdp, offload=off,
@@ -528,8 +559,8 @@ class Search:
 
     def _prune_rest(self, regions) -> None:
         count = 0
-        for _, (pp, dp, _tp, _mb, n_mb, _sp), _ in regions:
-            count += len(self.shardings(dp)) * len(self.schedules(pp, n_mb))
+        for _, (pp, dp, tp, _mb, n_mb, _sp), _ in regions:
+            count += len(self.shardings(dp, pp, tp)) * len(self.schedules(pp, n_mb))
         if count:
             self.reject(
                 "lower bound", f"{count} candidates whose compute-only lower bound "

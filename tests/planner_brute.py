@@ -62,10 +62,21 @@ def brute_force(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, backend,
         if dp > 1:
             shardings += [("zero1", None), ("zero2", None), ("zero3", None)]
             shardings += [("hsdp", s) for s in _divisors(dp) if 1 < s < dp]
+        elif pins.get("sharding") in ("zero1", "zero2", "zero3"):
+            shardings = [(pins["sharding"], None)]  # a pin is honoured at dp = 1 too (a no-op sharding)
         offloads = ["none", "cpu"] if train.allow_offload else ["none"]
+        if train.precision == "fp16" and pp > 1:
+            continue  # the runtime has no fp16 loss scaling inside a pipeline
+        if tp > 1 and any(st == "conv_out" for lt in graph.layer_types.values() for cd in lt.tp_candidates
+                          for st in cd.modules.values()):
+            continue  # the runtime cannot split convolutions yet
         for (sh, hs), off in product(shardings, offloads):
             if pins.get("sharding", sh) != sh or pins.get("offload", off) != off:
                 continue
+            if sh == "zero1" and dp > 1 and (tp > 1 or pp > 1):
+                continue  # ZeroRedundancyOptimizer composes only with plain DDP in the runtime
+            if off == "cpu" and sh in ("none", "zero1"):
+                continue  # the runtime offloads through FSDP2 only
             for mb in _divisors(batch // dp):
                 m = batch // dp // mb
                 if m > 1 and pp == 1 and not train.allow_grad_accumulation:

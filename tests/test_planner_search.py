@@ -146,12 +146,12 @@ def test_pinning_every_knob_scores_one_configuration():
     g = toy_graph()
     hw = hw_with_memory("dgx-a100-80gb", 8)
     train = TrainSpec(global_batch_size=16)
-    pins = Constraints(pp=2, dp=2, tp=2, sharding="zero1", micro_batch_size=2, num_micro_batches=4,
+    pins = Constraints(pp=2, dp=2, tp=2, sharding="zero2", micro_batch_size=2, num_micro_batches=4,
                        schedule="interleaved_1f1b", virtual_stages=2, recompute="selective",
                        sequence_parallel=True, offload="none")
     plan, backend = plan_with_fake(g, hw, train, pins)
     k = plan.knobs()
-    assert (k.pp, k.dp, k.tp, k.sharding, k.micro_batch_size, k.num_micro_batches) == (2, 2, 2, "zero1", 2, 4)
+    assert (k.pp, k.dp, k.tp, k.sharding, k.micro_batch_size, k.num_micro_batches) == (2, 2, 2, "zero2", 2, 4)
     assert (k.schedule, k.virtual_stages, k.recompute, k.sequence_parallel) == ("interleaved_1f1b", 2, "selective", True)
     # one knob configuration; the primer baselines are scored too
     assert plan.search.candidates_scored == 1 + 2

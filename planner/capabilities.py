@@ -1,0 +1,47 @@
+"""What the runtime can execute: the planner never returns a plan that runtime/ would refuse.
+
+The cost models can score configurations that PyTorch's engines, as composed by runtime/, do not
+run. Each rule below restates one refusal of the runtime (the file and check are cited), so the
+search records the point as rejected, with the runtime's reason, instead of returning it:
+
+- `zero1` with tp > 1 or pp > 1 (dp > 1): runtime/data_parallel.py `validate_data_parallel`
+  ("zero1 (ZeroRedundancyOptimizer over DDP) works with neither tensor-parallel DTensor
+  parameters nor pipeline schedules"); zero2 (FSDP2 without resharding) shards the optimizer
+  states and gradients there instead.
+- cpu offload with sharding none or zero1: runtime/data_parallel.py `validate_data_parallel`
+  ("cpu offload runs through FSDP2; it needs sharding zero2, zero3 or hsdp").
+- fp16 with pp > 1: runtime/parallelize.py `parallelize` ("fp16 loss scaling is not supported
+  with a pipeline (pp > 1); use bf16").
+- tensor-parallel style `conv_out`: runtime/tensor_parallel.py `_check_style` ("conv_out ... is
+  not executed by this runtime yet"); conv candidates are dropped, so a conv block is replicated
+  under tp.
+
+Not a refusal: sharding `none` with tp > 1 or pp > 1 runs as FSDP2 `replicate` instead of DDP
+(runtime/data_parallel.py `_ddp_ok`), which all-reduces the same gradients: same cost, allowed.
+
+`knob_problem` is the one place the search asks; `executable_candidate` is the one place
+planner.build_plan and the tp-degree checks ask.
+"""
+
+from __future__ import annotations
+
+from specs import TPCandidate
+
+NOT_EXECUTABLE_STYLES = frozenset({"conv_out"})
+
+
+def knob_problem(*, sharding: str, offload: str, pp: int, dp: int, tp: int, precision: str) -> str | None:
+    """Why the runtime refuses these knobs (one sentence naming the rule), or None if it runs them."""
+    if sharding == "zero1" and dp > 1 and (tp > 1 or pp > 1):
+        return (f"zero1 with tp={tp}, pp={pp}: the runtime's ZeroRedundancyOptimizer composes only with "
+                f"plain DDP (runtime/data_parallel.py); zero2 shards optimizer states and gradients there")
+    if offload == "cpu" and sharding not in ("zero2", "zero3", "hsdp"):
+        return f"offload=cpu with {sharding}: the runtime offloads through FSDP2 only (zero2, zero3, hsdp)"
+    if precision == "fp16" and pp > 1:
+        return f"fp16 with pp={pp}: the runtime has no loss scaling inside a pipeline (runtime/parallelize.py); use bf16"
+    return None
+
+
+def executable_candidate(cand: TPCandidate) -> bool:
+    """True when the runtime can apply every style of this tensor-parallel candidate."""
+    return not any(style in NOT_EXECUTABLE_STYLES for style in cand.modules.values())
