@@ -2,12 +2,17 @@
 
 Tensor-parallel styles (plan.tensor_parallel.styles, fnmatch patterns over module paths relative
 to the model root). For each block, its layer type's TPCandidates name module paths relative to
-the block; the pattern is `<block path>.<module path>`, with the block path's numeric parts
-replaced by `*` when the layer type repeats (`layers.3` -> `layers.*`), so one entry covers all
-layers: `layers.*.attn.q_proj: colwise`, `layers.*.attn.o_proj: rowwise`, `embed.tok: vocab`,
-`head.lm_head: colwise`. With sequence parallelism, the norms (ops the tracer marks
-`tp_split="sequence"` of kind norm) get `sequence`. A block without candidates is `replicate`.
-Conv candidates carry `conv_out` (operator-wise split of output channels).
+the block's base module (planner.tp_candidates.relative_path): the block's own module when it is
+one module (`layers.3`), the common parent of its modules when the tracer merged several
+(`transformer.ln_f+lm_head` -> the root). The pattern is `<base>.<relative path>`, with the
+base's numeric parts replaced by `*` when the layer type repeats (`layers.3` -> `layers.*`), so
+one entry covers all layers: `layers.*.attn.q_proj: colwise`, `layers.*.attn.o_proj: rowwise`,
+`embed.tok: vocab`, `head.lm_head: colwise`; an empty relative path is the base module itself
+(the MLP's `head` Linear). With sequence parallelism, the norm modules (ops the tracer marks
+`tp_split="sequence"` of kind norm, named by module path in the layer type's first block) get
+`sequence`, relative to that block's base. A block without candidates is `replicate`.
+Conv candidates carry `conv_out` (operator-wise split of output channels); the runtime cannot
+execute that yet, so the planner does not split conv blocks (planner.capabilities).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
+from planner.capabilities import executable_candidate
 from specs import (
     Alternative,
+    Block,
     DataParallel,
     HardwareSpec,
     Knobs,
@@ -36,15 +43,39 @@ from specs import (
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 
 
+def block_base(block: Block) -> str:
+    """The module path a block's candidate paths are relative to (see the module docstring)."""
+    mods = block.modules or [block.name]
+    if len(mods) == 1:
+        return mods[0]
+    parents = [m.rsplit(".", 1)[0] if "." in m else "" for m in mods]
+    base = parents[0]
+    for p in parents[1:]:
+        while base and not (p == base or p.startswith(base + ".")):
+            base = base.rsplit(".", 1)[0] if "." in base else ""
+    return base
+
+
 def block_pattern(graph: ModelGraph, index: int, repeated: bool) -> str:
-    name = graph.blocks[index].name
-    return _INDEX.sub("*", name) if repeated else name
+    """fnmatch pattern of block `index`'s base module (numeric parts -> `*` when repeated)."""
+    base = block_base(graph.blocks[index])
+    return _INDEX.sub("*", base) if repeated else base
 
 
-def _relative(op_name: str, block_name: str) -> str:
-    if op_name.startswith(block_name + "."):
-        return op_name[len(block_name) + 1 :]
-    return op_name
+def _join(base: str, rel: str) -> str:
+    return f"{base}.{rel}" if base and rel else base or rel
+
+
+def _module_relative(op_name: str, blocks: Sequence[Block]) -> str | None:
+    """An op's module path relative to the base of the block of this layer type it was recorded
+    in, or None when it is not a module inside one of them (a functional op's node name)."""
+    for b in blocks:
+        base = block_base(b)
+        if base and op_name.startswith(base + "."):
+            return op_name[len(base) + 1 :]
+        if not base and op_name.split(".", 1)[0] in {m.split(".", 1)[0] for m in b.modules}:
+            return op_name
+    return None
 
 
 def tp_styles(graph: ModelGraph, tp: int, sequence_parallel: bool) -> dict[str, str]:
@@ -52,22 +83,27 @@ def tp_styles(graph: ModelGraph, tp: int, sequence_parallel: bool) -> dict[str, 
     if tp == 1:
         return {}
     counts = Counter(b.layer_type for b in graph.blocks)
+    by_type: dict[str, list[Block]] = {}
+    for b in graph.blocks:
+        by_type.setdefault(b.layer_type, []).append(b)
     styles: dict[str, str] = {}
     for i, block in enumerate(graph.blocks):
         lt = graph.layer_types[block.layer_type]
         pat = block_pattern(graph, i, counts[block.layer_type] > 1)
-        if not lt.tp_candidates:
-            styles.setdefault(pat, "replicate")
+        cands = [c for c in lt.tp_candidates if executable_candidate(c)]
+        if not cands:
+            if pat:
+                styles.setdefault(pat, "replicate")
             continue
-        for cand in lt.tp_candidates:
+        for cand in cands:
             for mod, style in cand.modules.items():
-                styles.setdefault(f"{pat}.{mod}" if mod else pat, style)
+                styles.setdefault(_join(pat, mod), style)
         if sequence_parallel:
             for op in lt.ops:
                 if op.tp_split == "sequence" and op.kind == "norm":
-                    rel = _relative(op.name, block.name)
+                    rel = _module_relative(op.name, by_type[block.layer_type])
                     if rel and not rel.startswith(("_", "%")):
-                        styles.setdefault(f"{pat}.{rel}", "sequence")
+                        styles.setdefault(_join(pat, rel), "sequence")
     return dict(sorted(styles.items()))
 
 

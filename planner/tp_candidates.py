@@ -124,6 +124,8 @@ def param_op(n: fx.Node, gm: nn.Module, values: dict) -> ParamOp | None:
 
 def relative_path(block: BlockSpec, path: str) -> str:
     mods = block.modules
+    if len(mods) == 1 and path == mods[0]:
+        return ""  # the block is the module itself (the MLP's `head` Linear)
     if len(mods) == 1 and path.startswith(mods[0] + "."):
         return path[len(mods[0]) + 1:]
     parents = [m.rsplit(".", 1)[0] if "." in m else "" for m in mods]
