@@ -233,13 +233,17 @@ def _get_attr(gm: nn.Module, target: str):
 
 
 def block_signature(
-    block: BlockSpec, values: dict[fx.Node, object], gm: fx.GraphModule, *, outputs: bool = True
+    block: BlockSpec, values: dict[fx.Node, object], gm: fx.GraphModule, *, outputs: bool = True,
+    shapes: bool = True,
 ) -> str:
     """Hash of the block's node sequence: targets, argument wiring (inside the block by position,
     outside by shape), leaf-module settings (extra_repr) and parameter shapes, and (with
     `outputs`) output metadata. Equal hash -> same layer type. Without outputs it is known before
     the block runs; ops on fake tensors are functions of exactly these, so equal pre-signatures
-    give equal outputs (used to skip re-running repeated blocks)."""
+    give equal outputs (used to skip re-running repeated blocks). With `shapes=False` activations
+    are described by dtype and rank only, so the hash does not depend on the batch size (the
+    model fingerprint; parameter shapes stay in)."""
+    desc = meta_desc if shapes else meta_rank_desc
     index = {n: i for i, n in enumerate(block.nodes)}
     parts: list[str] = []
 
@@ -250,7 +254,7 @@ def block_signature(
             if a.op == "get_attr":
                 t = _get_attr(gm, a.target)
                 return f"attr{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
-            return f"ext{meta_desc(values.get(a))}"
+            return f"ext{desc(values.get(a))}"
         if isinstance(a, (list, tuple)):
             return "(" + ",".join(arg_desc(x) for x in a) + ")"
         if isinstance(a, dict):
@@ -267,10 +271,22 @@ def block_signature(
             mod = gm.get_submodule(n.target)
             extra = ";".join(f"{k}{tuple(p.shape)}{p.dtype}" for k, p in mod.named_parameters())
             extra += f";train={mod.training};{mod.extra_repr()}"
-        out = meta_desc(values.get(n)) if outputs else ""
+        out = desc(values.get(n)) if outputs else ""
         parts.append(f"{n.op}:{target_name(n, gm)}({arg_desc(n.args)},{arg_desc(n.kwargs)})"
                      f"->{out}[{extra}]")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def meta_rank_desc(v) -> str:
+    """meta_desc without sizes: dtype and number of dims (batch-size independent). Numbers
+    computed by the graph (x.size(0), x.shape) are sizes too, so only their type is kept."""
+    if isinstance(v, torch.Tensor):
+        return f"T{v.dim()}d{str(v.dtype).replace('torch.', '')}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ",".join(meta_rank_desc(x) for x in v) + ")"
+    if isinstance(v, (bool, type(None))):
+        return repr(v)
+    return type(v).__name__
 
 
 def meta_desc(v) -> str:

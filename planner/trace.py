@@ -15,9 +15,13 @@ Pipeline (each step in its own module):
 
 Per-sample figures divide by the example batch (dim 0 of the first input) and are linear in
 the micro-batch size; FLOPs and bytes are for the dtypes the model and inputs were traced in.
-The fingerprint is a SHA-256 over block names, layer-type signatures (node targets, wiring,
-output shapes/dtypes, parameter shapes), parameter counts and input shapes: equal for the same
-model in any process, different when any shape or structure differs.
+The fingerprint is a SHA-256 over block names, batch-free block signatures (node targets,
+wiring, constants, leaf-module settings, parameter shapes, activation dtypes and ranks),
+parameter counts and the input shapes without dim 0, and input dtypes: equal for the same model
+in any process and at any batch size, different when any parameter shape, input shape beyond
+the batch, dtype or structure differs. (Activation sizes follow from these for fx traces; a
+torch.export trace bakes the batch into its shape constants, so there the fingerprint is only
+stable at one batch size: trace at batch 1, autoplan's convention.)
 """
 
 from __future__ import annotations
@@ -213,9 +217,13 @@ def _build(model, gm, traced_by, inputs, batch, name, t0) -> ModelGraph:
     x0 = inputs[0]
     seq_len = int(x0.shape[1]) if x0.dim() == 2 and not x0.is_floating_point() else None
     fp = hashlib.sha256()
-    for b, sig in zip(blocks, sigs, strict=True):
+    free_sigs: dict[str, str] = {}  # equal full signatures give equal batch-free ones
+    for b, spec, full in zip(blocks, specs, sigs, strict=True):
+        sig = free_sigs.get(full)
+        if sig is None:
+            sig = free_sigs[full] = block_signature(spec, values, gm, shapes=False)
         fp.update(f"{b.name}:{sig}:{layer_types[b.layer_type].num_params}\n".encode())
-    fp.update(repr([list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]).encode())
+    fp.update(repr([list(x.shape[1:]) for x in inputs if isinstance(x, torch.Tensor)]).encode())
     fp.update(repr([str(x.dtype) for x in inputs if isinstance(x, torch.Tensor)]).encode())
     return ModelGraph(
         name=name,

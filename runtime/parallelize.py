@@ -118,16 +118,11 @@ def _materialize(module: nn.Module, device: torch.device, init_fn: Callable[[nn.
 
 
 def _fingerprints(trace, model: nn.Module, inputs: tuple, plan: Plan) -> list[str]:
-    """Fingerprints of `model` traced with `inputs`, then (only while none matches) with the same
-    inputs at batch 1 (the autoplan CLI's convention) and at the plan's micro-batch size: the
-    trace's fingerprint includes input shapes, the batch dimension among them."""
-    out = [trace(model, inputs).fingerprint]
-    for b in (1, plan.pipeline.micro_batch_size):
-        if plan.model.fingerprint in out:
-            break
-        if all(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] != b for x in inputs):
-            out.append(trace(model, tuple(x.new_zeros((b, *x.shape[1:])) for x in inputs)).fingerprint)
-    return out
+    """The fingerprint of `model` traced with `inputs` cut to batch 1 (one trace; the fingerprint
+    does not depend on the batch size, and batch 1 is autoplan's convention, which also keeps
+    torch.export traces, whose graphs bake the batch in, comparable)."""
+    one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
+    return [trace(model, one).fingerprint]
 
 
 class ParallelModel:
