@@ -119,6 +119,7 @@ def worker(plan_dir: Path, steps: int, warmup: int) -> None:
     rank = dist.get_rank()
     order = json.loads((plan_dir / "order.json").read_text())
     out: dict[str, dict] = {}
+    probe = _cpu_probe(rank)
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, CFG.vocab_size, (GLOBAL_BATCH, CFG.seq_len), generator=gen)
     for i, label in enumerate(order):
@@ -158,10 +159,23 @@ def worker(plan_dir: Path, steps: int, warmup: int) -> None:
                 flush=True,
             )
         dist.barrier()
+    probe_after = _cpu_probe(rank)
     if rank == 0:
+        out["_cpu_probe"] = {"before_flops_per_s": probe, "after_flops_per_s": probe_after}
         (plan_dir / "measured.json").write_text(json.dumps(out, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _cpu_probe(rank: int) -> float:
+    """Median per-process fp32 matmul FLOP/s while every rank runs matmuls at once (0.6 s): what
+    the machine actually gave each process, to compare with the preset's per-process peak
+    (other jobs on a shared host show up here, not in the preset)."""
+    import torch.distributed as dist
+
+    from runtime.calibrate_bench import Sizes, _concurrent_matmul
+
+    return _concurrent_matmul(rank, dist.get_world_size(), torch.device("cpu"), Sizes())
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -259,6 +273,15 @@ def main(argv: list[str] | None = None) -> int:
         measured = json.loads(measured_path.read_text())
     load_after = _load()
 
+    probe = measured.pop("_cpu_probe", {})
+    peak = plans[labels[0]].hardware.device.peak_flops_per_s["fp32"]
+    if probe:
+        print(
+            f"CPU probe: each process got {probe['before_flops_per_s'] / 1e9:.3g} (before) / "
+            f"{probe['after_flops_per_s'] / 1e9:.3g} (after) GFLOP/s of fp32 matmul; the preset's "
+            f"per-process peak is {peak / 1e9:.3g} (ratio {probe['before_flops_per_s'] / peak:.2f} / "
+            f"{probe['after_flops_per_s'] / peak:.2f}; below 1 = other load or oversubscription cost)"
+        )
     rows, pred_ok, meas_ok = [], [], []
     print(f"\n{'plan':<20} {'knobs':<52} {'pred s':>8} {'meas s':>8} {'err':>7}")
     for label in labels:
@@ -315,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "warmup": args.warmup,
         "hardware": plans[labels[0]].hardware.model_dump(mode="json"),
+        "cpu_probe_flops_per_s": probe,
+        "preset_peak_fp32_flops_per_s_per_process": peak,
         "load_average_before": load_before,
         "load_average_after": load_after,
         "date": time.strftime("%Y-%m-%d %H:%M"),
