@@ -7,6 +7,8 @@ breakdowns. No torch.distributed, no device queries. Contract used by the planne
   `StepEstimate.to_prediction() -> specs.Prediction` for storing in the Plan.
 - `estimate_knobs(graph, knobs, stages, hw, train) -> StepEstimate` — the same without building a
   pydantic Plan (the search's fast path). `stages`: list of (first, last, recompute) tuples.
+- `step_lower_bound_knobs(graph, knobs, stages, hw, train) -> float` — a lower bound on
+  `estimate_knobs(...).step_time_s` without the schedule simulation (the search prunes by it).
 - `block_costs(graph, hw, train, *, tp, sequence_parallel, micro_batch_size, recompute)`
   -> per-block times and memory (cached per layer type), for the planner's stage partition DP.
 - `estimate_data_parallel_single_process(graph, hw, train, num_devices) -> StepEstimate` —
@@ -29,12 +31,12 @@ estimate (one step, term by term) -> dataparallel (single-process nn.DataParalle
 from cost_models.blocks import BlockCost, BlockCosts, block_costs
 from cost_models.comm import GroupLink, group_link
 from cost_models.dataparallel import estimate_data_parallel_single_process
-from cost_models.estimate import AxisCommEstimate, StepEstimate, estimate_knobs, estimate_step
+from cost_models.estimate import AxisCommEstimate, StepEstimate, estimate_knobs, estimate_step, step_lower_bound_knobs
 from cost_models.schedules import Action, Schedule, build_schedule
 from cost_models.simulator import ScheduleResult, simulate
 
 __all__ = [
     "Action", "AxisCommEstimate", "BlockCost", "BlockCosts", "GroupLink", "Schedule", "ScheduleResult",
     "StepEstimate", "block_costs", "build_schedule", "estimate_data_parallel_single_process", "estimate_knobs", "estimate_step", "group_link",
-    "simulate",
+    "simulate", "step_lower_bound_knobs",
 ]

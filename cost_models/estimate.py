@@ -58,7 +58,7 @@ from cost_models.memory import (
     optimizer_step_bytes_per_param,
     sharded_states,
 )
-from cost_models.simulator import simulate_cached
+from cost_models.simulator import pipeline_lower_bound, simulate_cached
 from specs import (
     AxisComm,
     HardwareSpec,
@@ -389,6 +389,33 @@ def _post(rk: _Rank, sharding: str, m: int) -> tuple[float, float, float]:
     return rk.fixed_exposed, rk.fixed_time, rk.fixed_vol
 
 
+def _layout_for(ctx: Context, graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec) -> tuple[_Layout, str]:
+    pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
+    world = pp * dp * tp
+    if world != hw.num_devices:
+        raise SpecError(f"knobs: tp({tp}) * pp({pp}) * dp({dp}) = {world}, but the hardware has {hw.num_devices} devices")
+    sched = k.schedule if pp > 1 else "1f1b"
+    key = ("layout", tuple(stages), pp, dp, tp, v, k.sharding, k.hsdp_shard_size, k.offload, k.micro_batch_size,
+           k.sequence_parallel, sched == "zero_bubble", k.num_micro_batches > 1)
+    lay = ctx.stage_cache.get(key)
+    if lay is None:
+        _check_stages(graph, stages, pp * v)
+        lay = ctx.stage_cache[key] = _layout(ctx, k, stages, sched)
+    return lay, sched
+
+
+def step_lower_bound_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int, str]], hw: HardwareSpec,
+                           train: TrainSpec) -> float:
+    """A lower bound on `estimate_knobs(...).step_time_s`, without simulating the schedule: the
+    stage times and post-pipeline terms are the same, the pipeline time is replaced by
+    `simulator.pipeline_lower_bound` (step = pipeline + the largest per-rank post term)."""
+    ctx = context(graph, hw, train)
+    lay, sched = _layout_for(ctx, graph, knobs, stages, hw)
+    m = knobs.num_micro_batches
+    post = max(_post(rk, knobs.sharding, m)[0] + rk.tied + rk.opt_s + rk.offload_s for rk in lay.ranks)
+    return pipeline_lower_bound(sched, knobs.pp, m, knobs.virtual_stages, lay.times) + post
+
+
 def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int, str]], hw: HardwareSpec,
                    train: TrainSpec) -> StepEstimate:
     """Estimate one step without building a Plan (the search's fast path).
@@ -406,16 +433,8 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     k = knobs
     pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
     world = pp * dp * tp
-    if world != hw.num_devices:
-        raise SpecError(f"knobs: tp({tp}) * pp({pp}) * dp({dp}) = {world}, but the hardware has {hw.num_devices} devices")
-    sched = k.schedule if pp > 1 else "1f1b"
     mb, m = k.micro_batch_size, k.num_micro_batches
-    key = ("layout", tuple(stages), pp, dp, tp, v, k.sharding, k.hsdp_shard_size, k.offload, mb,
-           k.sequence_parallel, sched == "zero_bubble", m > 1)
-    lay = ctx.stage_cache.get(key)
-    if lay is None:
-        _check_stages(graph, stages, pp * v)
-        lay = ctx.stage_cache[key] = _layout(ctx, k, stages, sched)
+    lay, sched = _layout_for(ctx, graph, k, stages, hw)
     sim = simulate_cached(sched, pp, m, v, lay.times)
     T_pipe = sim.step_time_s
     capacity = float(hw.device.memory_bytes)

@@ -211,6 +211,37 @@ def _durations(stage_times, split: bool):
     return tuple(dur), tuple(lag)
 
 
+def pipeline_lower_bound(name: str, pp: int, m: int, v: int, times) -> float:
+    """A lower bound on `simulate`'s step time for these stage times, without playing the schedule.
+
+    Every action of rank r (stages r, r + pp, ...) waits for the forward of virtual stages
+    0..r-1 of its micro-batch and their sends (F(s) after F(s-1) + p2p(s-1)); the rank then
+    runs its m x (F + B + W) of busy time one action at a time; and, in every schedule but
+    zero_bubble (whose last action on a rank may be a W), its last action is B of stage r for the
+    last micro-batch, which the backwards of stages r-1..0 and their sends must still follow:
+
+        step >= max_r  sum_{s<r} (F_s + p2p_s) + busy_r + sum_{s<r} (B_s + p2p_s)
+
+    (B including W where the schedule does not split it). Tight for 1F1B with equal stages and no
+    p2p time (the simulator's step is exactly this), never above the simulation (tests play all
+    schedules).
+    `times`: (F, B, W, p2p) per virtual stage, as for `simulate_cached`.
+    """
+    split = name == "zero_bubble"
+    busy = [0.0] * pp
+    for j, (f, b, w, _c) in enumerate(times):
+        busy[j % pp] += m * (f + b + w)
+    best = pre_f = pre_b = 0.0
+    for r in range(pp):
+        t = pre_f + busy[r] + (0.0 if split else pre_b)
+        if t > best:
+            best = t
+        f, b, w, c = times[r]
+        pre_f += f + c
+        pre_b += b + w + c
+    return best
+
+
 _CACHE: dict = {}
 _CACHE_MAX = 50_000
 

@@ -5,6 +5,10 @@ The search needs two things from `cost_models`:
   per-block bytes (parameters, gradients, optimizer states, activations per in-flight
   micro-batch), taken from `cost_models.block_costs` and cached per knob tuple;
 - `score(knobs, stages) -> StepEstimate`: `cost_models.estimate_knobs`, the model's verdict.
+Optional, where the backend can promise them (the search falls back to weaker bounds):
+- `lower_bound(knobs, stages) -> float` <= score(...).step_time_s, cheaper (no simulation);
+- `simulated_pipeline = True`: the pipeline time is an event simulation of the schedule, so the
+  warm-up/drain bound of `cost_models.simulator.pipeline_lower_bound` holds for its stage times.
 `CostModelBackend` wraps the real cost models; tests may pass another object with the same
 methods (a stand-in with closed-form costs) to check the search logic on its own.
 
@@ -35,6 +39,7 @@ class BlockProfile:
     grad_bytes: tuple[float, ...]
     optimizer_bytes: tuple[float, ...]
     act_bytes: tuple[float, ...]  # activations kept per in-flight micro-batch
+    forward_s: tuple[float, ...] | None = None  # the forward part of time_s (None: not known)
 
 
 class Estimate(Protocol):
@@ -105,8 +110,16 @@ class CostModelBackend:
             self._profiles[key] = got
         return got
 
+    # The pipeline time is the cost model's event simulation, for which
+    # cost_models.simulator.pipeline_lower_bound holds (warm-up and drain chains + busiest rank).
+    simulated_pipeline = True
+
     def score(self, knobs: Knobs, stages: list[tuple[int, int, str]]) -> Estimate:
         return self._cm.estimate_knobs(self.graph, knobs, stages, self.hw, self.train)
+
+    def lower_bound(self, knobs: Knobs, stages: list[tuple[int, int, str]]) -> float:
+        """A lower bound on score(knobs, stages).step_time_s, without the schedule simulation."""
+        return self._cm.step_lower_bound_knobs(self.graph, knobs, stages, self.hw, self.train)
 
     def data_parallel_single_process(self, num_devices: int) -> Estimate | None:
         fn = getattr(self._cm, "estimate_data_parallel_single_process", None)
@@ -136,4 +149,5 @@ def profile_from_block_costs(bc: Any, bpp: Any) -> BlockProfile:
         grad_bytes=tuple(b.num_params * bpp.grad for b in blocks),
         optimizer_bytes=tuple(b.num_params * bpp.optimizer for b in blocks),
         act_bytes=tuple(b.activation_bytes for b in blocks),
+        forward_s=tuple(b.forward_s for b in blocks),
     )

@@ -18,15 +18,21 @@ Space (one point = specs.Knobs plus a stage partition):
 - checkpointing per stage: chosen inside the partition DP (planner.partition), the fastest mode
   whose stage fits memory; a pinned recompute fixes it for all stages.
 
-Bounds. Regions (mesh, mb, sp) are visited in order of a step-time lower bound,
-    LB0 = num_micro_batches * max(sum_i time_i / pp, max_i time_i)   (no recompute)
-because the slowest pipeline rank does at least its share of the work for every micro-batch,
-and every schedule's step is at least that rank's busy time. Inside a region, each candidate gets
-the exact bound of its partition, num_micro_batches * (slowest rank's time), before it is
-scored. A region or candidate is pruned when its bound is no better than the k-th best distinct
-configuration found so far (k = constraints.top_k, so the alternatives are exact too), or when
-its model states alone exceed memory (max(total / pp, largest block) of parameters, gradients and
-optimizer states after sharding). Every pruned region is recorded with its reason.
+Bounds (best-first). Every (region = mesh, mb, sp; schedule, v) item gets a step-time bound
+from the memory-free min-max partition's stage times in the fastest mode (`schedule_bound`):
+    num_micro_batches * (busiest rank's time per micro-batch), and where the backend simulates
+    the schedule, max_r (F+B of the stages before rank r) + m x rank r's time (the warm-up and
+    drain chains; cost_models.simulator.pipeline_lower_bound),
+and items are visited in order of that bound, so the incumbent is good early. Inside an item,
+each sharding first gets the backend's exact bound for its partition (stage times with FSDP
+and p2p, warm-up/drain, data-parallel sync and optimizer terms; no simulation), and is scored
+only if that bound can still beat the k-th best. A point is pruned when its bound is no better
+than the k-th best distinct configuration found so far (k = constraints.top_k, so the
+alternatives are exact within ALTERNATIVES_WINDOW of the best), or when its model states alone
+exceed memory (max(total / pp, largest block) of parameters, gradients and optimizer states
+after sharding). The item bound is that of the partition the search scores first (the
+memory-free one); a point that needs a memory-aware partition is bounded again on that
+partition before it is scored. Every pruned region is recorded with its reason.
 
 Scoring calls the cost model (`Backend.score` = cost_models.estimate_knobs). When the cost model
 says a partition does not fit, the partition is redone with the budget lowered by the overshoot
@@ -397,18 +403,22 @@ class Search:
         rec = modes.pop() if len(modes) == 1 else "mixed"
         return k if k.recompute == rec else k.model_copy(update={"recompute": rec})
 
-    def evaluate(self, k: Knobs) -> Scored | str:
+    def evaluate(self, k: Knobs, prune: bool = False) -> Scored | str | None:
         """Partition + score one knob point; retries the partition when the model says it overflows.
 
-        Returns the Scored point, or a reason string when no partition fits."""
+        Returns the Scored point, or a reason string when no partition fits; with `prune`, None
+        when a partition's step-time bound shows the point cannot matter (not scored)."""
         budget = self._first_budget()
         last: Scored | None = None
-        self.scored += 1  # one configuration, however many partitions it takes
         for _ in range(3):
             part = self.partition(k, budget)
             if part is None:
                 break
             kk = self.with_recompute(k, part.stages)
+            if prune and self._beaten(k, self.point_bound(kk, part.stages)):
+                return None
+            if last is None:
+                self.scored += 1  # one configuration, however many partitions it takes
             s = self.score(kk, part.stages)
             self._note_closest(s)
             if s.fits:
@@ -453,36 +463,68 @@ class Search:
         return self._threshold
 
     # ------------------------------------------------------------------ main loop
-    def regions(self, meshes) -> list[tuple[float, tuple, int]]:
+    def items(self, meshes) -> list[tuple[float, tuple, str, int]]:
+        """(bound, region, schedule, virtual stages) for every region and schedule, best bound first."""
         out = []
         for pp, dp, tp in meshes:
             for mb, n_mb in self.micro_batches(pp, dp):
                 for sp in self.sp_options(tp):
                     prof = self.backend.profile(tp, sp, mb, self.modes[0])
-                    lb = n_mb * max(sum(prof.time_s) / pp, max(prof.time_s))
-                    out.append((lb, (pp, dp, tp, mb, n_mb, sp)))
-        out.sort(key=lambda r: (r[0], r[1]))
-        return [(lb, key, 0) for lb, key in out]
+                    lb0 = n_mb * max(sum(prof.time_s) / pp, max(prof.time_s))
+                    region = (pp, dp, tp, mb, n_mb, sp)
+                    for sched, v in self.schedules(pp, n_mb):
+                        lb = max(lb0, self.schedule_bound(prof, region, sched, v))
+                        out.append((lb, region, sched, v))
+        out.sort(key=lambda r: (r[0], r[1], r[2], r[3]))
+        return out
 
-    def candidates(self, region: tuple) -> Iterator[Knobs]:
+    def schedule_bound(self, prof, region: tuple, sched: str, v: int) -> float:
+        """Step-time bound of a region's schedule from the memory-free min-max partition's stage
+        times (fastest mode, no data-parallel or p2p terms): the busiest rank's work for every
+        micro-batch and, where the backend simulates the schedule, the warm-up and drain chains
+        (cost_models.simulator.pipeline_lower_bound). It bounds that partition, the one the search
+        scores first; 0 when there is no such partition."""
+        pp, _dp, tp, mb, n_mb, sp = region
+        free = self._free(tp, sp, mb, pp * v)
+        if free is None:
+            return 0.0
+        t = free.stage_time_s
+        lb = n_mb * self.rank_bottleneck_s(t, pp)
+        if pp == 1 or not getattr(self.backend, "simulated_pipeline", False):
+            return lb
+        split = sched == "zero_bubble"
+        if split:
+            fwd = prof.forward_s
+            if fwd is None:
+                return lb
+            f = [sum(fwd[a : b + 1]) for a, b, _ in free.stages]
+        busy = [0.0] * pp
+        for j, x in enumerate(t):
+            busy[j % pp] += n_mb * x
+        pre = 0.0
+        for r in range(pp):
+            lb = max(lb, pre + busy[r])
+            pre += f[r] if split else t[r]  # F (+ B on the way back) of the stages before rank r
+        return lb * (1 - 1e-9)  # prefix sums vs the simulator's order of additions
+
+    def candidates(self, region: tuple, sched: str, v: int) -> Iterator[Knobs]:
         pp, dp, tp, mb, n_mb, sp = region
         for sharding, hsdp, off in self.shardings(dp, pp, tp):
-            for sched, v in self.schedules(pp, n_mb):
-                yield Knobs(
-                    pp=pp, dp=dp, tp=tp, sharding=sharding, hsdp_shard_size=hsdp, offload=off,
-                    micro_batch_size=mb, num_micro_batches=n_mb, schedule=sched, virtual_stages=v,
-                    recompute=self.modes[0] if len(self.modes) == 1 else "none", sequence_parallel=sp,
-                )
+            yield Knobs(
+                pp=pp, dp=dp, tp=tp, sharding=sharding, hsdp_shard_size=hsdp, offload=off,
+                micro_batch_size=mb, num_micro_batches=n_mb, schedule=sched, virtual_stages=v,
+                recompute=self.modes[0] if len(self.modes) == 1 else "none", sequence_parallel=sp,
+            )
 
     def run(self) -> SearchResult:
         t0 = time.perf_counter()
         meshes = self.meshes()
-        regions = self.regions(meshes)
-        for idx, (lb0, region, _) in enumerate(regions):
-            if lb0 >= self.threshold_s():
-                self._prune_rest(regions[idx:])
+        items = self.items(meshes)
+        for idx, (lb, region, sched, v) in enumerate(items):
+            if lb >= self.threshold_s():
+                self._prune_rest(items[idx:])
                 break
-            self._visit(region)
+            self._visit(region, sched, v, lb)
         self._refine()
         ranked = sorted(self.best_by_group.values(), key=lambda s: (s.step_time_s, _order(s.knobs)))
         ranked = [s for s in ranked if s.fits]
@@ -491,10 +533,15 @@ class Search:
         rejected = list(self._rejected.values())
         return SearchResult(ranked[0], ranked, rejected, self.scored, self.pruned, time.perf_counter() - t0)
 
-    def _visit(self, region: tuple) -> None:
+    def point_bound(self, k: Knobs, stages) -> float:
+        """The backend's bound on one point's step time (no simulation), or 0 when it has none."""
+        fn = getattr(self.backend, "lower_bound", None)
+        return fn(k, [tuple(s) for s in stages]) * (1 - 1e-9) if fn is not None else 0.0
+
+    def _visit(self, region: tuple, sched: str, v: int, item_lb: float) -> None:
         pp, dp, tp, mb, n_mb, sp = region
         mesh_name = f"pp={pp} dp={dp} tp={tp}"
-        for k in self.candidates(region):
+        for k in self.candidates(region, sched, v):
             lb_state = self.state_lower_bound(pp, dp, tp, k.sharding, k.hsdp_shard_size, k.offload)
             self._note_state(lb_state, k)
             if lb_state > self.budget_bytes:
@@ -506,20 +553,27 @@ class Search:
                     f"> {self.budget_bytes / GiB:.1f} GiB per device",
                 )
                 continue
-            # 1) exact bound: the memory-free min-max partition's busiest rank, every micro-batch
+            # 1) the schedule's bound on the memory-free min-max partition (see schedule_bound)
             free = self.free_partition(k)
             if free is None:
                 self.reject(f"pp={pp} v={k.virtual_stages}", f"{pp * k.virtual_stages} stages do not fit "
                             f"the graph's {len(self.ends)} places to end a stage")
                 continue
-            lb = n_mb * self.rank_bottleneck_s(free.stage_time_s, pp)
-            if self._beaten(k, lb):
+            if self._beaten(k, item_lb):
                 self.reject(f"{mesh_name} bound", f"step-time lower bound (busiest rank's compute x "
-                            f"micro-batches) is no better than the {self.c.top_k + 1} best found")
+                            f"micro-batches, pipeline warm-up and drain) is no better than the "
+                            f"{self.c.top_k + 1} best found")
                 continue
             # 2) score the memory-free partition: if it fits, it is this point's answer; if not,
-            #    its step time bounds (heuristically) what recompute or rebalancing can reach
-            s_free = self.score(self.with_recompute(k, free.stages), free.stages)
+            #    its step time bounds (heuristically) what recompute or rebalancing can reach.
+            #    The backend's exact bound for the point (no simulation) may rule it out first.
+            kk = self.with_recompute(k, free.stages)
+            if self._beaten(k, self.point_bound(kk, free.stages)):
+                self.reject(f"{mesh_name} bound", f"step-time lower bound of its partition (stage times, "
+                            f"pipeline warm-up and drain, data-parallel sync) is no better than the "
+                            f"{self.c.top_k + 1} best found")
+                continue
+            s_free = self.score(kk, free.stages)
             self._note_closest(s_free)
             if s_free.fits:
                 self.scored += 1
@@ -530,8 +584,11 @@ class Search:
                             f"even then it is no better than the {self.c.top_k + 1} best found")
                 continue
             # 3) memory-aware partition (checkpointing per stage), scored
-            got = self.evaluate(k)
-            if isinstance(got, str):
+            got = self.evaluate(k, prune=True)
+            if got is None:
+                self.reject(f"{mesh_name} bound", f"step-time lower bound of its memory-aware partition "
+                            f"is no better than the {self.c.top_k + 1} best found")
+            elif isinstance(got, str):
                 self.reject(f"{mesh_name} {k.sharding} mb={mb}", got)
             else:
                 self._record(got)
@@ -545,11 +602,13 @@ class Search:
 
     def free_partition(self, k: Knobs) -> Partition | None:
         """Min-max partition ignoring memory, fastest mode (shared by shardings and schedules)."""
-        num = k.pp * k.virtual_stages
-        ukey = (k.tp, k.sequence_parallel, k.micro_batch_size, num)
+        return self._free(k.tp, k.sequence_parallel, k.micro_batch_size, k.pp * k.virtual_stages)
+
+    def _free(self, tp: int, sp: bool, mb: int, num: int) -> Partition | None:
+        ukey = (tp, sp, mb, num)
         if ukey not in self._unconstrained:
-            part = self.partitioner(k.tp, k.sequence_parallel, k.micro_batch_size, k.sharding,
-                                    k.hsdp_shard_size, k.offload, k.dp)
+            # only the mode times matter here; the "none" partitioner has the same ones
+            part = self.partitioner(tp, sp, mb, "none", None, "none", 1)
             self._unconstrained[ukey] = part.solve_free(num)
         return self._unconstrained[ukey]
 
@@ -557,15 +616,15 @@ class Search:
         if self.least_state is None or lb < self.least_state[0]:
             self.least_state = (lb, str(k))
 
-    def _prune_rest(self, regions) -> None:
+    def _prune_rest(self, items) -> None:
         count = 0
-        for _, (pp, dp, tp, _mb, n_mb, _sp), _ in regions:
-            count += len(self.shardings(dp, pp, tp)) * len(self.schedules(pp, n_mb))
+        for _, (pp, dp, tp, _mb, _n_mb, _sp), _sched, _v in items:
+            count += len(self.shardings(dp, pp, tp))
         if count:
             self.reject(
-                "lower bound", f"{count} candidates whose compute-only lower bound "
-                f"(>= {regions[0][0]:.4g} s) is no better than the {self.c.top_k + 1} best found "
-                f"({self.threshold_s():.4g} s)", count,
+                "lower bound", f"{count} candidates whose lower bound (busiest rank's compute, pipeline "
+                f"warm-up and drain; >= {items[0][0]:.4g} s) is no better than the {self.c.top_k + 1} "
+                f"best found ({self.threshold_s():.4g} s)", count,
             )
 
     # ------------------------------------------------------------------ refinement
