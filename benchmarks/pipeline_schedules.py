@@ -62,7 +62,7 @@ def main() -> None:
             opt.zero_grad()
             if i:
                 times.append(time.perf_counter() - t0)
-        t = torch.tensor(max(times) and sum(times) / len(times))
+        t = torch.tensor(sum(times) / len(times))
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         rows.append((f"{sched}" + (f"(v={v})" if v > 1 else ""), t.item()))
     single = 0.0

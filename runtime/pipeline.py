@@ -275,8 +275,8 @@ def build_pipeline(
         plan: the Plan; its pipeline, mesh.pp and model.block_names are read.
         pp_mesh_or_group: the 1-D pp sub-mesh or its ProcessGroup (None: the world).
         loss_fn: loss_fn(output, target) -> mean loss of one micro-batch (see module docstring).
-        example_inputs: unused by the fx split (PipelineStage infers shapes at the first step);
-            accepted so that every runtime builder takes the same arguments.
+        example_inputs: example inputs (dim 0 = batch); only used when torch.fx cannot trace the
+            model and torch.export splits it instead (shapes fixed at the micro-batch size).
         device: the device the stages run on.
         apply_fn: apply_fn(stage_module) -> module, called on each local stage before its
             PipelineStage is built (tensor parallel, checkpointing, DDP/FSDP over dp).
@@ -288,7 +288,7 @@ def build_pipeline(
     validate_pipeline(model, plan)
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         raise ValueError("build_pipeline: example_inputs must be a tuple of tensors")
-    split: SplitModel = split_model(model, plan)
+    split: SplitModel = split_model(model, plan, example_inputs)
     group = _resolve_group(pp_mesh_or_group)
     pp = plan.mesh.pp
     if dist.get_world_size(group) != pp:

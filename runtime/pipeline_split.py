@@ -2,8 +2,8 @@
 
 The model is traced once with torch.fx, with every block of `plan.model.block_names` (a module
 path such as "embed", "layers.3" or "layer2.1", or modules joined by "+" as planner.trace names a
-run of small ones: "conv1+bn1+relu+maxpool", "avgpool+fc") kept as a leaf, so the stage modules hold the
-model's ORIGINAL block modules (real nn.Linear, nn.Embedding, ...): tensor parallelism,
+run of small ones: "conv1+bn1+relu+maxpool", "avgpool+fc") kept as a leaf, so the stage
+modules hold the model's ORIGINAL block modules (real nn.Linear, nn.Embedding, ...): tensor parallelism,
 activation checkpointing and FSDP can be applied to them afterwards exactly as to the model.
 
 Node -> stage: walking the graph in execution order, the stage changes at the call of the first
@@ -24,6 +24,12 @@ runtime sums the copies' gradients after backward (runtime.pipeline), so they st
 
 The model is modified in place (the later stages' copies replace the tied attribute), as
 `parallelize_module` and `fully_shard` modify theirs.
+
+Fallback: a model torch.fx cannot trace (Hugging Face transformers 5.x, data-dependent control
+flow) is split by torch.distributed.pipelining.pipeline() (torch.export, same split points, shapes
+fixed at the micro-batch size; torch copies shared parameters per stage, listed the same way).
+Its stage modules are InterpreterModules: checkpointing and FSDP apply, module-type-based tensor
+parallelism does not.
 """
 
 from __future__ import annotations
@@ -130,13 +136,111 @@ def _tracer(block_modules: set[nn.Module]) -> torch.fx.Tracer:
     return _BlockTracer()
 
 
-def split_model(model: nn.Module, plan: Plan) -> SplitModel:
+def split_model(model: nn.Module, plan: Plan, example_inputs: tuple | None = None) -> SplitModel:
     """Cut `model` into the plan's pp * virtual_stages stage modules (see the module docstring).
 
-    Raises SpecError for a plan that does not fit the model, a model torch.fx cannot trace, or a
-    stage whose first block is never called in forward.
+    A model torch.fx cannot trace (e.g. Hugging Face models) is split by torch.export instead
+    (`_split_with_export`), which needs `example_inputs`.
+
+    Raises SpecError for a plan that does not fit the model, a model neither tracer can capture,
+    or a stage whose first block is never called in forward.
     """
     validate_split(model, plan)
+    try:
+        return _split_with_fx(model, plan)
+    except _FxTraceError as fx_error:
+        if example_inputs is None:
+            raise SpecError(f"{fx_error}; or pass example_inputs so that torch.export can split it") from None
+        return _split_with_export(model, plan, example_inputs, str(fx_error))
+
+
+class _FxTraceError(SpecError):
+    pass
+
+
+def _split_with_export(model: nn.Module, plan: Plan, example_inputs: tuple, fx_error: str) -> SplitModel:
+    """torch.distributed.pipelining.pipeline(): torch.export, split at SplitPoint.BEGINNING of each
+    stage's first block. Stage modules are InterpreterModules under the model's own names (no
+    nn.Linear left for tensor parallelism); a parameter several stages use is copied per stage
+    by torch (`Pipe.replicated_params`). Shapes are fixed at export: the example inputs are cut
+    to the plan's micro-batch size."""
+    from torch.distributed.pipelining import SplitPoint, pipeline
+    from torch.distributed.pipelining._IR import get_submod_name
+
+    mb = plan.pipeline.micro_batch_size
+    inputs = tuple(x[:mb] if isinstance(x, torch.Tensor) and x.dim() else x for x in example_inputs)
+    if any(isinstance(x, torch.Tensor) and x.dim() and x.shape[0] != mb for x in inputs):
+        raise SpecError(f"pipeline: example_inputs need at least micro_batch_size({mb}) samples to export the model")
+    names = plan.model.block_names
+    spec = {block_parts(names[st.first])[0]: SplitPoint.BEGINNING for st in plan.pipeline.stages[1:]}
+    patched = [model.get_submodule(n) for n in spec]
+    try:
+        pipe = pipeline(model, inputs, split_spec=spec)
+    except Exception as e:
+        raise SpecError(
+            f"pipeline: neither torch.fx ({fx_error}) nor torch.export ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}) can trace {type(model).__name__}"
+        ) from None
+    finally:  # annotate_split_points patched these modules' forward in place
+        for mod in patched:
+            mod.__dict__.pop("forward", None)
+            mod.__dict__.pop("_orig_forward", None)
+    num_stages = len(plan.pipeline.stages)
+    if pipe.num_stages != num_stages:
+        raise SpecError(
+            f"pipeline.stages: torch.export split {type(model).__name__} into {pipe.num_stages} stages, "
+            f"the plan has {num_stages}; a stage's first block is not called where block_names say"
+        )
+    index = {get_submod_name(i): i for i in range(num_stages)}
+    _check_neighbour_inputs(pipe.split_gm.graph, index, type(model).__name__)
+    tied = []
+    for mapping in pipe.replicated_params:
+        by_stage = {index[sub]: name for sub, name in mapping.items()}
+        first = pipe.get_stage_module(min(by_stage)).get_parameter(by_stage[min(by_stage)])
+        tied.append(TiedParam(names=dict(sorted(by_stage.items())), shape=tuple(first.shape), dtype=first.dtype))
+    stage_modules = [pipe.get_stage_module(i) for i in range(num_stages)]
+    for mod in stage_modules:
+        _drop_unused_parameters(mod)
+    return SplitModel(stage_modules, tied)
+
+
+def _drop_unused_parameters(stage: nn.Module) -> None:
+    """torch's export split leaves a stale, never-read copy of a tied parameter in the stage that
+    does not use that name (stage 0 holds an unused `lm_head.weight`). Remove parameters no graph
+    of the stage reads, so that the optimizer and the checks see only real ones."""
+    used = set()
+    for path, sub in stage.named_modules():
+        graph = getattr(sub, "graph", None)
+        if isinstance(graph, torch.fx.Graph):
+            used |= {f"{path}.{n.target}" if path else n.target for n in graph.nodes if n.op == "get_attr"}
+    for name, _ in list(stage.named_parameters(remove_duplicate=False)):
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            delattr(stage.get_submodule(owner), attr)
+
+
+def _check_neighbour_inputs(graph: torch.fx.Graph, index: dict[str, int], model_name: str) -> None:
+    """PipelineStage only receives from the previous stage; torch.export's split sends a value
+    used by several later stages (e.g. an attention mask) straight to each of them."""
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in index:
+            continue
+        here = index[node.target]
+        for arg in node.all_input_nodes:
+            src = arg.args[0] if arg.op == "call_function" and arg.all_input_nodes else arg
+            came = index.get(src.target) if src.op == "call_module" else (0 if src.op == "placeholder" else None)
+            if src.op == "placeholder" and here == 0:
+                continue
+            if came != here - 1:
+                raise SpecError(
+                    f"pipeline: torch.export's split of {model_name} feeds stage {here} with {arg.name!r} "
+                    f"from {'the model input' if src.op == 'placeholder' else f'stage {came}'}, not from "
+                    f"stage {here - 1}; PipelineStage only receives from its neighbour. Use fewer stages, "
+                    f"or make the model fx-traceable (the fx split passes such values along)"
+                )
+
+
+def _split_with_fx(model: nn.Module, plan: Plan) -> SplitModel:
     names = plan.model.block_names
     # Every module of a stage's first block marks the stage's start (the first one called wins).
     start_of = {part: s for s, st in enumerate(plan.pipeline.stages) for part in block_parts(names[st.first])}
@@ -145,7 +249,7 @@ def split_model(model: nn.Module, plan: Plan) -> SplitModel:
     try:
         graph = _tracer(blocks).trace(model)
     except Exception as e:  # fx raises many types; the user needs to know it was the trace
-        raise SpecError(
+        raise _FxTraceError(
             f"pipeline: torch.fx cannot trace {type(model).__name__} with its blocks as leaves "
             f"({type(e).__name__}: {e}); make forward fx-traceable (torch.fx.wrap helpers that "
             f"build tensors from traced sizes) or change the block boundaries"

@@ -183,3 +183,36 @@ def test_schedule_micro_batch_rules():
         validate_pipeline(model, plan)
     validate_pipeline(model, make_plan("gpt-tiny", pp=2, virtual_stages=2, schedule="interleaved_1f1b",
                                        num_micro_batches=6, model=model))
+
+
+def _hf_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                  use_cache=False, bos_token_id=0, eos_token_id=0)
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.GPT2LMHeadModel(cfg)
+
+        def forward(self, x):
+            return self.m(input_ids=x, use_cache=False).logits
+
+    names = ["m.transformer.wte+m.transformer.wpe+m.transformer.drop", "m.transformer.h.0",
+             "m.transformer.h.1", "m.transformer.ln_f+m.lm_head"]
+    return Wrap().double().eval(), names
+
+
+def test_export_fallback_for_a_model_fx_cannot_trace():
+    model, names = _hf_gpt2()
+    x = torch.randint(0, 64, (2, 16))
+    want = model(x)
+    plan = make_plan("hf-gpt2", pp=2, micro_batch_size=2, num_micro_batches=2, model=model, block_names=names)
+    with pytest.raises(SpecError, match="torch.fx cannot trace.*pass example_inputs"):
+        split_model(model, plan)
+    split = split_model(model, plan, (torch.zeros(4, 16, dtype=torch.long),))
+    torch.testing.assert_close(_run_stages(split, x), want, rtol=0, atol=0)
+    assert [t.names for t in split.tied] == [{0: "m.transformer.wte.weight", 1: "m.lm_head.weight"}]
+    # torch's stale copy of the tied head weight in stage 0 is gone; every parameter is used once.
+    assert "m.lm_head.weight" not in dict(split.stage_modules[0].named_parameters())
+    assert "forward" not in vars(model.m.transformer.h[1])  # the split point's patch is undone

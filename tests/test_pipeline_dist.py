@@ -56,7 +56,7 @@ def _check(case, rec):
     assert min(r["param_change"] for r in ranks) > 1e-3
     assert rec["loss_diff"] < TOL, (rec["ranks"][0]["losses"], rec["ranks"][0]["ref_losses"])
     assert rec["param_diff"] < TOL, rec
-    if case.model == "gpt":
+    if case.model in ("gpt", "hf_gpt2"):
         assert all(r["tied"] for r in ranks), "gpt ties embed.tok.weight and head.lm_head.weight"
     if case.checkpoint:
         # Each local block's attention runs forward twice per micro-batch (forward +
