@@ -1,26 +1,51 @@
 """Distributed checkpoints (torch.distributed.checkpoint, DCP) of a ParallelModel.
 
-Layout: `DIR/step_00000012/` per checkpoint. Saving is atomic: DCP writes `step_N.tmp/`, every
-rank finishes (barrier), then rank 0 renames it to `step_N/`; a crash mid-save leaves only a
-`.tmp` directory, which `latest_checkpoint` ignores. On a shared file system every rank writes
-its own shards; on separate disks per node, give each node the same mounted path.
+Layout: `DIR/step_00000012/` per checkpoint, holding DCP's files plus a `COMMITTED` marker.
+
+Commit protocol (a kill at any instant leaves the last good checkpoint intact):
+  1. rank 0 removes a leftover `step_N.tmp/` of a crashed attempt; barrier;
+  2. every rank writes its shards into `step_N.tmp/` (DCP writes `.metadata` last, files fsynced);
+  3. barrier: every shard is on disk;
+  4. rank 0 writes `step_N.tmp/COMMITTED` (JSON: step, world size, plan), fsyncs it, then
+     `os.replace(step_N.tmp, step_N)` (an atomic rename) and fsyncs DIR; barrier.
+`latest_checkpoint` only returns directories named `step_N` that hold `COMMITTED`, so a
+`.tmp`, a directory without the marker, or a half-deleted one is never resumed from. A
+`before_commit` hook (between 3 and 4) lets tests kill a rank in the worst place.
 
 Contents: model and optimizer state from `get_state_dict` (sharded DTensors are stored by
 shard and re-shard on load, so a checkpoint loads under another plan), the training position
 (`train.step`, `train.data_position`) and each rank's torch RNG state (`rng.rank{R}`, restored
 when the same rank exists at load). ZeroRedundancyOptimizer (zero1) state is not supported by
 get_state_dict; saving under zero1 raises.
+
+Trust boundary: DCP itself reads `.metadata` with plain `pickle.load` and non-tensor entries
+(optimizer hyper-parameters) with `torch.load(weights_only=False)`, i.e. a crafted checkpoint
+could run code. `load_checkpoint` does neither: it reads `.metadata` with a restricted
+unpickler that only rebuilds DCP's own metadata classes, torch.Size/dtypes/layouts and paths
+(anything else is refused with a SpecError), and non-tensor entries with
+`torch.load(weights_only=True)`; tensors are read by DCP with `weights_only=True` already.
+Checkpoint *contents* (tensor values) are still trusted data: a checkpoint from a stranger
+can hold any weights.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import pickle
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -28,8 +53,77 @@ from runtime.parallelize import ParallelModel
 from specs import SpecError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+COMMITTED = "COMMITTED"
 
 
+# ------------------------------------------------------------------ safe reading
+class _MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds only what a DCP `.metadata` file contains; refuses every other global."""
+
+    _ALLOWED = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"), ("pathlib", "Path"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if module == "torch.distributed.checkpoint.metadata" and isinstance(getattr(dcp_metadata, name, None), type):
+            return getattr(dcp_metadata, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def read_metadata(path: str | os.PathLike) -> dcp_metadata.Metadata:
+    """A checkpoint's DCP metadata, read without running code from the file."""
+    meta = Path(path) / ".metadata"
+    try:
+        with open(meta, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise SpecError(f"checkpoint: {path} is not a complete DCP checkpoint (no .metadata file)") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as e:
+        raise SpecError(f"checkpoint: {meta} is not a DCP metadata file autoplan will load ({e}); "
+                        f"it is damaged or was not written by torch.distributed.checkpoint") from None
+    if not isinstance(md, dcp_metadata.Metadata):
+        raise SpecError(f"checkpoint: {meta} holds a {type(md).__name__}, not DCP metadata")
+    return md
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata comes from the restricted unpickler."""
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        md = read_metadata(self.path)
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = dcp_metadata.StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner reading non-tensor entries with torch.load(weights_only=True)."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise SpecError(f"checkpoint: entry {read_item.dest_index.fqn} is not plain data ({e}); "
+                            f"refusing to unpickle it") from None
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+# ------------------------------------------------------------------ state
 def _app_state(pm: ParallelModel) -> tuple[dict, dict, list[tuple[list, list, int]]]:
     """Merged model/optimizer state of the local stage(s), and per stage: (model keys, optimizer
     state keys, number of param groups) to split the merged state back at load."""
@@ -50,17 +144,54 @@ def _app_state(pm: ParallelModel) -> tuple[dict, dict, list[tuple[list, list, in
     return model_sd, optim_sd, parts
 
 
-def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under `directory`, or None."""
+def committed_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every committed checkpoint under `directory`, oldest first."""
     d = Path(directory)
     if not d.is_dir():
-        return None
-    steps = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return max(steps)[1] if steps else None
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir()
+             if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / COMMITTED).is_file()]
+    return sorted(found)
 
 
-def save_checkpoint(pm: ParallelModel, directory: str | os.PathLike, *, step: int, data_position: int) -> Path:
-    """Save model, optimizer, position and RNG at `step`. A collective: every rank calls it."""
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest committed checkpoint under `directory`, or None."""
+    found = committed_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, final: Path, info: dict) -> None:
+    marker = tmp / COMMITTED
+    with open(marker, "w") as f:
+        json.dump(info, f)
+        f.flush()
+        os.fsync(f.fileno())
+    old = None
+    if final.exists():  # a re-run of the same step: move the old one aside, never delete first
+        old = final.with_name(final.name + f".old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(pm: ParallelModel, directory: str | os.PathLike, *, step: int, data_position: int,
+                    before_commit: Callable[[], None] | None = None) -> Path:
+    """Save model, optimizer, position and RNG at `step`, atomically. A collective: every rank calls it.
+
+    Args:
+        before_commit: called on every rank after all shards are written and before rank 0
+            commits (fault-injection tests kill a rank here).
+    """
     model_sd, optim_sd, _ = _app_state(pm)
     rank = dist.get_rank()
     state = {"model": model_sd, "optim": optim_sd,
@@ -68,14 +199,18 @@ def save_checkpoint(pm: ParallelModel, directory: str | os.PathLike, *, step: in
              "rng": {f"rank{rank}": torch.get_rng_state()}}
     final = Path(directory) / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
-    dcp.save(state, checkpoint_id=str(tmp))
-    dist.barrier()
     if rank == 0:
-        if final.exists():  # a re-run of the same step: replace it
-            import shutil
-
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by an attempt that died mid-save
+            shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save(state, storage_writer=FileSystemWriter(str(tmp)))
+    dist.barrier()
+    if before_commit is not None:
+        before_commit()
+    if rank == 0:
+        _commit(tmp, final, {"step": step, "data_position": data_position,
+                             "world_size": dist.get_world_size(), "plan": str(pm.plan)})
     dist.barrier()
     return final
 
@@ -83,17 +218,29 @@ def save_checkpoint(pm: ParallelModel, directory: str | os.PathLike, *, step: in
 def load_checkpoint(pm: ParallelModel, path: str | os.PathLike) -> dict[str, int]:
     """Load a checkpoint into `pm` (any plan; DCP re-shards). Returns {"step", "data_position"}."""
     path = Path(path)
-    if not (path / ".metadata").exists():
-        raise SpecError(f"checkpoint: {path} is not a complete DCP checkpoint (no .metadata file)")
+    if not (path / COMMITTED).is_file():
+        raise SpecError(f"checkpoint: {path} has no {COMMITTED} marker: it was never completely written; "
+                        f"resume from an older one (runtime.checkpoint.latest_checkpoint picks the newest "
+                        f"complete one)")
+    stored = read_metadata(path).state_dict_metadata
     model_sd, optim_sd, parts = _app_state(pm)
+    missing = sorted(f"model.{k}" for k in model_sd if f"model.{k}" not in stored)
+    if missing:
+        raise SpecError(f"checkpoint: {path} has no {', '.join(missing[:3])}"
+                        f"{' ...' if len(missing) > 3 else ''}: it was saved from another model")
+    aliases = _tied_aliases(pm, optim_sd["state"], stored)
+    for name in aliases:  # loaded once under the name the checkpoint has, copied after the load
+        optim_sd["state"].pop(name)
     rank = dist.get_rank()
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state = {"model": model_sd, "optim": optim_sd,
              "train": {"step": torch.tensor(0), "data_position": torch.tensor(0)}}
     rng_key = f"rank{rank}"
     if f"rng.{rng_key}" in stored:
         state["rng"] = {rng_key: torch.get_rng_state()}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+    loaded = state["optim"]["state"]
+    for name, source in aliases.items():
+        loaded[name] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in loaded[source].items()}
     groups = state["optim"]["param_groups"]
     for module, opt, (mkeys, skeys, ngroups) in zip(pm.modules, pm.optimizers, parts, strict=True):
         osd = {"state": {k: state["optim"]["state"][k] for k in skeys}, "param_groups": groups[:ngroups]}
@@ -102,3 +249,84 @@ def load_checkpoint(pm: ParallelModel, path: str | os.PathLike) -> dict[str, int
     if "rng" in state:
         torch.set_rng_state(state["rng"][rng_key])
     return {"step": int(state["train"]["step"]), "data_position": int(state["train"]["data_position"])}
+
+
+def _tied_aliases(pm: ParallelModel, local_optim_state: dict, stored: dict) -> dict[str, str]:
+    """{local name: checkpoint name} for tied parameters whose optimizer state the checkpoint holds
+    under another copy's name. Without a pipeline a tied weight has one optimizer entry (its first
+    name); a pipeline keeps a copy per stage (runtime.pipeline), so names differ across plans."""
+    tied = getattr(pm.runner, "tied", None) or []
+    groups = [set(t.names.values()) for t in tied]
+    if not groups:  # no pipeline here: the checkpoint may come from one (another copy's name)
+        groups = [set(g) for g in _tied_groups_in(pm)]
+    aliases: dict[str, str] = {}
+    for names in groups:
+        have = sorted(n for n in names if any(k.startswith(f"optim.state.{n}.") for k in stored))
+        if not have:
+            continue
+        for n in names:
+            if n in local_optim_state and n not in have:
+                aliases[n] = have[0]
+    for n, src in aliases.items():
+        if src not in local_optim_state:  # load it under the checkpoint's name, then copy
+            local_optim_state[src] = local_optim_state[n]
+    return aliases
+
+
+def _tied_groups_in(pm: ParallelModel) -> list[list[str]]:
+    """Names sharing one Parameter in the local modules (e.g. an embedding tied to the output head)."""
+    out = []
+    for module in pm.modules:
+        by_id: dict[int, list[str]] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(p), []).append(name)
+        out.extend(v for v in by_id.values() if len(v) > 1)
+    return out
+
+
+def load_full_state(path: str | os.PathLike) -> dict[str, torch.Tensor | object]:
+    """Every entry of a checkpoint as plain (unsharded) values, keyed by flat name; no process group.
+
+    For comparing checkpoints saved under different plans (the same training state has the same
+    keys and values whatever the sharding)."""
+    path = Path(path)
+    md = read_metadata(path)
+    state: dict = {}
+    for key, meta in md.state_dict_metadata.items():
+        if isinstance(meta, dcp_metadata.TensorStorageMetadata):
+            state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        else:
+            state[key] = None  # a bytes entry: SafeLoadPlanner.load_bytes fills it in
+    planner = SafeLoadPlanner(flatten_state_dict=False)
+    dcp.load(state, storage_reader=SafeReader(str(path)), planner=planner, no_dist=True)
+    for key, value in state.items():
+        if value is None:  # dcp.load hands the planner a copy of the dict: bytes land there
+            state[key] = planner.state_dict[key]
+    return state
+
+
+def state_difference(reference: dict, other: dict, *, ignore: Callable[[str], bool] = lambda k: False) -> dict:
+    """How much of `reference` (a load_full_state dict) `other` does not reproduce exactly.
+
+    Returns {"keys": entries compared, "bytes": tensor bytes compared, "missing": keys absent from
+    `other`, "differing": keys whose value differs, "bytes_lost": tensor bytes of missing or
+    differing entries (a differing non-tensor entry counts 1 byte, so it cannot hide)}.
+    """
+    missing, differing, lost, total, keys = [], [], 0, 0, 0
+    for key, ref in reference.items():
+        if ignore(key):
+            continue
+        keys += 1
+        size = ref.numel() * ref.element_size() if isinstance(ref, torch.Tensor) else 1
+        total += size if isinstance(ref, torch.Tensor) else 0
+        if key not in other:
+            missing.append(key)
+            lost += size
+            continue
+        val = other[key]
+        same = (isinstance(val, torch.Tensor) and val.dtype == ref.dtype and val.shape == ref.shape
+                and torch.equal(val, ref)) if isinstance(ref, torch.Tensor) else val == ref
+        if not same:
+            differing.append(key)
+            lost += size
+    return {"keys": keys, "bytes": total, "missing": missing, "differing": differing, "bytes_lost": lost}
