@@ -48,6 +48,7 @@ class Case:
     checkpoint: bool = False
     dp_engine: str = "ddp"  # "ddp" | "fsdp" (FSDP2 fully_shard over the dp sub-mesh)
     sync_tied: bool = True  # False: negative control, must NOT match
+    resync_tied: bool = False  # scramble the later tied copies, then runner.sync_tied_parameters()
     bad: str = ""  # "unknown_block" | "uncovered" | ...: must raise SpecError on every rank
 
 
@@ -61,6 +62,8 @@ def cases(world: int) -> list[Case]:
     if world == 2:
         out.append(Case("pp2-zero_bubble-v2-gpt", "gpt", pp=2, schedule="zero_bubble", virtual_stages=2))
         out.append(Case("control-tied-unsynced-gpt", "gpt", pp=2, sync_tied=False))
+        out.append(Case("pp2-zero_bubble-v2-resync_tied-gpt", "gpt", pp=2, schedule="zero_bubble",
+                        virtual_stages=2, resync_tied=True))
         # Hugging Face GPT-2 (tied wte/lm_head): torch.fx fails, torch.export splits it.
         out.append(Case("pp2-1f1b-export-hf_gpt2", "hf_gpt2", pp=2))
         # 4 stages: export sends the attention mask from stage 0 to stages 2 and 3 directly.
@@ -264,6 +267,13 @@ def run_case(case: Case, world_rank: int) -> dict:
     del m
     if not case.sync_tied:
         runner.tied = []
+    if case.resync_tied:  # as after materialising a meta model: copies initialised independently
+        with torch.no_grad():
+            for tp in runner.tied:
+                for s in runner.stage_indices:
+                    if s in tp.names and s != min(tp.names):
+                        dict(runner.named_parameters())[tp.names[s]].normal_()
+        runner.sync_tied_parameters()
     opt = optimizer(list(runner.parameters()))
     dp_rank = mesh["dp"].get_local_rank()
     local = case.micro_batch_size * case.num_micro_batches
