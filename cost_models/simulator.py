@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from cost_models.schedules import Schedule, build_schedule
+from cost_models.schedules import Schedule, build_schedule, build_schedule_plain
 
 _KIND = {"F": 0, "B": 1, "W": 2}
 
@@ -58,13 +58,18 @@ class _Compiled:
     peak_in_flight_per_stage: tuple[int, ...]
     actions_per_rank_stage: tuple[tuple[int, int, int], ...]  # per stage: count of F, B, W actions
     stage_rank: tuple[int, ...]
+    # `flat` as columns (the fast pass zips them)
+    rank: tuple[int, ...] = ()
+    dep: tuple[int, ...] = ()
+    lag_slot: tuple[int, ...] = ()
+    dur_slot: tuple[int, ...] = ()
 
 
 @lru_cache(maxsize=256)
 def _compiled(name: str, pp: int, m: int, v: int) -> _Compiled:
     """The compiled form of a built schedule, cached by its parameters (hashing a Schedule
     would hash every action)."""
-    return _compile(build_schedule(name, pp, m, v))
+    return _compile(build_schedule_plain(name, pp, m, v))
 
 
 def _compile_any(sched: Schedule) -> _Compiled:
@@ -130,7 +135,7 @@ def _compile(sched: Schedule) -> _Compiled:
     counts = [[0, 0, 0] for _ in range(S)]
     for r, acts in enumerate(sched.actions):
         for a in acts:
-            k, s = _KIND[a.kind], a.stage
+            k, s = _KIND[a[0]], a[1]
             counts[s][k] += 1
             if k == 0:
                 inflight[r] += 1
@@ -142,8 +147,9 @@ def _compile(sched: Schedule) -> _Compiled:
                 st_in[s] -= 1
     # lag slot S means "no p2p" (a 0.0 appended to the lag list); dep -1 reads a 0.0 sentinel
     flat = tuple((r, dep, lag if lag >= 0 else S, 3 * s + k) for r, k, s, _mb, dep, lag in order)
+    cols = tuple(zip(*flat, strict=True)) if flat else ((), (), (), ())
     return _Compiled(tuple(order), p, S, flat, tuple(peak), tuple(st_peak), tuple(tuple(c) for c in counts),
-                     rank_of)
+                     rank_of, *cols)
 
 
 def _run(comp: _Compiled, dur: tuple[tuple[float, float, float], ...], lag: tuple[float, ...],
@@ -166,13 +172,15 @@ def _run(comp: _Compiled, dur: tuple[tuple[float, float, float], ...], lag: tupl
         timeline.sort(key=lambda t: (t[0], t[4]))
     else:
         timeline = ()
+        lags = [lg[li] for li in comp.lag_slot]  # per action, gathered before the sequential pass
+        durs = [d[di] for di in comp.dur_slot]
         i = 0
-        for r, dep, li, di in comp.flat:
+        for r, dep, x, t in zip(comp.rank, comp.dep, lags, durs):
             start = free[r]
-            x = end[dep] + lg[li]
+            x += end[dep]
             if x > start:
                 start = x
-            end[i] = free[r] = start + d[di]
+            end[i] = free[r] = start + t
             i += 1
     busy = [0.0] * p
     for s, (nf, nb, nw) in enumerate(comp.actions_per_rank_stage):
