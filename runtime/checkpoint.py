@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -113,7 +114,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise SpecError(f"checkpoint: entry {read_item.dest_index.fqn} is not plain data ({e}); "
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else "unpickling refused")
+            raise SpecError(f"checkpoint: entry {read_item.dest_index.fqn} is not plain data ({why}); "
                             f"refusing to unpickle it") from None
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
@@ -237,7 +240,7 @@ def load_checkpoint(pm: ParallelModel, path: str | os.PathLike) -> dict[str, int
     rng_key = f"rank{rank}"
     if f"rng.{rng_key}" in stored:
         state["rng"] = {rng_key: torch.get_rng_state()}
-    dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+    _dcp_load(state, path, SafeLoadPlanner())
     loaded = state["optim"]["state"]
     for name, source in aliases.items():
         loaded[name] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in loaded[source].items()}
@@ -249,6 +252,18 @@ def load_checkpoint(pm: ParallelModel, path: str | os.PathLike) -> dict[str, int
     if "rng" in state:
         torch.set_rng_state(state["rng"][rng_key])
     return {"step": int(state["train"]["step"]), "data_position": int(state["train"]["data_position"])}
+
+
+def _dcp_load(state: dict, path: Path, planner: SafeLoadPlanner, **kwargs) -> None:
+    """dcp.load with the safe reader and planner; our SpecErrors come out unwrapped."""
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=planner, **kwargs)
+    except CheckpointException as e:
+        for err in getattr(e, "failures", {}).values():
+            err = err[0] if isinstance(err, tuple) else err  # torch wraps (exception, stack)
+            if isinstance(err, SpecError):
+                raise SpecError(str(err)) from None
+        raise
 
 
 def _tied_aliases(pm: ParallelModel, local_optim_state: dict, stored: dict) -> dict[str, str]:
@@ -298,7 +313,7 @@ def load_full_state(path: str | os.PathLike) -> dict[str, torch.Tensor | object]
         else:
             state[key] = None  # a bytes entry: SafeLoadPlanner.load_bytes fills it in
     planner = SafeLoadPlanner(flatten_state_dict=False)
-    dcp.load(state, storage_reader=SafeReader(str(path)), planner=planner, no_dist=True)
+    _dcp_load(state, path, planner, no_dist=True)
     for key, value in state.items():
         if value is None:  # dcp.load hands the planner a copy of the dict: bytes land there
             state[key] = planner.state_dict[key]
