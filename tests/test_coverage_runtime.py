@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # case -> why it is expected to fail (strict: a fix makes the test say so).
 EXPECTED_FAIL = {
-    "opt-tp2-dp2": "OPT attention reshapes with the full embed_dim, so colwise q/k/v (local heads) "
-    "cannot be viewed; OPT needs TP with its attention module kept whole (tracked in issue 7 report)",
+    "opt-tp2-dp2": "OPT's attention views q/k/v as (batch, -1, num_heads, head_dim) with the FULL "
+    "head count (transformers opt/modeling_opt.py), so a colwise q/k/v (local heads) folds into the "
+    "sequence axis; the tracer should not offer a head split there (issue 7 report)",
 }
 TOL = {"float64": (1e-9, 1e-9), "float32": (1e-4, 1e-5)}  # (loss, parameter) absolute
 
