@@ -199,12 +199,16 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
     # carries the DRAM rate at large sizes instead of clipping the cache sizes at 1.
     mem_bw = max(r[1] for r in mem)
     fits = {}
-    for name, (steps_f, bus_f) in RING.items():
+    for name, (steps_f, bus_f) in RING.items() if m["collectives"] else ():
         n = 2 if name == "p2p" else nproc
         alpha, bw = fit_alpha_beta(m["collectives"][name], steps_f(n), bus_f(n))
         fits[name] = (alpha, bw)
-    alpha, bus_bw, rms = fit_link(m["collectives"], nproc)
-    link_bw = max(bus_bw, fits["p2p"][1])
+    if not m["collectives"]:  # one device: placeholder link (never used by a 1-device plan)
+        alpha, bus_bw, rms = m["launch_s"], mem_bw, 0.0
+        fits["none"] = (alpha, bus_bw)
+    else:
+        alpha, bus_bw, rms = fit_link(m["collectives"], nproc)
+    link_bw = max(bus_bw, fits.get("p2p", (0.0, 0.0))[1])
     coll_eff = min(1.0, bus_bw / link_bw)
     fit_text = "; ".join(
         f"{k}: alpha {a * 1e6:.1f} us, busbw {b / 1e9:.3g} GB/s" for k, (a, b) in fits.items()
@@ -278,6 +282,11 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
             else "pcie = host copy bandwidth (no device link on a CPU host)"
         ),
     }
+    if not m["collectives"]:
+        data["sources"]["intra_node"] = (
+            f"{where}: one device, no link measured: placeholder (launch floor, memory bandwidth); "
+            f"a 1-device plan never communicates. Calibrate with --nproc >= 2 to measure links"
+        )
     if not gpu:
         data["sources"]["shared_host"] = (
             f"{where}: {m['cores']} cores (sched_getaffinity), {m['host_memory_bytes']} bytes of memory; "
@@ -352,6 +361,10 @@ def measure(nproc: int, sizes: bench.Sizes, device_type: str, progress=None) -> 
         tick("cpu adam")
     finally:
         torch.set_num_threads(threads)
+    if nproc == 1:  # one device has no link to measure; a 1-device plan never communicates
+        tick("collectives skipped (one device)")
+        m["collectives"] = {}
+        return m
     coll = measure_collectives(nproc, sizes, "nccl" if device.type == "cuda" else "gloo", tick)
     m["collectives"] = {k: v for k, v in coll.items() if k in bench.COLLECTIVES}
     single = (
@@ -430,6 +443,8 @@ def run(
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if nproc is None:
         nproc = torch.cuda.device_count() if device_type == "cuda" else 4
+    if nproc < 1:
+        raise SpecError(f"--nproc: must be >= 1 (got {nproc})")
     sizes = bench.Sizes.quick() if quick else bench.Sizes()
     t0 = time.perf_counter()
     with Progress(

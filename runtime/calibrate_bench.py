@@ -259,7 +259,9 @@ def _timed_collective(fn, device, min_time_s) -> float:
     t0 = time.perf_counter()
     fn()
     _sync(device)
-    one = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    one = torch.tensor(
+        [time.perf_counter() - t0], dtype=torch.float64, device=device
+    )  # NCCL needs it on the GPU
     dist.all_reduce(one, op=dist.ReduceOp.MAX)
     reps = max(1, min(1000, int(min_time_s / max(one.item(), 1e-7))))
     best = float("inf")
@@ -269,7 +271,7 @@ def _timed_collective(fn, device, min_time_s) -> float:
         for _ in range(reps):
             fn()
         _sync(device)
-        el = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64)
+        el = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64, device=device)
         dist.all_reduce(el, op=dist.ReduceOp.MAX)
         best = min(best, el.item())
     return best
@@ -335,8 +337,10 @@ def _concurrent_matmul(rank, world, device, sizes: Sizes) -> float:
         torch.mm(a, a)
         reps += 1
     _sync(device)
-    flops = torch.tensor([2.0 * n**3 * reps / (time.perf_counter() - t0)], dtype=torch.float64)
-    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    flops = torch.tensor(
+        [2.0 * n**3 * reps / (time.perf_counter() - t0)], dtype=torch.float64, device=device
+    )
+    gathered = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
     dist.all_gather(gathered, flops)
     vals = sorted(g.item() for g in gathered)
     return vals[len(vals) // 2]

@@ -109,6 +109,7 @@ def _check_sane(hw: HardwareSpec, nproc: int) -> None:
 
 
 @pytest.mark.tier3
+@pytest.mark.slow
 def test_calibrate_quick_run_writes_a_loadable_spec(tmp_path):
     out = tmp_path / "myhw.yaml"
     data = cal.run(2, out, quick=True, device_type="cpu", show_progress=False)
@@ -127,3 +128,19 @@ def test_calibrate_quick_run_writes_a_loadable_spec(tmp_path):
 def test_bundled_cpu_preset_is_sane():
     hw = HardwareSpec.preset("cpu", devices=4)
     _check_sane(hw, 4)
+
+
+@pytest.mark.slow  # a few seconds of real microbenchmarks
+def test_calibrate_one_device_skips_links(tmp_path):
+    data = cal.run(1, tmp_path / "one.yaml", quick=True, device_type="cpu", show_progress=False)
+    hw = HardwareSpec.from_file(tmp_path / "one.yaml")
+    assert hw.num_devices == 1 and "no link measured" in hw.sources["intra_node"]
+    assert data["_measurements"]["collectives"] == {}
+
+
+@pytest.mark.tier1
+def test_calibrate_rejects_zero_processes():
+    from specs import SpecError
+
+    with pytest.raises(SpecError, match="--nproc"):
+        cal.run(0, None, quick=True, device_type="cpu", show_progress=False)
