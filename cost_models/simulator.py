@@ -230,7 +230,10 @@ def pipeline_lower_bound(name: str, pp: int, m: int, v: int, times) -> float:
 
         step >= max_r  sum_{s<r} (F_s + p2p_s) + busy_r + sum_{s<r} (B_s + p2p_s)
 
-    (B including W where the schedule does not split it). Tight for 1F1B with equal stages and no
+    (B including W where the schedule does not split it). In zero_bubble (ZB-H1) rank r holds
+    back at most min(r + 1, m) weight passes until after its last B, so that B ends no earlier than
+    sum_{s<r} (F_s + p2p_s) + busy_r - min(r + 1, m) W_r, and the input-grad chain still follows it.
+    Tight for 1F1B with equal stages and no
     p2p time (the simulator's step is exactly this), never above the simulation (tests play all
     schedules).
     `times`: (F, B, W, p2p) per virtual stage, as for `simulate_cached`.
@@ -241,12 +244,14 @@ def pipeline_lower_bound(name: str, pp: int, m: int, v: int, times) -> float:
         busy[j % pp] += m * (f + b + w)
     best = pre_f = pre_b = 0.0
     for r in range(pp):
+        f, b, w, c = times[r]
         t = pre_f + busy[r] + (0.0 if split else pre_b)
+        if split:
+            t = max(t, pre_f + busy[r] - min(r + 1, m) * w + pre_b)
         if t > best:
             best = t
-        f, b, w, c = times[r]
         pre_f += f + c
-        pre_b += b + w + c
+        pre_b += (b if split else b + w) + c
     return best
 
 

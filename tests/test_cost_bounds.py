@@ -12,7 +12,8 @@ from specs import HardwareSpec, Knobs, TrainSpec
 from tests.graphs import gpt_graph
 
 SHAPES = [("gpipe", 4, 6, 1), ("1f1b", 4, 8, 1), ("1f1b", 3, 3, 1), ("interleaved_1f1b", 4, 8, 2),
-          ("interleaved_1f1b", 2, 4, 3), ("zero_bubble", 4, 8, 1), ("zero_bubble", 3, 6, 1), ("1f1b", 1, 4, 1)]
+          ("interleaved_1f1b", 2, 4, 3), ("zero_bubble", 4, 8, 1), ("zero_bubble", 3, 6, 1), ("zero_bubble", 5, 3, 1), ("zero_bubble", 2, 1, 1),
+          ("1f1b", 1, 4, 1)]
 
 
 @pytest.mark.tier1
