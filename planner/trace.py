@@ -26,7 +26,9 @@ stable at one batch size: trace at batch 1, autoplan's convention.)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import time
 
@@ -84,7 +86,8 @@ def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple[str, ...]):
         if old_cache:
             cfg.use_cache = False  # a DynamicCache in the output breaks export
         try:
-            ep = torch.export.export(model, tuple(inputs), strict=False)
+            with _quiet_torch_logs():  # a failure is reported below, in one line
+                ep = torch.export.export(model, tuple(inputs), strict=False)
         finally:
             if old_cache:
                 cfg.use_cache = old_cache
@@ -167,16 +170,30 @@ def trace(
             m.training = training
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """Silence torch loggers that print tracebacks / graph dumps for failures we turn into one
+    SpecError line (fake-tensor dispatch errors, export's data-dependent guard warnings)."""
+    loggers = [logging.getLogger(n) for n in ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # export prints failing graphs to stderr
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _build(model, gm, traced_by, inputs, batch, name, t0) -> ModelGraph:
     fs = FakeState(gm)
     specs, assign = build_blocks(model, gm)
     if not specs:
         raise SpecError(f"trace: {name} has no submodules to form blocks; wrap its layers in modules")
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = fake_log.level
-    fake_log.setLevel(logging.CRITICAL)  # its ERROR log repeats the failure below as a traceback
     try:
-        values = propagate(gm, fs, inputs, specs)
+        with _quiet_torch_logs():  # its ERROR log repeats the failure below as a traceback
+            values = propagate(gm, fs, inputs, specs)
     except Exception as e:
         shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in inputs
                            if isinstance(x, torch.Tensor))
@@ -184,8 +201,6 @@ def _build(model, gm, traced_by, inputs, batch, name, t0) -> ModelGraph:
                 else f"check that example_inputs ({shapes}) have the shapes and dtypes the model expects")
         raise SpecError(f"trace: running {name} on fake tensors failed: {type(e).__name__}: "
                         f"{_first_line(e)} ({hint})") from None
-    finally:
-        fake_log.setLevel(level)
     g = dataflow_graph(gm, assign)
     dependent = input_dependent_nodes(g, values)
     needs_grad = _needs_grad(gm, values)

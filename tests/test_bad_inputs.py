@@ -218,6 +218,20 @@ def module_only():
 
 def boom():
     raise RuntimeError("factory bug")
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y if y.sum() > 0 else -y
+
+
+def untraceable():
+    return nn.Sequential(Branchy(), nn.Linear(4, 4)), (torch.zeros(2, 4),)
 '''
 
 
@@ -247,6 +261,8 @@ def cli_cases(tmp: Path) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ("factory without inputs", ["trace", "badfactory_ap:module_only"], ("without example inputs",)),
         ("factory inputs of the wrong shape", ["trace", "badfactory_ap:wrong_shape"],
          ("check that example_inputs ((2, 5) float32)",)),
+        ("untraceable factory", ["trace", "badfactory_ap:untraceable"],
+         ("cannot trace module '0' (Branchy)", "torch.cond")),
         ("memory no plan fits", ["plan", "gpt3-175b", "--hw", "dgx-a100-80gb:1"], ("no configuration fits",)),
     ]
 
@@ -298,6 +314,7 @@ def test_cli_catalogue(tmp_path, monkeypatch, capsys):
     (["explain", "{bad}"], "malformed YAML"),
     (["plan", "gpt-tiny", "--hw", "cpu:2", "--pin", "zero=7"], "knob"),
     (["trace", "badfactory_ap:wrong_shape"], "check that example_inputs"),
+    (["trace", "badfactory_ap:untraceable"], "cannot trace module"),
 ])
 def test_cli_subprocess_exit_2_without_traceback(tmp_path, argv, needle):
     """The installed script: exit 2, one message, and nothing from torch's loggers."""
