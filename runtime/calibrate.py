@@ -95,9 +95,9 @@ def fit_alpha_beta(
         alpha, inv_bw = 0.0, b2 / a22
     elif inv_bw <= 0:
         alpha, inv_bw = b1 / a11, 0.0
-    if inv_bw <= 0:  # time does not grow with size: bandwidth unmeasurably high at these sizes
+    if inv_bw <= 0:  # time does not grow with size (noise): the largest message bounds it from below
         largest_s, largest_t = max(points)
-        inv_bw = largest_t / (bus * largest_s) * 1e-3
+        inv_bw = largest_t / (bus * largest_s)
     return alpha, 1.0 / inv_bw
 
 
@@ -260,7 +260,7 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
         "cpu_adam_params_per_s": _sig(m["adam_params_per_s"]),
     }
     data["efficiency"] = eff
-    data["collective_efficiency"] = round(coll_eff, 4)
+    data["collective_efficiency"] = _sig(max(coll_eff, 1e-4))
     threads = "one thread per process (as under torchrun)" if not gpu else "one process per GPU"
     check = m.get("shared_host_check")
     data["sources"] = {
