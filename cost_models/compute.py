@@ -10,7 +10,8 @@ Per op, for one micro-batch on one tensor-parallel rank:
   ops split by tensor parallelism (`column`, `row`, `head`, `vocab`, `conv_out`) by `tp`;
   `sequence` ops (norms, dropout, residual adds) by `tp` only with sequence parallelism;
   `replicate` ops are computed in full on every tp rank.
-- Efficiency curves: cost_models.efficiency (calibrated curves from the HardwareSpec win).
+- Efficiency curves: cost_models.efficiency (calibrated curves from the HardwareSpec win); the
+  bytes of each op use the memory curve of its kind (copy / elementwise / row reduction).
 - dtype: bf16/fp16 mixed precision computes in that dtype; fp32 training uses the fp32 peak
   (PyTorch's default keeps TF32 off for matmuls).
 - Backward: from the op's backward FLOPs. An op with parameters splits them into the
@@ -66,7 +67,7 @@ def op_time_s(flops: float, n_bytes: float, kind: str, hw: HardwareSpec, curves:
         t = max(t, flops / (peak * compute_efficiency(curves, kind, flops)))
     if n_bytes > 0:
         bw = hw.device.memory_bandwidth_bytes_per_s
-        t = max(t, n_bytes / (bw * memory_efficiency(curves, n_bytes)))
+        t = max(t, n_bytes / (bw * memory_efficiency(curves, n_bytes, kind)))
     if flops > 0 and kind not in COMPUTE_KINDS:
         # FLOPs of an op we have no compute curve for (e.g. a fused norm): at the matmul curve.
         t = max(t, flops / (peak * compute_efficiency(curves, "matmul", flops)))

@@ -67,12 +67,12 @@ def estimate_data_parallel_single_process(graph: ModelGraph, hw: HardwareSpec, t
     curves = curves_for(hw)
     mem_bw = hw.device.memory_bandwidth_bytes_per_s
     loss_bytes = 3 * out_bytes * n * 4 / itemsize(ctx.dtype)  # fp32 upcast read, softmax, grad write
-    loss = loss_bytes / (mem_bw * memory_efficiency(curves, loss_bytes)) if loss_bytes else 0.0
+    loss = loss_bytes / (mem_bw * memory_efficiency(curves, loss_bytes, "loss")) if loss_bytes else 0.0
     grad_out = gather
     bwd = whole.backward_s + whole.weight_compute_s
     reduce = comm.broadcast_s(params * bpp.grad, link)
     step_bytes = params * optimizer_step_bytes_per_param(bpp)
-    opt = step_bytes / (mem_bw * memory_efficiency(curves, step_bytes))
+    opt = step_bytes / (mem_bw * memory_efficiency(curves, step_bytes, "elementwise"))
     comm_s = scatter + replicate + gather + grad_out + reduce
     step = comm_s + fwd + loss + bwd + opt
     breakdown = dict.fromkeys(TIME_TERMS, 0.0)

@@ -4,6 +4,8 @@ Model: an op of `size` (FLOPs for compute kinds, bytes moved for memory kinds) a
 `efficiency(kind, size)` of the device's peak. The curve is piecewise linear in log10(size),
 clamped at both ends. A calibrated `HardwareSpec.efficiency[kind]` (from `autoplan calibrate`,
 i.e. microbenchmarks on the real machine) always replaces the default curve of that kind.
+Memory-bound ops use the curve of their own kind (MEMORY_CURVE: copy-like "memory",
+"elementwise", or row-reduction "other"), each falling back to "memory" where not calibrated.
 
 The defaults below are ESTIMATES read off published microbenchmark plots, not fitted to any
 end-to-end training throughput:
@@ -42,8 +44,17 @@ DEFAULT_CURVES: dict[str, tuple[tuple[float, float], ...]] = {
 
 # Which curve each graph op kind uses for its compute part (memory kinds have none).
 COMPUTE_CURVE = {"matmul": "matmul", "attention": "attention", "conv": "conv"}
-# HardwareSpec.efficiency keys a calibrated memory curve as "memory" (or "elementwise").
-MEMORY_CURVE_KEYS = ("memory", "elementwise")
+# Which curve each graph op kind uses for its bytes. `autoplan calibrate` measures three kinds of
+# memory-bound op (runtime/calibrate_bench.py): "memory" = a plain copy, "elementwise" = add/gelu
+# (one pass, no reduction), "other" = softmax/layer_norm (row reductions: two or three passes).
+# Norms, softmax, reductions and the loss are row reductions; elementwise ops and dropout are
+# elementwise; everything else (GEMM/conv operands, embedding gathers, unknown ops) moves bytes
+# like a copy. A curve the hardware does not calibrate falls back to its "memory" curve.
+MEMORY_CURVE = {
+    "elementwise": "elementwise", "dropout": "elementwise",
+    "norm": "other", "softmax": "other", "reduction": "other", "loss": "other",
+}
+MEMORY_CURVE_KEYS = ("memory", "elementwise", "other")
 
 
 def interpolate(points: tuple[tuple[float, float], ...], size: float) -> float:
@@ -60,19 +71,23 @@ def interpolate(points: tuple[tuple[float, float], ...], size: float) -> float:
     return points[-1][1]  # pragma: no cover - unreachable
 
 
+_DEFAULTS = {**DEFAULT_CURVES, **{k: DEFAULT_CURVES["memory"] for k in MEMORY_CURVE_KEYS}}
+
+
 @lru_cache(maxsize=64)
 def _curve_cached(key: int, hw_curves: tuple) -> dict[str, tuple[tuple[float, float], ...]]:
     curves = dict(DEFAULT_CURVES)
     for kind, pts in hw_curves:
-        target = "memory" if kind in MEMORY_CURVE_KEYS else kind
-        curves[target] = pts
+        curves[kind] = pts
+    for kind in MEMORY_CURVE_KEYS:
+        curves.setdefault(kind, curves["memory"])
     return curves
 
 
 def curves_for(hw: HardwareSpec) -> dict[str, tuple[tuple[float, float], ...]]:
     """Default curves with the hardware's calibrated ones (if any) substituted, by kind."""
     if not hw.efficiency:
-        return DEFAULT_CURVES
+        return _DEFAULTS
     items = tuple(
         (k, tuple(sorted((p.size, p.efficiency) for p in pts))) for k, pts in sorted(hw.efficiency.items()) if pts
     )
@@ -84,6 +99,7 @@ def compute_efficiency(curves: dict, kind: str, flops: float) -> float:
     return interpolate(curves[COMPUTE_CURVE.get(kind, "matmul")], flops)
 
 
-def memory_efficiency(curves: dict, n_bytes: float) -> float:
-    """Fraction of peak memory bandwidth an op moving `n_bytes` achieves."""
-    return interpolate(curves["memory"], n_bytes)
+def memory_efficiency(curves: dict, n_bytes: float, kind: str = "memory") -> float:
+    """Fraction of peak memory bandwidth an op of graph kind `kind` moving `n_bytes` achieves
+    (the curve MEMORY_CURVE picks for that kind)."""
+    return interpolate(curves[MEMORY_CURVE.get(kind, "memory")], n_bytes)

@@ -359,7 +359,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
             nbytes = opt_params * step_bpp
             if nbytes > 0:
                 bw = hw.device.memory_bandwidth_bytes_per_s
-                opt_s = max(hw.device.kernel_launch_s, nbytes / (bw * memory_efficiency(curves, nbytes)))
+                opt_s = max(hw.device.kernel_launch_s, nbytes / (bw * memory_efficiency(curves, nbytes, "elementwise")))
         got = ctx.stage_cache[rkey] = _Rank(
             tuple(x.activation_bytes for x in sums), states.param, states.grad, states.optimizer, trans, opt_tmp,
             rs_tot, rs_last, window, ag_after, fixed_exp, fixed_time, fixed_vol, grad_vol, fsdp_mb, tied_comm[r],
