@@ -14,6 +14,14 @@ with the collective's *bus bandwidth*, so for a message of S bytes over n ranks
 and the better of ring and tree is taken where both exist. B = link bandwidth x
 `hw.collective_efficiency` (the achieved fraction of link peak for large messages).
 
+Per-collective calibration. Implementations reach very different fractions of the link per
+collective (gloo on CPU: reduce-scatter ~1/3 of all-reduce's bus bandwidth), so one (alpha, B)
+for all is off by x2.5 there. `hw.collectives[name]` (from `autoplan calibrate`: alpha-beta fits
+of each collective with the ring conventions above) gives (alpha, B) for that collective in
+groups inside one node; there the collective uses exactly the formula it was fitted with (ring;
+broadcast pipelined ring; p2p) and B is already the achieved bus bandwidth. A collective not
+listed, and every group that crosses nodes, uses the links as above.
+
 Topology. Ranks are laid out `rank = (pp_i * dp + dp_i) * tp + tp_i`: tp innermost (inside a
 node), then dp, then pp. A group of `size` ranks at `stride` apart therefore has
 `members_per_node = min(size, devices_per_node // stride)` members in each node it touches:
@@ -43,10 +51,22 @@ class GroupLink:
     latency_s: float  # alpha per step
     num_nodes: int
     members_per_node: int
+    per_collective: tuple[tuple[str, float, float], ...] = ()  # (name, bus B, alpha), calibrated
+
+    def figures(self, name: str) -> tuple[float, float, bool]:
+        """(bandwidth, alpha, calibrated) for collective `name` on this group."""
+        for nm, bw, alpha in self.per_collective:
+            if nm == name:
+                return bw, alpha, True
+        return self.bandwidth_bytes_per_s, self.latency_s, False
 
     @property
     def crosses_nodes(self) -> bool:
         return self.num_nodes > 1
+
+
+def _calibrated(hw: HardwareSpec) -> tuple[tuple[str, float, float], ...]:
+    return tuple((k, v.bandwidth_bytes_per_s, v.latency_s) for k, v in sorted(hw.collectives.items()))
 
 
 def group_link(hw: HardwareSpec, size: int, stride: int) -> GroupLink:
@@ -58,7 +78,8 @@ def group_link(hw: HardwareSpec, size: int, stride: int) -> GroupLink:
     per_node = max(1, min(size, dpn // stride)) if stride < dpn else 1
     num_nodes = math.ceil(size / per_node)
     if num_nodes == 1:
-        return GroupLink(size, hw.intra_node.bandwidth_bytes_per_s * eff, hw.intra_node.latency_s, 1, per_node)
+        return GroupLink(size, hw.intra_node.bandwidth_bytes_per_s * eff, hw.intra_node.latency_s, 1, per_node,
+                         _calibrated(hw))
     share = hw.inter_node.bandwidth_bytes_per_s * per_node / dpn
     bw = min(hw.intra_node.bandwidth_bytes_per_s, share) if per_node > 1 else share
     return GroupLink(size, bw * eff, hw.inter_node.latency_s, num_nodes, per_node)
@@ -70,7 +91,8 @@ def p2p_link(hw: HardwareSpec, stride: int) -> GroupLink:
     devices of a node send their stage boundary at once)."""
     eff = hw.collective_efficiency
     if stride < hw.devices_per_node:
-        return GroupLink(2, hw.intra_node.bandwidth_bytes_per_s * eff, hw.intra_node.latency_s, 1, 2)
+        return GroupLink(2, hw.intra_node.bandwidth_bytes_per_s * eff, hw.intra_node.latency_s, 1, 2,
+                         _calibrated(hw))
     bw = hw.inter_node.bandwidth_bytes_per_s / hw.devices_per_node
     return GroupLink(2, bw * eff, hw.inter_node.latency_s, 2, 1)
 
@@ -93,42 +115,56 @@ def tree_all_reduce_s(n_bytes: float, link: GroupLink) -> float:
 
 
 def all_reduce_s(n_bytes: float, link: GroupLink) -> float:
-    """All-reduce of `n_bytes` per rank: the better of ring and tree."""
+    """All-reduce of `n_bytes` per rank: the better of ring and tree (calibrated: ring, as fitted)."""
+    n = link.size
+    if n <= 1 or n_bytes <= 0:
+        return 0.0
+    bw, alpha, cal = link.figures("all_reduce")
+    if cal:
+        return 2 * (n - 1) / n * n_bytes / bw + 2 * (n - 1) * alpha
     return min(ring_all_reduce_s(n_bytes, link), tree_all_reduce_s(n_bytes, link))
+
+
+def _ring_one_pass_s(n_bytes: float, link: GroupLink, name: str) -> float:
+    n = link.size
+    if n <= 1 or n_bytes <= 0:
+        return 0.0
+    bw, alpha, _ = link.figures(name)
+    return (n - 1) / n * n_bytes / bw + (n - 1) * alpha
 
 
 def all_gather_s(n_bytes: float, link: GroupLink) -> float:
     """All-gather producing `n_bytes` (the full, gathered size) on every rank; ring."""
-    n = link.size
-    if n <= 1 or n_bytes <= 0:
-        return 0.0
-    return (n - 1) / n * n_bytes / link.bandwidth_bytes_per_s + (n - 1) * link.latency_s
+    return _ring_one_pass_s(n_bytes, link, "all_gather")
 
 
 def reduce_scatter_s(n_bytes: float, link: GroupLink) -> float:
     """Reduce-scatter of `n_bytes` (the full, unreduced size) per rank; ring."""
-    return all_gather_s(n_bytes, link)
+    return _ring_one_pass_s(n_bytes, link, "reduce_scatter")
 
 
 def all_to_all_s(n_bytes: float, link: GroupLink) -> float:
     """All-to-all where each rank sends `n_bytes` in all (1/n of it stays local)."""
-    return all_gather_s(n_bytes, link)
+    return _ring_one_pass_s(n_bytes, link, "all_to_all")
 
 
 def broadcast_s(n_bytes: float, link: GroupLink) -> float:
-    """Broadcast of `n_bytes` from one rank: pipelined ring or tree, whichever is better."""
+    """Broadcast of `n_bytes` from one rank: pipelined ring or tree, whichever is better
+    (calibrated: pipelined ring, as fitted)."""
     n = link.size
     if n <= 1 or n_bytes <= 0:
         return 0.0
-    base = n_bytes / link.bandwidth_bytes_per_s
-    return base + min(n - 1, math.ceil(math.log2(n))) * link.latency_s
+    bw, alpha, cal = link.figures("broadcast")
+    steps = n - 1 if cal else min(n - 1, math.ceil(math.log2(n)))
+    return n_bytes / bw + steps * alpha
 
 
 def p2p_s(n_bytes: float, link: GroupLink) -> float:
     """One send of `n_bytes` to a neighbour."""
     if n_bytes <= 0:
         return 0.0
-    return n_bytes / link.bandwidth_bytes_per_s + link.latency_s
+    bw, alpha, _ = link.figures("p2p")
+    return n_bytes / bw + alpha
 
 
 # Bytes each rank sends for one collective of S bytes over n ranks (the per-axis volume figure).

@@ -31,7 +31,13 @@ What goes where (the microbenchmarks are in runtime.calibrate_bench):
   min(1, cores / N) and divides host memory by N. Without it, the output is a plain HardwareSpec for
   exactly `--nproc` processes, with that scaling already applied (`shared_host_scale`).
   The collective workers also run matmuls concurrently to check that scaling; the result is
-  printed and recorded in `sources`.
+  printed and recorded in `sources`. The preset scaling also sets `shared_cores` (the cost model
+  then lets processes share cores dynamically, cost_models.estimate) and scales
+  `host.cpu_adam_params_per_s` like FLOP/s.
+- `collectives`: the per-collective fits above (alpha, busbw), used by cost_models.comm for
+  groups inside a node in place of the one joint link.
+- CPU: `comm_overlaps_compute: false` (gloo runs on the compute cores) and
+  `device_is_host_cpu: true` (the optimizer step runs at the measured Adam rate).
 """
 
 from __future__ import annotations
@@ -179,6 +185,10 @@ def shared_host_scale(data: dict[str, Any], devices: int) -> dict[str, Any]:
             shared["memory_bytes"] * shared.get("usable_fraction", 1.0) / devices
         )
         data["device"] = dev
+        host = dict(data["host"])
+        host["cpu_adam_params_per_s"] = host["cpu_adam_params_per_s"] * scale
+        data["host"] = host
+        data["shared_cores"] = int(shared["cores"])
     return data
 
 
@@ -261,6 +271,13 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
     }
     data["efficiency"] = eff
     data["collective_efficiency"] = _sig(max(coll_eff, 1e-4))
+    if m["collectives"]:
+        data["collectives"] = {
+            k: {"bandwidth_bytes_per_s": _sig(b), "latency_s": _sig(a)} for k, (a, b) in fits.items()
+        }
+    if not gpu:
+        data["comm_overlaps_compute"] = False
+        data["device_is_host_cpu"] = True
     threads = "one thread per process (as under torchrun)" if not gpu else "one process per GPU"
     check = m.get("shared_host_check")
     data["sources"] = {
@@ -273,7 +290,8 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
         f"(ring conventions, nccl-tests busbw) per collective: {fit_text}. The cost model uses one link for "
         f"all: joint fit of its formulas (cost_models/comm.py) to every size and collective: alpha "
         f"{alpha * 1e6:.1f} us, busbw {bus_bw / 1e9:.3g} GB/s (rms error x{math.exp(rms):.2f}); "
-        f"bandwidth = the p2p busbw, collective_efficiency = joint busbw / p2p busbw",
+        f"bandwidth = the p2p busbw, collective_efficiency = joint busbw / p2p busbw. `collectives` holds "
+        f"the per-collective fits (alpha, busbw), which cost_models.comm uses inside a node",
         "inter_node": "not measurable on one host: repeats intra_node",
         "host": f"{where}: host memory from the OS; Adam (foreach, fp32) step on the CPU; "
         + (
@@ -282,6 +300,12 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
             else "pcie = host copy bandwidth (no device link on a CPU host)"
         ),
     }
+    if not gpu:
+        data["sources"]["comm_overlaps_compute"] = (
+            "gloo on a CPU host runs collectives (copies, reductions, TCP loopback) on the same cores as "
+            "compute, and the runtime issues them from the training thread: no overlap"
+        )
+        data["sources"]["device_is_host_cpu"] = "no accelerator: the optimizer step runs on the CPU (host.cpu_adam_params_per_s)"
     if not m["collectives"]:
         data["sources"]["intra_node"] = (
             f"{where}: one device, no link measured: placeholder (launch floor, memory bandwidth); "

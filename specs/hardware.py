@@ -24,6 +24,7 @@ from specs.io import load_data
 
 DType = Literal["fp64", "fp32", "tf32", "bf16", "fp16", "fp8"]
 OpKind = Literal["matmul", "attention", "conv", "elementwise", "memory", "other"]
+CollectiveName = Literal["all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "p2p"]
 
 
 class DeviceSpec(Frozen):
@@ -82,6 +83,29 @@ class HardwareSpec(Frozen):
     )
     collective_efficiency: float = Field(
         default=1.0, gt=0, le=1, description="Achieved fraction of link bandwidth for large collectives."
+    )
+    collectives: dict[CollectiveName, LinkSpec] = Field(
+        default_factory=dict,
+        description="Optional per-collective calibration for groups inside one node (`autoplan calibrate`): "
+        "latency_s = alpha per ring step, bandwidth_bytes_per_s = achieved bus bandwidth (nccl-tests "
+        "convention, collective_efficiency already included). A collective not listed uses the links.",
+    )
+    comm_overlaps_compute: bool = Field(
+        default=True,
+        description="Whether communication runs beside compute (GPUs: copy engines / NCCL kernels). False "
+        "where collectives run on the same cores as compute (gloo on CPU): all communication is exposed.",
+    )
+    shared_cores: int | None = Field(
+        default=None,
+        gt=0,
+        description="Set (by shared-host presets) when the devices_per_node processes of a node share this "
+        "many CPU cores dynamically; device figures are then each process's fair share (per-core figures x "
+        "min(1, shared_cores / devices_per_node)). None: devices are not shared (GPUs).",
+    )
+    device_is_host_cpu: bool = Field(
+        default=False,
+        description="The devices are processes on the host CPU (no accelerator): the optimizer step runs "
+        "on the CPU at host.cpu_adam_params_per_s (measured) instead of a memory-bandwidth estimate.",
     )
     sources: dict[str, str] = Field(default_factory=dict, description="Where each constant comes from.")
 
@@ -144,6 +168,10 @@ class HardwareSpec(Frozen):
             dev["memory_bandwidth_bytes_per_s"] = dev["memory_bandwidth_bytes_per_s"] * min(1.0, cores / n)
             dev["memory_bytes"] = int(shared["memory_bytes"] * shared.get("usable_fraction", 1.0) / n)
             data["device"] = dev
+            host = dict(data["host"])
+            host["cpu_adam_params_per_s"] = host["cpu_adam_params_per_s"] * min(1.0, cores / n)
+            data["host"] = host
+            data["shared_cores"] = cores
         return validate_model(cls, data, f"preset {name}")
 
     @classmethod

@@ -31,3 +31,38 @@ def test_uncalibrated_memory_kinds_fall_back_to_the_memory_curve():
     bw = hw.device.memory_bandwidth_bytes_per_s
     for kind in ("elementwise", "norm", "other"):
         assert op_time_s(0.0, 1e9, kind, hw, curves, 1.0) == pytest.approx(1e9 / (bw * 0.5))
+
+
+# ----------------------------------------------------------------- per-collective calibration
+from cost_models import comm  # noqa: E402
+from specs import LinkSpec  # noqa: E402
+
+
+def _with_collectives(hw: HardwareSpec, **figs: tuple[float, float]) -> HardwareSpec:
+    return hw.model_copy(update={"collectives": {
+        k: LinkSpec(bandwidth_bytes_per_s=bw, latency_s=a) for k, (bw, a) in figs.items()}})
+
+
+def test_calibrated_collectives_use_their_own_alpha_beta_inside_a_node():
+    base = HardwareSpec.preset("dgx-a100-80gb")
+    hw = _with_collectives(base, reduce_scatter=(1e9, 1e-4), all_reduce=(3e9, 2e-4), p2p=(5e9, 1e-5),
+                           broadcast=(2e9, 3e-5))
+    link, S, n = comm.group_link(hw, 4, 1), 64e6, 4
+    assert comm.reduce_scatter_s(S, link) == pytest.approx((n - 1) / n * S / 1e9 + (n - 1) * 1e-4)
+    assert comm.all_reduce_s(S, link) == pytest.approx(2 * (n - 1) / n * S / 3e9 + 2 * (n - 1) * 2e-4)
+    assert comm.broadcast_s(S, link) == pytest.approx(S / 2e9 + (n - 1) * 3e-5)
+    assert comm.p2p_s(S, comm.p2p_link(hw, 1)) == pytest.approx(S / 5e9 + 1e-5)
+    # not calibrated: the links, exactly as without the field
+    plain = comm.group_link(base, 4, 1)
+    assert comm.all_gather_s(S, link) == pytest.approx(comm.all_gather_s(S, plain))
+    assert comm.all_to_all_s(S, link) == pytest.approx(comm.all_to_all_s(S, plain))
+    # reduce-scatter at 1/3 of all-reduce's busbw: no longer the same time as all-gather
+    assert comm.reduce_scatter_s(S, link) > 2 * comm.all_gather_s(S, link)
+
+
+def test_calibrated_collectives_do_not_apply_across_nodes():
+    base = HardwareSpec.preset("dgx-a100-80gb", nodes=2)
+    hw = _with_collectives(base, all_reduce=(1e6, 1.0))
+    a, b = comm.group_link(hw, 16, 1), comm.group_link(base, 16, 1)
+    assert comm.all_reduce_s(1e8, a) == pytest.approx(comm.all_reduce_s(1e8, b))
+    assert comm.p2p_s(1e8, comm.p2p_link(hw, 8)) == pytest.approx(comm.p2p_s(1e8, comm.p2p_link(base, 8)))
