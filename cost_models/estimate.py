@@ -34,6 +34,10 @@ What overlaps and what is exposed:
   copies, gradient reductions fp32 gradients, ZeRO-1's parameter gather fp32 parameters.
 - offload (cpu): gradients device->host, host optimizer step, parameters host->device over
   PCIe: all exposed (conservative; ZeRO-Offload overlaps part of it).
+- `hw.comm_overlaps_compute` false (gloo on CPU: collectives run on the compute cores, from the
+  training thread): nothing above hides behind compute; DDP/ZeRO gradient syncs and every FSDP
+  gather/reduce-scatter are exposed in full. Pipeline p2p stays asynchronous (a delay of the
+  receiver; its bytes are one boundary activation).
 - Tied parameters (embedding/head) on different pp ranks: a copy on each, gradients
   all-reduced between them after backward (exposed, pp axis).
 
@@ -166,12 +170,13 @@ def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb:
         link = ctx.link(fsdp_n, fsdp_stride)
         nb = ss.num_blocks
         ag = comm.all_gather_s(ss.num_params * ctx.bpp.compute / nb, link)  # bf16 copies under mixed precision
-        f_c = ss.forward_s
+        overlap = ctx.hw.comm_overlaps_compute  # False: nothing hides the gathers (all exposed)
+        f_c = ss.forward_s if overlap else 0.0
         fwd_exp = ag + max(0.0, (nb - 1) * ag - f_c * (nb - 1) / nb)
         fsdp_time = nb * ag
         if reshard:
             rs = comm.reduce_scatter_s(ss.num_params * ctx.bpp.grad / nb, link)
-            b_c = ss.backward_s + ss.weight_compute_s
+            b_c = ss.backward_s + ss.weight_compute_s if overlap else 0.0
             bwd_exp = ag + rs + max(0.0, (nb - 1) * (ag + rs) - b_c * (nb - 1) / nb)
             fsdp_time += nb * (ag + rs)
     F = ss.forward_s + fwd_exp
@@ -321,7 +326,8 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
         opt_tmp = 4 * opt_params if (train.optimizer in ("adam", "adamw") and k.offload == "none") else 0.0
 
         grad_bytes = n_params * bpp.grad
-        window = sum(st[j][1] + st[j][2] for j in js)
+        # the backward that hides the gradient sync; none where comm shares the compute cores
+        window = sum(st[j][1] + st[j][2] for j in js) if hw.comm_overlaps_compute else 0.0
         rs_tot = rs_last = ag_after = fixed_exp = fixed_time = fixed_vol = grad_vol = fsdp_mb = 0.0
         if dp > 1:
             if sharding == "none":

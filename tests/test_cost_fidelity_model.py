@@ -66,3 +66,36 @@ def test_calibrated_collectives_do_not_apply_across_nodes():
     a, b = comm.group_link(hw, 16, 1), comm.group_link(base, 16, 1)
     assert comm.all_reduce_s(1e8, a) == pytest.approx(comm.all_reduce_s(1e8, b))
     assert comm.p2p_s(1e8, comm.p2p_link(hw, 8)) == pytest.approx(comm.p2p_s(1e8, comm.p2p_link(base, 8)))
+
+
+# ----------------------------------------------------------------- comm that does not overlap
+from cost_models import estimate_knobs  # noqa: E402
+from specs import Knobs, TrainSpec  # noqa: E402
+from tests.graphs import gpt_graph  # noqa: E402
+
+GRAPH = gpt_graph(vocab=2048, hidden=384, layers=8, heads=8, seq_len=128, dtype="fp32")
+
+
+def _stages(n: int, rec: str = "none") -> list[tuple[int, int, str]]:
+    nb = GRAPH.num_blocks
+    cuts = [round(i * nb / n) for i in range(n + 1)]
+    return [(cuts[i], cuts[i + 1] - 1, rec) for i in range(n)]
+
+
+def _est(hw: HardwareSpec, **kw):
+    kn = Knobs(**{"pp": 1, "tp": 1, "micro_batch_size": 4, **kw})
+    m = kn.num_micro_batches
+    tr = TrainSpec(global_batch_size=kn.dp * kn.micro_batch_size * m, precision="fp32", optimizer="adamw")
+    return estimate_knobs(GRAPH, kn, _stages(kn.pp * kn.virtual_stages), hw, tr)
+
+
+@pytest.mark.parametrize("sharding", ["none", "zero1", "zero2", "zero3"])
+def test_without_overlap_all_data_parallel_comm_is_exposed(sharding):
+    gpu = HardwareSpec.preset("dgx-a100-80gb", devices=4)
+    serial = gpu.model_copy(update={"comm_overlaps_compute": False})
+    a, b = _est(gpu, dp=4, sharding=sharding), _est(serial, dp=4, sharding=sharding)
+    assert b.comm["dp"].exposed_s == pytest.approx(b.comm["dp"].time_s)
+    assert b.comm["dp"].time_s == pytest.approx(a.comm["dp"].time_s)
+    assert a.comm["dp"].exposed_s < a.comm["dp"].time_s  # on a GPU part of it hides
+    assert b.step_time_s > a.step_time_s
+    assert sum(b.time_breakdown_s.values()) == pytest.approx(b.step_time_s)
