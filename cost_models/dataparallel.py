@@ -71,7 +71,7 @@ def estimate_data_parallel_single_process(graph: ModelGraph, hw: HardwareSpec, t
     grad_out = gather
     bwd = whole.backward_s + whole.weight_compute_s
     reduce = comm.broadcast_s(params * bpp.grad, link)
-    step_bytes = params * optimizer_step_bytes_per_param(bpp)
+    step_bytes = params * optimizer_step_bytes_per_param(bpp, ctx.train.optimizer)
     opt = step_bytes / (mem_bw * memory_efficiency(curves, step_bytes, "elementwise"))
     comm_s = scatter + replicate + gather + grad_out + reduce
     step = comm_s + fwd + loss + bwd + opt

@@ -9,8 +9,10 @@ Composition (all per step, for the worst pp rank where ranks differ):
 2. The pipeline schedule is played by cost_models.simulator with those times: pipeline time,
    per-rank busy time, in-flight micro-batches per stage (-> activation memory).
 3. After the last backward, per rank: the data-parallel gradient sync that did not hide behind
-   backward, the optimizer step (memory-bound: bytes read+written per parameter / HBM
-   bandwidth), offload transfers and the host optimizer step. step = pipeline + max over ranks.
+   backward, the optimizer step (memory-bound: bytes read+written per parameter, pass by pass as
+   torch's foreach optimizer runs it (cost_models.memory.optimizer_step_bytes_per_param), over
+   the elementwise memory curve; where the devices are the host CPU (hw.device_is_host_cpu):
+   parameters / the measured host.cpu_adam_params_per_s), offload transfers and the host optimizer step. step = pipeline + max over ranks.
 
 What overlaps and what is exposed:
 - TP collectives: exposed (on the critical path of every layer).
@@ -281,7 +283,10 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
     dp_link = ctx.link(dp, tp)
     rep_link = ctx.link(dp // shard_n, tp * shard_n) if sharding == "hsdp" else None
     curves = curves_for(hw)
-    step_bpp = optimizer_step_bytes_per_param(bpp)
+    step_bpp = optimizer_step_bytes_per_param(bpp, train.optimizer)
+    # where the optimizer runs on the CPU: the measured AdamW rate, scaled to this optimizer by
+    # its bytes per parameter (host.cpu_adam_params_per_s is a foreach AdamW step, fp32)
+    host_rate = hw.host.cpu_adam_params_per_s * optimizer_step_bytes_per_param(bpp, "adamw") / step_bpp
     opt_div = {"zero1": dp, "zero2": dp, "zero3": dp, "hsdp": shard_n}.get(sharding, 1)
     act_isz = itemsize(ctx.dtype)
     last_block_split = bool(graph.layer(graph.num_blocks - 1).tp_candidates) and tp > 1
@@ -361,6 +366,9 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
         if k.offload == "cpu":
             pcie = hw.host.pcie_bandwidth_bytes_per_s
             off_s = opt_params * (bpp.grad + bpp.param) / pcie + opt_params / hw.host.cpu_adam_params_per_s
+        elif hw.device_is_host_cpu:
+            if opt_params > 0:
+                opt_s = max(hw.device.kernel_launch_s, opt_params / host_rate)
         else:
             nbytes = opt_params * step_bpp
             if nbytes > 0:

@@ -104,10 +104,26 @@ def bytes_per_param(precision: str, optimizer: str, convention: str = DEFAULT_CO
     raise ValueError(f"convention: {convention!r}; use 'torch' or 'megatron'")
 
 
-def optimizer_step_bytes_per_param(bpp: BytesPerParam) -> float:
-    """Bytes the optimizer step reads + writes per parameter (a memory-bound kernel): reads the
-    gradient, parameter and states, writes the parameter and states."""
-    return bpp.grad + 2 * bpp.param + 2 * bpp.optimizer
+def optimizer_step_bytes_per_param(bpp: BytesPerParam, optimizer: str = "adamw") -> float:
+    """Bytes the optimizer step reads + writes per parameter, pass by pass, as torch's default
+    (foreach, non-fused) implementation runs it: every `_foreach_*` op is one elementwise pass.
+
+    Adam (torch/optim/adam.py `_multi_tensor_adam`; AdamW is the same with decoupled decay), with
+    s = 4 bytes per fp32 moment, g = gradient, p = the updated (master) parameter:
+      [AdamW only: p.mul_(1 - lr wd): 2p]  m.lerp_(g): 2s + g   v.mul_(b2): 2s   v.addcmul_(g, g): 2s + g
+      t = sqrt(v): 2s   t.div_(bc2): 2s   t.add_(eps): 2s   p.addcdiv_(m, t): 2p + 2s
+    = 2g + 14s + 2p (+ 2p for AdamW): 72 bytes/param in fp32 (80 for AdamW), not the 28 of a
+    single fused read/write pass. SGD with momentum: buf.mul_: 2s, buf.add_(g): 2s + g,
+    p.add_(buf): 2p + s = g + 5s + 2p. Megatron convention: the update runs on the fp32 master
+    (p = 4) and writes the low-precision copy once more (+ bpp.param).
+    """
+    s = 4.0
+    p = bpp.param if bpp.convention == "torch" else 4.0
+    extra = 0.0 if bpp.convention == "torch" else bpp.param
+    if optimizer == "sgd":
+        return bpp.grad + 5 * s + 2 * p + extra
+    decay = 2 * p if optimizer == "adamw" else 0.0
+    return 2 * bpp.grad + 14 * s + 2 * p + decay + extra
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,3 +99,25 @@ def test_without_overlap_all_data_parallel_comm_is_exposed(sharding):
     assert a.comm["dp"].exposed_s < a.comm["dp"].time_s  # on a GPU part of it hides
     assert b.step_time_s > a.step_time_s
     assert sum(b.time_breakdown_s.values()) == pytest.approx(b.step_time_s)
+
+
+# ----------------------------------------------------------------- optimizer step
+from cost_models.memory import bytes_per_param, optimizer_step_bytes_per_param  # noqa: E402
+
+
+def test_optimizer_step_bytes_count_torch_foreach_passes():
+    fp32 = bytes_per_param("fp32", "adamw")
+    # 8 foreach passes (see the docstring): 80 bytes/param for AdamW, 72 for Adam, 36 for SGD+momentum
+    assert optimizer_step_bytes_per_param(fp32, "adamw") == 80
+    assert optimizer_step_bytes_per_param(fp32, "adam") == 72
+    assert optimizer_step_bytes_per_param(bytes_per_param("fp32", "sgd"), "sgd") == 4 + 20 + 8
+
+
+def test_optimizer_on_the_host_cpu_runs_at_the_measured_rate():
+    gpu = HardwareSpec.preset("dgx-a100-80gb", devices=1)
+    host = gpu.model_copy(update={"device_is_host_cpu": True})
+    rate = host.host.cpu_adam_params_per_s
+    e = _est(host, dp=1)
+    assert e.time_breakdown_s["optimizer_s"] == pytest.approx(GRAPH.num_params / rate)
+    z = _est(host.model_copy(update={"num_nodes": 1, "devices_per_node": 4}), dp=4, sharding="zero1")
+    assert z.time_breakdown_s["optimizer_s"] == pytest.approx(GRAPH.num_params / 4 / rate)
