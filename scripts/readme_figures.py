@@ -80,7 +80,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"planned {args.model} on {args.hw} in {plan_s:.1f} s: {plan}")
     for name in ("explain.txt", "timeline.png", f"{args.model}.yaml"):
         print(f"wrote {out / name} ({(out / name).stat().st_size} bytes)")
+    if out.resolve() == (ROOT / "docs").resolve():
+        update_readme(ROOT / "README.md", text)
     return 0
+
+
+BEGIN, END = "<!-- explain:begin (scripts/readme_figures.py) -->", "<!-- explain:end -->"
+
+
+def update_readme(readme: Path, explain_text: str, max_lines: int = 60) -> None:
+    """Put the head of the generated explanation between the README's markers."""
+    doc = readme.read_text(encoding="utf-8")
+    if BEGIN not in doc or END not in doc:
+        print(f"{readme}: no explain markers; left unchanged")
+        return
+    lines = explain_text.splitlines()
+    shown = lines[:max_lines] + ([f"... ({len(lines) - max_lines} more lines in docs/explain.txt)"]
+                                 if len(lines) > max_lines else [])
+    block = "\n".join([BEGIN, "```", *shown, "```", END])
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + block + tail, encoding="utf-8")
+    print(f"updated {readme}")
 
 
 if __name__ == "__main__":
