@@ -43,6 +43,10 @@ What overlaps and what is exposed:
 - Tied parameters (embedding/head) on different pp ranks: a copy on each, gradients
   all-reduced between them after backward (exposed, pp axis).
 
+Shared hosts (hw.shared_cores < processes per node, e.g. gloo on a 2-core CPU): the step is
+composed by cost_models.sharedhost from the estimate at per-core speed (the critical path) and
+the host's total CPU work over its cores; any excess is the breakdown term `core_sharing_s`.
+
 Memory per pp rank (cost_models.memory): model states by ZeRO stage, activations = sum over the
 rank's virtual stages of (peak in-flight micro-batches x stored bytes per micro-batch), transient
 buffers, margin; peak over the step = states + max(activations + backward transients,
@@ -52,11 +56,11 @@ optimizer-step temporaries). The worst rank is reported.
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from cost_models import comm
+from cost_models import comm, sharedhost
 from cost_models.blocks import Context, block_costs_ctx, context
-from cost_models.compute import itemsize, peak_flops_per_s
+from cost_models.compute import compute_dtype, itemsize, peak_flops_per_s
 from cost_models.efficiency import curves_for, memory_efficiency
 from cost_models.memory import (
     DDP_BUCKET_BYTES,
@@ -423,6 +427,8 @@ def step_lower_bound_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[i
     """A lower bound on `estimate_knobs(...).step_time_s`, without simulating the schedule: the
     stage times and post-pipeline terms are the same, the pipeline time is replaced by
     `simulator.pipeline_lower_bound` (step = pipeline + the largest per-rank post term)."""
+    if sharedhost.oversubscribed(hw):
+        hw = sharedhost.unshared(hw)  # the step is at least the critical path at per-core speed
     ctx = context(graph, hw, train)
     lay, sched = _layout_for(ctx, graph, knobs, stages, hw)
     m = knobs.num_micro_batches
@@ -443,6 +449,8 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     Returns:
         StepEstimate (see the module docstring for the model).
     """
+    if sharedhost.oversubscribed(hw):
+        return _share_cores(graph, knobs, stages, hw, train)
     ctx = context(graph, hw, train)
     k = knobs
     pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
@@ -507,6 +515,39 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
         hfu=hw_flops * inv / peak, samples_per_s=samples * inv, tokens_per_s=samples * graph.tokens_per_sample * inv,
         model_flops_per_step=model_flops, hardware_flops_per_step=hw_flops, stage_times_raw=lay.times,
         peak_in_flight=sim.peak_in_flight, notes=lay.notes,
+    )
+
+
+def _share_cores(graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec, train: TrainSpec) -> StepEstimate:
+    """More processes than cores (cost_models.sharedhost): the critical path at per-core speed,
+    or the host's CPU work over its cores plus the lockstep communication, whichever is longer."""
+    hw_u = sharedhost.unshared(hw)
+    e = estimate_knobs(graph, k, stages, hw_u, train)
+    lay, _ = _layout_for(context(graph, hw_u, train), graph, k, stages, hw_u)
+    m = k.num_micro_batches
+    work = [m * (rk.f_c + rk.b_c + rk.rec) + rk.opt_s + rk.offload_s for rk in lay.ranks]
+    if k.pp == 1:
+        lockstep = max(0.0, e.step_time_s - work[0])
+    else:
+        lockstep = min(_post(rk, k.sharding, m)[0] + rk.tied for rk in lay.ranks)
+    total = sum(work) * k.dp * k.tp
+    step = sharedhost.shared_step_s(e.step_time_s, total, hw.shared_cores * hw.num_nodes, lockstep)
+    wait = step - e.step_time_s
+    if wait <= 0:
+        breakdown = e.time_breakdown_s
+    else:
+        breakdown = {**e.time_breakdown_s, "core_sharing_s": wait}
+    scale = e.step_time_s / step if step > 0 else 1.0
+    # MFU/HFU against the host's real peak: per-core peak x the cores (= the spec's per-process
+    # share x processes), as estimate_knobs computes them with `hw`
+    peak_ratio = peak_flops_per_s(hw_u, compute_dtype(train.precision)) / peak_flops_per_s(
+        hw, compute_dtype(train.precision))
+    notes = e.notes + (f"{hw.devices_per_node} processes share {hw.shared_cores} cores: step = max(critical "
+                       f"path at per-core speed, CPU work / cores + lockstep comm)",)
+    return replace(
+        e, step_time_s=step, time_breakdown_s=breakdown, samples_per_s=e.samples_per_s * scale,
+        tokens_per_s=e.tokens_per_s * scale, mfu=e.mfu * scale * peak_ratio, hfu=e.hfu * scale * peak_ratio,
+        notes=tuple(dict.fromkeys(notes)),
     )
 
 

@@ -121,3 +121,61 @@ def test_optimizer_on_the_host_cpu_runs_at_the_measured_rate():
     assert e.time_breakdown_s["optimizer_s"] == pytest.approx(GRAPH.num_params / rate)
     z = _est(host.model_copy(update={"num_nodes": 1, "devices_per_node": 4}), dp=4, sharding="zero1")
     assert z.time_breakdown_s["optimizer_s"] == pytest.approx(GRAPH.num_params / 4 / rate)
+
+
+# ----------------------------------------------------------------- oversubscribed shared hosts
+from cost_models import sharedhost  # noqa: E402
+
+
+def _host(n: int, cores: int | None) -> HardwareSpec:
+    """A 1-node machine of n processes on `cores` cores, per-process fair share of a per-core
+    device (the A100 device figures stand in for a core; only ratios matter here)."""
+    base = HardwareSpec.preset("dgx-a100-80gb", devices=n)
+    f = 1.0 if cores is None else min(1.0, cores / n)
+    dev = base.device.model_copy(update={
+        "peak_flops_per_s": {k: v * f for k, v in base.device.peak_flops_per_s.items()},
+        "memory_bandwidth_bytes_per_s": base.device.memory_bandwidth_bytes_per_s * f,
+        "kernel_launch_s": 0.0})
+    return base.model_copy(update={"device": dev, "shared_cores": cores, "device_is_host_cpu": True,
+                                   "host": base.host.model_copy(update={"cpu_adam_params_per_s": 1e30})})
+
+
+def test_unshared_restores_per_core_speed():
+    hw = _host(4, 2)
+    u = sharedhost.unshared(hw)
+    assert u.device.peak_flops_per_s["fp32"] == pytest.approx(_host(4, None).device.peak_flops_per_s["fp32"])
+    assert u.shared_cores is None and sharedhost.unshared(hw) is u
+    assert not sharedhost.oversubscribed(_host(2, 2)) and sharedhost.oversubscribed(hw)
+
+
+def test_pipeline_bubbles_give_their_cores_to_busy_ranks():
+    # pp=4 gpipe, m=8, one process per stage on 2 cores. Closed form: per-core stage times F, B
+    # (equal stages): critical path (m + p - 1)(F + B), CPU work p m (F + B) over 2 cores.
+    hw, per_core = _host(4, 2), _host(4, None)
+    kw = dict(pp=4, dp=1, schedule="gpipe", micro_batch_size=2, num_micro_batches=8)
+    shared, alone = _est(hw, **kw), _est(per_core, **kw)
+    times = alone.stage_times_raw
+    work = sum(8 * (f + b + w) for f, b, w, _ in times)
+    assert shared.step_time_s == pytest.approx(max(alone.step_time_s, work / 2), rel=1e-6)
+    assert shared.step_time_s == pytest.approx(work / 2, rel=1e-6)  # 16(F+B) > 11(F+B)
+    assert shared.time_breakdown_s["core_sharing_s"] == pytest.approx(shared.step_time_s - alone.step_time_s)
+    assert sum(shared.time_breakdown_s.values()) == pytest.approx(shared.step_time_s)
+    # the static division (every process at half a core throughout) charges the bubble at half speed
+    static = _est(hw.model_copy(update={"shared_cores": None}), **kw)
+    assert static.step_time_s == pytest.approx(2 * alone.step_time_s, rel=1e-2)  # p2p is not halved
+    assert shared.step_time_s < static.step_time_s
+
+
+def test_lockstep_data_parallel_matches_the_static_division():
+    # pp=1: all processes busy at once; W / C + comm = 2 x compute + comm = the static division
+    hw = _host(4, 2)
+    for sharding in ("none", "zero3"):
+        shared = _est(hw, dp=4, sharding=sharding)
+        static = _est(hw.model_copy(update={"shared_cores": None}), dp=4, sharding=sharding)
+        assert shared.step_time_s == pytest.approx(static.step_time_s, rel=1e-6)
+
+
+def test_no_sharing_when_cores_suffice_or_on_gpus():
+    kw = dict(pp=2, dp=1, schedule="1f1b", micro_batch_size=2, num_micro_batches=4)
+    assert _est(_host(2, 2), **kw).step_time_s == pytest.approx(_est(_host(2, None), **kw).step_time_s)
+    assert "core_sharing_s" not in _est(HardwareSpec.preset("dgx-a100-80gb", devices=2), **kw).time_breakdown_s

@@ -1,0 +1,63 @@
+"""Processes that share a host's cores dynamically (more processes than cores, e.g. 4 gloo
+processes on a 2-core machine): the step time.
+
+A shared-host preset (`HardwareSpec.preset("cpu", devices=N)`) sets `hw.shared_cores = C` and
+gives each process its fair share of the host, per-core figures x min(1, C / N) (a static
+division). When N > C that over-charges whatever is not perfectly balanced: the OS scheduler
+hands an idle process's core (a pipeline rank in its bubble, a rank waiting on a receive) to
+the busy ones. The model instead:
+
+1. `unshared(hw)`: the same machine with per-core speeds (FLOP/s, memory bandwidth and the host
+   optimizer rate x N / C) and no sharing. The critical path T_crit is the estimate (schedule
+   simulation included) on it: no process runs faster than a core to itself.
+2. CPU work: every process's busy compute (forward, backward, recompute, optimizer step, host
+   offload step) at per-core speed, summed over all N processes: W. The C cores cannot do it
+   faster than W / C.
+3. Lockstep communication X: time in which every process waits on communication at once, so
+   no core can be lent: with one pipeline stage (pp = 1) every rank runs the same program, so
+   all communication on its critical path is lockstep; with pp > 1 only the data-parallel
+   sync after the pipeline that all ranks share (the smallest over pp ranks) is counted, and
+   in-pipeline communication is assumed to lend its core to other stages.
+
+    step_s = max(T_crit, W / C + X)
+
+With pp = 1 and every op above the launch floor this is the static division again (all
+processes busy in lockstep); with pipeline bubbles it is smaller. GPUs (shared_cores None) and
+hosts with at least as many cores as processes are unaffected.
+"""
+
+from __future__ import annotations
+
+from specs import HardwareSpec
+
+_UNSHARED: dict[int, tuple[HardwareSpec, HardwareSpec]] = {}
+
+
+def oversubscribed(hw: HardwareSpec) -> bool:
+    """More processes per node than the cores they share."""
+    return hw.shared_cores is not None and hw.devices_per_node > hw.shared_cores
+
+
+def unshared(hw: HardwareSpec) -> HardwareSpec:
+    """`hw` with per-core speeds (device figures x devices_per_node / shared_cores), unshared.
+
+    Cached by identity (the estimate's caches are keyed by the HardwareSpec object)."""
+    got = _UNSHARED.get(id(hw))
+    if got is not None and got[0] is hw:
+        return got[1]
+    f = hw.devices_per_node / hw.shared_cores
+    dev = hw.device.model_copy(update={
+        "peak_flops_per_s": {k: v * f for k, v in hw.device.peak_flops_per_s.items()},
+        "memory_bandwidth_bytes_per_s": hw.device.memory_bandwidth_bytes_per_s * f,
+    })
+    host = hw.host.model_copy(update={"cpu_adam_params_per_s": hw.host.cpu_adam_params_per_s * f})
+    out = hw.model_copy(update={"device": dev, "host": host, "shared_cores": None})
+    if len(_UNSHARED) > 16:
+        _UNSHARED.clear()
+    _UNSHARED[id(hw)] = (hw, out)
+    return out
+
+
+def shared_step_s(critical_s: float, total_work_s: float, cores: int, lockstep_s: float) -> float:
+    """step = max(T_crit, W / C + X) (see the module docstring)."""
+    return max(critical_s, total_work_s / cores + lockstep_s)
