@@ -137,6 +137,20 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def _init_process_group(backend: str, timeout: timedelta) -> None:
+    """init_process_group on torchrun's store, under a key prefix per restart attempt.
+
+    After a restart, gloo sometimes read the peers' addresses of the dead attempt from the
+    shared store ("Connection refused" in connectFullMesh, seen here under load); a prefix per
+    TORCHELASTIC_RESTART_COUNT makes every attempt exchange fresh ones."""
+    if "MASTER_ADDR" not in os.environ:  # not under torchrun: let torch report what is missing
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"autoplan/attempt_{_attempt()}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = Plan.from_file(args.plan)
@@ -148,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout_s))
+    _init_process_group("nccl" if cuda else "gloo", timedelta(seconds=args.timeout_s))
     clean = False
     try:
         rc = _train(args, plan)
