@@ -531,7 +531,8 @@ def _share_cores(graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec, train: T
     else:
         lockstep = min(_post(rk, k.sharding, m)[0] + rk.tied for rk in lay.ranks)
     total = sum(work) * k.dp * k.tp
-    step = sharedhost.shared_step_s(e.step_time_s, total, hw.shared_cores * hw.num_nodes, lockstep)
+    step = sharedhost.shared_step_s(e.step_time_s, total,
+                                   hw.shared_cores * hw.num_nodes * hw.shared_core_efficiency, lockstep)
     wait = step - e.step_time_s
     if wait <= 0:
         breakdown = e.time_breakdown_s

@@ -12,14 +12,16 @@ the busy ones. The model instead:
    simulation included) on it: no process runs faster than a core to itself.
 2. CPU work: every process's busy compute (forward, backward, recompute, optimizer step, host
    offload step) at per-core speed, summed over all N processes: W. The C cores cannot do it
-   faster than W / C.
+   faster than W / (C e), where e = hw.shared_core_efficiency is the measured aggregate
+   throughput of N processes busy at once over C x one process alone (`autoplan calibrate`:
+   concurrent matmuls; 1 where not measured).
 3. Lockstep communication X: time in which every process waits on communication at once, so
    no core can be lent: with one pipeline stage (pp = 1) every rank runs the same program, so
    all communication on its critical path is lockstep; with pp > 1 only the data-parallel
    sync after the pipeline that all ranks share (the smallest over pp ranks) is counted, and
    in-pipeline communication is assumed to lend its core to other stages.
 
-    step_s = max(T_crit, W / C + X)
+    step_s = max(T_crit, W / (C e) + X)
 
 With pp = 1 and every op above the launch floor this is the static division again (all
 processes busy in lockstep); with pipeline bubbles it is smaller. GPUs (shared_cores None) and
@@ -58,6 +60,6 @@ def unshared(hw: HardwareSpec) -> HardwareSpec:
     return out
 
 
-def shared_step_s(critical_s: float, total_work_s: float, cores: int, lockstep_s: float) -> float:
-    """step = max(T_crit, W / C + X) (see the module docstring)."""
+def shared_step_s(critical_s: float, total_work_s: float, cores: float, lockstep_s: float) -> float:
+    """step = max(T_crit, W / cores + X), cores = C e (see the module docstring)."""
     return max(critical_s, total_work_s / cores + lockstep_s)

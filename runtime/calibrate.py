@@ -189,7 +189,17 @@ def shared_host_scale(data: dict[str, Any], devices: int) -> dict[str, Any]:
         host["cpu_adam_params_per_s"] = host["cpu_adam_params_per_s"] * scale
         data["host"] = host
         data["shared_cores"] = int(shared["cores"])
+        if "core_efficiency" in shared:
+            data["shared_core_efficiency"] = shared["core_efficiency"]
     return data
+
+
+def core_efficiency(aggregate: float, alone: float, cores: int, nproc: int) -> float:
+    """Aggregate matmul throughput of nproc processes at once over what min(cores, nproc) cores
+    would give at one process's rate (both timed the same way), clamped to (0, 1]."""
+    if alone <= 0:
+        return 1.0
+    return _sig(min(1.0, max(1e-3, aggregate / (min(cores, nproc) * alone))))
 
 
 def _sig(x: float) -> float:
@@ -244,6 +254,7 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
         name = f"cpu-{m['cores']}core"
         memory_bytes = int(m["host_memory_bytes"] * 0.8 / nproc)
         pcie = mem_bw  # "offload" on a CPU host is a copy in host memory
+    check = m.get("shared_host_check")
     data: dict[str, Any] = {
         "name": "cpu" if not gpu else name,
         "num_nodes": 1,
@@ -255,6 +266,8 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
             "memory_bytes": m["host_memory_bytes"],
             "usable_fraction": 0.8,
         }
+        if check and "core_efficiency" in check:
+            data["shared_host"]["core_efficiency"] = check["core_efficiency"]
     data["device"] = {
         "name": name,
         "memory_bytes": memory_bytes,
@@ -279,7 +292,6 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
         data["comm_overlaps_compute"] = False
         data["device_is_host_cpu"] = True
     threads = "one thread per process (as under torchrun)" if not gpu else "one process per GPU"
-    check = m.get("shared_host_check")
     data["sources"] = {
         "device": f"{where}: best square-matmul FLOP/s per dtype ({threads}), best copy bandwidth "
         f"(read+write bytes; DRAM rate {mem[-1][1] / 1e9:.3g} GB/s at {mem[-1][0] / 2**20:.0f} MiB moved), "
@@ -322,6 +334,12 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
             f"GFLOP/s each vs {check['single'] / 1e9:.3g} alone (ratio {check['ratio']:.2f}; "
             f"shared_host predicts {check['predicted']:.2f})"
         )
+        if "core_efficiency" in check:
+            data["sources"]["shared_host_check"] += (
+                f"; timed the same way, one process alone {check['alone'] / 1e9:.3g} GFLOP/s, all at once "
+                f"{check['aggregate'] / 1e9:.3g} GFLOP/s in all: shared_host.core_efficiency = "
+                f"{check['core_efficiency']} of {min(m['cores'], nproc)} cores (cost_models.sharedhost)"
+            )
     return data
 
 
@@ -397,13 +415,17 @@ def measure(nproc: int, sizes: bench.Sizes, device_type: str, progress=None) -> 
         else None
     )
     if single:
-        per = coll["shared_host_matmul_flops_per_s"]
+        got = coll["shared_host_matmul_flops_per_s"]
+        per = got["median"]
         m["shared_host_check"] = {
             "procs": nproc,
             "per_process": per,
             "single": single,
             "ratio": per / single,
             "predicted": min(1.0, m["cores"] / nproc),
+            "alone": got["alone"],
+            "aggregate": got["sum"],
+            "core_efficiency": core_efficiency(got["sum"], got["alone"], m["cores"], nproc),
         }
     return m
 

@@ -322,10 +322,13 @@ def _p2p_one_way(rank, buf, device, sizes: Sizes) -> float:
     return _timed_collective(pingpong, device, sizes.collective_min_time_s) / 2
 
 
-def _concurrent_matmul(rank, world, device, sizes: Sizes) -> float:
-    """Median per-process FLOP/s while all `world` processes run fp32 matmuls for the same wall time.
+def _concurrent_matmul(rank, world, device, sizes: Sizes) -> dict[str, float]:
+    """fp32 matmul FLOP/s timed the same way (fixed wall time) by rank 0 alone (the others wait in
+    a barrier) and then by all `world` processes at once: {"alone", "median", "sum"} (per-process
+    median and the sum over processes while all run).
 
-    Checks the shared-host assumption (per-process throughput = single * min(1, cores / N)).
+    Checks the shared-host assumption (per-process throughput = single * min(1, cores / N)), and
+    gives the host's aggregate throughput with every process busy (the effective cores).
     """
     import torch.distributed as dist
 
@@ -333,19 +336,23 @@ def _concurrent_matmul(rank, world, device, sizes: Sizes) -> float:
     duration_s = max(sizes.min_time_s * 10, 0.05) if sizes.min_time_s < 0.01 else 0.6
     a = torch.randn(n, n, device=device)
     torch.mm(a, a)
+
+    def run() -> float:
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < duration_s:
+            torch.mm(a, a)
+            reps += 1
+        _sync(device)
+        return 2.0 * n**3 * reps / (time.perf_counter() - t0)
+
     dist.barrier()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < duration_s:
-        torch.mm(a, a)
-        reps += 1
-    _sync(device)
-    flops = torch.tensor(
-        [2.0 * n**3 * reps / (time.perf_counter() - t0)], dtype=torch.float64, device=device
-    )
+    alone = run() if rank == 0 else 0.0
+    dist.barrier()
+    flops = torch.tensor([run()], dtype=torch.float64, device=device)
     gathered = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
     dist.all_gather(gathered, flops)
     vals = sorted(g.item() for g in gathered)
-    return vals[len(vals) // 2]
+    return {"alone": alone, "median": vals[len(vals) // 2], "sum": sum(vals)}
 
 
 def cpu_count() -> int:

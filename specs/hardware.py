@@ -102,6 +102,13 @@ class HardwareSpec(Frozen):
         "many CPU cores dynamically; device figures are then each process's fair share (per-core figures x "
         "min(1, shared_cores / devices_per_node)). None: devices are not shared (GPUs).",
     )
+    shared_core_efficiency: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="With shared_cores: the fraction of shared_cores x one process's speed that all processes "
+        "get in aggregate when every one is busy (`autoplan calibrate` measures it: concurrent matmuls).",
+    )
     device_is_host_cpu: bool = Field(
         default=False,
         description="The devices are processes on the host CPU (no accelerator): the optimizer step runs "
@@ -172,6 +179,8 @@ class HardwareSpec(Frozen):
             host["cpu_adam_params_per_s"] = host["cpu_adam_params_per_s"] * min(1.0, cores / n)
             data["host"] = host
             data["shared_cores"] = cores
+            if "core_efficiency" in shared:
+                data["shared_core_efficiency"] = shared["core_efficiency"]
         return validate_model(cls, data, f"preset {name}")
 
     @classmethod

@@ -179,3 +179,21 @@ def test_no_sharing_when_cores_suffice_or_on_gpus():
     kw = dict(pp=2, dp=1, schedule="1f1b", micro_batch_size=2, num_micro_batches=4)
     assert _est(_host(2, 2), **kw).step_time_s == pytest.approx(_est(_host(2, None), **kw).step_time_s)
     assert "core_sharing_s" not in _est(HardwareSpec.preset("dgx-a100-80gb", devices=2), **kw).time_breakdown_s
+
+
+def test_measured_core_efficiency_scales_the_host_capacity():
+    kw = dict(pp=4, dp=1, schedule="gpipe", micro_batch_size=2, num_micro_batches=8)
+    full, half = _host(4, 2), _host(4, 2).model_copy(update={"shared_core_efficiency": 0.5})
+    alone = _est(_host(4, None), **kw)
+    work = sum(8 * (f + b + w) for f, b, w, _ in alone.stage_times_raw)
+    assert _est(half, **kw).step_time_s == pytest.approx(work / (2 * 0.5), rel=1e-6)
+    assert _est(full, **kw).step_time_s == pytest.approx(work / 2, rel=1e-6)
+
+
+def test_calibrate_core_efficiency_closed_form():
+    from runtime.calibrate import core_efficiency
+
+    assert core_efficiency(aggregate=2e9, alone=1e9, cores=2, nproc=4) == 1.0
+    assert core_efficiency(aggregate=1e9, alone=1e9, cores=2, nproc=4) == 0.5
+    assert core_efficiency(aggregate=3e9, alone=1e9, cores=2, nproc=4) == 1.0  # clamped
+    assert core_efficiency(aggregate=0.8e9, alone=1e9, cores=4, nproc=2) == 0.4
