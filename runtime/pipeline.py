@@ -57,6 +57,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
+from torch.distributed.tensor import DTensor
 
 from runtime.pipeline_split import (
     SplitModel,
@@ -250,7 +251,12 @@ class PipelineRunner:
         if self.tied:
             self.sync_tied_gradients()
         if self.is_last:
-            loss = torch.stack([x.detach().to(torch.float64) for x in losses]).mean()
+            # Under loss_parallel each micro-batch loss is a DTensor over the tp mesh:
+            # full_tensor() (a collective over tp, whose ranks all hold this last stage and walk
+            # the same micro-batches in order) turns it into the plain tensor broadcast needs.
+            loss = torch.stack([
+                (x.full_tensor() if isinstance(x, DTensor) else x).detach().to(torch.float64) for x in losses
+            ]).mean()
         else:
             loss = torch.zeros((), dtype=torch.float64, device=self.stages[0].device)
         dist.broadcast(loss, group=self.group, group_src=self.last_rank)
