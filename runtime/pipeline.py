@@ -186,35 +186,80 @@ class PipelineRunner:
 
     @staticmethod
     def _local(t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if hasattr(t, "to_local") else t  # DTensor (FSDP2/TP) -> this rank's shard
+        return t.to_local() if isinstance(t, DTensor) else t  # DTensor (FSDP2/TP) -> this rank's shard
+
+    @staticmethod
+    def _local_grad(p: nn.Parameter) -> torch.Tensor:
+        """This rank's shard of p.grad laid out like p itself. Under TP a tied copy's gradient can
+        come back in another layout than its parameter (the vocab-parallel embedding's is
+        Replicate over tp, the full vocabulary); redistributing it (a collective over p's mesh,
+        the same on every rank of it) makes the shards of the first and last stage line up."""
+        g = p.grad
+        if isinstance(p, DTensor) and isinstance(g, DTensor) and tuple(g.placements) != tuple(p.placements):
+            g = g.redistribute(p.device_mesh, p.placements)
+        return g.to_local() if isinstance(g, DTensor) else g
+
+    def _shard_shapes(self) -> list[tuple[int, ...]]:
+        """Per tied parameter, the shape of this rank's shard of it. A pp rank without a copy
+        (pp > 2: a middle stage) learns it from the ranks that have one (one all_gather_object over
+        the pp group at the first call: pp peers share their dp and tp coordinates, so every
+        holder's shard has the same shape). Copies sharded differently on two stages (the tied
+        modules got different TP styles) are refused with a SpecError on every rank."""
+        if getattr(self, "_shapes", None) is None:
+            mine = []
+            for tp in self.tied:
+                copies = self._local_copies(tp)
+                mine.append(sorted({tuple(self._local(p).shape) for p in copies}))
+            every: list = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(every, mine, group=self.group)
+            shapes = []
+            for i, tp in enumerate(self.tied):
+                found = sorted({s for rank in every for s in map(tuple, rank[i])})
+                if len(found) != 1:
+                    raise SpecError(
+                        f"tensor_parallel.styles: the tied parameter {sorted(tp.names.values())} is sharded "
+                        f"differently on its stages (local shards {found}); give the tied modules matching "
+                        f"styles (vocab on the embedding, colwise on the head) or none"
+                    )
+                shapes.append(found[0])
+            self._shapes = shapes
+        return self._shapes
 
     @torch.no_grad()
     def sync_tied_gradients(self) -> None:
-        """Sum the gradients of each tied parameter's copies over the pp group (in place)."""
-        for tp in self.tied:
+        """Sum the gradients of each tied parameter's copies over the pp group (in place).
+
+        Works on local shards: a copy's gradient is first laid out like its parameter
+        (`_local_grad`); the first and last stage's copies are sharded alike (TP shards the
+        vocab-parallel embedding and the colwise head both on dim 0, FSDP2 shards dim 0 over dp;
+        `_shard_shapes` checks it), so equal shards sit on the pp peers and one all-reduce over
+        the pp group sums them. Ranks without a copy add zeros."""
+        shapes = self._shard_shapes()
+        device = self.stages[0].device
+        for tp, shape in zip(self.tied, shapes, strict=True):
             copies = self._local_copies(tp)
-            grads = [self._local(p.grad) for p in copies if p.grad is not None]
-            if copies:
-                like = self._local(copies[0])
-                total = torch.zeros_like(like)
-            else:
-                total = torch.zeros(tp.shape, dtype=tp.dtype, device=self.stages[0].device)
+            grads = [self._local_grad(p) for p in copies if p.grad is not None]
+            total = torch.zeros(shape, dtype=tp.dtype, device=device)
             for g in grads:
                 total += g
             dist.all_reduce(total, group=self.group)
             for p in copies:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                self._local(p.grad).copy_(total)
+                if isinstance(p, DTensor):
+                    p.grad = DTensor.from_local(total.clone(), p.device_mesh, p.placements,
+                                                shape=p.shape, stride=p.stride())
+                else:
+                    p.grad = total.clone()
 
     @torch.no_grad()
     def sync_tied_parameters(self) -> None:
-        """Copy each tied parameter's value from its first stage to the other copies."""
-        for tp in self.tied:
+        """Copy each tied parameter's value from its first stage to the other copies (shard by
+        shard: the copies are sharded alike, see sync_tied_gradients)."""
+        shapes = self._shard_shapes()
+        for tp, shape in zip(self.tied, shapes, strict=True):
             first = min(tp.names)
             src = first % self.plan.mesh.pp
             copies = self._local_copies(tp)
-            buf = (torch.zeros(tp.shape, dtype=tp.dtype, device=self.stages[0].device)
+            buf = (torch.zeros(shape, dtype=tp.dtype, device=self.stages[0].device)
                    if not copies else self._local(copies[0]).clone())
             dist.broadcast(buf, group=self.group, group_src=src)
             for p in copies:

@@ -100,11 +100,14 @@ def _cases() -> list[Case]:
         Case("pp2-zero3-ckpt-llama-4", 4, "llama-tiny", dict(pp=2, dp=2, num_micro_batches=2, sharding="zero3",
                                                              recompute="full")),
         Case("pp2-tp2-llama-4", 4, "llama-tiny", dict(pp=2, tp=2, num_micro_batches=2, schedule="gpipe", **llama_tp)),
-        # PP x TP with loss parallel: the last stage's loss is a DTensor over tp.
+        # PP x TP with loss parallel (the last stage's loss is a DTensor over tp) and sequence
+        # parallel; gpt ties embed.tok / head.lm_head across the two stages, both tp-sharded on dim 0.
+        Case("pp2-tp2-sp-lossparallel-gpt-4", 4, "gpt-tiny",
+             dict(pp=2, tp=2, num_micro_batches=2, sequence_parallel=True, loss_parallel=True, **gpt_tp)),
         Case("pp2-tp2-sp-lossparallel-llama-4", 4, "llama-tiny",
              dict(pp=2, tp=2, num_micro_batches=2, sequence_parallel=True, loss_parallel=True, **llama_tp)),
-        Case("pp2-tp2-zero3-gpt-8", 8, "gpt-tiny", dict(pp=2, dp=2, tp=2, num_micro_batches=2, sharding="zero3",
-                                                        **gpt_tp)),
+        Case("pp2-tp2-zero3-lossparallel-gpt-8", 8, "gpt-tiny",
+             dict(pp=2, dp=2, tp=2, num_micro_batches=2, sharding="zero3", loss_parallel=True, **gpt_tp)),
         Case("pp2-tp2-zero2-sp-interleaved-llama-8", 8, "llama-tiny",
              dict(pp=2, dp=2, tp=2, num_micro_batches=2, sharding="zero2", sequence_parallel=True,
                   schedule="interleaved_1f1b", virtual_stages=2, **llama_tp)),
