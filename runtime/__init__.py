@@ -10,6 +10,11 @@ Multi-node (one command per node, same rendezvous endpoint; RANK 0's host serves
         --rdzv-endpoint HOST0:29500 --rdzv-id job1 -m runtime.launch plan.yaml --model gpt-small
 
 The plan's pp * dp * tp must equal nnodes * nproc-per-node (tp innermost stays inside a node).
+
+Fault tolerance: add `--max-restarts N` to torchrun and `--checkpoint-dir D --checkpoint-every K`
+to runtime.launch; a restarted attempt resumes from the newest committed checkpoint by itself
+(at most K steps redone), `--timeout-s` bounds the wait for a dead or hung peer, and a
+checkpoint loads under any other plan (runtime/checkpoint.py: commit protocol, trust boundary).
 Python: `pm = runtime.parallelize(model, plan, loss_fn=...)`, then `pm.train_step(pm.local_batch(x, y))`.
 """
 

@@ -36,6 +36,7 @@ def test_killed_run_resumes_and_loses_nothing(scenarios, name, first_attempt, re
     ref, run = scenarios["straight"], scenarios[name]
     assert run.returncode == 0, run.stderr[-3000:]
     assert "fault injection: rank" in run.stderr and "SIGKILL" in run.stderr
+    assert "a collective failed" in run.stderr  # the surviving rank said why, and did not wait
     assert run.steps_by_attempt[0] == first_attempt
     assert run.steps_by_attempt[1] == list(range(first_attempt[-1] - redone + 1, fr.STEPS + 1))
     assert run.steps_redone == redone <= fr.EVERY
