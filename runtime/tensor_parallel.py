@@ -20,6 +20,11 @@ embedding is the only parameterised module of its block (Llama) it outputs Shard
 (reduce-scatter); when its block adds more (GPT adds learned positions) it outputs Replicate
 and the block's output is re-laid to Shard(1) (a local slice), so `tok + pos` stays correct.
 
+Norms under sequence parallel: the residual stream's norms (`residual_norms`: a block's part or
+its direct child, e.g. layers.3.attn_norm, head.norm) run as SequenceParallel whether or not the
+plan names them. Without it a norm would see a plain local (B, T/tp, H) tensor, its weight's
+gradient would be a per-rank partial sum, and attention reading T from x.shape would fold heads.
+
 Tied weights (GPT ties embed.tok.weight and head.lm_head.weight): vocab-parallel Embedding
 and colwise Linear both shard the weight on dim 0 over the same tp mesh, so after
 parallelize_module the one DTensor parameter is re-tied to every alias; placements that
@@ -151,6 +156,9 @@ def apply_tensor_parallel(
     names = set(dict(model.named_modules()))
     styles = {n: s for n, s in styles.items() if n in names}
     block_names = plan.model.block_names
+    if sp:
+        for n in residual_norms(model, block_names):
+            styles.setdefault(n, "sequence")
     tied = _tied_groups(model)
     # The output module: a colwise Linear no rowwise module follows (the LM head).
     order = [n for n, _ in model.named_modules() if n in styles]
@@ -197,6 +205,34 @@ def apply_tensor_parallel(
         )
     parallelize_module(model, tp_mesh, plan_map)
     _retie(tied)
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    """A normalisation over the hidden features: nn.LayerNorm / nn.RMSNorm, or a module whose class
+    name ends in "Norm" (RMSNorm, LlamaRMSNorm, ...) with only 1-D parameters."""
+    if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    if isinstance(mod, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):  # channel norms of conv nets
+        return False
+    params = list(mod.parameters())
+    return type(mod).__name__.endswith("Norm") and bool(params) and all(p.dim() == 1 for p in params)
+
+
+def residual_norms(model: nn.Module, block_names: list[str]) -> list[str]:
+    """Norm modules on the residual stream: a block's part ("head.norm" of "head", HF's
+    "model.norm" of "model.norm+lm_head") or a direct child of one ("layers.3.attn_norm").
+    Under sequence parallelism the stream there is Shard(1) (token-split), so these run as
+    SequenceParallel (their weight's gradient is then summed over tp) even when the plan names
+    no style for them: the planner marks only norms the tracer sees as one op (nn.LayerNorm),
+    not a hand-written RMSNorm decomposed into pow/mean/rsqrt. Norms deeper inside a block
+    (e.g. a q/k norm inside attention, on head-split tensors) are not touched."""
+    mods = dict(model.named_modules())
+    parts = [p for b in block_names for p in b.split("+") if p in mods]
+    out = []
+    for p in parts:
+        cands = [(p, mods[p])] + [(f"{p}.{c}" if p else c, m) for c, m in mods[p].named_children()]
+        out += [n for n, m in cands if n and _is_norm(m) and n not in out]
+    return out
 
 
 def _embedding_alone(model: nn.Module, name: str, block: str | None) -> bool:

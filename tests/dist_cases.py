@@ -100,14 +100,22 @@ def _cases() -> list[Case]:
         Case("pp2-zero3-ckpt-llama-4", 4, "llama-tiny", dict(pp=2, dp=2, num_micro_batches=2, sharding="zero3",
                                                              recompute="full")),
         Case("pp2-tp2-llama-4", 4, "llama-tiny", dict(pp=2, tp=2, num_micro_batches=2, schedule="gpipe", **llama_tp)),
-        # PP x TP with loss parallel (the last stage's loss is a DTensor over tp) and sequence
-        # parallel; gpt ties embed.tok / head.lm_head across the two stages, both tp-sharded on dim 0.
+        # PP x TP with loss parallel (the last stage's loss is a DTensor) and sequence parallel;
+        # gpt ties embed.tok / head.lm_head across the two stages, both tp-sharded on dim 0.
         Case("pp2-tp2-sp-lossparallel-gpt-4", 4, "gpt-tiny",
              dict(pp=2, tp=2, num_micro_batches=2, sequence_parallel=True, loss_parallel=True, **gpt_tp)),
         Case("pp2-tp2-sp-lossparallel-llama-4", 4, "llama-tiny",
              dict(pp=2, tp=2, num_micro_batches=2, sequence_parallel=True, loss_parallel=True, **llama_tp)),
         Case("pp2-tp2-zero3-lossparallel-gpt-8", 8, "gpt-tiny",
              dict(pp=2, dp=2, tp=2, num_micro_batches=2, sharding="zero3", loss_parallel=True, **gpt_tp)),
+        # Plans made by the planner (planner.plan_from_knobs on the traced model, cpu preset x 8):
+        # its styles, sp + loss parallel, per-stage recompute and its fingerprint, checked by the runtime.
+        Case("planned-pp2-tp2-dp2-zero2-sp-selective-gpt-8", 8, "gpt-tiny", {}, meta={"knobs": dict(
+            pp=2, dp=2, tp=2, sharding="zero2", micro_batch_size=2, num_micro_batches=2, schedule="1f1b",
+            recompute="selective", sequence_parallel=True)}),
+        Case("planned-pp2-tp2-dp2-none-full-interleaved-llama-8", 8, "llama-tiny", {}, meta={"knobs": dict(
+            pp=2, dp=2, tp=2, sharding="none", micro_batch_size=2, num_micro_batches=2,
+            schedule="interleaved_1f1b", virtual_stages=2, recompute="full", sequence_parallel=True)}),
         Case("pp2-tp2-zero2-sp-interleaved-llama-8", 8, "llama-tiny",
              dict(pp=2, dp=2, tp=2, num_micro_batches=2, sharding="zero2", sequence_parallel=True,
                   schedule="interleaved_1f1b", virtual_stages=2, **llama_tp)),
@@ -133,6 +141,19 @@ def _reference(model: torch.nn.Module, loss_fn, case: Case, plan, batches) -> tu
         opt.zero_grad()
         losses.append(loss.item())
     return losses, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def planned(built, batch: int, knobs: dict):
+    """A Plan made by the planner for the model `built` (traced as is: float64, so the
+    fingerprint the runtime checks is this model's) on the cpu preset, with these knobs."""
+    from planner import plan_from_knobs, trace
+    from specs import HardwareSpec, Knobs, TrainSpec
+
+    one = tuple(x[:1] for x in built.example_inputs)
+    graph = trace(built.module, one, name=built.name)
+    hw = HardwareSpec.preset("cpu", devices=dist.get_world_size())
+    train = TrainSpec(global_batch_size=batch, precision="fp32", optimizer="adamw")
+    return plan_from_knobs(graph, hw, train, Knobs(**knobs))
 
 
 def _local_param_bytes(pm) -> int:
@@ -173,7 +194,8 @@ def run_case(case: Case) -> dict:
     ref_model = copy.deepcopy(model)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    plan = make_plan(case.model, global_batch_size=batch, precision=case.precision, **case.plan)
+    plan = (planned(built, batch, case.meta["knobs"]) if "knobs" in case.meta
+            else make_plan(case.model, global_batch_size=batch, precision=case.precision, **case.plan))
     gen = torch.Generator().manual_seed(SEED)
     batches = [built.make_batch(batch, gen) for _ in range(STEPS)]
     batches = [(x.to(case.dtype) if x.is_floating_point() else x, y.to(case.dtype) if y.is_floating_point() else y)

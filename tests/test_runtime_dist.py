@@ -38,7 +38,7 @@ def run_world(world: int, tmp: Path) -> dict[str, dict]:
 
 
 def _sharded(case) -> bool:
-    p = case.plan
+    p = case.plan or case.meta.get("knobs", {})
     return p.get("sharding") in ("zero2", "zero3", "hsdp") or p.get("tp", 1) > 1 or p.get("pp", 1) > 1
 
 
