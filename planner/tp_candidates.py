@@ -16,6 +16,9 @@ call_function whose argument is, through views, a get_attr Parameter):
   not positions from a buffer); divisor = vocab. Output head: a Linear outside any pair whose
   output reaches the graph output through passable/loss ops; divisor = out_features.
 - Conv: every Conv is an operator-wise candidate over output channels.
+- Fixed head count: an attention whose q/k/v output is viewed as (.., -1, num_heads, head_dim),
+  the -1 off the head axis (OPT), gets no candidate: a colwise split would fold the missing heads
+  into another axis instead of giving each rank its local heads (`_fixed_head_view`).
 - MultiheadAttention leaf modules (fx keeps them whole): one attention candidate with the
   module's own num_heads.
 
@@ -202,6 +205,12 @@ def analyse_block(
             res.attention_scores.add(m1)
             if heads:
                 res.num_heads, res.num_kv_heads = heads, kv
+            if _fixed_head_view(cols, reach, gm, values):
+                # No head split offered: the module hard-codes its head count (see _fixed_head_view);
+                # the projections and the attention between them stay replicated.
+                for n in region | set(cols) | set(rws):
+                    res.tp_split[n] = "replicate"
+                continue
             divisor = math.gcd(heads, kv) if heads and kv else 1
             kind = "attention"
             split = "head"
@@ -252,6 +261,36 @@ def analyse_block(
             k = node_kind(n, gm)
             res.tp_split[n] = "sequence" if k in ("norm", "dropout", "elementwise") else "replicate"
     return res
+
+
+_VIEWS = {"view", "reshape", "_unsafe_view"}
+
+
+def _fixed_head_view(cols, reach, gm, values: dict) -> bool:
+    """True when a q/k/v projection's output is split into (heads, head_dim) by a view/reshape
+    whose target shape puts -1 anywhere but the head axis, e.g. OPT's
+    `view(bsz, -1, num_heads, head_dim)` (transformers opt/modeling_opt.py): the head count is
+    then a constant, so under a colwise split (local heads) the -1 absorbs the missing heads into
+    another axis (the sequence) instead of giving each rank its heads. `view(B, T, -1, hd)`
+    (the head axis inferred) is what head-parallel attention needs. A view with no -1 at all is
+    not flagged (traced sizes are constants, whatever the source code computed them from)."""
+    for c in cols:
+        for n in reach[c][0]:
+            if n.op not in ("call_function", "call_method") or target_name(n, gm) not in _VIEWS or not n.args:
+                continue
+            src, out = values.get(n.args[0]), values.get(n)
+            if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)):
+                continue
+            # a split of the last (feature) axis into (heads, head_dim)
+            if out.dim() != src.dim() + 1 or out.shape[-2] * out.shape[-1] != src.shape[-1] or out.shape[-2] < 2:
+                continue
+            shape = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+            shape = list(shape)
+            if len(shape) != out.dim():
+                continue
+            if any(isinstance(v, int) and v == -1 and i != len(shape) - 2 for i, v in enumerate(shape)):
+                return True
+    return False
 
 
 def _region(cols, rows, reach) -> set[fx.Node]:

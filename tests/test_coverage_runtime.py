@@ -12,11 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # case -> why it is expected to fail (strict: a fix makes the test say so).
-EXPECTED_FAIL = {
-    "opt-tp2-dp2": "OPT's attention views q/k/v as (batch, -1, num_heads, head_dim) with the FULL "
-    "head count (transformers opt/modeling_opt.py), so a colwise q/k/v (local heads) folds into the "
-    "sequence axis; the tracer should not offer a head split there (issue 7 report)",
-}
+# OPT (opt-tp2-dp2) used to be here: its attention views q/k/v with the FULL head count, so a
+# colwise split folded heads into the sequence axis; the tracer now offers no head split there
+# (planner.tp_candidates._fixed_head_view) and the plan splits only OPT's MLP, embedding and head.
+EXPECTED_FAIL: dict[str, str] = {}
 TOL = {"float64": (1e-9, 1e-9), "float32": (1e-4, 1e-5)}  # (loss, parameter) absolute
 
 
