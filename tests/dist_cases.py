@@ -116,6 +116,10 @@ def _cases() -> list[Case]:
         Case("planned-pp2-tp2-dp2-none-full-interleaved-llama-8", 8, "llama-tiny", {}, meta={"knobs": dict(
             pp=2, dp=2, tp=2, sharding="none", micro_batch_size=2, num_micro_batches=2,
             schedule="interleaved_1f1b", virtual_stages=2, recompute="full", sequence_parallel=True)}),
+        # hsdp over dp=2 (shard groups of 2, one replica: the planner's smallest hsdp) x pp x tp
+        Case("planned-pp2-tp2-dp2-hsdp-full-gpipe-gpt-8", 8, "gpt-tiny", {}, meta={"knobs": dict(
+            pp=2, dp=2, tp=2, sharding="hsdp", hsdp_shard_size=2, micro_batch_size=2, num_micro_batches=2,
+            schedule="gpipe", recompute="full")}),
         Case("pp2-tp2-zero2-sp-interleaved-llama-8", 8, "llama-tiny",
              dict(pp=2, dp=2, tp=2, num_micro_batches=2, sharding="zero2", sequence_parallel=True,
                   schedule="interleaved_1f1b", virtual_stages=2, **llama_tp)),
