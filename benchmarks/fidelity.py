@@ -161,16 +161,17 @@ def worker(plan_dir: Path, steps: int, warmup: int) -> None:
         dist.barrier()
     probe_after = _cpu_probe(rank)
     if rank == 0:
-        out["_cpu_probe"] = {"before_flops_per_s": probe, "after_flops_per_s": probe_after}
+        out["_cpu_probe"] = {"before_flops_per_s": probe["median"], "after_flops_per_s": probe_after["median"],
+                             "before": probe, "after": probe_after}
         (plan_dir / "measured.json").write_text(json.dumps(out, indent=1))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _cpu_probe(rank: int) -> float:
-    """Median per-process fp32 matmul FLOP/s while every rank runs matmuls at once (0.6 s): what
-    the machine actually gave each process, to compare with the preset's per-process peak
-    (other jobs on a shared host show up here, not in the preset)."""
+def _cpu_probe(rank: int) -> dict[str, float]:
+    """fp32 matmul FLOP/s for 0.6 s by rank 0 alone, then by every rank at once ({"alone",
+    "median", "sum"}): what the machine actually gave each process, to compare with the preset's
+    per-process peak (other jobs on a shared host show up here, not in the preset)."""
     import torch.distributed as dist
 
     from runtime.calibrate_bench import Sizes, _concurrent_matmul

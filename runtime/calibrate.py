@@ -64,8 +64,12 @@ PRESET_HEADER = """\
 # Written by `autoplan calibrate --preset-form` (runtime/calibrate.py); rerun it to refresh.
 # Figures are per process for a process with a core to itself (one intra-op thread, as under
 # torchrun); HardwareSpec.preset("cpu", devices=N) multiplies FLOP/s and memory bandwidth by
-# min(1, cores / N) and divides host memory among the N processes (shared_host). The link
-# figures were measured with devices_per_node processes.
+# min(1, cores / N) and divides host memory among the N processes (shared_host); it also sets
+# shared_cores, with which the cost model lets processes share the cores dynamically
+# (cost_models/sharedhost.py; core_efficiency = measured aggregate throughput of N busy processes
+# over cores x one alone). The link figures were measured with devices_per_node processes;
+# `collectives` holds each collective's own fit. comm_overlaps_compute is false: gloo runs on
+# the compute cores.
 """
 
 # (steps(n), bus factor(n)) for each collective: see the module docstring.
@@ -303,7 +307,7 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
         f"all: joint fit of its formulas (cost_models/comm.py) to every size and collective: alpha "
         f"{alpha * 1e6:.1f} us, busbw {bus_bw / 1e9:.3g} GB/s (rms error x{math.exp(rms):.2f}); "
         f"bandwidth = the p2p busbw, collective_efficiency = joint busbw / p2p busbw. `collectives` holds "
-        f"the per-collective fits (alpha, busbw), which cost_models.comm uses inside a node",
+        f"each collective's own (alpha, busbw) above, which cost_models.comm uses inside a node",
         "inter_node": "not measurable on one host: repeats intra_node",
         "host": f"{where}: host memory from the OS; AdamW (foreach, fp32) step on the CPU; "
         + (
