@@ -31,7 +31,9 @@ Tied parameters: pipeline_split gives each later stage its own copy of a paramet
 stages use (GPT's embedding / LM head). After each step's backward, `step` sums the copies'
 gradients with one all-reduce per tied parameter over the pp group (ranks without a copy add
 zeros), so every copy gets the single-process gradient and, stepped by the same optimizer, stays
-equal to the others. After materialising a meta-built model, call
+equal to the others. Under TP (and FSDP2) the copies are DTensors; the sum runs on local shards,
+each gradient first laid out like its parameter (the vocab-parallel embedding's and the colwise
+head's weights are both Shard(0) over tp, so the pp peers hold matching shards). After materialising a meta-built model, call
 `runner.sync_tied_parameters()` so that the copies start from the first stage's values.
 
 PP x DP: apply_fn wraps each stage for the dp sub-mesh. FSDP2 `fully_shard` works with every
@@ -39,7 +41,9 @@ schedule; DDP only with one stage per rank and no activation checkpointing in it
 `_refuse_ddp_double_backward`, which refuses the rest with a SpecError).
 
 `step(inputs, targets) -> loss` returns the loss on EVERY pp rank (broadcast from the rank that
-holds the last stage, a 0-d float64 tensor), so one training loop can log it anywhere.
+holds the last stage, a 0-d float64 tensor), so one training loop can log it anywhere. With
+loss_parallel the last stage's micro-batch losses are DTensors; they are made plain (full_tensor,
+a collective over tp in the same order on every tp rank) before the broadcast.
 """
 
 from __future__ import annotations
