@@ -130,6 +130,8 @@ class Knobs(Frozen):
 
     def __str__(self) -> str:
         zero = {"none": "0", "zero1": "1", "zero2": "2", "zero3": "3", "hsdp": "hsdp"}[self.sharding]
+        if self.sharding == "hsdp" and self.hsdp_shard_size:
+            zero = f"hsdp({self.hsdp_shard_size})"
         sched = self.schedule
         if self.virtual_stages > 1:
             sched = f"{sched}(v={self.virtual_stages})"
