@@ -105,8 +105,12 @@ def fit_alpha_beta(
         alpha, inv_bw = 0.0, b2 / a22
     elif inv_bw <= 0:
         alpha, inv_bw = b1 / a11, 0.0
-    if inv_bw <= 0:  # time does not grow with size (noise): the largest message bounds it from below
-        largest_s, largest_t = max(points)
+    largest_s, largest_t = max(points)
+    if bus * largest_s * inv_bw < 0.1 * largest_t:
+        # The size term explains under 10% of the largest message's time (noise, or messages too
+        # small to resolve the bandwidth, e.g. a --quick run on a busy host): the data cannot tell
+        # B, so take the conservative rate that attributes the largest message's whole time to
+        # transfer (a lower bound on B) rather than an unbounded slope.
         inv_bw = largest_t / (bus * largest_s)
     return alpha, 1.0 / inv_bw
 
@@ -232,6 +236,9 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
         fits["none"] = (alpha, bus_bw)
     else:
         alpha, bus_bw, rms = fit_link(m["collectives"], nproc)
+        # The joint fit may not claim more bandwidth than any collective's own fit supports (with
+        # messages too small to resolve it, its grid search runs to the edge: 10+ TB/s).
+        bus_bw = min(bus_bw, max(b for _, b in fits.values()))
     link_bw = max(bus_bw, fits.get("p2p", (0.0, 0.0))[1])
     coll_eff = min(1.0, bus_bw / link_bw)
     fit_text = "; ".join(
