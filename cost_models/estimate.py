@@ -57,6 +57,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, replace
+from itertools import count
 
 from cost_models import comm, sharedhost
 from cost_models.blocks import Context, block_costs_ctx, context
@@ -159,9 +160,12 @@ def _check_stages(graph: ModelGraph, stages, want: int) -> None:
         raise SpecError(f"stages: cover blocks 0..{nxt - 1}, but the model has {graph.num_blocks} blocks")
 
 
+_STAGE_IDS = count()  # ids of cached stage results (never reused, so rank keys stay unambiguous)
+
+
 def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb: int, split: bool,
            fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int, reshard: bool):
-    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, key) per
+    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, id) per
     micro-batch, cached by the stage's composition (not its position). `reshard`: FSDP gathers
     again in backward and reduce-scatters every micro-batch (zero3/hsdp); otherwise (zero2) it
     gathers in forward only and reduce-scatters once per step (after the pipeline)."""
@@ -195,7 +199,7 @@ def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb:
         if link is None:
             link = ctx.links[key_l] = comm.p2p_link(ctx.hw, pp_stride)
         c = comm.p2p_s(ss.output_bytes, link)
-    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, key)
+    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, next(_STAGE_IDS))  # a small id: cheap rank keys
     if len(ctx.stage_cache) > 200_000:
         ctx.stage_cache.clear()
     ctx.stage_cache[key] = got
@@ -263,8 +267,18 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
     fsdp_n = shard_n if sharding in ("zero2", "zero3", "hsdp") else 1
     reshard = sharding != "zero2"
     pp_stride = tp * dp
-    st = [_stage(ctx, a, b, r, tp, sp, mb, split, fsdp_n, tp, j == S - 1, pp_stride, reshard)
-          for j, (a, b, r) in enumerate(stages)]
+    # stage results by position for this setting (skips the composition and its key on a repeat)
+    skey = ("pos", tp, sp, mb, split, fsdp_n, pp_stride, reshard)
+    by_pos = ctx.stage_cache.get(skey)
+    if by_pos is None:
+        by_pos = ctx.stage_cache[skey] = {}
+    st = []
+    for j, (a, b, r) in enumerate(stages):
+        pkey = (a, b, r, j == S - 1)
+        got = by_pos.get(pkey)
+        if got is None:
+            got = by_pos[pkey] = _stage(ctx, a, b, r, tp, sp, mb, split, fsdp_n, tp, j == S - 1, pp_stride, reshard)
+        st.append(got)
     times = tuple((x[0], x[1], x[2], x[3]) for x in st)
 
     notes: list[str] = []
@@ -300,7 +314,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
     rank_stages = tuple(tuple(range(r, S, pp)) for r in range(pp))
     for r in range(pp):
         js = rank_stages[r]
-        rkey = ("rank", tuple(st[j][8] for j in js), tied_rank_params[r], tied_comm[r], S - 1 in js, pp, dp, tp,
+        rkey = ("rank", tuple([st[j][8] for j in js]), tied_rank_params[r], tied_comm[r], S - 1 in js, pp, dp, tp,
                 sharding, shard_n, k.offload, accum)
         got = ctx.stage_cache.get(rkey)
         if got is not None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from operator import sub
 
-from cost_models.schedules import _check, build_schedule_plain
+from cost_models.schedules import _check
 
 # schedules whose builders repeat one steady pattern beyond m_sat (see _m_saturated)
 _UNIFORM = ("1f1b", "zero_bubble", "interleaved_1f1b")
@@ -92,7 +92,8 @@ def compile_periodic(name: str, pp: int, m: int, v: int) -> Periodic | None:
     d = _shift(name, pp, v)
     if name in _UNIFORM:
         base = max(_m_saturated(name, pp, v), 2)
-        mc = base + (m - base) % d if m > base else m
+        # three steady rounds past saturation: enough for the usual reach of 1 (one compile)
+        mc = min(m, base + (m - base) % d + 3 * d)
         while True:
             got = _compiled_rounds(name, pp, mc, v)
             if mc >= m or (got is not None and got.rounds >= got.reach + 2):
@@ -103,10 +104,9 @@ def compile_periodic(name: str, pp: int, m: int, v: int) -> Periodic | None:
 
 @lru_cache(maxsize=256)
 def _compiled_rounds(name: str, pp: int, m: int, v: int) -> Periodic | None:
-    from cost_models.simulator import _compile  # the plain simulator's topological order
+    from cost_models.simulator import _compiled  # the plain simulator's topological order (shared)
 
-    sched = build_schedule_plain(name, pp, m, v)
-    comp = _compile(sched)
+    comp = _compiled(name, pp, m, v)
     S = comp.num_stages
     d = _shift(name, pp, v)
     n = len(comp.order)
