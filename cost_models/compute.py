@@ -20,8 +20,20 @@ Per op, for one micro-batch on one tensor-parallel rank:
   ops read the saved input and the output grad and write the input grad: 2x forward bytes
   (an estimate). Ops without FLOP counts cost their bytes only.
 - Bytes recorded at the traced dtype are rescaled to the training dtype by itemsize ratio.
+- Batched matmuls: an activation x activation matmul with batch dims (`OpInfo.gemm_batched`, e.g.
+  attention's q @ k^T on (B, heads, T, d)) runs as B*heads independent GEMMs (aten.bmm), so its
+  compute efficiency is looked up at the FLOPs of ONE GEMM, 2 * out[-2] * out[-1] * k, not at the
+  op's total (GPT hidden 384, 8 heads, T 128: 1.5 MFLOP per GEMM against 50 MFLOP per op at
+  micro-batch 4). Its backward GEMMs have the same size. A Linear (or a matmul with a 2-D
+  operand) on a 3-D input is one GEMM of batch * seq rows (PyTorch folds it): its total is kept.
+- Copies: `OpInfo.copy_bytes_per_sample` / `bwd_copy_bytes_per_sample` (materialising copies the
+  tracer saw around the op, planner/measure.py) are charged as `num_copies` / `num_bwd_copies`
+  separate kernels of equal size, each with its own launch, at the copy ("memory") efficiency
+  curve and the memory bandwidth: forward copies in forward time, backward copies in
+  input-grad (B) time. They split by tp like their op and scale with micro-batch and dtype like
+  activation bytes.
 - The attention core (ops split by `head`, or of kind `attention`) is timed separately: selective
-  recompute re-runs exactly that forward.
+  recompute re-runs exactly that forward, its copies included.
 """
 
 from __future__ import annotations
@@ -60,11 +72,14 @@ def peak_flops_per_s(hw: HardwareSpec, dtype: str) -> float:
     return min(peaks.values())
 
 
-def op_time_s(flops: float, n_bytes: float, kind: str, hw: HardwareSpec, curves: dict, peak: float) -> float:
-    """Roofline time of one kernel (see module docstring)."""
+def op_time_s(flops: float, n_bytes: float, kind: str, hw: HardwareSpec, curves: dict, peak: float,
+              *, eff_flops: float | None = None) -> float:
+    """Roofline time of one kernel (see module docstring). `eff_flops`: the problem size the
+    compute efficiency is looked up at (one GEMM of a batched matmul); default `flops`."""
     t = hw.device.kernel_launch_s
     if flops > 0 and kind in COMPUTE_KINDS:
-        t = max(t, flops / (peak * compute_efficiency(curves, kind, flops)))
+        size = flops if eff_flops is None else eff_flops
+        t = max(t, flops / (peak * compute_efficiency(curves, kind, size)))
     if n_bytes > 0:
         bw = hw.device.memory_bandwidth_bytes_per_s
         t = max(t, n_bytes / (bw * memory_efficiency(curves, n_bytes, kind)))
@@ -72,6 +87,27 @@ def op_time_s(flops: float, n_bytes: float, kind: str, hw: HardwareSpec, curves:
         # FLOPs of an op we have no compute curve for (e.g. a fused norm): at the matmul curve.
         t = max(t, flops / (peak * compute_efficiency(curves, "matmul", flops)))
     return t
+
+
+def gemm_flops(op) -> float | None:
+    """FLOPs of ONE GEMM of a batched matmul op (2 * out[-2] * out[-1] * k), None for an op that is
+    a single GEMM (or not a matmul). Batched: `op.gemm_batched`, or where the tracer did not record
+    it, a matmul without parameters whose output has >= 3 dims."""
+    if op.kind != "matmul" or op.gemm_mnk is None or not op.output_shape or len(op.output_shape) < 3:
+        return None
+    batched = op.gemm_batched if op.gemm_batched is not None else op.param_bytes == 0
+    if not batched:
+        return None
+    return 2.0 * op.output_shape[-2] * op.output_shape[-1] * op.gemm_mnk[2]
+
+
+def copies_time_s(n_bytes: float, kernels: int, hw: HardwareSpec, curves: dict) -> float:
+    """Time of `kernels` copy kernels moving `n_bytes` (read + write) in all, taken as equal
+    in size, each at the copy ("memory") curve and the memory bandwidth, with its own launch."""
+    if n_bytes <= 0:
+        return 0.0
+    k = max(kernels, 1)
+    return k * op_time_s(0.0, n_bytes / k, "memory", hw, curves, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +121,7 @@ class LayerCompute:
     fwd_flops: float  # per tp rank, this micro-batch
     bwd_flops: float
     attention_core_fwd_flops: float
+    copy_s: float = 0.0  # part of forward_s + input_grad_s spent in materialising copies
 
 
 def is_attention_core(op) -> bool:
@@ -109,7 +146,7 @@ def layer_compute(
     act_scale = itemsize(dtype) / itemsize(traced_activation_dtype)
     par_scale = itemsize(dtype) / itemsize(traced_param_dtype)
     mb = micro_batch_size
-    fwd = b_s = w_s = core = 0.0
+    fwd = b_s = w_s = core = copy_s = 0.0
     fwd_fl = bwd_fl = core_fl = 0.0
     ops = layer.ops
     if not ops:
@@ -136,19 +173,27 @@ def layer_compute(
         nb = op.bytes_per_sample * mb * act_scale / split
         # parameters read by the op (an embedding lookup reads only its rows: counted in nb)
         pb = 0.0 if op.kind == "embedding" else op.param_bytes * par_scale / (split if op.tp_split in TP_SPLIT else 1)
-        t_f = op_time_s(f, nb + pb, op.kind, hw, curves, peak)
-        fwd += t_f
+        g = gemm_flops(op)  # one GEMM of a batched matmul: independent of tp and micro-batch
+        t_f = op_time_s(f, nb + pb, op.kind, hw, curves, peak, eff_flops=g)
+        c_f = copies_time_s(op.copy_bytes_per_sample * mb * act_scale / split, op.num_copies, hw, curves)
+        c_b = copies_time_s(op.bwd_copy_bytes_per_sample * mb * act_scale / split, op.num_bwd_copies,
+                            hw, curves)
+        fwd += t_f + c_f
+        b_s += c_b
+        copy_s += c_f + c_b
         fwd_fl += f
         bwd_fl += b
         if is_attention_core(op):
-            core += t_f
+            core += t_f + c_f
             core_fl += f
         if op.param_bytes > 0 and b > 0 and op.kind in COMPUTE_KINDS:
             w_fl = min(f, b / 2)  # weight grad: one GEMM the size of the forward
             w_s += op_time_s(w_fl, pb + nb / 2, op.kind, hw, curves, peak)
             b_s += op_time_s(b - w_fl, nb, op.kind, hw, curves, peak)
         elif b > 0:
-            b_s += op_time_s(b, 2 * nb, op.kind, hw, curves, peak)
+            # a batched matmul's backward GEMMs (dA = dC B^T, dB = A^T dC) are each the size of
+            # one forward GEMM
+            b_s += op_time_s(b, 2 * nb, op.kind, hw, curves, peak, eff_flops=g)
         else:
             b_s += op_time_s(0.0, 2 * nb, op.kind, hw, curves, peak)
-    return LayerCompute(fwd, b_s, w_s, core, fwd_fl, bwd_fl, core_fl)
+    return LayerCompute(fwd, b_s, w_s, core, fwd_fl, bwd_fl, core_fl, copy_s)

@@ -12,6 +12,17 @@ that mode.
     ones at the block outputs). Each counted aten op is also attributed to an fx node: in the
     forward, the node being run; in the backward, the node whose forward created the autograd
     Node that is executing (`torch._C._current_autograd_node()`).
+  * Copies: the same dispatch modes count the materialising copies (`aten.clone`, `aten.copy_`,
+    `aten.copy`, `aten._to_copy`; `.contiguous()` and a `reshape` that cannot be a view reach
+    dispatch as `clone`) per fx node, forward and backward apart, as kernels and bytes (source
+    read + output written). They are what eager PyTorch does around view-heavy code: the head
+    split `view().transpose()` fed to `torch.matmul` (which folds batch dims with a reshape, so
+    q, k^T and v are cloned into bmm layout), the head merge `transpose().reshape()`, and in
+    backward the same reshapes of gradients that arrive transposed. Forward copies of
+    parameters or of batch-independent tensors are left out (not per-sample); backward copies
+    made by AccumulateGrad (a leaf's .grad) are left out. Copies inside a kernel (below
+    dispatch, e.g. addmm's bias broadcast into its output on CPU, or masked_fill's clone) are not
+    seen: they are part of the op's own cost. `cat`/`stack` are fx ops of their own, not copies.
   * Saved activations: `torch.autograd.graph.saved_tensors_hooks` during the forward. Tensors
     are deduplicated by storage (views and tensors saved twice count once, at the storage's
     size); parameter storages are not activations; tensors that do not depend on the model
@@ -34,20 +45,37 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from planner.blocks import BlockSpec, _get_attr
 
+# Materialising copies counted per node (see the module docstring). `contiguous` and `reshape`
+# are CompositeImplicit: they reach dispatch as `clone`. `cat`/`stack` are not counted: they are
+# fx ops of their own (kind "elementwise", charged by their bytes), not hidden copies.
+COPY_OPS = frozenset({torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten.copy,
+                      torch.ops.aten._to_copy})
+
 
 class _NodeFlopCounter(FlopCounterMode):
-    """FlopCounterMode that also attributes every counted op to the fx node `owner()` returns."""
+    """FlopCounterMode that also attributes every counted op to the fx node `owner()` returns,
+    and counts the bytes of materialising copies (COPY_OPS) per node: source bytes read +
+    output bytes written, where `keep_copy(source)` says the copy is of batch-dependent data."""
 
-    def __init__(self, owner):
+    def __init__(self, owner, keep_copy=None):
         super().__init__(display=False)
         self.owner = owner
+        self.keep_copy = keep_copy or (lambda src: True)
         self.by_node: dict[object, float] = {}
+        self.copies_by_node: dict[object, tuple[int, int]] = {}  # node -> (kernels, bytes)
 
     def _count_flops(self, func_packet, out, args, kwargs):
         if func_packet in self.flop_registry:
             n = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
             key = self.owner()
             self.by_node[key] = self.by_node.get(key, 0) + n
+        elif func_packet in COPY_OPS:
+            src = args[1] if func_packet is torch.ops.aten.copy_ or func_packet is torch.ops.aten.copy else args[0]
+            if isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and self.keep_copy(src):
+                key = self.owner()
+                if key is not None:
+                    k, b = self.copies_by_node.get(key, (0, 0))
+                    self.copies_by_node[key] = (k + 1, b + tensor_bytes(src) + tensor_bytes(out))
         return super()._count_flops(func_packet, out, args, kwargs)
 
 
@@ -166,6 +194,9 @@ class BlockMeasurement:
     input_bytes: int
     output_bytes: int
     outputs: list[fx.Node] = field(default_factory=list)
+    # node -> (number of copy kernels, bytes read + written), forward / backward (COPY_OPS)
+    fwd_copies_by_node: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)
+    bwd_copies_by_node: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)
 
 
 def block_io(block: BlockSpec, assign: dict[fx.Node, int], index: int) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -196,18 +227,29 @@ def measure_block(
     """Run one block forward+backward on fake leaf inputs; count FLOPs and saved tensors."""
     current: list[object] = [None]
     grad_owner: dict[object, fx.Node] = {}
-    fwd = _NodeFlopCounter(lambda: current[0])
-
-    def bwd_owner():
-        node = torch._C._current_autograd_node()
-        return grad_owner.get(node)
-
-    bwd = _NodeFlopCounter(bwd_owner)
     local: dict[fx.Node, object] = {}
     producer: dict[int, fx.Node] = {}
     saved: dict[int, SavedTensor] = {}
     keep_alive: list[torch.Tensor] = []
     param_keys: set[int] = set()
+
+    def fwd_copy(src: torch.Tensor) -> bool:
+        # batch-dependent data only: not a parameter, not a constant (mask/table from buffers)
+        key = storage_key(src)
+        return key not in param_keys and producer.get(key, current[0]) in input_dependent
+
+    def bwd_owner():
+        node = torch._C._current_autograd_node()
+        return grad_owner.get(node)
+
+    def bwd_copy(src: torch.Tensor) -> bool:
+        # AccumulateGrad may clone a gradient into a leaf's .grad: parameter bookkeeping (and
+        # absent in real training after the first micro-batch), not part of the block's backward.
+        node = torch._C._current_autograd_node()
+        return node is None or "AccumulateGrad" not in node.name()
+
+    fwd = _NodeFlopCounter(lambda: current[0], fwd_copy)
+    bwd = _NodeFlopCounter(bwd_owner, bwd_copy)
 
     def pack(t: torch.Tensor):
         key = storage_key(t)
@@ -278,6 +320,8 @@ def measure_block(
         fwd_flops_by_node=fwd.by_node,
         bwd_flops_by_node=bwd.by_node,
         saved=saved,
+        fwd_copies_by_node=fwd.copies_by_node,
+        bwd_copies_by_node=bwd.copies_by_node,
         input_bytes=io_bytes(ins),
         output_bytes=io_bytes(outs),
         outputs=outs,

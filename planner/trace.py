@@ -203,6 +203,7 @@ def _build(model, gm, traced_by, inputs, batch, name, t0) -> ModelGraph:
                         f"{_first_line(e)} ({hint})") from None
     g = dataflow_graph(gm, assign)
     dependent = input_dependent_nodes(g, values)
+    copy_values = _copy_values(gm, fs, inputs, specs, batch, traced_by)
     needs_grad = _needs_grad(gm, values)
     reaches_out = _reaches_output(gm, values)
 
@@ -220,7 +221,8 @@ def _build(model, gm, traced_by, inputs, batch, name, t0) -> ModelGraph:
             lt_name = _unique(b.module_type if len(b.modules) == 1 else b.name, layer_types)
             sig_to_type[sig] = lt_name
             layer_types[lt_name] = _measure_type(
-                lt_name, b, i, gm, fs, values, assign, params, dependent, needs_grad, reaches_out, batch)
+                lt_name, b, i, gm, fs, values, assign, params, dependent, needs_grad, reaches_out, batch,
+                copy_values)
         blocks.append(Block(name=b.name, layer_type=sig_to_type[sig], index=i, modules=list(b.modules)))
 
     tied, tied_bytes = _ties(block_param_sets)
@@ -296,14 +298,44 @@ def _ties(param_sets) -> tuple[list[tuple[int, int]], float]:
     return sorted(pairs), float(sum(tied_bytes.values()))
 
 
+_COPY_BATCH = 2  # batch at which copies are counted when the example batch is 1
+
+
+def _copy_values(gm, fs, inputs, specs, batch, traced_by):
+    """Node values at batch `_COPY_BATCH` for counting copies, or None to count at the example
+    batch. At batch 1 torch.matmul's fold of (batch, heads) into one bmm batch dim is a view, so
+    q and v are not copied; at any larger micro-batch they are. Copies are therefore counted at
+    batch 2 when the example batch is 1 (the figures then overcount the q/v copies of a micro-batch
+    of exactly 1). Only for fx traces: torch.export bakes the example batch into shape constants."""
+    if batch != 1 or traced_by != "fx":
+        return None
+    wide = tuple(x.new_empty((_COPY_BATCH, *x.shape[1:])) if isinstance(x, torch.Tensor) and x.dim() else x
+                 for x in inputs)
+    try:
+        with _quiet_torch_logs():
+            return propagate(gm, fs, wide, specs)
+    except Exception:  # a model that cannot run at batch 2: count copies at batch 1
+        return None
+
+
 def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, dependent,
-                  needs_grad, reaches_out, batch) -> LayerType:
+                  needs_grad, reaches_out, batch, copy_values=None) -> LayerType:
     ins, outs = block_io(b, assign, index)
     try:
         m = measure_block(gm, fs, b, values, ins, outs, needs_grad=needs_grad, input_dependent=dependent)
     except Exception as e:
         raise SpecError(f"trace: measuring block {b.name!r} on fake tensors failed: "
                         f"{type(e).__name__}: {_first_line(e)}") from None
+    copy_batch = batch
+    if copy_values is not None:
+        try:
+            with _quiet_torch_logs():
+                m2 = measure_block(gm, fs, b, copy_values, ins, outs, needs_grad=needs_grad,
+                                   input_dependent=dependent)
+            m.fwd_copies_by_node, m.bwd_copies_by_node = m2.fwd_copies_by_node, m2.bwd_copies_by_node
+            copy_batch = _COPY_BATCH
+        except Exception:
+            pass  # keep the copies counted at the example batch
     tp = analyse_block(b, gm, values, input_dependent=dependent, reaches_output=reaches_out, batch=batch)
     core = replicated = total = 0.0
     for s in m.saved.values():
@@ -312,7 +344,7 @@ def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, 
             core += s.nbytes  # q @ k^T's own copies of q and k are not scores: selective recompute keeps them
         if s.producer not in b.nodes or tp.tp_split.get(s.producer) in ("sequence", "replicate", "row"):
             replicated += s.nbytes
-    ops = _ops(b, gm, values, m, tp, dependent, batch)
+    ops = _ops(b, gm, values, m, tp, dependent, batch, copy_batch)
     num_params = sum(p.numel() for _, p in params.values())
     return LayerType(
         name=lt_name,
@@ -332,12 +364,63 @@ def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, 
     )
 
 
-def _ops(b: BlockSpec, gm, values, m, tp, dependent, batch) -> list[OpInfo]:
+# fx targets that ARE a copy: their copies are the op itself, already charged by its bytes.
+_COPY_TARGETS = frozenset("clone contiguous copy copy_ to _to_copy type_as float half bfloat16 "
+                          "double type".split())
+
+
+def _copy_owners(b: BlockSpec, gm, m) -> dict[fx.Node, list[tuple[int, int]]]:
+    """Costed node -> [(fwd kernels, fwd bytes), (bwd kernels, bwd bytes)] of the copies it is
+    charged. A costed node keeps its own copies (none when the node is itself a copy/cast, whose
+    bytes already are the copy). A view-like node (op_kind None, e.g. the head merge
+    `transpose().reshape()`, or a `view` whose backward reshapes a transposed gradient) has no
+    OpInfo: its copies go to the nearest costed node it reads from through view-like nodes inside
+    the block (its producer, so they split by tp like that op), else the nearest costed node that
+    reads it, else the block's first costed node."""
+    members = set(b.nodes)
+    costed = [n for n in b.nodes if op_kind(target_name(n, gm)) is not None]
+
+    def nearest(n: fx.Node) -> fx.Node | None:
+        for step in (lambda x: x.all_input_nodes, lambda x: list(x.users)):
+            frontier, seen = [n], {n}
+            while frontier:
+                nxt = []
+                for x in frontier:
+                    for y in step(x):
+                        if y in seen or y not in members:
+                            continue
+                        seen.add(y)
+                        if op_kind(target_name(y, gm)) is not None:
+                            return y
+                        nxt.append(y)
+                frontier = nxt
+        return costed[0] if costed else None
+
+    owners: dict[fx.Node, list[tuple[int, int]]] = {}
+    for phase, by_node in enumerate((m.fwd_copies_by_node, m.bwd_copies_by_node)):
+        for n, (kernels, nbytes) in by_node.items():
+            if n not in members:
+                continue
+            name = target_name(n, gm)
+            if name in _COPY_TARGETS:
+                continue
+            owner = n if op_kind(name) is not None else nearest(n)
+            if owner is None:
+                continue
+            acc = owners.setdefault(owner, [(0, 0), (0, 0)])
+            k0, b0 = acc[phase]
+            acc[phase] = (k0 + kernels, b0 + nbytes)
+    return owners
+
+
+def _ops(b: BlockSpec, gm, values, m, tp, dependent, batch, copy_batch=None) -> list[OpInfo]:
     ops: list[OpInfo] = []
+    copies = _copy_owners(b, gm, m)
     for n in b.nodes:
         kind = op_kind(target_name(n, gm))
         if kind is None:
             continue
+        (fk, fb), (bk, bb) = copies.get(n, [(0, 0), (0, 0)])
         act = 0
         for t in [*_tensors_of(n.all_input_nodes, values, dependent), *_tensors_of([n], values, dependent)]:
             act += t.numel() * t.element_size()
@@ -357,8 +440,13 @@ def _ops(b: BlockSpec, gm, values, m, tp, dependent, batch) -> list[OpInfo]:
             param_bytes=pbytes,
             tp_split=tp.tp_split.get(n, "replicate"),
             gemm_mnk=_gemm_mnk(n, values, kind, batch),
+            gemm_batched=_gemm_batched(n, values, kind),
             output_shape=list(out.shape) if isinstance(out, torch.Tensor) else None,
             dtype=_dtype_name(out.dtype) if isinstance(out, torch.Tensor) else None,
+            copy_bytes_per_sample=fb / (copy_batch or batch),
+            bwd_copy_bytes_per_sample=bb / (copy_batch or batch),
+            num_copies=fk,
+            num_bwd_copies=bk,
         ))
     return ops
 
@@ -384,3 +472,17 @@ def _gemm_mnk(n: fx.Node, values, kind: str, batch: int) -> tuple[int, int, int]
     k = int(acts[0].shape[-1])
     rows = out.numel() // out.shape[-1]
     return (max(rows // batch, 1), int(out.shape[-1]), k)
+
+
+def _gemm_batched(n: fx.Node, values, kind: str) -> bool | None:
+    """True when a matmul op is a batch of independent GEMMs: no parameter operand and at least two
+    activation operands of >= 3 dims (attention's q @ k^T, probs @ v). False for a Linear or a
+    matmul with a 1-D/2-D operand, which PyTorch folds into one GEMM of (batch * rows) rows."""
+    if kind != "matmul":
+        return None
+    if n.op == "call_module":  # Linear, Bilinear, ...: weights, folded rows
+        return False
+    acts = [values[a] for a in n.all_input_nodes if isinstance(values.get(a), torch.Tensor)]
+    if any(a.op == "get_attr" for a in n.all_input_nodes) or len(acts) < 2:
+        return False
+    return all(t.dim() >= 3 for t in acts[:2])

@@ -50,6 +50,25 @@ class OpInfo(Frozen):
         default=None, description="Shape of the op's output at the traced example batch."
     )
     dtype: str | None = Field(default=None, description="dtype of the op's output (fp32, bf16, ...).")
+    gemm_batched: bool | None = Field(
+        default=None,
+        description="For matmuls: True when the op is a batch of independent GEMMs (activation x "
+        "activation, both operands >= 3-D, e.g. attention's q @ k^T), each of 2*out[-2]*out[-1]*k "
+        "FLOPs; False when PyTorch folds it into one GEMM (a Linear on a 3-D input). None: not "
+        "recorded (cost models then decide from param_bytes and output_shape).",
+    )
+    copy_bytes_per_sample: float = Field(
+        default=0, ge=0,
+        description="Bytes read + written, one sample, by materialising copies the forward makes "
+        "for this op beyond its own kernel (e.g. torch.matmul cloning a transposed q into bmm "
+        "layout, or a following reshape of its non-contiguous output); separate kernels.",
+    )
+    bwd_copy_bytes_per_sample: float = Field(
+        default=0, ge=0,
+        description="The same for the op's backward (reshapes of gradients that arrive transposed).",
+    )
+    num_copies: int = Field(default=0, ge=0, description="Copy kernels behind copy_bytes_per_sample.")
+    num_bwd_copies: int = Field(default=0, ge=0, description="Copy kernels behind bwd_copy_bytes_per_sample.")
 
 
 class TPCandidate(Frozen):
