@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from operator import sub
+from operator import itemgetter, sub
 
 from cost_models.schedules import _check
 
@@ -71,6 +71,8 @@ class Periodic:
     stage_rank: tuple[int, ...]
     m_compiled: int
     shift: int  # D
+    lag_get: itemgetter  # gathers lag_slot from the per-stage p2p list (one C call)
+    dur_get: itemgetter
 
 
 def _shift(name: str, pp: int, v: int) -> int:
@@ -196,7 +198,11 @@ def _compiled_rounds(name: str, pp: int, m: int, v: int) -> Periodic | None:
         rc[s][k] += 1
     return Periodic(pp, S, n_rp, n_dep, lag_slot, dur_slot, last_of_rank, start, length, nrounds, reach,
                     comp.actions_per_rank_stage, tuple(map(tuple, rc)), comp.peak_in_flight,
-                    comp.peak_in_flight_per_stage, comp.stage_rank, m, d)
+                    comp.peak_in_flight_per_stage, comp.stage_rank, m, d, _getter(lag_slot), _getter(dur_slot))
+
+
+def _getter(slots: tuple[int, ...]) -> itemgetter:
+    return itemgetter(*slots) if len(slots) > 1 else itemgetter(slice(slots[0], slots[0] + 1))
 
 
 def play(pc: Periodic, m: int, d: list[float], lg: list[float]) -> tuple[float, list[float], tuple]:
@@ -207,8 +213,8 @@ def play(pc: Periodic, m: int, d: list[float], lg: list[float]) -> tuple[float, 
     total = pc.rounds + extra
     A, L, N, J = pc.start, pc.length, pc.rounds, pc.reach
     rps, deps = pc.rp, pc.dep
-    lags = [lg[x] for x in pc.lag_slot]
-    durs = [d[x] for x in pc.dur_slot]
+    lags = pc.lag_get(lg)
+    durs = pc.dur_get(d)
     n = len(rps)
     end = [0.0] * (n + 1)  # end[-1] stays 0.0: the sentinel for "none"
 
