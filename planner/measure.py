@@ -1,4 +1,4 @@
-"""Measurement on fake tensors: shapes of every node, and FLOPs / saved bytes of one block.
+"""Measurement on fake tensors: shapes of every node, and FLOPs / saved bytes / copies of one block.
 
 Nothing here allocates weights or activations: parameters, buffers and inputs are converted to
 FakeTensors (`FakeTensorMode.from_tensor`; meta tensors stay meta) and every node is run under
@@ -224,7 +224,7 @@ def measure_block(
     needs_grad: set[fx.Node],
     input_dependent: set[fx.Node],
 ) -> BlockMeasurement:
-    """Run one block forward+backward on fake leaf inputs; count FLOPs and saved tensors."""
+    """Run one block forward+backward on fake leaf inputs; count FLOPs, copies and saved tensors."""
     current: list[object] = [None]
     grad_owner: dict[object, fx.Node] = {}
     local: dict[fx.Node, object] = {}

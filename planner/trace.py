@@ -9,8 +9,12 @@ Pipeline (each step in its own module):
 2. Shapes (`measure.propagate`): every node run once on fake tensors, no autograd.
 3. Blocks (`blocks.build_blocks`) and layer types (`blocks.block_signature`).
 4. Per layer type, ONE representative block is measured (`measure.measure_block`: FLOPs by
-   FlopCounterMode, saved activations by saved-tensor hooks) and analysed for tensor
-   parallelism (`tp_candidates.analyse_block`); 96 identical GPT-3 layers cost one measurement.
+   FlopCounterMode, saved activations by saved-tensor hooks, materialising copies by the same
+   dispatch mode) and analysed for tensor parallelism (`tp_candidates.analyse_block`); 96
+   identical GPT-3 layers cost one measurement. Copies go to the op that makes them; a view-like
+   node's copies (no OpInfo of its own) to its nearest costed producer (`_copy_owners`). At an
+   example batch of 1 copies are counted at batch 2 (`_copy_values`: torch.matmul's batch fold
+   is a view at batch 1 only).
 5. Cut points and ties (`cut_points`), fingerprint (here).
 
 Per-sample figures divide by the example batch (dim 0 of the first input) and are linear in
