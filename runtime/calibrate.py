@@ -228,7 +228,7 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
         f"bandwidth = the p2p busbw, collective_efficiency = joint busbw / p2p busbw. `collectives` holds "
         f"each collective's own (alpha, busbw) above, which cost_models.comm uses inside a node",
         "inter_node": "not measurable on one host: repeats intra_node",
-        "host": f"{where}: host memory from the OS; AdamW (foreach, fp32) step on the CPU; "
+        "host": f"{where}: host memory from the OS; AdamW (fp32, torch default implementation, 1M-parameter tensors spanning 256 MiB) step on the CPU; "
         + (
             "pinned host->device copy"
             if gpu

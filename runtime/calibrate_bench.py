@@ -19,6 +19,15 @@ timer: other processes on a shared machine only ever slow a run down, so the min
 closest to the undisturbed figure. CPU measurements run with one intra-op thread per process,
 as under `torchrun` (which sets OMP_NUM_THREADS=1).
 
+Cold caches: a training step's working set (weights, activations, gradients) is far larger than
+any cache, so an op in a step reads its operands from DRAM/HBM, not from a cache a previous call
+of the same op warmed. Compute and memory-bound microbenchmarks therefore rotate over copies of
+their operands spanning `Sizes.flush_bytes` (256 MiB by default), so consecutive calls never hit
+the previous call's data: the figure triton.testing.do_bench gets by clearing a 256 MB buffer
+between runs, and NVBench by flushing L2 (without timing the flush). Measured on this 2-core VM
+(one thread): fp32 gelu on 3 MiB 323 us hot vs 652 us cold vs 735 us inside a GPT training step;
+bmm 32x(128x48x128) 156 vs 107 vs 101 GFLOP/s; a 512x384x1536 mm 186 vs 175 vs 172 GFLOP/s.
+
 Only this module and runtime.calibrate touch devices and torch.distributed (runtime/ may).
 """
 
@@ -60,6 +69,8 @@ class Sizes:
     collective_bytes: tuple[int, ...] = (2**12, 2**16, 2**18, 2**20, 2**22, 2**24, 2**26)
     min_time_s: float = 0.08
     collective_min_time_s: float = 0.1
+    # operand copies each compute / memory benchmark rotates over (see the module docstring)
+    flush_bytes: int = 256 * 2**20
 
     @staticmethod
     def quick() -> Sizes:
@@ -72,6 +83,7 @@ class Sizes:
             collective_bytes=(2**10, 2**14, 2**18),
             min_time_s=0.005,
             collective_min_time_s=0.005,
+            flush_bytes=8 * 2**20,
         )
 
 
@@ -80,14 +92,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+MAX_OPERAND_SETS = 512  # tiny ops: enough copies that a call's operands left L1/L2 long ago
+
+
+def operand_sets(tensors: tuple[torch.Tensor, ...], flush_bytes: int) -> list[tuple[torch.Tensor, ...]]:
+    """`tensors` and clones of them, enough sets to span `flush_bytes` (at least one set, at most
+    MAX_OPERAND_SETS): rotate over them so no call finds its operands in cache."""
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    n = max(1, min(MAX_OPERAND_SETS, -(-flush_bytes // max(size, 1))))
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
+
+
 def time_op(
-    fn: Callable[[], object], device: torch.device, min_time_s: float, batches: int = 3
+    fn: Callable[..., object], device: torch.device, min_time_s: float, batches: int = 3,
+    sets: list[tuple] | None = None,
 ) -> float:
-    """Seconds per call of fn: best of `batches` batches, each >= min_time_s (after one warm-up)."""
-    fn()
+    """Seconds per call of fn: best of `batches` batches, each >= min_time_s (after one warm-up).
+
+    With `sets`, call i is fn(*sets[i % len(sets)]), i counting across warm-up and batches, so
+    every call reads operands no recent call touched (cold caches, see the module docstring)."""
+    sets = sets or [()]
+    n = len(sets)
+    i = 0
+    fn(*sets[i % n])
+    i += 1
     _sync(device)
     t0 = time.perf_counter()
-    fn()
+    fn(*sets[i % n])
+    i += 1
     _sync(device)
     one = max(time.perf_counter() - t0, 1e-7)
     reps = max(1, min(100_000, int(min_time_s / one)))
@@ -96,7 +128,8 @@ def time_op(
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(reps):
-            fn()
+            fn(*sets[i % n])
+            i += 1
         _sync(device)
         best = min(best, (time.perf_counter() - t0) / reps)
     return best
@@ -115,7 +148,9 @@ def measure_matmul(
         for n in ns:
             a = torch.randn(n, n, device=device, dtype=dt)
             b = torch.randn(n, n, device=device, dtype=dt)
-            t = time_op(lambda a=a, b=b: torch.mm(a, b), device, sizes.min_time_s)
+            sets = operand_sets((a, b), sizes.flush_bytes)
+            t = time_op(torch.mm, device, sizes.min_time_s, sets=sets)
+            del sets
             rows.append((2.0 * n**3, 2.0 * n**3 / t))
             tick(f"matmul {name} {n}x{n}")
         out[name] = rows
@@ -127,11 +162,12 @@ def measure_attention(device: torch.device, dtype: torch.dtype, sizes: Sizes, ti
     rows = []
     b, h, d = 2, 4, 64
     for t_len in sizes.attention_t:
-        q, k, v = (torch.randn(b, h, t_len, d, device=device, dtype=dtype) for _ in range(3))
+        qkv = tuple(torch.randn(b, h, t_len, d, device=device, dtype=dtype) for _ in range(3))
         t = time_op(
-            lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=False),
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=False),
             device,
             sizes.min_time_s,
+            sets=operand_sets(qkv, sizes.flush_bytes),
         )
         flops = 4.0 * b * h * t_len * t_len * d
         rows.append((flops, flops / t))
@@ -146,7 +182,8 @@ def measure_conv(device: torch.device, dtype: torch.dtype, sizes: Sizes, tick) -
     w = torch.randn(c, c, 3, 3, device=device, dtype=dtype)
     for hw in sizes.conv_hw:
         x = torch.randn(n, c, hw, hw, device=device, dtype=dtype)
-        t = time_op(lambda x=x: F.conv2d(x, w, padding=1), device, sizes.min_time_s)
+        t = time_op(lambda x: F.conv2d(x, w, padding=1), device, sizes.min_time_s,
+                    sets=operand_sets((x,), sizes.flush_bytes))
         flops = 2.0 * n * c * hw * hw * c * 9
         rows.append((flops, flops / t))
         tick(f"conv {hw}x{hw}")
@@ -159,10 +196,11 @@ def measure_memory(device: torch.device, sizes: Sizes, tick) -> list:
     for nbytes in sizes.memory_bytes:
         src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
         dst = torch.empty_like(src).fill_(0.0)  # touch the pages before timing
-        t = time_op(lambda s=src, d=dst: d.copy_(s), device, sizes.min_time_s)
+        sets = operand_sets((src, dst), sizes.flush_bytes)
+        t = time_op(lambda s, d: d.copy_(s), device, sizes.min_time_s, sets=sets)
         rows.append((2.0 * nbytes, 2.0 * nbytes / t))
         tick(f"copy {nbytes / 2**20:.3g} MiB")
-        del src, dst
+        del src, dst, sets
     return rows
 
 
@@ -177,14 +215,15 @@ def measure_elementwise(
         width = min(1024, numel)
         a = torch.randn(numel // width, width, device=device, dtype=dtype)
         b = torch.randn_like(a)
+        sets = operand_sets((a, b), sizes.flush_bytes)
         ops = {
-            "add": (lambda a=a, b=b: torch.add(a, b), 3),
-            "gelu": (lambda a=a: F.gelu(a), 2),
-            "softmax": (lambda a=a: torch.softmax(a, dim=-1), 2),
-            "layer_norm": (lambda a=a, w=width: F.layer_norm(a, (w,)), 2),
+            "add": (lambda a, b: torch.add(a, b), 3),
+            "gelu": (lambda a, b: F.gelu(a), 2),
+            "softmax": (lambda a, b: torch.softmax(a, dim=-1), 2),
+            "layer_norm": (lambda a, b, w=width: F.layer_norm(a, (w,)), 2),
         }
         for name, (fn, streams) in ops.items():
-            t = time_op(fn, device, sizes.min_time_s)
+            t = time_op(fn, device, sizes.min_time_s, sets=sets)
             moved = float(streams * a.numel() * esize)
             out[name].append((moved, moved / t))
         tick(f"elementwise {nbytes / 2**20:.3g} MiB")
@@ -199,12 +238,19 @@ def measure_launch(device: torch.device, sizes: Sizes) -> float:
 
 
 def measure_adam(sizes: Sizes) -> float:
-    """Parameters per second of a CPU AdamW step (foreach, torch's default weight decay 0.01, as
-    the runtime builds it) on 4M fp32 parameters (2M in quick mode)."""
-    numel = 2**21 if sizes.min_time_s < 0.01 else 2**22
-    p = torch.nn.Parameter(torch.randn(numel))
-    p.grad = torch.randn(numel)
-    opt = torch.optim.AdamW([p], lr=1e-3, foreach=True)
+    """Parameters per second of a CPU AdamW step (torch's default implementation choice and weight
+    decay 0.01, as the runtime builds it) on fp32 parameters whose parameter, gradient and two
+    moments span `flush_bytes` (16M parameters by default), as tensors of 1M parameters (a weight
+    matrix of a small model; the per-tensor passes of torch's CPU implementation reuse the cache
+    within a tensor): the step streams them from DRAM, as it does in training (cold caches, see the
+    module docstring)."""
+    numel = max(2**16, sizes.flush_bytes // 16)
+    each = min(numel, 2**20)
+    params = [torch.nn.Parameter(torch.randn(each)) for _ in range(numel // each)]
+    for p in params:
+        p.grad = torch.randn(each)
+    numel = each * len(params)
+    opt = torch.optim.AdamW(params, lr=1e-3)
     opt.step()  # create the states outside the timing
     t = time_op(opt.step, torch.device("cpu"), sizes.min_time_s)
     return numel / t
@@ -323,8 +369,8 @@ def _p2p_one_way(rank, buf, device, sizes: Sizes) -> float:
 
 
 def _concurrent_matmul(rank, world, device, sizes: Sizes) -> dict[str, float]:
-    """fp32 matmul FLOP/s timed the same way (fixed wall time) by rank 0 alone (the others wait in
-    a barrier) and then by all `world` processes at once: {"alone", "median", "sum"} (per-process
+    """fp32 matmul FLOP/s (operands rotated, cold caches) timed the same way (fixed wall time) by
+    rank 0 alone (the others wait in a barrier) and then by all `world` processes at once: {"alone", "median", "sum"} (per-process
     median and the sum over processes while all run).
 
     Checks the shared-host assumption (per-process throughput = single * min(1, cores / N)), and
@@ -335,12 +381,14 @@ def _concurrent_matmul(rank, world, device, sizes: Sizes) -> dict[str, float]:
     n = 256 if sizes.min_time_s < 0.01 else 512
     duration_s = max(sizes.min_time_s * 10, 0.05) if sizes.min_time_s < 0.01 else 0.6
     a = torch.randn(n, n, device=device)
+    sets = operand_sets((a,), sizes.flush_bytes)  # cold operands, as for the single-process figures
     torch.mm(a, a)
 
     def run() -> float:
         reps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < duration_s:
-            torch.mm(a, a)
+            x = sets[reps % len(sets)][0]
+            torch.mm(x, x)
             reps += 1
         _sync(device)
         return 2.0 * n**3 * reps / (time.perf_counter() - t0)

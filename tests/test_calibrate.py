@@ -144,3 +144,32 @@ def test_calibrate_rejects_zero_processes():
 
     with pytest.raises(SpecError, match="--nproc"):
         cal.run(0, None, quick=True, device_type="cpu", show_progress=False)
+
+
+def test_operand_sets_span_the_flush_footprint():
+    import torch
+
+    from runtime.calibrate_bench import MAX_OPERAND_SETS, operand_sets
+
+    a, b = torch.ones(256, 256), torch.ones(256, 256)  # 512 KiB a set
+    sets = operand_sets((a, b), 8 * 2**20)
+    assert len(sets) == 16 and sets[0][0] is a
+    # copies, not views of the same storage: a call on one set leaves the others cold
+    ptrs = {t.data_ptr() for s in sets for t in s}
+    assert len(ptrs) == 32
+    assert len(operand_sets((a,), 2**40)) == MAX_OPERAND_SETS
+    assert len(operand_sets((torch.ones(2**20),), 2**10)) == 1  # one set bigger than the footprint
+
+
+def test_time_op_rotates_through_every_set_without_repeating_back_to_back():
+    import torch
+
+    from runtime.calibrate_bench import time_op
+
+    seen: list[int] = []
+    sets = [(i,) for i in range(5)]
+    time_op(lambda i: seen.append(i), torch.device("cpu"), 0.001, batches=2, sets=sets)
+    assert len(seen) > 10
+    assert set(seen) == set(range(5))
+    assert all(x != y for x, y in zip(seen, seen[1:], strict=False))  # consecutive calls never reuse a set
+    assert seen[:6] == [0, 1, 2, 3, 4, 0]
