@@ -122,13 +122,17 @@ class BlockCosts:
     max_working_bytes: float
     max_block_params: float
     sums: dict  # (composition, last type) -> StageSum
+    by_range: dict  # (first, last) -> StageSum (the same object as by composition)
 
     def composition(self, first: int, last: int) -> tuple[tuple[int, ...], int]:
         """(blocks of each layer type in first..last, layer type of the last block)."""
         return tuple(c[last + 1] - c[first] for c in self.type_counts), self.block_type[last]
 
     def stage(self, first: int, last: int) -> StageSum:
-        """Sums over blocks first..last (inclusive)."""
+        """Sums over blocks first..last (inclusive); one object per composition."""
+        got = self.by_range.get((first, last))
+        if got is not None:
+            return got
         key = self.composition(first, last)
         got = self.sums.get(key)
         if got is None:
@@ -136,6 +140,7 @@ class BlockCosts:
             vals = [sum(n * getattr(c, f) for n, c in zip(comp, self.type_costs, strict=True) if n) for f in _FIELDS]
             got = self.sums[key] = StageSum(*vals, sum(comp), self.type_costs[lt].output_bytes,
                                             self.max_working_bytes, self.max_block_params)
+        self.by_range[(first, last)] = got
         return got
 
     def stage_time_s(self, first: int, last: int) -> float:
@@ -267,7 +272,7 @@ def block_costs_ctx(ctx: Context, tp: int, sequence_parallel: bool, micro_batch_
     counts = tuple(tuple(accumulate((int(t == i) for t in block_type), initial=0)) for i in range(len(names)))
     got = BlockCosts(tp, key[1], micro_batch_size, recompute, blocks, by_type,
                      tuple(by_type[n] for n in names), counts, block_type,
-                     max(b.working_bytes for b in blocks), max(b.num_params for b in blocks), {})
+                     max(b.working_bytes for b in blocks), max(b.num_params for b in blocks), {}, {})
     ctx.costs[key] = got
     return got
 

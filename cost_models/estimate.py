@@ -169,12 +169,13 @@ def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb:
     micro-batch, cached by the stage's composition (not its position). `reshard`: FSDP gathers
     again in backward and reduce-scatters every micro-batch (zero3/hsdp); otherwise (zero2) it
     gathers in forward only and reduce-scatters once per step (after the pipeline)."""
-    bc = block_costs_ctx(ctx, tp, sp, mb, rec)
-    key = (bc.composition(first, last), rec, tp, sp, mb, split, fsdp_n, fsdp_stride, last_stage, pp_stride, reshard)
+    ss = block_costs_ctx(ctx, tp, sp, mb, rec).stage(first, last)
+    # one StageSum object per composition and (tp, sp, mb, rec) setting, kept alive by the context's
+    # BlockCosts: its id stands for all of them
+    key = (id(ss), split, fsdp_n, fsdp_stride, last_stage, pp_stride, reshard)
     got = ctx.stage_cache.get(key)
     if got is not None:
         return got
-    ss = bc.stage(first, last)
     fwd_exp = bwd_exp = fsdp_time = 0.0
     if fsdp_n > 1:
         link = ctx.link(fsdp_n, fsdp_stride)
@@ -267,18 +268,8 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
     fsdp_n = shard_n if sharding in ("zero2", "zero3", "hsdp") else 1
     reshard = sharding != "zero2"
     pp_stride = tp * dp
-    # stage results by position for this setting (skips the composition and its key on a repeat)
-    skey = ("pos", tp, sp, mb, split, fsdp_n, pp_stride, reshard)
-    by_pos = ctx.stage_cache.get(skey)
-    if by_pos is None:
-        by_pos = ctx.stage_cache[skey] = {}
-    st = []
-    for j, (a, b, r) in enumerate(stages):
-        pkey = (a, b, r, j == S - 1)
-        got = by_pos.get(pkey)
-        if got is None:
-            got = by_pos[pkey] = _stage(ctx, a, b, r, tp, sp, mb, split, fsdp_n, tp, j == S - 1, pp_stride, reshard)
-        st.append(got)
+    st = [_stage(ctx, a, b, r, tp, sp, mb, split, fsdp_n, tp, j == S - 1, pp_stride, reshard)
+          for j, (a, b, r) in enumerate(stages)]
     times = tuple((x[0], x[1], x[2], x[3]) for x in st)
 
     notes: list[str] = []
@@ -320,10 +311,33 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
         if got is not None:
             ranks.append(got)
             continue
-        sums = [st[j][4] for j in js]
-        n_params = sum(x.num_params for x in sums) - tied_rank_params[r]
+        # the stage sums this rank needs, in one pass (the same additions, in the same order, as
+        # sum() over the stages)
+        n_params = f_c = b_c = rec_s = tp_s = tp_v = fsdp_s = pp_v = pp_t = window = fsdp_mb = 0.0
+        big = out_max = -1.0
+        recomputed = -1.0
+        acts = []
+        for j in js:
+            F_, B_, W_, c_, x, fe, be, ft, _id = st[j]
+            n_params += x.num_params
+            big = max(big, x.max_block_params)
+            out_max = max(out_max, x.output_bytes)
+            acts.append(x.activation_bytes)
+            f_c += x.forward_compute_s
+            b_c += x.backward_compute_s + x.weight_compute_s
+            rec_s += x.recompute_s
+            tp_s += x.tp_forward_s + x.tp_backward_s
+            tp_v += x.tp_volume_bytes
+            fsdp_s += fe + be
+            fsdp_mb += ft
+            window += B_ + W_
+            if j < S - 1:
+                pp_v += 2 * x.output_bytes
+                pp_t += 2 * c_
+            if stages[j][2] != "none":
+                recomputed = max(recomputed, x.max_working_bytes)
+        n_params -= tied_rank_params[r]
         states = sharded_states(n_params, bpp, sharding=sharding, dp=dp, hsdp_shard_size=shard_n, offload=k.offload)
-        big = max(x.max_block_params for x in sums)
         trans = 0.0
         if sharding in ("none", "zero1"):
             trans += n_params * bpp.grad  # DDP bucket copies of the gradients
@@ -339,19 +353,20 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
             if sharding == "hsdp":
                 trans += n_params * bpp.grad / shard_n  # replica all-reduce buckets
         if pp > 1:
-            trans += 4 * max(x.output_bytes for x in sums)
+            trans += 4 * out_max
         if S - 1 in js:
             trans += ctx.final_output_bytes * mb * (1 + 2 * 4 / act_isz) / (tp if last_block_split else 1)
-        recomputed = [st[j][4].max_working_bytes for j in js if stages[j][2] != "none"]
-        if recomputed:
-            trans += max(recomputed)
+        if recomputed >= 0:
+            trans += recomputed
         opt_params = n_params / opt_div
         opt_tmp = 4 * opt_params if (train.optimizer in ("adam", "adamw") and k.offload == "none") else 0.0
 
         grad_bytes = n_params * bpp.grad
         # the backward that hides the gradient sync; none where comm shares the compute cores
-        window = sum(st[j][1] + st[j][2] for j in js) if hw.comm_overlaps_compute else 0.0
-        rs_tot = rs_last = ag_after = fixed_exp = fixed_time = fixed_vol = grad_vol = fsdp_mb = 0.0
+        if not hw.comm_overlaps_compute:
+            window = 0.0
+        fsdp_per_mb, fsdp_mb = fsdp_mb, 0.0
+        rs_tot = rs_last = ag_after = fixed_exp = fixed_time = fixed_vol = grad_vol = 0.0
         if dp > 1:
             if sharding == "none":
                 tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
@@ -369,11 +384,11 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
                 # FSDP2, no resharding: gathers in each forward (in the stage times), one
                 # reduce-scatter of the accumulated gradients under the last backward
                 rs_tot, rs_last = comm.bucketed_reduce_scatter_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
-                fsdp_mb = sum(st[j][7] for j in js)
+                fsdp_mb = fsdp_per_mb
                 grad_vol = comm.all_gather_volume_bytes(n_params * bpp.compute, dp)
                 fixed_vol = comm.all_gather_volume_bytes(grad_bytes, dp)
             else:
-                fsdp_mb = sum(st[j][7] for j in js)
+                fsdp_mb = fsdp_per_mb
                 grad_vol = (2 * comm.all_gather_volume_bytes(n_params * bpp.compute, shard_n)
                             + comm.all_gather_volume_bytes(grad_bytes, shard_n))
                 if sharding == "hsdp" and rep_link is not None and rep_link.size > 1:
@@ -393,13 +408,10 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
                 bw = hw.device.memory_bandwidth_bytes_per_s
                 opt_s = max(hw.device.kernel_launch_s, nbytes / (bw * memory_efficiency(curves, nbytes, "elementwise")))
         got = ctx.stage_cache[rkey] = _Rank(
-            tuple(x.activation_bytes for x in sums), states.param, states.grad, states.optimizer, trans, opt_tmp,
+            tuple(acts), states.param, states.grad, states.optimizer, trans, opt_tmp,
             rs_tot, rs_last, window, ag_after, fixed_exp, fixed_time, fixed_vol, grad_vol, fsdp_mb, tied_comm[r],
             opt_s, off_s,
-            sum(x.forward_compute_s for x in sums), sum(x.backward_compute_s + x.weight_compute_s for x in sums),
-            sum(x.recompute_s for x in sums), sum(x.tp_forward_s + x.tp_backward_s for x in sums),
-            sum(x.tp_volume_bytes for x in sums), sum(st[j][5] + st[j][6] for j in js),
-            sum(2 * st[j][4].output_bytes for j in js if j < S - 1), sum(2 * st[j][3] for j in js if j < S - 1),
+            f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, pp_v, pp_t,
         )
         ranks.append(got)
     flops = sum(x[4].fwd_flops + x[4].bwd_flops + x[4].recompute_flops for x in st)
