@@ -94,8 +94,11 @@ def compile_periodic(name: str, pp: int, m: int, v: int) -> Periodic | None:
     d = _shift(name, pp, v)
     if name in _UNIFORM:
         base = max(_m_saturated(name, pp, v), 2)
+        base += (m - base) % d
+        if m < base + 2 * d:
+            return None  # too few steady rounds to gain anything: the plain simulation
         # three steady rounds past saturation: enough for the usual reach of 1 (one compile)
-        mc = min(m, base + (m - base) % d + 3 * d)
+        mc = min(m, base + 3 * d)
         while True:
             got = _compiled_rounds(name, pp, mc, v)
             if mc >= m or (got is not None and got.rounds >= got.reach + 2):
