@@ -9,6 +9,11 @@ sequence parallelism, schedule) with an even stage partition, and scores every c
 - warm: the same candidates again with every cache hot (the fixed overhead per call);
 - the pipeline simulations on their own (count and mean time).
 
+Cold includes compiling each schedule structure once (cost_models.periodic: the round structure
+for the smallest equivalent micro-batch count) and playing each distinct simulation with the
+steady-phase fast-forward; "cold time without simulations" subtracts the simulations re-played
+with the compiled structures cached.
+
 Times are CPU time of this process (time.process_time), so other load on a shared machine
 inflates them less than wall-clock would. Run: .venv/bin/python benchmarks/cost_bench.py
 """

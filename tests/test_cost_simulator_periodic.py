@@ -96,6 +96,16 @@ def test_uniform_schedules_compile_once_for_many_micro_batch_counts():
 
 
 @pytest.mark.tier1
+@pytest.mark.parametrize(("name", "pp", "v"), [("1f1b", 32, 1), ("zero_bubble", 32, 1), ("interleaved_1f1b", 16, 2)])
+def test_compiled_structure_is_quadratic_in_pp_not_linear_in_m(name, pp, v):
+    m = 48 * pp
+    pc = compile_periodic(name, pp, m, v)
+    plain_actions = len(_compiled(name, pp, m, v).order)
+    assert len(pc.rp) <= 10 * v * pp * pp < plain_actions / 3
+    assert pc.reach == 1  # same-rank dependencies dropped: ZB-H1's held-back W's do not widen it
+
+
+@pytest.mark.tier1
 def test_estimates_equal_with_the_plain_simulation(monkeypatch):
     """A search-like candidate set scored with the fast path and again with the plain simulation."""
     graph = gpt_graph(vocab=512, hidden=256, layers=14, heads=8, seq_len=128)
