@@ -57,6 +57,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from itertools import count
 
 from cost_models import comm, sharedhost
@@ -165,7 +166,7 @@ _STAGE_IDS = count()  # ids of cached stage results (never reused, so rank keys 
 
 def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb: int, split: bool,
            fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int, reshard: bool):
-    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, id) per
+    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, id, (F, B, W, p2p)) per
     micro-batch, cached by the stage's composition (not its position). `reshard`: FSDP gathers
     again in backward and reduce-scatters every micro-batch (zero3/hsdp); otherwise (zero2) it
     gathers in forward only and reduce-scatters once per step (after the pipeline)."""
@@ -200,7 +201,8 @@ def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb:
         if link is None:
             link = ctx.links[key_l] = comm.p2p_link(ctx.hw, pp_stride)
         c = comm.p2p_s(ss.output_bytes, link)
-    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, next(_STAGE_IDS))  # a small id: cheap rank keys
+    # a small id (cheap rank keys) and the (F, B, W, p2p) the simulator takes
+    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, next(_STAGE_IDS), (F, B, W, c))
     if len(ctx.stage_cache) > 200_000:
         ctx.stage_cache.clear()
     ctx.stage_cache[key] = got
@@ -270,7 +272,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
     pp_stride = tp * dp
     st = [_stage(ctx, a, b, r, tp, sp, mb, split, fsdp_n, tp, j == S - 1, pp_stride, reshard)
           for j, (a, b, r) in enumerate(stages)]
-    times = tuple((x[0], x[1], x[2], x[3]) for x in st)
+    times = tuple([x[9] for x in st])
 
     notes: list[str] = []
     firsts = [s_[0] for s_ in stages]
@@ -301,15 +303,20 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
     last_block_split = bool(graph.layer(graph.num_blocks - 1).tp_candidates) and tp > 1
 
     accum = k.num_micro_batches > 1
-    ranks = []
-    rank_stages = tuple(tuple(range(r, S, pp)) for r in range(pp))
-    for r in range(pp):
+    rank_stages = _rank_stages(pp, S)
+    # ranks alike (same stage results, tied parameters and sends; the last rank apart) share one
+    # _Rank: computed or looked up once per kind, keyed by the stages' small ids
+    ids = [x[8] for x in st]
+    per_rank = ids if v == 1 else list(zip(*[ids[i * pp:(i + 1) * pp] for i in range(v)], strict=True))
+    kinds = list(zip(per_rank, tied_rank_params, tied_comm, strict=True))
+    kinds[-1] = (*kinds[-1], "last")
+    by_kind = dict.fromkeys(kinds)
+    for r, kind in ((kinds.index(kk), kk) for kk in by_kind):
         js = rank_stages[r]
-        rkey = ("rank", tuple([st[j][8] for j in js]), tied_rank_params[r], tied_comm[r], S - 1 in js, pp, dp, tp,
-                sharding, shard_n, k.offload, accum)
+        rkey = ("rank", kind, pp, dp, tp, sharding, shard_n, k.offload, accum)
         got = ctx.stage_cache.get(rkey)
         if got is not None:
-            ranks.append(got)
+            by_kind[kind] = got
             continue
         # the stage sums this rank needs, in one pass (the same additions, in the same order, as
         # sum() over the stages)
@@ -318,7 +325,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
         recomputed = -1.0
         acts = []
         for j in js:
-            F_, B_, W_, c_, x, fe, be, ft, _id = st[j]
+            F_, B_, W_, c_, x, fe, be, ft, _id, _t = st[j]
             n_params += x.num_params
             big = max(big, x.max_block_params)
             out_max = max(out_max, x.output_bytes)
@@ -413,13 +420,20 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
             opt_s, off_s,
             f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, pp_v, pp_t,
         )
-        ranks.append(got)
-    flops = sum(x[4].fwd_flops + x[4].bwd_flops + x[4].recompute_flops for x in st)
+        by_kind[kind] = got
+    ranks = [by_kind[kk] for kk in kinds]
+    flops = sum([x[4].fwd_flops + x[4].bwd_flops + x[4].recompute_flops for x in st])
     if split:
         notes.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
     if train.optimizer == "sgd":
         notes.append("sgd assumed with momentum (4 bytes/param of state)")
     return _Layout(times, tuple(ranks), rank_stages, flops, 2 * sum(t[3] for t in times), tuple(dict.fromkeys(notes)))
+
+
+@lru_cache(maxsize=64)
+def _rank_stages(pp: int, S: int) -> tuple[tuple[int, ...], ...]:
+    """Virtual stages of each pp rank (loop style: stage j on rank j % pp)."""
+    return tuple(tuple(range(r, S, pp)) for r in range(pp))
 
 
 def _post(rk: _Rank, sharding: str, m: int) -> tuple[float, float, float]:
