@@ -504,6 +504,7 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
 
     totals, mem_rank, post_tot, posts = [], [], [], []
     peaks = sim.peak_in_flight_per_stage
+    post_of: dict[int, tuple[float, float, float]] = {}  # by id of the (shared) _Rank
     for rk, js in zip(lay.ranks, lay.rank_stages, strict=True):
         acts = 0.0
         for j, a in zip(js, rk.activation, strict=True):
@@ -513,7 +514,9 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
         margin = margin_bytes(static + dynamic, capacity)
         totals.append(static + dynamic + margin)
         mem_rank.append((acts, dynamic, margin))
-        p = _post(rk, sharding, m)
+        p = post_of.get(id(rk))
+        if p is None:
+            p = post_of[id(rk)] = _post(rk, sharding, m)
         posts.append(p)
         post_tot.append(p[0] + rk.tied + rk.opt_s + rk.offload_s)
     rp = max(range(pp), key=post_tot.__getitem__)
