@@ -31,7 +31,13 @@ estimate (one step, term by term) -> dataparallel (single-process nn.DataParalle
 from cost_models.blocks import BlockCost, BlockCosts, block_costs
 from cost_models.comm import GroupLink, group_link
 from cost_models.dataparallel import estimate_data_parallel_single_process
-from cost_models.estimate import AxisCommEstimate, StepEstimate, estimate_knobs, estimate_step, step_lower_bound_knobs
+from cost_models.estimate import (
+    AxisCommEstimate,
+    StepEstimate,
+    estimate_knobs,
+    estimate_step,
+    step_lower_bound_knobs,
+)
 from cost_models.schedules import Action, Schedule, build_schedule
 from cost_models.simulator import ScheduleResult, simulate
 

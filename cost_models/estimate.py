@@ -568,14 +568,19 @@ def _share_cores(graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec, train: T
     e = estimate_knobs(graph, k, stages, hw_u, train)
     lay, _ = _layout_for(context(graph, hw_u, train), graph, k, stages, hw_u)
     m = k.num_micro_batches
-    work = [m * (rk.f_c + rk.b_c + rk.rec) + rk.opt_s + rk.offload_s for rk in lay.ranks]
+
+    def work(ranks) -> list[float]:
+        return [m * (rk.f_c + rk.b_c + rk.rec) + rk.opt_s + rk.offload_s for rk in ranks]
+
     if k.pp == 1:
-        lockstep = max(0.0, e.step_time_s - work[0])
+        lockstep = max(0.0, e.step_time_s - work(lay.ranks)[0])
     else:
         lockstep = min(_post(rk, k.sharding, m)[0] + rk.tied for rk in lay.ranks)
-    total = sum(work) * k.dp * k.tp
-    step = sharedhost.shared_step_s(e.step_time_s, total,
-                                   hw.shared_cores * hw.num_nodes * hw.shared_core_efficiency, lockstep)
+    # the CPU work, timed with every core busy (shared caches and memory system)
+    hw_c = sharedhost.contended(hw)
+    lay_c, _ = _layout_for(context(graph, hw_c, train), graph, k, stages, hw_c)
+    total = sum(work(lay_c.ranks)) * k.dp * k.tp
+    step = sharedhost.shared_step_s(e.step_time_s, total, hw.shared_cores * hw.num_nodes, lockstep)
     wait = step - e.step_time_s
     if wait <= 0:
         breakdown = e.time_breakdown_s

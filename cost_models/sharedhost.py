@@ -11,17 +11,20 @@ the busy ones. The model instead:
    optimizer rate x N / C) and no sharing. The critical path T_crit is the estimate (schedule
    simulation included) on it: no process runs faster than a core to itself.
 2. CPU work: every process's busy compute (forward, backward, recompute, optimizer step, host
-   offload step) at per-core speed, summed over all N processes: W. The C cores cannot do it
-   faster than W / (C e), where e = hw.shared_core_efficiency is the measured aggregate
-   throughput of N processes busy at once over C x one process alone (`autoplan calibrate`:
-   concurrent matmuls; 1 where not measured).
+   offload step), summed over all N processes: W. With every core busy, the cores run slower
+   than one alone (they share caches and the memory system), so W is timed on `contended(hw)`:
+   per-core FLOP/s x e_c and memory bandwidth (and the memory-bound host optimizer rate) x e_m,
+   where e_c = hw.shared_core_efficiency and e_m = hw.shared_memory_efficiency are the measured
+   aggregate throughputs of N processes busy at once over C x one process alone (`autoplan
+   calibrate`: concurrent cold matmuls, concurrent cold copies; 1 where not measured). Each op
+   is slowed by the resource its roofline is bound by. The C cores cannot do W faster than W / C.
 3. Lockstep communication X: time in which every process waits on communication at once, so
    no core can be lent: with one pipeline stage (pp = 1) every rank runs the same program, so
    all communication on its critical path is lockstep; with pp > 1 only the data-parallel
    sync after the pipeline that all ranks share (the smallest over pp ranks) is counted, and
    in-pipeline communication is assumed to lend its core to other stages.
 
-    step_s = max(T_crit, W / (C e) + X)
+    step_s = max(T_crit, W / C + X)
 
 With pp = 1 and every op above the launch floor this is the static division again (all
 processes busy in lockstep); with pipeline bubbles it is smaller. GPUs (shared_cores None) and
@@ -60,6 +63,29 @@ def unshared(hw: HardwareSpec) -> HardwareSpec:
     return out
 
 
+_CONTENDED: dict[int, tuple[HardwareSpec, HardwareSpec]] = {}
+
+
+def contended(hw: HardwareSpec) -> HardwareSpec:
+    """`unshared(hw)` with every core busy: FLOP/s x shared_core_efficiency, memory bandwidth and
+    the host optimizer rate x shared_memory_efficiency. Cached by identity, like `unshared`."""
+    got = _CONTENDED.get(id(hw))
+    if got is not None and got[0] is hw:
+        return got[1]
+    u = unshared(hw)
+    e_c, e_m = hw.shared_core_efficiency, hw.shared_memory_efficiency
+    dev = u.device.model_copy(update={
+        "peak_flops_per_s": {k: v * e_c for k, v in u.device.peak_flops_per_s.items()},
+        "memory_bandwidth_bytes_per_s": u.device.memory_bandwidth_bytes_per_s * e_m,
+    })
+    host = u.host.model_copy(update={"cpu_adam_params_per_s": u.host.cpu_adam_params_per_s * e_m})
+    out = u.model_copy(update={"device": dev, "host": host})
+    if len(_CONTENDED) > 16:
+        _CONTENDED.clear()
+    _CONTENDED[id(hw)] = (hw, out)
+    return out
+
+
 def shared_step_s(critical_s: float, total_work_s: float, cores: float, lockstep_s: float) -> float:
-    """step = max(T_crit, W / cores + X), cores = C e (see the module docstring)."""
+    """step = max(T_crit, W / cores + X), W timed on `contended(hw)` (see the module docstring)."""
     return max(critical_s, total_work_s / cores + lockstep_s)

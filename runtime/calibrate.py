@@ -67,8 +67,8 @@ PRESET_HEADER = """\
 # torchrun); HardwareSpec.preset("cpu", devices=N) multiplies FLOP/s and memory bandwidth by
 # min(1, cores / N) and divides host memory among the N processes (shared_host); it also sets
 # shared_cores, with which the cost model lets processes share the cores dynamically
-# (cost_models/sharedhost.py; core_efficiency = measured aggregate throughput of N busy processes
-# over cores x one alone). The link figures were measured with devices_per_node processes;
+# (cost_models/sharedhost.py; core_efficiency / memory_efficiency = measured aggregate matmul /
+# copy throughput of N busy processes over cores x one alone). The link figures were measured with devices_per_node processes;
 # `collectives` holds each collective's own fit. comm_overlaps_compute is false: gloo runs on
 # the compute cores.
 """
@@ -111,6 +111,8 @@ def shared_host_scale(data: dict[str, Any], devices: int) -> dict[str, Any]:
         data["shared_cores"] = int(shared["cores"])
         if "core_efficiency" in shared:
             data["shared_core_efficiency"] = shared["core_efficiency"]
+        if "memory_efficiency" in shared:
+            data["shared_memory_efficiency"] = shared["memory_efficiency"]
     return data
 
 
@@ -191,6 +193,8 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
         }
         if check and "core_efficiency" in check:
             data["shared_host"]["core_efficiency"] = check["core_efficiency"]
+        if check and "memory_efficiency" in check:
+            data["shared_host"]["memory_efficiency"] = check["memory_efficiency"]
     data["device"] = {
         "name": name,
         "memory_bytes": memory_bytes,
@@ -262,6 +266,12 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
                 f"; timed the same way, one process alone {check['alone'] / 1e9:.3g} GFLOP/s, all at once "
                 f"{check['aggregate'] / 1e9:.3g} GFLOP/s in all: shared_host.core_efficiency = "
                 f"{check['core_efficiency']} of {min(m['cores'], nproc)} cores (cost_models.sharedhost)"
+            )
+        if "memory_efficiency" in check:
+            data["sources"]["shared_host_check"] += (
+                f"; cold copies (rotating 1 MiB buffers over {bench.Sizes().flush_bytes >> 20} MiB) one process "
+                f"alone {check['copy_alone'] / 1e9:.3g} GB/s, all at once {check['copy_aggregate'] / 1e9:.3g} GB/s "
+                f"in all: shared_host.memory_efficiency = {check['memory_efficiency']}"
             )
     return data
 
@@ -350,6 +360,11 @@ def measure(nproc: int, sizes: bench.Sizes, device_type: str, progress=None) -> 
             "aggregate": got["sum"],
             "core_efficiency": core_efficiency(got["sum"], got["alone"], m["cores"], nproc),
         }
+        if got.get("copy_alone"):
+            m["shared_host_check"].update(
+                copy_alone=got["copy_alone"], copy_aggregate=got["copy_sum"],
+                memory_efficiency=core_efficiency(got["copy_sum"], got["copy_alone"], m["cores"], nproc),
+            )
     return m
 
 

@@ -374,7 +374,8 @@ def _concurrent_matmul(rank, world, device, sizes: Sizes) -> dict[str, float]:
     median and the sum over processes while all run).
 
     Checks the shared-host assumption (per-process throughput = single * min(1, cores / N)), and
-    gives the host's aggregate throughput with every process busy (the effective cores).
+    gives the host's aggregate throughput with every process busy (the effective cores). On a CPU
+    the same for cold 1 MiB copies ({"copy_alone", "copy_sum"}, bytes/s read + written).
     """
     import torch.distributed as dist
 
@@ -393,14 +394,33 @@ def _concurrent_matmul(rank, world, device, sizes: Sizes) -> dict[str, float]:
         _sync(device)
         return 2.0 * n**3 * reps / (time.perf_counter() - t0)
 
-    dist.barrier()
-    alone = run() if rank == 0 else 0.0
-    dist.barrier()
-    flops = torch.tensor([run()], dtype=torch.float64, device=device)
-    gathered = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
-    dist.all_gather(gathered, flops)
-    vals = sorted(g.item() for g in gathered)
-    return {"alone": alone, "median": vals[len(vals) // 2], "sum": sum(vals)}
+    def both(fn) -> tuple[float, list[float]]:
+        dist.barrier()
+        alone = fn() if rank == 0 else 0.0
+        dist.barrier()
+        mine = torch.tensor([fn()], dtype=torch.float64, device=device)
+        gathered = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        return alone, sorted(g.item() for g in gathered)
+
+    alone, vals = both(run)
+    out = {"alone": alone, "median": vals[len(vals) // 2], "sum": sum(vals)}
+    if device.type == "cpu":
+        # memory-bound work shares the host's memory system too: cold 1 MiB copies, same timing
+        src = torch.ones(2**18, device=device)
+        csets = operand_sets((src, torch.zeros_like(src)), sizes.flush_bytes)
+
+        def copy() -> float:
+            reps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < duration_s:
+                s, d = csets[reps % len(csets)]
+                d.copy_(s)
+                reps += 1
+            return 2.0 * src.numel() * src.element_size() * reps / (time.perf_counter() - t0)
+
+        c_alone, c_vals = both(copy)
+        out.update(copy_alone=c_alone, copy_sum=sum(c_vals))
+    return out
 
 
 def cpu_count() -> int:

@@ -109,6 +109,14 @@ class HardwareSpec(Frozen):
         description="With shared_cores: the fraction of shared_cores x one process's speed that all processes "
         "get in aggregate when every one is busy (`autoplan calibrate` measures it: concurrent matmuls).",
     )
+    shared_memory_efficiency: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="With shared_cores: the same for memory-bound work: the aggregate copy bandwidth of all "
+        "processes copying at once over shared_cores x one process's (`autoplan calibrate`: concurrent "
+        "cold copies). Cores share the memory system, so this is usually below shared_core_efficiency.",
+    )
     device_is_host_cpu: bool = Field(
         default=False,
         description="The devices are processes on the host CPU (no accelerator): the optimizer step runs "
@@ -181,6 +189,8 @@ class HardwareSpec(Frozen):
             data["shared_cores"] = cores
             if "core_efficiency" in shared:
                 data["shared_core_efficiency"] = shared["core_efficiency"]
+            if "memory_efficiency" in shared:
+                data["shared_memory_efficiency"] = shared["memory_efficiency"]
         return validate_model(cls, data, f"preset {name}")
 
     @classmethod

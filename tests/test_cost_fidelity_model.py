@@ -183,11 +183,33 @@ def test_no_sharing_when_cores_suffice_or_on_gpus():
 
 def test_measured_core_efficiency_scales_the_host_capacity():
     kw = dict(pp=4, dp=1, schedule="gpipe", micro_batch_size=2, num_micro_batches=8)
-    full, half = _host(4, 2), _host(4, 2).model_copy(update={"shared_core_efficiency": 0.5})
+    full = _host(4, 2)
+    half = full.model_copy(update={"shared_core_efficiency": 0.5, "shared_memory_efficiency": 0.5})
     alone = _est(_host(4, None), **kw)
     work = sum(8 * (f + b + w) for f, b, w, _ in alone.stage_times_raw)
     assert _est(half, **kw).step_time_s == pytest.approx(work / (2 * 0.5), rel=1e-6)
     assert _est(full, **kw).step_time_s == pytest.approx(work / 2, rel=1e-6)
+
+
+def test_compute_and_memory_contention_slow_their_own_ops():
+    """With every core busy, compute-bound ops slow by shared_core_efficiency and memory-bound ones
+    by shared_memory_efficiency: the work term lies strictly between the two uniform cases."""
+    from cost_models import sharedhost
+
+    kw = dict(pp=4, dp=1, schedule="gpipe", micro_batch_size=2, num_micro_batches=8)
+    full = _host(4, 2)
+    mem_only = full.model_copy(update={"shared_memory_efficiency": 0.5})
+    flops_only = full.model_copy(update={"shared_core_efficiency": 0.5})
+    both = full.model_copy(update={"shared_core_efficiency": 0.5, "shared_memory_efficiency": 0.5})
+    t_full, t_mem, t_flops, t_both = (_est(h, **kw).step_time_s for h in (full, mem_only, flops_only, both))
+    assert t_full < t_mem < t_both and t_full < t_flops < t_both
+    # the split adds up: what each resource's slowdown adds is the whole slowdown's share
+    assert (t_mem - t_full) + (t_flops - t_full) == pytest.approx(t_both - t_full, rel=0.05)
+    c = sharedhost.contended(mem_only)
+    u = sharedhost.unshared(mem_only)
+    assert c.device.memory_bandwidth_bytes_per_s == pytest.approx(0.5 * u.device.memory_bandwidth_bytes_per_s)
+    assert c.device.peak_flops_per_s == u.device.peak_flops_per_s
+    assert c.host.cpu_adam_params_per_s == pytest.approx(0.5 * u.host.cpu_adam_params_per_s)
 
 
 def test_calibrate_core_efficiency_closed_form():
