@@ -67,8 +67,8 @@ PRESET_HEADER = """\
 # torchrun); HardwareSpec.preset("cpu", devices=N) multiplies FLOP/s and memory bandwidth by
 # min(1, cores / N) and divides host memory among the N processes (shared_host); it also sets
 # shared_cores, with which the cost model lets processes share the cores dynamically
-# (cost_models/sharedhost.py; core_efficiency / memory_efficiency = measured aggregate matmul /
-# copy throughput of N busy processes over cores x one alone). The link figures were measured with devices_per_node processes;
+# (cost_models/sharedhost.py; core_efficiency / memory_efficiency = measured aggregate throughput
+# of N busy processes over cores x one alone: a transformer MLP block's fwd+bwd / cold copies). The link figures were measured with devices_per_node processes;
 # `collectives` holds each collective's own fit. comm_overlaps_compute is false: gloo runs on
 # the compute cores.
 """
@@ -264,8 +264,17 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
         if "core_efficiency" in check:
             data["sources"]["shared_host_check"] += (
                 f"; timed the same way, one process alone {check['alone'] / 1e9:.3g} GFLOP/s, all at once "
-                f"{check['aggregate'] / 1e9:.3g} GFLOP/s in all: shared_host.core_efficiency = "
-                f"{check['core_efficiency']} of {min(m['cores'], nproc)} cores (cost_models.sharedhost)"
+                f"{check['aggregate'] / 1e9:.3g} GFLOP/s in all"
+            )
+            if "block_alone" in check:
+                data["sources"]["shared_host_check"] += (
+                    f" (matmul efficiency {check['matmul_core_efficiency']}); a transformer MLP block's forward + "
+                    f"backward, one process alone {check['block_alone'] / 1e9:.3g} GFLOP/s, all at once "
+                    f"{check['block_aggregate'] / 1e9:.3g} GFLOP/s in all"
+                )
+            data["sources"]["shared_host_check"] += (
+                f": shared_host.core_efficiency = {check['core_efficiency']} of {min(m['cores'], nproc)} cores "
+                f"(cost_models.sharedhost)"
             )
         if "memory_efficiency" in check:
             data["sources"]["shared_host_check"] += (
@@ -360,6 +369,13 @@ def measure(nproc: int, sizes: bench.Sizes, device_type: str, progress=None) -> 
             "aggregate": got["sum"],
             "core_efficiency": core_efficiency(got["sum"], got["alone"], m["cores"], nproc),
         }
+        if got.get("block_alone"):
+            # the core efficiency the cost model uses: the training-like mix, not bare matmuls
+            m["shared_host_check"].update(
+                block_alone=got["block_alone"], block_aggregate=got["block_sum"],
+                matmul_core_efficiency=m["shared_host_check"]["core_efficiency"],
+                core_efficiency=core_efficiency(got["block_sum"], got["block_alone"], m["cores"], nproc),
+            )
         if got.get("copy_alone"):
             m["shared_host_check"].update(
                 copy_alone=got["copy_alone"], copy_aggregate=got["copy_sum"],

@@ -375,7 +375,8 @@ def _concurrent_matmul(rank, world, device, sizes: Sizes) -> dict[str, float]:
 
     Checks the shared-host assumption (per-process throughput = single * min(1, cores / N)), and
     gives the host's aggregate throughput with every process busy (the effective cores). On a CPU
-    the same for cold 1 MiB copies ({"copy_alone", "copy_sum"}, bytes/s read + written).
+    the same for cold 1 MiB copies ({"copy_alone", "copy_sum"}, bytes/s read + written) and for
+    a transformer MLP block's forward + backward ({"block_alone", "block_sum"}, GEMM FLOP/s).
     """
     import torch.distributed as dist
 
@@ -420,6 +421,25 @@ def _concurrent_matmul(rank, world, device, sizes: Sizes) -> dict[str, float]:
 
         c_alone, c_vals = both(copy)
         out.update(copy_alone=c_alone, copy_sum=sum(c_vals))
+        # a training-like op mix: a transformer MLP block's forward + backward (LayerNorm, Linear
+        # h -> 4h, GELU, Linear 4h -> h) on T tokens; oversubscribed cores also lose time to
+        # context switches and to each other's cache footprint, which a matmul loop barely shows
+        h, t_len = (64, 64) if sizes.min_time_s < 0.01 else (512, 512)
+        block = torch.nn.Sequential(torch.nn.LayerNorm(h), torch.nn.Linear(h, 4 * h), torch.nn.GELU(),
+                                    torch.nn.Linear(4 * h, h)).to(device)
+        xs = [torch.randn(t_len, h, device=device, requires_grad=True) for _ in range(8)]
+        block(xs[0]).sum().backward()
+        block_flops = 3 * 2 * t_len * h * 4 * h * 2  # fwd + bwd (2x fwd) of the two GEMMs
+
+        def mix() -> float:
+            reps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 2 * duration_s:
+                block(xs[reps % len(xs)]).sum().backward()
+                reps += 1
+            return block_flops * reps / (time.perf_counter() - t0)
+
+        b_alone, b_vals = both(mix)
+        out.update(block_alone=b_alone, block_sum=sum(b_vals))
     return out
 
 

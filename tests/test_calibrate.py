@@ -119,6 +119,13 @@ def test_calibrate_quick_run_writes_a_loadable_spec(tmp_path):
     # The preset form (as in specs/presets/cpu.yaml) scales back to the same spec.
     preset = cal.build_spec_data(data["_measurements"], nproc=2, date="today", host="test")
     assert "shared_host" in preset
+    # concurrency measured for the training-like block mix and for cold copies
+    shared = preset["shared_host"]
+    assert 0 < shared["core_efficiency"] <= 1 and 0 < shared["memory_efficiency"] <= 1
+    check = data["_measurements"]["shared_host_check"]
+    assert check["block_alone"] > 0 and check["copy_alone"] > 0
+    hw2 = HardwareSpec.model_validate(cal.shared_host_scale(preset, 2))
+    assert hw2.shared_memory_efficiency == shared["memory_efficiency"]
     again = HardwareSpec.model_validate(cal.shared_host_scale(preset, 2))
     assert again.device.peak_flops_per_s.keys() == hw.device.peak_flops_per_s.keys()
     assert math.isclose(again.intra_node.latency_s, hw.intra_node.latency_s)
