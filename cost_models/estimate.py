@@ -164,13 +164,14 @@ def _check_stages(graph: ModelGraph, stages, want: int) -> None:
 _STAGE_IDS = count()  # ids of cached stage results (never reused, so rank keys stay unambiguous)
 
 
-def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb: int, split: bool,
-           fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int, reshard: bool):
-    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, id, (F, B, W, p2p)) per
-    micro-batch, cached by the stage's composition (not its position). `reshard`: FSDP gathers
-    again in backward and reduce-scatters every micro-batch (zero3/hsdp); otherwise (zero2) it
-    gathers in forward only and reduce-scatters once per step (after the pipeline)."""
-    ss = block_costs_ctx(ctx, tp, sp, mb, rec).stage(first, last)
+def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int,
+           reshard: bool):
+    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, rank id, (F, B, W, p2p))
+    per micro-batch of the stage whose block sums are `ss`, cached by composition (not position).
+    `reshard`: FSDP gathers again in backward and reduce-scatters every micro-batch (zero3/hsdp);
+    otherwise (zero2) it gathers in forward only and reduce-scatters once per step (after the
+    pipeline). The rank id is the same with and without `split`: everything a rank's terms read
+    (the sums, FSDP terms, p2p and B + W) is (B + W is bit-identical: (b + e) + w == (b + e + w) + 0.0)."""
     # one StageSum object per composition and (tp, sp, mb, rec) setting, kept alive by the context's
     # BlockCosts: its id stands for all of them
     key = (id(ss), split, fsdp_n, fsdp_stride, last_stage, pp_stride, reshard)
@@ -201,8 +202,12 @@ def _stage(ctx: Context, first: int, last: int, rec: str, tp: int, sp: bool, mb:
         if link is None:
             link = ctx.links[key_l] = comm.p2p_link(ctx.hw, pp_stride)
         c = comm.p2p_s(ss.output_bytes, link)
-    # a small id (cheap rank keys) and the (F, B, W, p2p) the simulator takes
-    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, next(_STAGE_IDS), (F, B, W, c))
+    # a small id shared by split and unsplit (cheap rank keys) and the (F, B, W, p2p) the simulator takes
+    rkey = ("rid", id(ss), fsdp_n, fsdp_stride, last_stage, pp_stride, reshard)
+    rid = ctx.stage_cache.get(rkey)
+    if rid is None:
+        rid = ctx.stage_cache[rkey] = next(_STAGE_IDS)
+    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, rid, (F, B, W, c))
     if len(ctx.stage_cache) > 200_000:
         ctx.stage_cache.clear()
     ctx.stage_cache[key] = got
@@ -253,14 +258,47 @@ class _Layout:
     notes: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class _StageList:
+    """A stage partition's block sums for one (tp, sp, micro-batch) setting: the distinct
+    (StageSum, is last stage) pairs and, per stage, which one it is."""
+
+    uid: int  # never reused (cache keys below hold it, not id())
+    uniq: tuple[tuple[object, bool], ...]
+    pattern: tuple[int, ...]
+    flops_per_mb: float  # per tp rank, all stages: fwd + bwd + recompute
+
+
+def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int) -> _StageList:
+    key = ("stages", stages, tp, sp, mb)
+    got = ctx.stage_cache.get(key)
+    if got is not None:
+        return got
+    S = len(stages)
+    index: dict = {}
+    uniq, pattern, fl = [], [], []
+    for j, (a, b, r) in enumerate(stages):
+        ss = block_costs_ctx(ctx, tp, sp, mb, r).stage(a, b)
+        u = (id(ss), j == S - 1)
+        i = index.get(u)
+        if i is None:
+            i = index[u] = len(uniq)
+            uniq.append((ss, j == S - 1))
+        pattern.append(i)
+        fl.append(ss.fwd_flops + ss.bwd_flops + ss.recompute_flops)
+    got = ctx.stage_cache[key] = _StageList(next(_STAGE_IDS), tuple(uniq), tuple(pattern), sum(fl))
+    return got
+
+
 def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
-    graph, hw, train = ctx.graph, ctx.hw, ctx.train
+    """Stage times and per-rank terms. Stage results are computed once per distinct (composition,
+    last stage) and the per-rank terms once per (stage list, stage rank ids, dp setting): they do
+    not depend on the schedule (1F1B and ZB-H1 share them)."""
     pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
-    S = pp * v
     mb = k.micro_batch_size
     sp = bool(k.sequence_parallel and tp > 1)
     split = sched == "zero_bubble"
-    sharding, bpp = k.sharding, ctx.bpp
+    sharding = k.sharding
     if sharding == "hsdp":
         shard_n = k.hsdp_shard_size or dp
         if dp % shard_n:
@@ -270,10 +308,33 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
     fsdp_n = shard_n if sharding in ("zero2", "zero3", "hsdp") else 1
     reshard = sharding != "zero2"
     pp_stride = tp * dp
-    st = [_stage(ctx, a, b, r, tp, sp, mb, split, fsdp_n, tp, j == S - 1, pp_stride, reshard)
-          for j, (a, b, r) in enumerate(stages)]
+    sl = _stage_list(ctx, stages, tp, sp, mb)
+    res = [_stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard) for ss, last in sl.uniq]
+    st = [res[i] for i in sl.pattern]
     times = tuple([x[9] for x in st])
+    accum = k.num_micro_batches > 1
+    rkey = ("ranks", sl.uid, tuple([x[8] for x in res]), pp, dp, tp, v, sharding, shard_n, k.offload, accum)
+    got = ctx.stage_cache.get(rkey)
+    if got is None:
+        got = ctx.stage_cache[rkey] = _ranks(ctx, k, stages, st, shard_n, accum)
+    ranks, notes = got
+    notes = list(notes)
+    if split:
+        notes.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
+    if ctx.train.optimizer == "sgd":
+        notes.append("sgd assumed with momentum (4 bytes/param of state)")
+    return _Layout(times, ranks, _rank_stages(pp, pp * v), sl.flops_per_mb, 2 * sum(t[3] for t in times),
+                   tuple(dict.fromkeys(notes)))
 
+
+def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool) -> tuple[tuple[_Rank, ...], tuple[str, ...]]:
+    """Per-rank terms (_Rank per pp rank) and the tied-parameter notes."""
+    graph, hw, train = ctx.graph, ctx.hw, ctx.train
+    pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
+    S = pp * v
+    mb = k.micro_batch_size
+    sharding, bpp = k.sharding, ctx.bpp
+    pp_stride = tp * dp
     notes: list[str] = []
     firsts = [s_[0] for s_ in stages]
     tied_rank_params = [0.0] * pp
@@ -302,7 +363,6 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
     act_isz = itemsize(ctx.dtype)
     last_block_split = bool(graph.layer(graph.num_blocks - 1).tp_candidates) and tp > 1
 
-    accum = k.num_micro_batches > 1
     rank_stages = _rank_stages(pp, S)
     # ranks alike (same stage results, tied parameters and sends; the last rank apart) share one
     # _Rank: computed or looked up once per kind, keyed by the stages' small ids
@@ -421,13 +481,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
             f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, pp_v, pp_t,
         )
         by_kind[kind] = got
-    ranks = [by_kind[kk] for kk in kinds]
-    flops = sum([x[4].fwd_flops + x[4].bwd_flops + x[4].recompute_flops for x in st])
-    if split:
-        notes.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
-    if train.optimizer == "sgd":
-        notes.append("sgd assumed with momentum (4 bytes/param of state)")
-    return _Layout(times, tuple(ranks), rank_stages, flops, 2 * sum(t[3] for t in times), tuple(dict.fromkeys(notes)))
+    return tuple([by_kind[kk] for kk in kinds]), tuple(notes)
 
 
 @lru_cache(maxsize=64)
@@ -453,7 +507,8 @@ def _layout_for(ctx: Context, graph: ModelGraph, k: Knobs, stages, hw: HardwareS
     if world != hw.num_devices:
         raise SpecError(f"knobs: tp({tp}) * pp({pp}) * dp({dp}) = {world}, but the hardware has {hw.num_devices} devices")
     sched = k.schedule if pp > 1 else "1f1b"
-    key = ("layout", tuple(stages), pp, dp, tp, v, k.sharding, k.hsdp_shard_size, k.offload, k.micro_batch_size,
+    stages = tuple(stages)
+    key = ("layout", stages, pp, dp, tp, v, k.sharding, k.hsdp_shard_size, k.offload, k.micro_batch_size,
            k.sequence_parallel, sched == "zero_bubble", k.num_micro_batches > 1)
     lay = ctx.stage_cache.get(key)
     if lay is None:
