@@ -58,7 +58,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from itertools import count
+from itertools import count, repeat
+from operator import add, itemgetter, mul, sub
 
 from cost_models import comm, sharedhost
 from cost_models.blocks import Context, block_costs_ctx, context
@@ -249,9 +250,41 @@ class _Rank:
 
 
 @dataclass(frozen=True, slots=True)
+class _Cols:
+    """The per-rank terms as columns (one entry per pp rank), for the per-call pass over ranks."""
+
+    kind_of: itemgetter  # rank -> index into uniq, as one call: kind_of(per_kind_list) -> per rank
+    uniq: tuple[_Rank, ...]  # distinct _Rank objects, in order of first rank
+    static: tuple[float, ...]  # parameters + gradients + optimizer states
+    trans: tuple[float, ...]
+    opt_tmp: tuple[float, ...]
+    acts: tuple[tuple[float, ...], ...]  # per virtual stage i of a rank: its stored bytes per micro-batch
+    param: tuple[float, ...]
+    grad: tuple[float, ...]
+    opt: tuple[float, ...]
+
+
+def _cols(ranks: tuple[_Rank, ...], v: int) -> _Cols:
+    index: dict[int, int] = {}
+    uniq = []
+    for rk in ranks:
+        if id(rk) not in index:
+            index[id(rk)] = len(uniq)
+            uniq.append(rk)
+    kind_of = [index[id(rk)] for rk in ranks]
+    getter = itemgetter(*kind_of) if len(kind_of) > 1 else (lambda xs, _i=kind_of[0]: (xs[_i],))
+    return _Cols(getter, tuple(uniq), tuple([rk.param_b + rk.grad_b + rk.opt_b for rk in ranks]),
+                 tuple([rk.trans_b for rk in ranks]), tuple([rk.opt_tmp_b for rk in ranks]),
+                 tuple(tuple([rk.activation[i] for rk in ranks]) for i in range(v)),
+                 tuple([rk.param_b for rk in ranks]), tuple([rk.grad_b for rk in ranks]),
+                 tuple([rk.opt_b for rk in ranks]))
+
+
+@dataclass(frozen=True, slots=True)
 class _Layout:
     times: tuple[tuple[float, float, float, float], ...]
     ranks: tuple[_Rank, ...]
+    cols: _Cols
     rank_stages: tuple[tuple[int, ...], ...]
     flops_per_mb: float  # per tp rank, all stages: fwd + bwd + recompute
     crit_p2p: float
@@ -317,18 +350,18 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
     got = ctx.stage_cache.get(rkey)
     if got is None:
         got = ctx.stage_cache[rkey] = _ranks(ctx, k, stages, st, shard_n, accum)
-    ranks, notes = got
+    ranks, cols, notes = got
     notes = list(notes)
     if split:
         notes.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
     if ctx.train.optimizer == "sgd":
         notes.append("sgd assumed with momentum (4 bytes/param of state)")
-    return _Layout(times, ranks, _rank_stages(pp, pp * v), sl.flops_per_mb, 2 * sum(t[3] for t in times),
+    return _Layout(times, ranks, cols, _rank_stages(pp, pp * v), sl.flops_per_mb, 2 * sum(t[3] for t in times),
                    tuple(dict.fromkeys(notes)))
 
 
-def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool) -> tuple[tuple[_Rank, ...], tuple[str, ...]]:
-    """Per-rank terms (_Rank per pp rank) and the tied-parameter notes."""
+def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
+    """Per-rank terms (_Rank per pp rank, and as columns) and the tied-parameter notes."""
     graph, hw, train = ctx.graph, ctx.hw, ctx.train
     pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
     S = pp * v
@@ -481,7 +514,8 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool) -> tup
             f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, pp_v, pp_t,
         )
         by_kind[kind] = got
-    return tuple([by_kind[kk] for kk in kinds]), tuple(notes)
+    ranks = tuple([by_kind[kk] for kk in kinds])
+    return ranks, _cols(ranks, v), tuple(notes)
 
 
 @lru_cache(maxsize=64)
@@ -557,31 +591,29 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     capacity = float(hw.device.memory_bytes)
     sharding = k.sharding
 
-    totals, mem_rank, post_tot, posts = [], [], [], []
+    # per rank, as columns (C-level maps; the same operations, in the same order, as
+    # acts = sum of peak x stored bytes over the rank's stages, static + max(acts + transient,
+    # optimizer temporaries) + margin)
+    cols = lay.cols
     peaks = sim.peak_in_flight_per_stage
-    post_of: dict[int, tuple[float, float, float]] = {}  # by id of the (shared) _Rank
-    for rk, js in zip(lay.ranks, lay.rank_stages, strict=True):
-        acts = 0.0
-        for j, a in zip(js, rk.activation, strict=True):
-            acts += peaks[j] * a
-        static = rk.param_b + rk.grad_b + rk.opt_b
-        dynamic = max(acts + rk.trans_b, rk.opt_tmp_b)
-        margin = margin_bytes(static + dynamic, capacity)
-        totals.append(static + dynamic + margin)
-        mem_rank.append((acts, dynamic, margin))
-        p = post_of.get(id(rk))
-        if p is None:
-            p = post_of[id(rk)] = _post(rk, sharding, m)
-        posts.append(p)
-        post_tot.append(p[0] + rk.tied + rk.opt_s + rk.offload_s)
-    rp = max(range(pp), key=post_tot.__getitem__)
+    acts = list(map(mul, peaks[:pp], cols.acts[0]))
+    for i in range(1, v):
+        acts = list(map(add, acts, map(mul, peaks[i * pp:(i + 1) * pp], cols.acts[i])))
+    dyn = list(map(max, map(add, acts, cols.trans), cols.opt_tmp))
+    tens = list(map(add, cols.static, dyn))
+    margins = list(map(margin_bytes, tens, repeat(capacity)))
+    totals = list(map(add, tens, margins))
+    posts_u = [_post(rk, sharding, m) for rk in cols.uniq]
+    tot_u = [p[0] + rk.tied + rk.opt_s + rk.offload_s for p, rk in zip(posts_u, cols.uniq, strict=True)]
+    post_tot = cols.kind_of(tot_u)
+    rp = post_tot.index(max(post_tot))  # the first rank with the largest post term
     step = T_pipe + post_tot[rp]
 
     rb = sim.busiest_rank
     R, P = lay.ranks[rb], lay.ranks[rp]
     idle = max(0.0, T_pipe - sim.busy_s[rb])
     pp_exp = min(idle, lay.crit_p2p)
-    dpe, dpt, dpv = posts[rp]
+    dpe, dpt, dpv = cols.kind_of(posts_u)[rp]
     breakdown = {
         "compute_forward_s": m * R.f_c, "compute_backward_s": m * R.b_c, "recompute_s": m * R.rec,
         "tp_comm_s": m * R.tp_s, "dp_comm_s": m * R.fsdp_s + dpe, "pp_comm_s": pp_exp + P.tied,
@@ -592,11 +624,10 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
         "dp": AxisCommEstimate(dpv, dpt, m * R.fsdp_s + dpe),
         "pp": AxisCommEstimate(m * R.pp_vol, m * R.pp_t + P.tied, pp_exp + P.tied),
     }
-    worst = max(range(pp), key=totals.__getitem__)
+    worst = totals.index(max(totals))  # the first rank with the largest peak
     W = lay.ranks[worst]
-    acts, dynamic, margin = mem_rank[worst]
-    memory = {"parameters": W.param_b, "gradients": W.grad_b, "optimizer": W.opt_b, "activations": acts,
-              "transient": dynamic - acts, "margin": margin}
+    memory = {"parameters": W.param_b, "gradients": W.grad_b, "optimizer": W.opt_b, "activations": acts[worst],
+              "transient": dyn[worst] - acts[worst], "margin": margins[worst]}
     peak_mem = totals[worst]
     samples = mb * m * dp
     model_flops = ctx.model_flops_per_sample * samples
@@ -606,8 +637,8 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     return StepEstimate(
         step_time_s=step, fits=peak_mem <= capacity, peak_memory_bytes=peak_mem, memory_capacity_bytes=capacity,
         memory_bytes=memory, memory_per_rank_bytes=tuple(totals),
-        memory_by_rank_raw=tuple((rk.param_b, rk.grad_b, rk.opt_b, a, d - a, mg)
-                                 for rk, (a, d, mg) in zip(lay.ranks, mem_rank, strict=True)),
+        memory_by_rank_raw=tuple(zip(cols.param, cols.grad, cols.opt, acts, map(sub, dyn, acts), margins,
+                                     strict=True)),
         worst_rank=worst, time_breakdown_s=breakdown,
         comm=comm_axes, bubble_fraction=(idle - pp_exp) * inv, mfu=model_flops * inv / peak,
         hfu=hw_flops * inv / peak, samples_per_s=samples * inv, tokens_per_s=samples * graph.tokens_per_sample * inv,

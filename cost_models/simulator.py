@@ -48,7 +48,7 @@ class ScheduleResult:
 
     @property
     def busiest_rank(self) -> int:
-        return max(range(len(self.busy_s)), key=lambda r: self.busy_s[r])
+        return self.busy_s.index(max(self.busy_s))  # the first busiest
 
 
 @dataclass(frozen=True, slots=True)
