@@ -264,20 +264,14 @@ class _Cols:
     opt: tuple[float, ...]
 
 
-def _cols(ranks: tuple[_Rank, ...], v: int) -> _Cols:
-    index: dict[int, int] = {}
-    uniq = []
-    for rk in ranks:
-        if id(rk) not in index:
-            index[id(rk)] = len(uniq)
-            uniq.append(rk)
-    kind_of = [index[id(rk)] for rk in ranks]
-    getter = itemgetter(*kind_of) if len(kind_of) > 1 else (lambda xs, _i=kind_of[0]: (xs[_i],))
-    return _Cols(getter, tuple(uniq), tuple([rk.param_b + rk.grad_b + rk.opt_b for rk in ranks]),
-                 tuple([rk.trans_b for rk in ranks]), tuple([rk.opt_tmp_b for rk in ranks]),
-                 tuple(tuple([rk.activation[i] for rk in ranks]) for i in range(v)),
-                 tuple([rk.param_b for rk in ranks]), tuple([rk.grad_b for rk in ranks]),
-                 tuple([rk.opt_b for rk in ranks]))
+def _cols(uniq: list[_Rank], kind_of: list[int], v: int) -> _Cols:
+    """Columns from the distinct ranks `uniq` and each rank's index into it."""
+    get = itemgetter(*kind_of) if len(kind_of) > 1 else (lambda xs, _i=kind_of[0]: (xs[_i],))
+    # per distinct rank, then spread over the ranks by one C call each
+    return _Cols(get, tuple(uniq), get([rk.param_b + rk.grad_b + rk.opt_b for rk in uniq]),
+                 get([rk.trans_b for rk in uniq]), get([rk.opt_tmp_b for rk in uniq]),
+                 tuple(get([rk.activation[i] for rk in uniq]) for i in range(v)),
+                 get([rk.param_b for rk in uniq]), get([rk.grad_b for rk in uniq]), get([rk.opt_b for rk in uniq]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,8 +397,12 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
     per_rank = ids if v == 1 else list(zip(*[ids[i * pp:(i + 1) * pp] for i in range(v)], strict=True))
     kinds = list(zip(per_rank, tied_rank_params, tied_comm, strict=True))
     kinds[-1] = (*kinds[-1], "last")
-    by_kind = dict.fromkeys(kinds)
-    for r, kind in ((kinds.index(kk), kk) for kk in by_kind):
+    by_kind: dict = {}
+    first_rank: dict = {}
+    for r, kk in enumerate(kinds):
+        if kk not in first_rank:
+            first_rank[kk] = r
+    for kind, r in first_rank.items():
         js = rank_stages[r]
         rkey = ("rank", kind, pp, dp, tp, sharding, shard_n, k.offload, accum)
         got = ctx.stage_cache.get(rkey)
@@ -514,8 +512,10 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
             f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, pp_v, pp_t,
         )
         by_kind[kind] = got
-    ranks = tuple([by_kind[kk] for kk in kinds])
-    return ranks, _cols(ranks, v), tuple(notes)
+    pos = {kk: i for i, kk in enumerate(first_rank)}
+    kind_of = [pos[kk] for kk in kinds]
+    uniq = [by_kind[kk] for kk in first_rank]
+    return tuple([uniq[i] for i in kind_of]), _cols(uniq, kind_of, v), tuple(notes)
 
 
 @lru_cache(maxsize=64)
