@@ -379,14 +379,6 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
                 tied_comm[ra] = max(tied_comm[ra], t)
                 tied_comm[rb] = max(tied_comm[rb], t)
                 notes.append("tied parameters on different pp ranks: a copy on each, gradients all-reduced")
-    dp_link = ctx.link(dp, tp)
-    rep_link = ctx.link(dp // shard_n, tp * shard_n) if sharding == "hsdp" else None
-    curves = curves_for(hw)
-    step_bpp = optimizer_step_bytes_per_param(bpp, train.optimizer)
-    # where the optimizer runs on the CPU: the measured AdamW rate, scaled to this optimizer by
-    # its bytes per parameter (host.cpu_adam_params_per_s is a foreach AdamW step, fp32)
-    host_rate = hw.host.cpu_adam_params_per_s * optimizer_step_bytes_per_param(bpp, "adamw") / step_bpp
-    opt_div = {"zero1": dp, "zero2": dp, "zero3": dp, "hsdp": shard_n}.get(sharding, 1)
     act_isz = itemsize(ctx.dtype)
     last_block_split = bool(graph.layer(graph.num_blocks - 1).tp_candidates) and tp > 1
 
@@ -435,7 +427,11 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
             if stages[j][2] != "none":
                 recomputed = max(recomputed, x.max_working_bytes)
         n_params -= tied_rank_params[r]
-        states = sharded_states(n_params, bpp, sharding=sharding, dp=dp, hsdp_shard_size=shard_n, offload=k.offload)
+        dkey = ("dp", n_params, sharding, dp, shard_n, tp, k.offload)
+        dterms = ctx.stage_cache.get(dkey)
+        if dterms is None:
+            dterms = ctx.stage_cache[dkey] = _dp_terms(ctx, n_params, k, shard_n)
+        states, opt_params, tot, last, ag, rs_tot, rs_last, grad_vol, fixed_vol, opt_s, off_s, exposes = dterms
         trans = 0.0
         if sharding in ("none", "zero1"):
             trans += n_params * bpp.grad  # DDP bucket copies of the gradients
@@ -456,55 +452,18 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
             trans += ctx.final_output_bytes * mb * (1 + 2 * 4 / act_isz) / (tp if last_block_split else 1)
         if recomputed >= 0:
             trans += recomputed
-        opt_params = n_params / opt_div
         opt_tmp = 4 * opt_params if (train.optimizer in ("adam", "adamw") and k.offload == "none") else 0.0
 
-        grad_bytes = n_params * bpp.grad
         # the backward that hides the gradient sync; none where comm shares the compute cores
         if not hw.comm_overlaps_compute:
             window = 0.0
-        fsdp_per_mb, fsdp_mb = fsdp_mb, 0.0
-        rs_tot = rs_last = ag_after = fixed_exp = fixed_time = fixed_vol = grad_vol = 0.0
-        if dp > 1:
-            if sharding == "none":
-                tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
-                fixed_exp, fixed_time = max(last, tot - window), tot
-                fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp)
-            elif sharding == "zero1":
-                # ZeroRedundancyOptimizer over DDP: bucketed all-reduce under the last backward,
-                # then each rank steps its shard and the updated parameters are gathered (exposed)
-                tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
-                ag = comm.all_gather_s(n_params * bpp.param, dp_link)
-                fixed_exp, fixed_time = max(last, tot - window) + ag, tot + ag
-                fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp) + comm.all_gather_volume_bytes(
-                    n_params * bpp.param, dp)
-            elif sharding == "zero2":
-                # FSDP2, no resharding: gathers in each forward (in the stage times), one
-                # reduce-scatter of the accumulated gradients under the last backward
-                rs_tot, rs_last = comm.bucketed_reduce_scatter_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
-                fsdp_mb = fsdp_per_mb
-                grad_vol = comm.all_gather_volume_bytes(n_params * bpp.compute, dp)
-                fixed_vol = comm.all_gather_volume_bytes(grad_bytes, dp)
-            else:
-                fsdp_mb = fsdp_per_mb
-                grad_vol = (2 * comm.all_gather_volume_bytes(n_params * bpp.compute, shard_n)
-                            + comm.all_gather_volume_bytes(grad_bytes, shard_n))
-                if sharding == "hsdp" and rep_link is not None and rep_link.size > 1:
-                    tot, last = comm.bucketed_all_reduce_s(grad_bytes / shard_n, rep_link, DDP_BUCKET_BYTES)
-                    fixed_exp, fixed_time = max(last, tot - window), tot
-                    fixed_vol = comm.all_reduce_volume_bytes(grad_bytes / shard_n, dp // shard_n)
-        opt_s = off_s = 0.0
-        if k.offload == "cpu":
-            pcie = hw.host.pcie_bandwidth_bytes_per_s
-            off_s = opt_params * (bpp.grad + bpp.param) / pcie + opt_params / hw.host.cpu_adam_params_per_s
-        elif hw.device_is_host_cpu:
-            if opt_params > 0:
-                opt_s = max(hw.device.kernel_launch_s, opt_params / host_rate)
-        else:
-            nbytes = opt_params * step_bpp
-            if nbytes > 0:
-                bw = hw.device.memory_bandwidth_bytes_per_s
-                opt_s = max(hw.device.kernel_launch_s, nbytes / (bw * memory_efficiency(curves, nbytes, "elementwise")))
+        fsdp_per_mb = fsdp_mb
+        fsdp_mb = fsdp_per_mb if dp > 1 and sharding in ("zero2", "zero3", "hsdp") else 0.0
+        ag_after = fixed_exp = fixed_time = 0.0
+        if exposes:  # a bucketed all-reduce under the last backward (DDP, ZeRO-1, HSDP replicas)
+            fixed_exp, fixed_time = max(last, tot - window), tot
+            if sharding == "zero1":  # then the updated parameters are gathered (exposed)
+                fixed_exp, fixed_time = fixed_exp + ag, tot + ag
         got = ctx.stage_cache[rkey] = _Rank(
             tuple(acts), states.param, states.grad, states.optimizer, trans, opt_tmp,
             rs_tot, rs_last, window, ag_after, fixed_exp, fixed_time, fixed_vol, grad_vol, fsdp_mb, tied_comm[r],
@@ -516,6 +475,68 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
     kind_of = [pos[kk] for kk in kinds]
     uniq = [by_kind[kk] for kk in first_rank]
     return tuple([uniq[i] for i in kind_of]), _cols(uniq, kind_of, v), tuple(notes)
+
+
+def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
+    """The terms of a rank holding `n_params` parameters that depend only on that count and the
+    data-parallel setting (cached per context; shared across recompute, sp and schedule):
+    (states, optimizer parameters, bucketed all-reduce total and last bucket, ZeRO-1 parameter
+    gather, ZeRO-2 reduce-scatter total and last bucket, per-micro-batch FSDP volume, fixed volume,
+    optimizer step, offload, whether the all-reduce total/last apply)."""
+    hw, bpp = ctx.hw, ctx.bpp
+    dp, tp, sharding = k.dp, k.tp, k.sharding
+    states = sharded_states(n_params, bpp, sharding=sharding, dp=dp, hsdp_shard_size=shard_n, offload=k.offload)
+    opt_div = {"zero1": dp, "zero2": dp, "zero3": dp, "hsdp": shard_n}.get(sharding, 1)
+    opt_params = n_params / opt_div
+    grad_bytes = n_params * bpp.grad
+    tot = last = ag = rs_tot = rs_last = fixed_vol = grad_vol = 0.0
+    exposes = False
+    if dp > 1:
+        dp_link = ctx.link(dp, tp)
+        if sharding == "none":
+            tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+            fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp)
+            exposes = True
+        elif sharding == "zero1":
+            # ZeroRedundancyOptimizer over DDP: bucketed all-reduce under the last backward,
+            # then each rank steps its shard and the updated parameters are gathered (exposed)
+            tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+            ag = comm.all_gather_s(n_params * bpp.param, dp_link)
+            fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp) + comm.all_gather_volume_bytes(
+                n_params * bpp.param, dp)
+            exposes = True
+        elif sharding == "zero2":
+            # FSDP2, no resharding: gathers in each forward (in the stage times), one
+            # reduce-scatter of the accumulated gradients under the last backward
+            rs_tot, rs_last = comm.bucketed_reduce_scatter_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+            grad_vol = comm.all_gather_volume_bytes(n_params * bpp.compute, dp)
+            fixed_vol = comm.all_gather_volume_bytes(grad_bytes, dp)
+        else:
+            grad_vol = (2 * comm.all_gather_volume_bytes(n_params * bpp.compute, shard_n)
+                        + comm.all_gather_volume_bytes(grad_bytes, shard_n))
+            rep_link = ctx.link(dp // shard_n, tp * shard_n) if sharding == "hsdp" else None
+            if sharding == "hsdp" and rep_link is not None and rep_link.size > 1:
+                tot, last = comm.bucketed_all_reduce_s(grad_bytes / shard_n, rep_link, DDP_BUCKET_BYTES)
+                fixed_vol = comm.all_reduce_volume_bytes(grad_bytes / shard_n, dp // shard_n)
+                exposes = True
+    opt_s = off_s = 0.0
+    if k.offload == "cpu":
+        pcie = hw.host.pcie_bandwidth_bytes_per_s
+        off_s = opt_params * (bpp.grad + bpp.param) / pcie + opt_params / hw.host.cpu_adam_params_per_s
+    elif hw.device_is_host_cpu:
+        if opt_params > 0:
+            step_bpp = optimizer_step_bytes_per_param(bpp, ctx.train.optimizer)
+            # the measured AdamW rate, scaled to this optimizer by its bytes per parameter
+            # (host.cpu_adam_params_per_s is a foreach AdamW step, fp32)
+            host_rate = hw.host.cpu_adam_params_per_s * optimizer_step_bytes_per_param(bpp, "adamw") / step_bpp
+            opt_s = max(hw.device.kernel_launch_s, opt_params / host_rate)
+    else:
+        nbytes = opt_params * optimizer_step_bytes_per_param(bpp, ctx.train.optimizer)
+        if nbytes > 0:
+            bw = hw.device.memory_bandwidth_bytes_per_s
+            opt_s = max(hw.device.kernel_launch_s,
+                        nbytes / (bw * memory_efficiency(curves_for(hw), nbytes, "elementwise")))
+    return states, opt_params, tot, last, ag, rs_tot, rs_last, grad_vol, fixed_vol, opt_s, off_s, exposes
 
 
 @lru_cache(maxsize=64)
