@@ -14,6 +14,11 @@ for the smallest equivalent micro-batch count) and playing each distinct simulat
 steady-phase fast-forward; "cold time without simulations" subtracts the simulations re-played
 with the compiled structures cached.
 
+Like the search (planner.search.Search.run), the benchmark moves everything alive before scoring
+(imports, the graph) out of the cyclic garbage collector's reach with gc.freeze(); `--no-freeze`
+measures without (full collections then walk the ~200k objects of torch and the graph whenever the
+growing caches trigger one: +-30 us per candidate, depending on when they fall).
+
 Times are CPU time of this process (time.process_time), so other load on a shared machine
 inflates them less than wall-clock would. Run: .venv/bin/python benchmarks/cost_bench.py
 """
@@ -21,6 +26,7 @@ inflates them less than wall-clock would. Run: .venv/bin/python benchmarks/cost_
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -70,6 +76,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--traced", action="store_true", help="trace the bundled gpt3-175b (planner.trace) "
                     "instead of the analytic graph (tests/graphs.py)")
+    ap.add_argument("--no-freeze", action="store_true", help="leave the garbage collector as it is "
+                    "(the search freezes what exists before it starts)")
     args = ap.parse_args()
     if args.traced:
         from planner import trace
@@ -84,6 +92,8 @@ def main() -> None:
     hw = HardwareSpec.preset("dgx-a100-80gb", nodes=128)
     train = TrainSpec(global_batch_size=1536)
     cands = list(candidates(graph.num_blocks, hw.num_devices, train.global_batch_size))
+    if not args.no_freeze:
+        gc.freeze()
 
     sims_before = len(sim_mod._CACHE)
     t0 = time.process_time()

@@ -42,6 +42,7 @@ says a partition does not fit, the partition is redone with the budget lowered b
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import math
@@ -326,6 +327,19 @@ class Search(SearchSpace):
             )
 
     def run(self) -> SearchResult:
+        # everything alive before the search (the traced graph, imported modules) is moved out of
+        # the cyclic collector's reach for its duration: full collections otherwise walk it again
+        # and again as the caches grow (benchmarks/cost_bench.py measures the difference)
+        freeze = gc.get_freeze_count() == 0  # a caller's own freeze is left as it is
+        if freeze:
+            gc.freeze()
+        try:
+            return self._run()
+        finally:
+            if freeze:
+                gc.unfreeze()
+
+    def _run(self) -> SearchResult:
         t0 = time.perf_counter()
         meshes = self.meshes()
         items = self.items(meshes)
