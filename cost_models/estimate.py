@@ -58,7 +58,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from itertools import count, repeat
+from itertools import count
 from operator import add, itemgetter, mul, sub
 
 from cost_models import comm, sharedhost
@@ -67,6 +67,7 @@ from cost_models.compute import compute_dtype, itemsize, peak_flops_per_s
 from cost_models.efficiency import curves_for, memory_efficiency
 from cost_models.memory import (
     DDP_BUCKET_BYTES,
+    FRAGMENTATION_FRACTION,
     margin_bytes,
     optimizer_step_bytes_per_param,
     sharded_states,
@@ -283,6 +284,7 @@ class _Layout:
     flops_per_mb: float  # per tp rank, all stages: fwd + bwd + recompute
     crit_p2p: float
     notes: tuple[str, ...]
+    sims: dict  # (schedule, micro-batches) -> ScheduleResult (saves hashing the stage times again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,9 +298,10 @@ class _StageList:
     flops_per_mb: float  # per tp rank, all stages: fwd + bwd + recompute
 
 
-def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int) -> _StageList:
-    key = ("stages", stages, tp, sp, mb)
-    got = ctx.stage_cache.get(key)
+def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int, sub: dict) -> _StageList:
+    """`sub`: the caches of this stage list (hashed once per call)."""
+    key = ("stages", tp, sp, mb)
+    got = sub.get(key)
     if got is not None:
         return got
     S = len(stages)
@@ -313,11 +316,11 @@ def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int) -> _StageList:
             uniq.append((ss, j == S - 1))
         pattern.append(i)
         fl.append(ss.fwd_flops + ss.bwd_flops + ss.recompute_flops)
-    got = ctx.stage_cache[key] = _StageList(next(_STAGE_IDS), tuple(uniq), tuple(pattern), sum(fl))
+    got = sub[key] = _StageList(next(_STAGE_IDS), tuple(uniq), tuple(pattern), sum(fl))
     return got
 
 
-def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
+def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
     """Stage times and per-rank terms. Stage results are computed once per distinct (composition,
     last stage) and the per-rank terms once per (stage list, stage rank ids, dp setting): they do
     not depend on the schedule (1F1B and ZB-H1 share them)."""
@@ -335,7 +338,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
     fsdp_n = shard_n if sharding in ("zero2", "zero3", "hsdp") else 1
     reshard = sharding != "zero2"
     pp_stride = tp * dp
-    sl = _stage_list(ctx, stages, tp, sp, mb)
+    sl = _stage_list(ctx, stages, tp, sp, mb, sub)
     res = [_stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard) for ss, last in sl.uniq]
     st = [res[i] for i in sl.pattern]
     times = tuple([x[9] for x in st])
@@ -351,7 +354,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str) -> _Layout:
     if ctx.train.optimizer == "sgd":
         notes.append("sgd assumed with momentum (4 bytes/param of state)")
     return _Layout(times, ranks, cols, _rank_stages(pp, pp * v), sl.flops_per_mb, 2 * sum(t[3] for t in times),
-                   tuple(dict.fromkeys(notes)))
+                   tuple(dict.fromkeys(notes)), {})
 
 
 def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
@@ -563,12 +566,16 @@ def _layout_for(ctx: Context, graph: ModelGraph, k: Knobs, stages, hw: HardwareS
         raise SpecError(f"knobs: tp({tp}) * pp({pp}) * dp({dp}) = {world}, but the hardware has {hw.num_devices} devices")
     sched = k.schedule if pp > 1 else "1f1b"
     stages = tuple(stages)
-    key = ("layout", stages, pp, dp, tp, v, k.sharding, k.hsdp_shard_size, k.offload, k.micro_batch_size,
+    # the caches of one stage list live in one dict under it (the stage list is hashed once)
+    sub = ctx.stage_cache.get(stages)
+    if sub is None:
+        sub = ctx.stage_cache[stages] = {}
+    key = ("layout", pp, dp, tp, v, k.sharding, k.hsdp_shard_size, k.offload, k.micro_batch_size,
            k.sequence_parallel, sched == "zero_bubble", k.num_micro_batches > 1)
-    lay = ctx.stage_cache.get(key)
+    lay = sub.get(key)
     if lay is None:
         _check_stages(graph, stages, pp * v)
-        lay = ctx.stage_cache[key] = _layout(ctx, k, stages, sched)
+        lay = sub[key] = _layout(ctx, k, stages, sched, sub)
     return lay, sched
 
 
@@ -607,7 +614,9 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     world = pp * dp * tp
     mb, m = k.micro_batch_size, k.num_micro_batches
     lay, sched = _layout_for(ctx, graph, k, stages, hw)
-    sim = simulate_cached(sched, pp, m, v, lay.times)
+    sim = lay.sims.get((sched, m))
+    if sim is None:
+        sim = lay.sims[(sched, m)] = simulate_cached(sched, pp, m, v, lay.times)
     T_pipe = sim.step_time_s
     capacity = float(hw.device.memory_bytes)
     sharding = k.sharding
@@ -620,9 +629,12 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     acts = list(map(mul, peaks[:pp], cols.acts[0]))
     for i in range(1, v):
         acts = list(map(add, acts, map(mul, peaks[i * pp:(i + 1) * pp], cols.acts[i])))
-    dyn = list(map(max, map(add, acts, cols.trans), cols.opt_tmp))
+    dyn = [o if o > x else x for x, o in zip(map(add, acts, cols.trans), cols.opt_tmp, strict=True)]  # max(x, o)
     tens = list(map(add, cols.static, dyn))
-    margins = list(map(margin_bytes, tens, repeat(capacity)))
+    # margin_bytes(x, capacity) = FRAGMENTATION_FRACTION * x + reserve(capacity), unrolled
+    # (tests/test_cost_estimate_fast.py checks it against margin_bytes)
+    reserve = margin_bytes(0.0, capacity)
+    margins = [FRAGMENTATION_FRACTION * x + reserve for x in tens]
     totals = list(map(add, tens, margins))
     posts_u = [_post(rk, sharding, m) for rk in cols.uniq]
     tot_u = [p[0] + rk.tied + rk.opt_s + rk.offload_s for p, rk in zip(posts_u, cols.uniq, strict=True)]
