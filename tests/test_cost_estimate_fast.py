@@ -16,7 +16,8 @@ import pytest
 
 from cost_models import estimate_knobs
 from cost_models.blocks import context
-from cost_models.estimate import FRAGMENTATION_FRACTION, _layout_for
+from cost_models.estimate import FRAGMENTATION_FRACTION
+from cost_models.layout import _layout_for
 from cost_models.memory import margin_bytes
 from specs import HardwareSpec, Knobs, TrainSpec
 from tests.graphs import gpt_graph

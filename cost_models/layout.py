@@ -1,0 +1,471 @@
+"""Per-layout terms of estimate_knobs: stage times and per-rank terms, cached for the search.
+
+A candidate's estimate (cost_models.estimate) splits into what depends on its stage list, mesh
+and data-parallel setting (here, computed once and cached per cost-model context) and what
+depends on the schedule's simulation and the micro-batch count (per call):
+
+- stage list (`_stage_list`, per (stages, tp, sp, micro-batch)): the block sums of each stage
+  (cost_models.blocks.BlockCosts.stage, one StageSum per composition), deduplicated: the stage
+  results below are computed once per distinct (composition, last stage), not once per stage.
+- stage results (`_stage`): per micro-batch F, B, W, p2p of a stage, with the exposed FSDP
+  gathers / reduce-scatters (see estimate's docstring for the overlap model), cached by the
+  StageSum and the sharding/link setting. Each carries a small rank id that is the same with
+  and without split backward: everything a rank's terms read (the sums, FSDP terms, p2p and
+  B + W, bit-identical either way) is.
+- per-rank terms (`_ranks`, `_Rank`): model states, transient buffers, optimizer step, the
+  post-pipeline data-parallel pieces and per-micro-batch breakdown sums of one pp rank, computed
+  once per kind of rank (ranks with the same stage results, tied parameters and position class
+  share one object) and shared between 1F1B and ZB-H1; the parts that depend only on the rank's
+  parameter count and the data-parallel setting (`_dp_terms`: sharded states, bucketed
+  collectives, optimizer step) are shared across recompute, sequence parallelism and schedule.
+- `_Cols`: the per-rank terms as columns, so the per-call pass over ranks is a few C-level maps.
+
+All of it is the same arithmetic, in the same order, as computing each candidate from scratch
+(tests/test_cost_estimate_fast.py: estimates do not depend on scoring order or cache sharing).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import count
+from operator import itemgetter
+
+from cost_models import comm
+from cost_models.blocks import Context, block_costs_ctx
+from cost_models.compute import itemsize
+from cost_models.efficiency import curves_for, memory_efficiency
+from cost_models.memory import DDP_BUCKET_BYTES, optimizer_step_bytes_per_param, sharded_states
+from specs import HardwareSpec, Knobs, ModelGraph, SpecError
+
+
+def _check_stages(graph: ModelGraph, stages, want: int) -> None:
+    if len(stages) != want:
+        raise SpecError(f"stages: pp * virtual_stages = {want} stages expected, got {len(stages)}")
+    nxt = 0
+    for i, (first, last, _rec) in enumerate(stages):
+        if first != nxt or last < first:
+            raise SpecError(
+                f"stages.{i}: ({first}, {last}) but block {nxt} is next; stages must cover blocks "
+                f"0..{graph.num_blocks - 1} once, in order"
+            )
+        nxt = last + 1
+    if nxt != graph.num_blocks:
+        raise SpecError(f"stages: cover blocks 0..{nxt - 1}, but the model has {graph.num_blocks} blocks")
+
+
+_STAGE_IDS = count()  # ids of cached stage results (never reused, so rank keys stay unambiguous)
+
+
+def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int,
+           reshard: bool):
+    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, rank id, (F, B, W, p2p))
+    per micro-batch of the stage whose block sums are `ss`, cached by composition (not position).
+    `reshard`: FSDP gathers again in backward and reduce-scatters every micro-batch (zero3/hsdp);
+    otherwise (zero2) it gathers in forward only and reduce-scatters once per step (after the
+    pipeline). The rank id is the same with and without `split`: everything a rank's terms read
+    (the sums, FSDP terms, p2p and B + W) is (B + W is bit-identical: (b + e) + w == (b + e + w) + 0.0)."""
+    # one StageSum object per composition and (tp, sp, mb, rec) setting, kept alive by the context's
+    # BlockCosts: its id stands for all of them
+    key = (id(ss), split, fsdp_n, fsdp_stride, last_stage, pp_stride, reshard)
+    got = ctx.stage_cache.get(key)
+    if got is not None:
+        return got
+    fwd_exp = bwd_exp = fsdp_time = 0.0
+    if fsdp_n > 1:
+        link = ctx.link(fsdp_n, fsdp_stride)
+        nb = ss.num_blocks
+        ag = comm.all_gather_s(ss.num_params * ctx.bpp.compute / nb, link)  # bf16 copies under mixed precision
+        overlap = ctx.hw.comm_overlaps_compute  # False: nothing hides the gathers (all exposed)
+        f_c = ss.forward_s if overlap else 0.0
+        fwd_exp = ag + max(0.0, (nb - 1) * ag - f_c * (nb - 1) / nb)
+        fsdp_time = nb * ag
+        if reshard:
+            rs = comm.reduce_scatter_s(ss.num_params * ctx.bpp.grad / nb, link)
+            b_c = ss.backward_s + ss.weight_compute_s if overlap else 0.0
+            bwd_exp = ag + rs + max(0.0, (nb - 1) * (ag + rs) - b_c * (nb - 1) / nb)
+            fsdp_time += nb * (ag + rs)
+    F = ss.forward_s + fwd_exp
+    B = ss.backward_s + bwd_exp + (0.0 if split else ss.weight_compute_s)
+    W = ss.weight_compute_s if split else 0.0
+    c = 0.0
+    if not last_stage:
+        key_l = ("p2p", pp_stride)
+        link = ctx.links.get(key_l)
+        if link is None:
+            link = ctx.links[key_l] = comm.p2p_link(ctx.hw, pp_stride)
+        c = comm.p2p_s(ss.output_bytes, link)
+    # a small id shared by split and unsplit (cheap rank keys) and the (F, B, W, p2p) the simulator takes
+    rkey = ("rid", id(ss), fsdp_n, fsdp_stride, last_stage, pp_stride, reshard)
+    rid = ctx.stage_cache.get(rkey)
+    if rid is None:
+        rid = ctx.stage_cache[rkey] = next(_STAGE_IDS)
+    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, rid, (F, B, W, c))
+    if len(ctx.stage_cache) > 200_000:
+        ctx.stage_cache.clear()
+    ctx.stage_cache[key] = got
+    return got
+
+
+@dataclass(frozen=True, slots=True)
+class _Rank:
+    """What one pp rank needs that does not depend on the micro-batch count or the schedule."""
+
+    activation: tuple[float, ...]  # stored bytes per micro-batch, per stage of this rank
+    param_b: float
+    grad_b: float
+    opt_b: float
+    trans_b: float  # transient buffers besides activations
+    opt_tmp_b: float  # optimizer-step temporaries
+    # post-pipeline communication pieces (see _post)
+    rs_tot: float
+    rs_last: float
+    window: float  # backward of one micro-batch on this rank
+    ag_after: float
+    fixed_exposed: float  # DDP / HSDP replica all-reduce exposed, independent of m
+    fixed_time: float
+    fixed_vol: float
+    grad_vol: float
+    fsdp_per_mb: float
+    tied: float
+    opt_s: float
+    offload_s: float
+    # per-micro-batch sums for the breakdown
+    f_c: float
+    b_c: float
+    rec: float
+    tp_s: float
+    tp_vol: float
+    fsdp_s: float
+    pp_vol: float
+    pp_t: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Cols:
+    """The per-rank terms as columns (one entry per pp rank), for the per-call pass over ranks."""
+
+    kind_of: itemgetter  # rank -> index into uniq, as one call: kind_of(per_kind_list) -> per rank
+    uniq: tuple[_Rank, ...]  # distinct _Rank objects, in order of first rank
+    static: tuple[float, ...]  # parameters + gradients + optimizer states
+    trans: tuple[float, ...]
+    opt_tmp: tuple[float, ...]
+    acts: tuple[tuple[float, ...], ...]  # per virtual stage i of a rank: its stored bytes per micro-batch
+    param: tuple[float, ...]
+    grad: tuple[float, ...]
+    opt: tuple[float, ...]
+
+
+def _cols(uniq: list[_Rank], kind_of: list[int], v: int) -> _Cols:
+    """Columns from the distinct ranks `uniq` and each rank's index into it."""
+    get = itemgetter(*kind_of) if len(kind_of) > 1 else (lambda xs, _i=kind_of[0]: (xs[_i],))
+    # per distinct rank, then spread over the ranks by one C call each
+    return _Cols(get, tuple(uniq), get([rk.param_b + rk.grad_b + rk.opt_b for rk in uniq]),
+                 get([rk.trans_b for rk in uniq]), get([rk.opt_tmp_b for rk in uniq]),
+                 tuple(get([rk.activation[i] for rk in uniq]) for i in range(v)),
+                 get([rk.param_b for rk in uniq]), get([rk.grad_b for rk in uniq]), get([rk.opt_b for rk in uniq]))
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    times: tuple[tuple[float, float, float, float], ...]
+    ranks: tuple[_Rank, ...]
+    cols: _Cols
+    rank_stages: tuple[tuple[int, ...], ...]
+    flops_per_mb: float  # per tp rank, all stages: fwd + bwd + recompute
+    crit_p2p: float
+    notes: tuple[str, ...]
+    sims: dict  # (schedule, micro-batches) -> ScheduleResult (saves hashing the stage times again)
+
+
+@dataclass(frozen=True, slots=True)
+class _StageList:
+    """A stage partition's block sums for one (tp, sp, micro-batch) setting: the distinct
+    (StageSum, is last stage) pairs and, per stage, which one it is."""
+
+    uid: int  # never reused (cache keys below hold it, not id())
+    uniq: tuple[tuple[object, bool], ...]
+    pattern: tuple[int, ...]
+    flops_per_mb: float  # per tp rank, all stages: fwd + bwd + recompute
+
+
+def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int, sub: dict) -> _StageList:
+    """`sub`: the caches of this stage list (hashed once per call)."""
+    key = ("stages", tp, sp, mb)
+    got = sub.get(key)
+    if got is not None:
+        return got
+    S = len(stages)
+    index: dict = {}
+    uniq, pattern, fl = [], [], []
+    for j, (a, b, r) in enumerate(stages):
+        ss = block_costs_ctx(ctx, tp, sp, mb, r).stage(a, b)
+        u = (id(ss), j == S - 1)
+        i = index.get(u)
+        if i is None:
+            i = index[u] = len(uniq)
+            uniq.append((ss, j == S - 1))
+        pattern.append(i)
+        fl.append(ss.fwd_flops + ss.bwd_flops + ss.recompute_flops)
+    got = sub[key] = _StageList(next(_STAGE_IDS), tuple(uniq), tuple(pattern), sum(fl))
+    return got
+
+
+def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
+    """Stage times and per-rank terms. Stage results are computed once per distinct (composition,
+    last stage) and the per-rank terms once per (stage list, stage rank ids, dp setting): they do
+    not depend on the schedule (1F1B and ZB-H1 share them)."""
+    pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
+    mb = k.micro_batch_size
+    sp = bool(k.sequence_parallel and tp > 1)
+    split = sched == "zero_bubble"
+    sharding = k.sharding
+    if sharding == "hsdp":
+        shard_n = k.hsdp_shard_size or dp
+        if dp % shard_n:
+            raise SpecError(f"hsdp_shard_size: {shard_n} must divide dp ({dp})")
+    else:
+        shard_n = dp
+    fsdp_n = shard_n if sharding in ("zero2", "zero3", "hsdp") else 1
+    reshard = sharding != "zero2"
+    pp_stride = tp * dp
+    sl = _stage_list(ctx, stages, tp, sp, mb, sub)
+    res = [_stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard) for ss, last in sl.uniq]
+    st = [res[i] for i in sl.pattern]
+    times = tuple([x[9] for x in st])
+    accum = k.num_micro_batches > 1
+    rkey = ("ranks", sl.uid, tuple([x[8] for x in res]), pp, dp, tp, v, sharding, shard_n, k.offload, accum)
+    got = ctx.stage_cache.get(rkey)
+    if got is None:
+        got = ctx.stage_cache[rkey] = _ranks(ctx, k, stages, st, shard_n, accum)
+    ranks, cols, notes = got
+    notes = list(notes)
+    if split:
+        notes.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
+    if ctx.train.optimizer == "sgd":
+        notes.append("sgd assumed with momentum (4 bytes/param of state)")
+    return _Layout(times, ranks, cols, _rank_stages(pp, pp * v), sl.flops_per_mb, 2 * sum(t[3] for t in times),
+                   tuple(dict.fromkeys(notes)), {})
+
+
+def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
+    """Per-rank terms (_Rank per pp rank, and as columns) and the tied-parameter notes."""
+    graph, hw, train = ctx.graph, ctx.hw, ctx.train
+    pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
+    S = pp * v
+    mb = k.micro_batch_size
+    sharding, bpp = k.sharding, ctx.bpp
+    pp_stride = tp * dp
+    notes: list[str] = []
+    firsts = [s_[0] for s_ in stages]
+    tied_rank_params = [0.0] * pp
+    tied_comm = [0.0] * pp
+    if graph.tied_blocks and graph.tied_param_bytes > 0:
+        tied_params = graph.tied_param_bytes / itemsize(graph.param_dtype)
+        for a, b in graph.tied_blocks:
+            ra, rb = (bisect_right(firsts, a) - 1) % pp, (bisect_right(firsts, b) - 1) % pp
+            tsplit = ctx.split_fraction[graph.blocks[a].layer_type] if tp > 1 else 0.0
+            local = tied_params * ((1 - tsplit) + tsplit / tp)
+            if ra == rb:
+                tied_rank_params[ra] += local
+            else:
+                t = 2 * comm.p2p_s(local * bpp.grad, comm.p2p_link(hw, pp_stride))
+                tied_comm[ra] = max(tied_comm[ra], t)
+                tied_comm[rb] = max(tied_comm[rb], t)
+                notes.append("tied parameters on different pp ranks: a copy on each, gradients all-reduced")
+    act_isz = itemsize(ctx.dtype)
+    last_block_split = bool(graph.layer(graph.num_blocks - 1).tp_candidates) and tp > 1
+
+    rank_stages = _rank_stages(pp, S)
+    # ranks alike (same stage results, tied parameters and sends; the last rank apart) share one
+    # _Rank: computed or looked up once per kind, keyed by the stages' small ids
+    ids = [x[8] for x in st]
+    per_rank = ids if v == 1 else list(zip(*[ids[i * pp:(i + 1) * pp] for i in range(v)], strict=True))
+    kinds = list(zip(per_rank, tied_rank_params, tied_comm, strict=True))
+    kinds[-1] = (*kinds[-1], "last")
+    by_kind: dict = {}
+    first_rank: dict = {}
+    for r, kk in enumerate(kinds):
+        if kk not in first_rank:
+            first_rank[kk] = r
+    for kind, r in first_rank.items():
+        js = rank_stages[r]
+        rkey = ("rank", kind, pp, dp, tp, sharding, shard_n, k.offload, accum)
+        got = ctx.stage_cache.get(rkey)
+        if got is not None:
+            by_kind[kind] = got
+            continue
+        # the stage sums this rank needs, in one pass (the same additions, in the same order, as
+        # sum() over the stages)
+        n_params = f_c = b_c = rec_s = tp_s = tp_v = fsdp_s = pp_v = pp_t = window = fsdp_mb = 0.0
+        big = out_max = -1.0
+        recomputed = -1.0
+        acts = []
+        for j in js:
+            F_, B_, W_, c_, x, fe, be, ft, _id, _t = st[j]
+            n_params += x.num_params
+            big = max(big, x.max_block_params)
+            out_max = max(out_max, x.output_bytes)
+            acts.append(x.activation_bytes)
+            f_c += x.forward_compute_s
+            b_c += x.backward_compute_s + x.weight_compute_s
+            rec_s += x.recompute_s
+            tp_s += x.tp_forward_s + x.tp_backward_s
+            tp_v += x.tp_volume_bytes
+            fsdp_s += fe + be
+            fsdp_mb += ft
+            window += B_ + W_
+            if j < S - 1:
+                pp_v += 2 * x.output_bytes
+                pp_t += 2 * c_
+            if stages[j][2] != "none":
+                recomputed = max(recomputed, x.max_working_bytes)
+        n_params -= tied_rank_params[r]
+        dkey = ("dp", n_params, sharding, dp, shard_n, tp, k.offload)
+        dterms = ctx.stage_cache.get(dkey)
+        if dterms is None:
+            dterms = ctx.stage_cache[dkey] = _dp_terms(ctx, n_params, k, shard_n)
+        states, opt_params, tot, last, ag, rs_tot, rs_last, grad_vol, fixed_vol, opt_s, off_s, exposes = dterms
+        trans = 0.0
+        if sharding in ("none", "zero1"):
+            trans += n_params * bpp.grad  # DDP bucket copies of the gradients
+            trans += n_params * bpp.working  # autocast's bf16 weight copies, saved for backward
+        elif sharding == "zero2":
+            # FSDP2 without resharding: every local block stays unsharded from forward to backward,
+            # and gradients accumulate unsharded until the last micro-batch syncs
+            trans += n_params * bpp.compute + big * bpp.grad
+            if accum:
+                trans += n_params * bpp.grad
+        else:  # zero3 / hsdp: two blocks unsharded (current + prefetched), one block's gradients
+            trans += big * (2 * bpp.compute + bpp.grad)
+            if sharding == "hsdp":
+                trans += n_params * bpp.grad / shard_n  # replica all-reduce buckets
+        if pp > 1:
+            trans += 4 * out_max
+        if S - 1 in js:
+            trans += ctx.final_output_bytes * mb * (1 + 2 * 4 / act_isz) / (tp if last_block_split else 1)
+        if recomputed >= 0:
+            trans += recomputed
+        opt_tmp = 4 * opt_params if (train.optimizer in ("adam", "adamw") and k.offload == "none") else 0.0
+
+        # the backward that hides the gradient sync; none where comm shares the compute cores
+        if not hw.comm_overlaps_compute:
+            window = 0.0
+        fsdp_per_mb = fsdp_mb
+        fsdp_mb = fsdp_per_mb if dp > 1 and sharding in ("zero2", "zero3", "hsdp") else 0.0
+        ag_after = fixed_exp = fixed_time = 0.0
+        if exposes:  # a bucketed all-reduce under the last backward (DDP, ZeRO-1, HSDP replicas)
+            fixed_exp, fixed_time = max(last, tot - window), tot
+            if sharding == "zero1":  # then the updated parameters are gathered (exposed)
+                fixed_exp, fixed_time = fixed_exp + ag, tot + ag
+        got = ctx.stage_cache[rkey] = _Rank(
+            tuple(acts), states.param, states.grad, states.optimizer, trans, opt_tmp,
+            rs_tot, rs_last, window, ag_after, fixed_exp, fixed_time, fixed_vol, grad_vol, fsdp_mb, tied_comm[r],
+            opt_s, off_s,
+            f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, pp_v, pp_t,
+        )
+        by_kind[kind] = got
+    pos = {kk: i for i, kk in enumerate(first_rank)}
+    kind_of = [pos[kk] for kk in kinds]
+    uniq = [by_kind[kk] for kk in first_rank]
+    return tuple([uniq[i] for i in kind_of]), _cols(uniq, kind_of, v), tuple(notes)
+
+
+def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
+    """The terms of a rank holding `n_params` parameters that depend only on that count and the
+    data-parallel setting (cached per context; shared across recompute, sp and schedule):
+    (states, optimizer parameters, bucketed all-reduce total and last bucket, ZeRO-1 parameter
+    gather, ZeRO-2 reduce-scatter total and last bucket, per-micro-batch FSDP volume, fixed volume,
+    optimizer step, offload, whether the all-reduce total/last apply)."""
+    hw, bpp = ctx.hw, ctx.bpp
+    dp, tp, sharding = k.dp, k.tp, k.sharding
+    states = sharded_states(n_params, bpp, sharding=sharding, dp=dp, hsdp_shard_size=shard_n, offload=k.offload)
+    opt_div = {"zero1": dp, "zero2": dp, "zero3": dp, "hsdp": shard_n}.get(sharding, 1)
+    opt_params = n_params / opt_div
+    grad_bytes = n_params * bpp.grad
+    tot = last = ag = rs_tot = rs_last = fixed_vol = grad_vol = 0.0
+    exposes = False
+    if dp > 1:
+        dp_link = ctx.link(dp, tp)
+        if sharding == "none":
+            tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+            fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp)
+            exposes = True
+        elif sharding == "zero1":
+            # ZeroRedundancyOptimizer over DDP: bucketed all-reduce under the last backward,
+            # then each rank steps its shard and the updated parameters are gathered (exposed)
+            tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+            ag = comm.all_gather_s(n_params * bpp.param, dp_link)
+            fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp) + comm.all_gather_volume_bytes(
+                n_params * bpp.param, dp)
+            exposes = True
+        elif sharding == "zero2":
+            # FSDP2, no resharding: gathers in each forward (in the stage times), one
+            # reduce-scatter of the accumulated gradients under the last backward
+            rs_tot, rs_last = comm.bucketed_reduce_scatter_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+            grad_vol = comm.all_gather_volume_bytes(n_params * bpp.compute, dp)
+            fixed_vol = comm.all_gather_volume_bytes(grad_bytes, dp)
+        else:
+            grad_vol = (2 * comm.all_gather_volume_bytes(n_params * bpp.compute, shard_n)
+                        + comm.all_gather_volume_bytes(grad_bytes, shard_n))
+            rep_link = ctx.link(dp // shard_n, tp * shard_n) if sharding == "hsdp" else None
+            if sharding == "hsdp" and rep_link is not None and rep_link.size > 1:
+                tot, last = comm.bucketed_all_reduce_s(grad_bytes / shard_n, rep_link, DDP_BUCKET_BYTES)
+                fixed_vol = comm.all_reduce_volume_bytes(grad_bytes / shard_n, dp // shard_n)
+                exposes = True
+    opt_s = off_s = 0.0
+    if k.offload == "cpu":
+        pcie = hw.host.pcie_bandwidth_bytes_per_s
+        off_s = opt_params * (bpp.grad + bpp.param) / pcie + opt_params / hw.host.cpu_adam_params_per_s
+    elif hw.device_is_host_cpu:
+        if opt_params > 0:
+            step_bpp = optimizer_step_bytes_per_param(bpp, ctx.train.optimizer)
+            # the measured AdamW rate, scaled to this optimizer by its bytes per parameter
+            # (host.cpu_adam_params_per_s is a foreach AdamW step, fp32)
+            host_rate = hw.host.cpu_adam_params_per_s * optimizer_step_bytes_per_param(bpp, "adamw") / step_bpp
+            opt_s = max(hw.device.kernel_launch_s, opt_params / host_rate)
+    else:
+        nbytes = opt_params * optimizer_step_bytes_per_param(bpp, ctx.train.optimizer)
+        if nbytes > 0:
+            bw = hw.device.memory_bandwidth_bytes_per_s
+            opt_s = max(hw.device.kernel_launch_s,
+                        nbytes / (bw * memory_efficiency(curves_for(hw), nbytes, "elementwise")))
+    return states, opt_params, tot, last, ag, rs_tot, rs_last, grad_vol, fixed_vol, opt_s, off_s, exposes
+
+
+@lru_cache(maxsize=64)
+def _rank_stages(pp: int, S: int) -> tuple[tuple[int, ...], ...]:
+    """Virtual stages of each pp rank (loop style: stage j on rank j % pp)."""
+    return tuple(tuple(range(r, S, pp)) for r in range(pp))
+
+
+def _post(rk: _Rank, sharding: str, m: int) -> tuple[float, float, float]:
+    """(exposed, time, volume) of the rank's data-parallel traffic for m micro-batches
+    (exposed: only the part after the pipeline; FSDP gathers are in the stage times)."""
+    if sharding == "zero2":
+        exposed = max(rk.rs_last, rk.rs_tot - rk.window) if rk.rs_tot else 0.0
+        return exposed, m * rk.fsdp_per_mb + rk.rs_tot, m * rk.grad_vol + rk.fixed_vol
+    if sharding in ("zero3", "hsdp"):
+        return rk.fixed_exposed, m * rk.fsdp_per_mb + rk.fixed_time, m * rk.grad_vol + rk.fixed_vol
+    return rk.fixed_exposed, rk.fixed_time, rk.fixed_vol
+
+
+def _layout_for(ctx: Context, graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec) -> tuple[_Layout, str]:
+    pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
+    world = pp * dp * tp
+    if world != hw.num_devices:
+        raise SpecError(f"knobs: tp({tp}) * pp({pp}) * dp({dp}) = {world}, but the hardware has {hw.num_devices} devices")
+    sched = k.schedule if pp > 1 else "1f1b"
+    stages = tuple(stages)
+    # the caches of one stage list live in one dict under it (the stage list is hashed once)
+    sub = ctx.stage_cache.get(stages)
+    if sub is None:
+        sub = ctx.stage_cache[stages] = {}
+    key = ("layout", pp, dp, tp, v, k.sharding, k.hsdp_shard_size, k.offload, k.micro_batch_size,
+           k.sequence_parallel, sched == "zero_bubble", k.num_micro_batches > 1)
+    lay = sub.get(key)
+    if lay is None:
+        _check_stages(graph, stages, pp * v)
+        lay = sub[key] = _layout(ctx, k, stages, sched, sub)
+    return lay, sched
