@@ -4,10 +4,11 @@
     python -m runtime.calibrate ...            (the same, without the CLI)
 
 What goes where (the microbenchmarks are in runtime.calibrate_bench):
-- `device.peak_flops_per_s[dtype]`: the best matmul FLOP/s measured for that dtype.
+- `device.peak_flops_per_s[dtype]`: the best matmul FLOP/s over the sizes measured (each size's
+  figure the median of its batches, operands cold: runtime.calibrate_bench).
 - `device.memory_bandwidth_bytes_per_s`: the best copy bandwidth over the sizes measured (up to
-  1 GiB, past the caches); on a CPU that is a cache-resident size, and the `memory` curve gives
-  the fraction reached at each size (the DRAM rate at the largest).
+  1 GiB, operands rotated past the caches), and the `memory` curve gives the fraction reached
+  at each size.
 - `device.kernel_launch_s`: time of one tiny op.
 - `efficiency` (op kind -> [(size, fraction of peak)], what the cost model interpolates):
   matmul, attention, conv: size in FLOPs, fraction of the primary dtype's matmul peak
@@ -137,8 +138,8 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
     if gpu and "tf32" in m:
         peaks["tf32"] = m["tf32"]
     mem = m["memory"]
-    # Peak = the best copy rate at any size (on a CPU: cache-resident); the "memory" curve then
-    # carries the DRAM rate at large sizes instead of clipping the cache sizes at 1.
+    # Peak = the best copy rate at any size; the "memory" curve carries the rate at each size
+    # (efficiency x peak = the measured median there), so the choice of peak does not bias times.
     mem_bw = max(r[1] for r in mem)
     fits = {}
     for name, (steps_f, bus_f) in RING.items() if m["collectives"] else ():

@@ -14,10 +14,13 @@ What is timed, and how each figure is counted:
   (one-way time = round trip / 2). Message size S is the full buffer (nccl-tests convention:
   the all-gather output, the reduce-scatter input). The time of one call is the slowest rank's.
 
-Every time is the *best* of a few batches, each batch long enough (`min_time_s`) to swamp the
-timer: other processes on a shared machine only ever slow a run down, so the minimum is the
-closest to the undisturbed figure. CPU measurements run with one intra-op thread per process,
-as under `torchrun` (which sets OMP_NUM_THREADS=1).
+Every time is the *median* of five batches, each batch long enough (`min_time_s`) to swamp the
+timer. Not the best: the cost model predicts a typical step (benchmarks/fidelity.py compares it
+with the median of measured steps), and on a shared or virtualised host the undisturbed speed
+itself wanders (this 2-core VM: one calibrate run measured 205 GFLOP/s at n = 1024, the same
+measurement minutes later 172), so the fastest batch is an upward-biased estimate of what a run
+gets, while the median ignores the odd disturbed or lucky batch. CPU measurements run with one
+intra-op thread per process, as under `torchrun` (which sets OMP_NUM_THREADS=1).
 
 Cold caches: a training step's working set (weights, activations, gradients) is far larger than
 any cache, so an op in a step reads its operands from DRAM/HBM, not from a cache a previous call
@@ -34,6 +37,7 @@ Only this module and runtime.calibrate touch devices and torch.distributed (runt
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,10 +108,10 @@ def operand_sets(tensors: tuple[torch.Tensor, ...], flush_bytes: int) -> list[tu
 
 
 def time_op(
-    fn: Callable[..., object], device: torch.device, min_time_s: float, batches: int = 3,
+    fn: Callable[..., object], device: torch.device, min_time_s: float, batches: int = 5,
     sets: list[tuple] | None = None,
 ) -> float:
-    """Seconds per call of fn: best of `batches` batches, each >= min_time_s (after one warm-up).
+    """Seconds per call of fn: median of `batches` batches, each >= min_time_s (after one warm-up).
 
     With `sets`, call i is fn(*sets[i % len(sets)]), i counting across warm-up and batches, so
     every call reads operands no recent call touched (cold caches, see the module docstring)."""
@@ -123,7 +127,7 @@ def time_op(
     _sync(device)
     one = max(time.perf_counter() - t0, 1e-7)
     reps = max(1, min(100_000, int(min_time_s / one)))
-    best = float("inf")
+    per_call = []
     for _ in range(batches):
         _sync(device)
         t0 = time.perf_counter()
@@ -131,8 +135,8 @@ def time_op(
             fn(*sets[i % n])
             i += 1
         _sync(device)
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best
+        per_call.append((time.perf_counter() - t0) / reps)
+    return statistics.median(per_call)
 
 
 def measure_matmul(
@@ -298,7 +302,7 @@ def collective_worker(
 
 
 def _timed_collective(fn, device, min_time_s) -> float:
-    """Seconds per call, the slowest rank's, best of 3 batches (batch length agreed by all ranks)."""
+    """Seconds per call, the slowest rank's, median of 5 batches (batch length agreed by all ranks)."""
     import torch.distributed as dist
 
     fn()
@@ -312,8 +316,8 @@ def _timed_collective(fn, device, min_time_s) -> float:
     )  # NCCL needs it on the GPU
     dist.all_reduce(one, op=dist.ReduceOp.MAX)
     reps = max(1, min(1000, int(min_time_s / max(one.item(), 1e-7))))
-    best = float("inf")
-    for _ in range(3):
+    per_call = []
+    for _ in range(5):
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -321,8 +325,8 @@ def _timed_collective(fn, device, min_time_s) -> float:
         _sync(device)
         el = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64, device=device)
         dist.all_reduce(el, op=dist.ReduceOp.MAX)
-        best = min(best, el.item())
-    return best
+        per_call.append(el.item())
+    return statistics.median(per_call)
 
 
 def _run_collectives(rank, world, device, sizes: Sizes, queue) -> dict:
