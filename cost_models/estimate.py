@@ -267,6 +267,8 @@ def _share_cores(graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec, train: T
     hw_c = sharedhost.contended(hw)
     lay_c, _ = _layout_for(context(graph, hw_c, train), graph, k, stages, hw_c)
     total = sum(work(lay_c.ranks)) * k.dp * k.tp
+    if hw.shared_sync_penalty_s > 0:
+        lockstep += sharedhost.sync_points(graph, k, stages) * hw.shared_sync_penalty_s
     step = sharedhost.shared_step_s(e.step_time_s, total, hw.shared_cores * hw.num_nodes, lockstep)
     wait = step - e.step_time_s
     if wait <= 0:

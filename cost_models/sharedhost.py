@@ -24,7 +24,14 @@ the busy ones. The model instead:
    sync after the pipeline that all ranks share (the smallest over pp ranks) is counted, and
    in-pipeline communication is assumed to lend its core to other stages.
 
-    step_s = max(T_crit, W / C + X)
+    step_s = max(T_crit, W / C + X + S d)
+
+4. Synchronisation: when a process blocks on communication with a peer that the scheduler has
+   descheduled (N > C), it waits until the peer gets a core again; `autoplan calibrate` measures
+   the average extra wait per blocking collective, d = hw.shared_sync_penalty_s (all processes
+   alternating a compute chunk with a small all-reduce, minus the two run apart). S counts the
+   blocking communication points of the busiest rank in one step (`sync_points`): tensor-parallel
+   collectives, pipeline receives, FSDP all-gathers and reduce-scatters, DDP buckets.
 
 With pp = 1 and every op above the launch floor this is the static division again (all
 processes busy in lockstep); with pipeline bubbles it is smaller. GPUs (shared_cores None) and
@@ -33,7 +40,9 @@ hosts with at least as many cores as processes are unaffected.
 
 from __future__ import annotations
 
-from specs import HardwareSpec
+import math
+
+from specs import HardwareSpec, Knobs, ModelGraph
 
 _UNSHARED: dict[int, tuple[HardwareSpec, HardwareSpec]] = {}
 
@@ -89,3 +98,52 @@ def contended(hw: HardwareSpec) -> HardwareSpec:
 def shared_step_s(critical_s: float, total_work_s: float, cores: float, lockstep_s: float) -> float:
     """step = max(T_crit, W / cores + X), W timed on `contended(hw)` (see the module docstring)."""
     return max(critical_s, total_work_s / cores + lockstep_s)
+
+
+def _tp_sites(lt) -> tuple[int, int]:
+    """(forward, backward) tensor-parallel collective sites of a layer type (as cost_models.blocks
+    charges them: row-parallel outputs and vocab embedding in forward; column inputs (one per
+    row-parallel pair) and the vocab head in backward)."""
+    if not lt.tp_candidates:
+        return 0, 0
+    n_row = sum(1 for op in lt.ops if op.tp_split == "row")
+    n_vemb = sum(1 for op in lt.ops if op.tp_split == "vocab" and op.kind == "embedding")
+    n_vhead = sum(1 for op in lt.ops if op.tp_split == "vocab" and op.kind != "embedding")
+    return n_row + n_vemb, n_row + n_vhead
+
+
+def sync_points(graph: ModelGraph, k: Knobs, stages) -> int:
+    """Blocking communication points of the busiest pipeline rank in one step (see the module
+    docstring, item 4), for `stages` = (first, last, recompute) per virtual stage (stage j on
+    rank j % pp).
+
+    Per micro-batch: tp collectives of its blocks (x2 with sequence parallelism: all-gather +
+    reduce-scatter per site; forward sites again under full recompute); one pipeline receive per
+    stage in forward (not the first) and in backward (not the last); FSDP (zero2/zero3/hsdp, one
+    unit per block): an all-gather per block in forward, again in backward unless zero2, and a
+    reduce-scatter. Per step: DDP's bucketed all-reduce (none/zero1: gradient bytes / 25 MiB
+    buckets, fp32 gradients)."""
+    from cost_models.memory import DDP_BUCKET_BYTES
+
+    m, pp, S = k.num_micro_batches, k.pp, len(stages)
+    per_rank = [0] * pp
+    params = [0.0] * pp
+    for j, (first, last, rec) in enumerate(stages):
+        r = j % pp
+        n = 0
+        for b in range(first, last + 1):
+            lt = graph.layer(b)
+            params[r] += lt.num_params
+            if k.tp > 1:
+                f, bw = _tp_sites(lt)
+                f *= 2 if k.sequence_parallel else 1
+                bw *= 2 if k.sequence_parallel else 1
+                n += f + bw + (f if rec == "full" else 0)
+            if k.dp > 1 and k.sharding in ("zero2", "zero3", "hsdp"):
+                n += 2 if k.sharding == "zero2" else 3
+        n += (j > 0) + (j < S - 1)
+        per_rank[r] += m * n
+    if k.dp > 1 and k.sharding in ("none", "zero1"):
+        for r in range(pp):
+            per_rank[r] += math.ceil(4.0 * params[r] / k.tp / DDP_BUCKET_BYTES)
+    return max(per_rank)

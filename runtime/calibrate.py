@@ -114,6 +114,8 @@ def shared_host_scale(data: dict[str, Any], devices: int) -> dict[str, Any]:
             data["shared_core_efficiency"] = shared["core_efficiency"]
         if "memory_efficiency" in shared:
             data["shared_memory_efficiency"] = shared["memory_efficiency"]
+        if "sync_penalty_s" in shared:
+            data["shared_sync_penalty_s"] = shared["sync_penalty_s"]
     return data
 
 
@@ -196,6 +198,8 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
             data["shared_host"]["core_efficiency"] = check["core_efficiency"]
         if check and "memory_efficiency" in check:
             data["shared_host"]["memory_efficiency"] = check["memory_efficiency"]
+        if "sync_penalty_s" in m and m["cores"] < nproc:
+            data["shared_host"]["sync_penalty_s"] = _sig(m["sync_penalty_s"])
     data["device"] = {
         "name": name,
         "memory_bytes": memory_bytes,
@@ -277,6 +281,12 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
                 f": shared_host.core_efficiency = {check['core_efficiency']} of {min(m['cores'], nproc)} cores "
                 f"(cost_models.sharedhost)"
             )
+        if "sync_penalty_s" in data.get("shared_host", {}):
+            data["sources"]["shared_host_check"] += (
+                f"; all processes alternating a 512x512 matmul with a 4 KiB all-reduce wait "
+                f"{data['shared_host']['sync_penalty_s'] * 1e3:.3g} ms per all-reduce beyond the two run apart: "
+                f"shared_host.sync_penalty_s"
+            )
         if "memory_efficiency" in check:
             data["sources"]["shared_host_check"] += (
                 f"; cold copies (rotating 1 MiB buffers over {bench.Sizes().flush_bytes >> 20} MiB) one process "
@@ -352,6 +362,8 @@ def measure(nproc: int, sizes: bench.Sizes, device_type: str, progress=None) -> 
         return m
     coll = measure_collectives(nproc, sizes, "nccl" if device.type == "cuda" else "gloo", tick)
     m["collectives"] = {k: v for k, v in coll.items() if k in bench.COLLECTIVES}
+    if "sync_penalty_s" in coll:
+        m["sync_penalty_s"] = coll["sync_penalty_s"]
     single = (
         max(r[1] for r in m["matmul"]["fp32"] if r[0] >= 2.0 * 256**3)
         if device.type == "cpu"

@@ -292,6 +292,8 @@ def collective_worker(
         )
         res = _run_collectives(rank, world, device, sizes, queue)
         res["shared_host_matmul_flops_per_s"] = _concurrent_matmul(rank, world, device, sizes)
+        if device.type == "cpu":
+            res["sync_penalty_s"] = _sync_penalty(world, device, sizes)
         if rank == 0:
             queue.put(("result", res))
         dist.barrier()
@@ -453,3 +455,36 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _sync_penalty(world, device, sizes: Sizes) -> float:
+    """Average extra wait per blocking collective when every process alternates a compute chunk
+    (an fp32 matmul, ~1-2 ms on one core) with a small all-reduce (4 KiB): per iteration,
+    t(compute + all-reduce) - t(compute) - t(all-reduce), each loop run by all processes at once
+    and timed by the slowest rank; median of 3 repetitions, clamped at 0. On a host with fewer
+    cores than processes a blocked process often waits for a descheduled peer: this is that wait
+    (cost_models.sharedhost)."""
+    import torch.distributed as dist
+
+    n = 128 if sizes.min_time_s < 0.01 else 512
+    iters = 5 if sizes.min_time_s < 0.01 else 30
+    a = torch.randn(n, n, device=device)
+    small = torch.ones(1024, device=device)
+
+    def loop(compute: bool, comm: bool) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            if compute:
+                torch.mm(a, a)
+            if comm:
+                dist.all_reduce(small)
+        el = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64, device=device)
+        dist.all_reduce(el, op=dist.ReduceOp.MAX)
+        return el.item()
+
+    loop(True, True)  # warm-up
+    excess = []
+    for _ in range(3):
+        excess.append(loop(True, True) - loop(True, False) - loop(False, True))
+    return max(0.0, statistics.median(excess))

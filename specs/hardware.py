@@ -117,6 +117,13 @@ class HardwareSpec(Frozen):
         "processes copying at once over shared_cores x one process's (`autoplan calibrate`: concurrent "
         "cold copies). Cores share the memory system, so this is usually below shared_core_efficiency.",
     )
+    shared_sync_penalty_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="With shared_cores: the average extra wait of one blocking collective when more "
+        "processes than cores alternate compute and communication (a peer may be descheduled); "
+        "`autoplan calibrate` measures it (cost_models.sharedhost). 0 where not measured.",
+    )
     device_is_host_cpu: bool = Field(
         default=False,
         description="The devices are processes on the host CPU (no accelerator): the optimizer step runs "
@@ -191,6 +198,8 @@ class HardwareSpec(Frozen):
                 data["shared_core_efficiency"] = shared["core_efficiency"]
             if "memory_efficiency" in shared:
                 data["shared_memory_efficiency"] = shared["memory_efficiency"]
+            if "sync_penalty_s" in shared:
+                data["shared_sync_penalty_s"] = shared["sync_penalty_s"]
         return validate_model(cls, data, f"preset {name}")
 
     @classmethod

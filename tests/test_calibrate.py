@@ -124,6 +124,7 @@ def test_calibrate_quick_run_writes_a_loadable_spec(tmp_path):
     assert 0 < shared["core_efficiency"] <= 1 and 0 < shared["memory_efficiency"] <= 1
     check = data["_measurements"]["shared_host_check"]
     assert check["block_alone"] > 0 and check["copy_alone"] > 0
+    assert data["_measurements"]["sync_penalty_s"] >= 0
     hw2 = HardwareSpec.model_validate(cal.shared_host_scale(preset, 2))
     assert hw2.shared_memory_efficiency == shared["memory_efficiency"]
     again = HardwareSpec.model_validate(cal.shared_host_scale(preset, 2))

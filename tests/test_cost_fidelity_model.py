@@ -219,3 +219,42 @@ def test_calibrate_core_efficiency_closed_form():
     assert core_efficiency(aggregate=1e9, alone=1e9, cores=2, nproc=4) == 0.5
     assert core_efficiency(aggregate=3e9, alone=1e9, cores=2, nproc=4) == 1.0  # clamped
     assert core_efficiency(aggregate=0.8e9, alone=1e9, cores=4, nproc=2) == 0.4
+
+
+# ----------------------------------------------------------------- synchronisation on shared hosts
+def test_sync_points_closed_forms():
+    L = 8  # GRAPH: embed, 8 GPT layers (2 row-parallel outputs each), head
+    k = lambda **kw: Knobs(**{"pp": 1, "dp": 1, "tp": 1, "micro_batch_size": 4, **kw})  # noqa: E731
+    # DDP: fp32 gradients in 25 MiB buckets, once a step
+    assert sharedhost.sync_points(GRAPH, k(dp=4), _stages(1)) == -(-4 * GRAPH.num_params // (25 * 2**20))
+    # TP per micro-batch: 2 forward + 2 backward per layer, the vocab embedding (fwd) and head (bwd)
+    assert sharedhost.sync_points(GRAPH, k(tp=2), _stages(1)) == 4 * L + 2
+    assert sharedhost.sync_points(GRAPH, k(tp=2, sequence_parallel=True), _stages(1)) == 2 * (4 * L + 2)
+    assert sharedhost.sync_points(GRAPH, k(tp=2, recompute="full"), _stages(1, "full")) == 4 * L + 2 + 2 * L + 1
+    assert sharedhost.sync_points(GRAPH, k(tp=2, num_micro_batches=3), _stages(1)) == 3 * (4 * L + 2)
+    # FSDP per micro-batch and block: zero3 gathers twice and reduce-scatters; zero2 gathers once
+    nb = GRAPH.num_blocks
+    assert sharedhost.sync_points(GRAPH, k(dp=4, sharding="zero3"), _stages(1)) == 3 * nb
+    assert sharedhost.sync_points(GRAPH, k(dp=4, sharding="zero2", num_micro_batches=2), _stages(1)) == 2 * 2 * nb
+    # pipeline: a receive per micro-batch in forward (not stage 0) and backward (not the last)
+    pp = dict(micro_batch_size=2, num_micro_batches=8, schedule="1f1b")
+    assert sharedhost.sync_points(GRAPH, k(pp=2, **pp), _stages(2)) == 8
+    assert sharedhost.sync_points(GRAPH, k(pp=4, **pp), _stages(4)) == 16
+    # interleaved (8 stages on 4 ranks): rank 1 holds stages 1 and 5, both inner: 4 receives per micro-batch
+    il = k(pp=4, micro_batch_size=2, num_micro_batches=8, schedule="interleaved_1f1b", virtual_stages=2)
+    assert sharedhost.sync_points(GRAPH, il, _stages(8)) == 8 * 4
+
+
+def test_sync_penalty_adds_its_waits_to_the_shared_step():
+    kw = dict(dp=2, tp=2, micro_batch_size=4)
+    base = _host(4, 2)
+    d = 1e-3
+    slow = base.model_copy(update={"shared_sync_penalty_s": d})
+    a, b = _est(base, **kw), _est(slow, **kw)
+    n = sharedhost.sync_points(GRAPH, Knobs(pp=1, tp=2, dp=2, micro_batch_size=4), _stages(1))
+    assert b.step_time_s - a.step_time_s == pytest.approx(n * d, rel=1e-9)
+    assert b.time_breakdown_s["core_sharing_s"] - a.time_breakdown_s["core_sharing_s"] == pytest.approx(n * d)
+    # no sharing (cores for every process, or GPUs): the field changes nothing
+    roomy = _host(4, 4)
+    assert _est(roomy.model_copy(update={"shared_sync_penalty_s": d}), **kw).step_time_s == pytest.approx(
+        _est(roomy, **kw).step_time_s)
