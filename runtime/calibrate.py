@@ -59,6 +59,7 @@ from runtime import calibrate_bench as bench
 from runtime.calibrate_fit import RING, fit_alpha_beta, fit_link, model_time_s  # noqa: F401 (re-exported)
 from specs import HardwareSpec, SpecError
 from specs._base import validate_model
+from specs.hardware import apply_shared_host
 from specs.io import dump_data
 
 PRESET_HEADER = """\
@@ -92,31 +93,12 @@ def mean_rows(*series: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def shared_host_scale(data: dict[str, Any], devices: int) -> dict[str, Any]:
     """Preset-form data -> plain HardwareSpec data for `devices` processes on the host.
 
-    Mirrors HardwareSpec.preset for `shared_host` presets (tests/test_calibrate.py checks they agree).
+    The same scaling as HardwareSpec.preset (specs.hardware.apply_shared_host).
     """
     data = dict(data)
     shared = data.pop("shared_host", None)
     data["num_nodes"], data["devices_per_node"] = 1, devices
-    if shared:
-        scale = min(1.0, int(shared["cores"]) / devices)
-        dev = dict(data["device"])
-        dev["peak_flops_per_s"] = {k: v * scale for k, v in dev["peak_flops_per_s"].items()}
-        dev["memory_bandwidth_bytes_per_s"] = dev["memory_bandwidth_bytes_per_s"] * scale
-        dev["memory_bytes"] = int(
-            shared["memory_bytes"] * shared.get("usable_fraction", 1.0) / devices
-        )
-        data["device"] = dev
-        host = dict(data["host"])
-        host["cpu_adam_params_per_s"] = host["cpu_adam_params_per_s"] * scale
-        data["host"] = host
-        data["shared_cores"] = int(shared["cores"])
-        if "core_efficiency" in shared:
-            data["shared_core_efficiency"] = shared["core_efficiency"]
-        if "memory_efficiency" in shared:
-            data["shared_memory_efficiency"] = shared["memory_efficiency"]
-        if "sync_penalty_s" in shared:
-            data["shared_sync_penalty_s"] = shared["sync_penalty_s"]
-    return data
+    return apply_shared_host(data, shared) if shared else data
 
 
 def core_efficiency(aggregate: float, alone: float, cores: int, nproc: int) -> float:

@@ -68,6 +68,34 @@ class EfficiencyPoint(Frozen):
     efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak at that size.")
 
 
+_SHARED_FIELDS = {"core_efficiency": "shared_core_efficiency", "memory_efficiency": "shared_memory_efficiency",
+                  "sync_penalty_s": "shared_sync_penalty_s"}
+
+
+def apply_shared_host(data: dict, shared: dict) -> dict:
+    """Preset data with a `shared_host` section (the cpu preset) -> HardwareSpec data for its
+    devices_per_node processes on one host: they share its cores and memory, so per-process peak
+    FLOP/s, memory bandwidth and host optimizer rate are x min(1, cores / N), memory is the usable
+    host memory / N, and the measured sharing figures become the shared_* fields."""
+    data = dict(data)
+    n = data["devices_per_node"]
+    cores = int(shared["cores"])
+    scale = min(1.0, cores / n)
+    dev = dict(data["device"])
+    dev["peak_flops_per_s"] = {k: v * scale for k, v in dev["peak_flops_per_s"].items()}
+    dev["memory_bandwidth_bytes_per_s"] = dev["memory_bandwidth_bytes_per_s"] * scale
+    dev["memory_bytes"] = int(shared["memory_bytes"] * shared.get("usable_fraction", 1.0) / n)
+    data["device"] = dev
+    host = dict(data["host"])
+    host["cpu_adam_params_per_s"] = host["cpu_adam_params_per_s"] * scale
+    data["host"] = host
+    data["shared_cores"] = cores
+    for key, field in _SHARED_FIELDS.items():
+        if key in shared:
+            data[field] = shared[key]
+    return data
+
+
 class HardwareSpec(Frozen):
     name: str = Field(description="Preset or cluster name.")
     num_nodes: int = Field(gt=0, description="Number of nodes (hosts).")
@@ -180,26 +208,7 @@ class HardwareSpec(Frozen):
             else:
                 data["num_nodes"] = devices // per_node
         if shared:
-            # Processes on one host share its cores and memory (see specs/presets/cpu.yaml).
-            n = data["devices_per_node"]
-            cores = int(shared["cores"])
-            dev = dict(data["device"])
-            dev["peak_flops_per_s"] = {
-                k: v * min(1.0, cores / n) for k, v in dev["peak_flops_per_s"].items()
-            }
-            dev["memory_bandwidth_bytes_per_s"] = dev["memory_bandwidth_bytes_per_s"] * min(1.0, cores / n)
-            dev["memory_bytes"] = int(shared["memory_bytes"] * shared.get("usable_fraction", 1.0) / n)
-            data["device"] = dev
-            host = dict(data["host"])
-            host["cpu_adam_params_per_s"] = host["cpu_adam_params_per_s"] * min(1.0, cores / n)
-            data["host"] = host
-            data["shared_cores"] = cores
-            if "core_efficiency" in shared:
-                data["shared_core_efficiency"] = shared["core_efficiency"]
-            if "memory_efficiency" in shared:
-                data["shared_memory_efficiency"] = shared["memory_efficiency"]
-            if "sync_penalty_s" in shared:
-                data["shared_sync_penalty_s"] = shared["sync_penalty_s"]
+            data = apply_shared_host(data, shared)
         return validate_model(cls, data, f"preset {name}")
 
     @classmethod
