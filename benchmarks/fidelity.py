@@ -131,14 +131,22 @@ def worker(plan_dir: Path, steps: int, warmup: int) -> None:
             t_setup = time.perf_counter()
             pm = parallelize(model, plan, loss_fn=lm_loss, example_inputs=(example_tokens(1),))
             rec["setup_s"] = time.perf_counter() - t_setup
-            times, losses = [], []
+            times, losses, cpu = [], [], []
             for _ in range(warmup + steps):
                 dist.barrier()
                 t0 = time.perf_counter()
+                c0 = time.process_time()  # this process's CPU time, all its threads (gloo's too)
                 loss = pm.train_step(pm.local_batch(tokens, tokens))
+                c1 = time.process_time()
                 dist.barrier()
                 times.append(time.perf_counter() - t0)
+                cpu.append(c1 - c0)
                 losses.append(None if loss is None else float(loss))
+            # CPU seconds per step summed over the processes (median over measured steps): with
+            # the host's cores, the share of the step the cores were busy
+            per_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, cpu[warmup:])
+            rec["cpu_s_per_step_by_rank"] = [statistics.median(c) for c in per_rank]
             rec.update(
                 step_times_s=times[warmup:],
                 warmup_times_s=times[:warmup],
@@ -284,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{probe['after_flops_per_s'] / peak:.2f}; below 1 = other load or oversubscription cost)"
         )
     rows, pred_ok, meas_ok = [], [], []
-    print(f"\n{'plan':<20} {'knobs':<52} {'pred s':>8} {'meas s':>8} {'err':>7}")
+    cores = os.cpu_count() or 1
+    print(f"\n{'plan':<20} {'knobs':<52} {'pred s':>8} {'meas s':>8} {'err':>7} {'cpu s':>6} {'busy':>5}")
     for label in labels:
         pr = plans[label].predicted
         m = measured.get(label, {})
@@ -303,8 +312,13 @@ def main(argv: list[str] | None = None) -> int:
             row["relative_error"] = (pr.step_time_s - meas) / meas
             pred_ok.append(pr.step_time_s)
             meas_ok.append(meas)
+            # CPU seconds of all processes per step, and the share of the host's cores they kept busy
+            cpu = sum(m.get("cpu_s_per_step_by_rank", [float("nan")]))
+            row["cpu_s_per_step"] = cpu
+            row["host_busy_fraction"] = cpu / (cores * meas)
             print(
                 f"{label:<20} {str(PLANS[label]):<52} {pr.step_time_s:8.3f} {meas:8.3f} {row['relative_error']:+7.1%}"
+                f" {cpu:6.2f} {row['host_busy_fraction']:5.0%}"
             )
         else:
             print(

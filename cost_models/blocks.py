@@ -52,6 +52,8 @@ class BlockCost:
     fwd_flops: float
     bwd_flops: float
     recompute_flops: float
+    tp_param_ops: float = 0.0  # ops whose parameters are DTensors under tp (optimizer overhead)
+    param_ops: float = 0.0  # ops with parameters (all DTensors under FSDP2)
 
     @property
     def forward_s(self) -> float:
@@ -73,7 +75,7 @@ class BlockCost:
 
 _FIELDS = ("forward_compute_s", "backward_compute_s", "weight_compute_s", "recompute_s", "tp_forward_s",
            "tp_backward_s", "tp_volume_bytes", "num_params", "activation_bytes", "fwd_flops", "bwd_flops",
-           "recompute_flops")
+           "recompute_flops", "tp_param_ops", "param_ops")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,8 @@ class StageSum:
     fwd_flops: float
     bwd_flops: float
     recompute_flops: float
+    tp_param_ops: float
+    param_ops: float
     num_blocks: int
     output_bytes: float  # of the last block (what the stage sends)
     max_working_bytes: float
@@ -233,8 +237,20 @@ def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompu
         tp_f = (n_row + n_vemb) * coll
         tp_b = n_row * coll + n_vhead * coll_in
         tp_vol = (2 * n_row + n_vemb) * comm.all_reduce_volume_bytes(hidden, tp) + n_vhead * comm.all_reduce_volume_bytes(head_in, tp)
+    f_c, b_c = lc.forward_s, lc.input_grad_s
+    n_tp_ops = 0.0
+    ov = hw.dtensor_overhead
+    if splittable and ov is not None and hw.device_is_host_cpu:
+        # DTensor's host time per tensor-parallel op (specs.DTensorOverhead), on the CPU that also
+        # computes (a GPU's host dispatch runs ahead of its kernels: not charged there)
+        tp_ops = [op for op in lt.ops if op.tp_split in TP_SPLIT and op.param_bytes > 0]
+        n_tp_ops = float(len(tp_ops))
+        dt_out = sum(_output_bytes(op) * (1 if op.tp_split == "row" else 1 / tp) for op in tp_ops)
+        dt_out *= mb * ctx.act_scale
+        f_c += n_tp_ops * ov.forward_s + dt_out * ov.per_output_byte_s / 2
+        b_c += n_tp_ops * ov.backward_s + dt_out * ov.per_output_byte_s / 2
     if recompute == "full":
-        rec_s, rec_fl = lc.forward_s, lc.fwd_flops
+        rec_s, rec_fl = f_c, lc.fwd_flops
         tp_b += tp_f
     elif recompute == "selective":
         rec_s, rec_fl = lc.attention_core_forward_s, lc.attention_core_fwd_flops
@@ -250,9 +266,19 @@ def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompu
     params = lt.num_params * ((1 - frac) + frac / tp)
     out_b = lt.output_bytes_per_sample * s / (tp if sp and splittable else 1)
     return BlockCost(
-        lc.forward_s, lc.input_grad_s, lc.weight_grad_s, rec_s, tp_f, tp_b, tp_vol, params,
-        act.stored_bytes, act.working_bytes, out_b, lc.fwd_flops, lc.bwd_flops, rec_fl,
+        f_c, b_c, lc.weight_grad_s, rec_s, tp_f, tp_b, tp_vol, params,
+        act.stored_bytes, act.working_bytes, out_b, lc.fwd_flops, lc.bwd_flops, rec_fl, n_tp_ops,
+        float(sum(1 for op in lt.ops if op.param_bytes > 0)),
     )
+
+
+def _output_bytes(op) -> float:
+    """Output bytes of one sample of an op at the traced dtype: m x n of its GEMM, else half its
+    read + write bytes."""
+    if op.gemm_mnk is not None:
+        m, n, _k = op.gemm_mnk
+        return float(m * n * itemsize(op.dtype or "fp32"))
+    return op.bytes_per_sample / 2
 
 
 def block_costs_ctx(ctx: Context, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str) -> BlockCosts:

@@ -43,6 +43,20 @@ What overlaps and what is exposed:
 - Tied parameters (embedding/head) on different pp ranks: a copy on each, gradients
   all-reduced between them after backward (exposed, pp axis).
 
+The engines' own copies (memory-bound kernels on the compute stream, charged as compute, so on a
+shared host they count as CPU work; cost_models.layout): FSDP2 copies each block's local shard
+into the all-gather input and the gathered buffer out into the unsharded parameters at every
+gather (forward, and backward under zero3/hsdp) and the unsharded gradients into every
+reduce-scatter's input (zero3/hsdp per micro-batch, in backward; zero2 once per step); DDP (and
+FSDP2's `replicate`) copies the gradients into its buckets and back once per step. Read + write
+of each at the copy curve; in `compute_backward_s` for the once-per-step ones.
+
+DTensor's host time (hw.dtensor_overhead, measured by `autoplan calibrate` on CPU hosts only;
+None on GPUs, whose host dispatch runs ahead of the kernels): per tensor-parallel op and
+micro-batch in forward and backward (+ a part per output byte), in the block's compute; and per
+DTensor op's parameters in the optimizer step (tensor-parallel ops, or every op with parameters
+where FSDP2 holds them as DTensor shards).
+
 Shared hosts (hw.shared_cores < processes per node, e.g. gloo on a 2-core CPU): the step is
 composed by cost_models.sharedhost from the estimate at per-core speed (the critical path) and
 the host's total CPU work over its cores; any excess is the breakdown term `core_sharing_s`.
@@ -157,7 +171,8 @@ def step_lower_bound_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[i
     ctx = context(graph, hw, train)
     lay, sched = _layout_for(ctx, graph, knobs, stages, hw)
     m = knobs.num_micro_batches
-    post = max(_post(rk, knobs.sharding, m)[0] + rk.tied + rk.opt_s + rk.offload_s for rk in lay.ranks)
+    post = max(_post(rk, knobs.sharding, m)[0] + rk.tied + rk.step_copy_s + rk.opt_s + rk.offload_s
+               for rk in lay.ranks)
     return pipeline_lower_bound(sched, knobs.pp, m, knobs.virtual_stages, lay.times) + post
 
 
@@ -205,7 +220,7 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     margins = [FRAGMENTATION_FRACTION * x + reserve for x in tens]
     totals = list(map(add, tens, margins))
     posts_u = [_post(rk, sharding, m) for rk in cols.uniq]
-    tot_u = [p[0] + rk.tied + rk.opt_s + rk.offload_s for p, rk in zip(posts_u, cols.uniq, strict=True)]
+    tot_u = [p[0] + rk.tied + rk.step_copy_s + rk.opt_s + rk.offload_s for p, rk in zip(posts_u, cols.uniq, strict=True)]
     post_tot = cols.kind_of(tot_u)
     rp = post_tot.index(max(post_tot))  # the first rank with the largest post term
     step = T_pipe + post_tot[rp]
@@ -216,7 +231,7 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     pp_exp = min(idle, lay.crit_p2p)
     dpe, dpt, dpv = cols.kind_of(posts_u)[rp]
     breakdown = {
-        "compute_forward_s": m * R.f_c, "compute_backward_s": m * R.b_c, "recompute_s": m * R.rec,
+        "compute_forward_s": m * R.f_c, "compute_backward_s": m * R.b_c + P.step_copy_s, "recompute_s": m * R.rec,
         "tp_comm_s": m * R.tp_s, "dp_comm_s": m * R.fsdp_s + dpe, "pp_comm_s": pp_exp + P.tied,
         "bubble_s": idle - pp_exp, "optimizer_s": P.opt_s, "offload_s": P.offload_s,
     }
@@ -257,7 +272,7 @@ def _share_cores(graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec, train: T
     m = k.num_micro_batches
 
     def work(ranks) -> list[float]:
-        return [m * (rk.f_c + rk.b_c + rk.rec) + rk.opt_s + rk.offload_s for rk in ranks]
+        return [m * (rk.f_c + rk.b_c + rk.rec) + rk.step_copy_s + rk.opt_s + rk.offload_s for rk in ranks]
 
     if k.pp == 1:
         lockstep = max(0.0, e.step_time_s - work(lay.ranks)[0])

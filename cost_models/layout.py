@@ -26,6 +26,7 @@ All of it is the same arithmetic, in the same order, as computing each candidate
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,7 +35,7 @@ from operator import itemgetter
 
 from cost_models import comm
 from cost_models.blocks import Context, block_costs_ctx
-from cost_models.compute import itemsize
+from cost_models.compute import copies_time_s, itemsize
 from cost_models.efficiency import curves_for, memory_efficiency
 from cost_models.memory import DDP_BUCKET_BYTES, optimizer_step_bytes_per_param, sharded_states
 from specs import HardwareSpec, Knobs, ModelGraph, SpecError
@@ -60,8 +61,9 @@ _STAGE_IDS = count()  # ids of cached stage results (never reused, so rank keys 
 
 def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int,
            reshard: bool):
-    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, rank id, (F, B, W, p2p))
-    per micro-batch of the stage whose block sums are `ss`, cached by composition (not position).
+    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, rank id, (F, B, W, p2p),
+    fsdp copies in forward, fsdp copies in backward) per micro-batch of the stage whose block sums
+    are `ss`, cached by composition (not position).
     `reshard`: FSDP gathers again in backward and reduce-scatters every micro-batch (zero3/hsdp);
     otherwise (zero2) it gathers in forward only and reduce-scatters once per step (after the
     pipeline). The rank id is the same with and without `split`: everything a rank's terms read
@@ -72,7 +74,7 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
     got = ctx.stage_cache.get(key)
     if got is not None:
         return got
-    fwd_exp = bwd_exp = fsdp_time = 0.0
+    fwd_exp = bwd_exp = fsdp_time = copy_f = copy_b = 0.0
     if fsdp_n > 1:
         link = ctx.link(fsdp_n, fsdp_stride)
         nb = ss.num_blocks
@@ -86,8 +88,9 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
             b_c = ss.backward_s + ss.weight_compute_s if overlap else 0.0
             bwd_exp = ag + rs + max(0.0, (nb - 1) * (ag + rs) - b_c * (nb - 1) / nb)
             fsdp_time += nb * (ag + rs)
-    F = ss.forward_s + fwd_exp
-    B = ss.backward_s + bwd_exp + (0.0 if split else ss.weight_compute_s)
+        copy_f, copy_b = _fsdp_copies(ctx, ss.num_params / nb, nb, fsdp_n, reshard)
+    F = ss.forward_s + fwd_exp + copy_f
+    B = ss.backward_s + bwd_exp + copy_b + (0.0 if split else ss.weight_compute_s)
     W = ss.weight_compute_s if split else 0.0
     c = 0.0
     if not last_stage:
@@ -101,7 +104,7 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
     rid = ctx.stage_cache.get(rkey)
     if rid is None:
         rid = ctx.stage_cache[rkey] = next(_STAGE_IDS)
-    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, rid, (F, B, W, c))
+    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, rid, (F, B, W, c), copy_f, copy_b)
     if len(ctx.stage_cache) > 200_000:
         ctx.stage_cache.clear()
     ctx.stage_cache[key] = got
@@ -140,6 +143,7 @@ class _Rank:
     fsdp_s: float
     pp_vol: float
     pp_t: float
+    step_copy_s: float  # data-parallel gradient copies once per step (DDP buckets, ZeRO-2's reduce-scatter input)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,18 +302,21 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
             continue
         # the stage sums this rank needs, in one pass (the same additions, in the same order, as
         # sum() over the stages)
-        n_params = f_c = b_c = rec_s = tp_s = tp_v = fsdp_s = pp_v = pp_t = window = fsdp_mb = 0.0
+        n_params = f_c = b_c = rec_s = tp_s = tp_v = fsdp_s = pp_v = pp_t = window = fsdp_mb = tp_ops = 0.0
+        param_ops = 0.0
         big = out_max = -1.0
         recomputed = -1.0
         acts = []
         for j in js:
-            F_, B_, W_, c_, x, fe, be, ft, _id, _t = st[j]
+            F_, B_, W_, c_, x, fe, be, ft, _id, _t, cf, cb = st[j]
             n_params += x.num_params
             big = max(big, x.max_block_params)
             out_max = max(out_max, x.output_bytes)
             acts.append(x.activation_bytes)
-            f_c += x.forward_compute_s
-            b_c += x.backward_compute_s + x.weight_compute_s
+            tp_ops += x.tp_param_ops
+            param_ops += x.param_ops
+            f_c += x.forward_compute_s + cf
+            b_c += x.backward_compute_s + x.weight_compute_s + cb
             rec_s += x.recompute_s
             tp_s += x.tp_forward_s + x.tp_backward_s
             tp_v += x.tp_volume_bytes
@@ -326,7 +333,15 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
         dterms = ctx.stage_cache.get(dkey)
         if dterms is None:
             dterms = ctx.stage_cache[dkey] = _dp_terms(ctx, n_params, k, shard_n)
-        states, opt_params, tot, last, ag, rs_tot, rs_last, grad_vol, fixed_vol, opt_s, off_s, exposes = dterms
+        (states, opt_params, tot, last, ag, rs_tot, rs_last, grad_vol, fixed_vol, opt_s, off_s, exposes,
+         step_copy) = dterms
+        ov = hw.dtensor_overhead
+        if ov is not None and hw.device_is_host_cpu:
+            # the optimizer's host time per DTensor parameter (specs.DTensorOverhead): the
+            # tensor-parallel ops' parameters, or all of them where FSDP2 holds them (its shards
+            # are DTensors: zero2 / zero3 / hsdp, and `replicate` for dp with tp or pp)
+            fsdp2 = dp > 1 and (sharding in ("zero2", "zero3", "hsdp") or (sharding == "none" and (tp > 1 or pp > 1)))
+            opt_s += (param_ops if fsdp2 else tp_ops) * ov.optimizer_s
         trans = 0.0
         if sharding in ("none", "zero1"):
             trans += n_params * bpp.grad  # DDP bucket copies of the gradients
@@ -363,7 +378,7 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
             tuple(acts), states.param, states.grad, states.optimizer, trans, opt_tmp,
             rs_tot, rs_last, window, ag_after, fixed_exp, fixed_time, fixed_vol, grad_vol, fsdp_mb, tied_comm[r],
             opt_s, off_s,
-            f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, pp_v, pp_t,
+            f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, pp_v, pp_t, step_copy,
         )
         by_kind[kind] = got
     pos = {kk: i for i, kk in enumerate(first_rank)}
@@ -431,7 +446,34 @@ def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
             bw = hw.device.memory_bandwidth_bytes_per_s
             opt_s = max(hw.device.kernel_launch_s,
                         nbytes / (bw * memory_efficiency(curves_for(hw), nbytes, "elementwise")))
-    return states, opt_params, tot, last, ag, rs_tot, rs_last, grad_vol, fixed_vol, opt_s, off_s, exposes
+    step_copy = 0.0
+    if dp > 1 and sharding in ("none", "zero1"):
+        # DDP copies each gradient into its bucket and the reduced bucket back (read + write each
+        # way; gradient_as_bucket_view off, PyTorch's default); FSDP2's replicate (tp or pp > 1)
+        # copies them into one all-reduce input and out again alike
+        step_copy = copies_time_s(4 * grad_bytes, 2 * max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES)), hw,
+                                  curves_for(hw))
+    elif dp > 1 and sharding == "zero2":
+        # the one reduce-scatter's copy-in (torch._chunk_cat of the accumulated unsharded gradients)
+        step_copy = copies_time_s(2 * grad_bytes, 1, hw, curves_for(hw))
+    return (states, opt_params, tot, last, ag, rs_tot, rs_last, grad_vol, fixed_vol, opt_s, off_s, exposes,
+            step_copy)
+
+
+def _fsdp_copies(ctx: Context, blk_params: float, nb: int, n: int, reshard: bool) -> tuple[float, float]:
+    """(forward, backward) time of FSDP2's copies around its collectives, per micro-batch, for `nb`
+    blocks of `blk_params` parameters sharded `n` ways: each all-gather copies the local shard into
+    the all-gather input (foreach copy-in, cast to the compute dtype) and the gathered buffer out
+    into the unsharded parameters (split_with_sizes_copy); each reduce-scatter (with `reshard`:
+    every micro-batch) copies the unsharded gradients into its input (torch._chunk_cat). Read +
+    write of each, memory-bound kernels on the compute stream (the CPU's cores on a CPU host)."""
+    hw, bpp = ctx.hw, ctx.bpp
+    curves = curves_for(hw)
+    unsharded = blk_params * bpp.compute
+    gather = (copies_time_s(2 * unsharded / n, 1, hw, curves) + copies_time_s(2 * unsharded, 1, hw, curves))
+    fwd = nb * gather
+    bwd = nb * (gather + copies_time_s(2 * blk_params * bpp.grad, 1, hw, curves)) if reshard else 0.0
+    return fwd, bwd
 
 
 @lru_cache(maxsize=64)

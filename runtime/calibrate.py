@@ -226,6 +226,15 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
             else "pcie = host copy bandwidth (no device link on a CPU host)"
         ),
     }
+    if not gpu and "dtensor" in m:
+        dt = m["dtensor"]
+        data["dtensor_overhead"] = {k: _sig(dt[k]) for k in ("forward_s", "backward_s", "per_output_byte_s",
+                                                             "optimizer_s")}
+        data["sources"]["dtensor_overhead"] = (
+            f"{where}: a block of {dt['ops']} tensor-parallel Linears (Colwise/RowwiseParallel) on a one-rank "
+            f"mesh against the same block plain (runtime/calibrate_dtensor.py): forward, forward + backward at "
+            f"{len(dt['rows'])} sizes and the AdamW step; per op"
+        )
     if not gpu:
         data["sources"]["comm_overlaps_compute"] = (
             "gloo on a CPU host runs collectives (copies, reductions, TCP loopback) on the same cores as "
@@ -293,7 +302,7 @@ def _count_ticks(sizes: bench.Sizes) -> int:
         + len(sizes.conv_hw)
         + len(sizes.memory_bytes)
         + len(sizes.elementwise_bytes)
-        + 2
+        + 3
         + len(sizes.collective_bytes)
     )
 
@@ -336,6 +345,11 @@ def measure(nproc: int, sizes: bench.Sizes, device_type: str, progress=None) -> 
         tick("launch floor")
         m["adam_params_per_s"] = bench.measure_adam(sizes)
         tick("cpu adam")
+        if device.type == "cpu":  # a GPU's host dispatch runs ahead of its kernels: not charged there
+            from runtime.calibrate_dtensor import measure_dtensor
+
+            m["dtensor"] = measure_dtensor(sizes)
+        tick("dtensor overhead")
     finally:
         torch.set_num_threads(threads)
     if nproc == 1:  # one device has no link to measure; a 1-device plan never communicates

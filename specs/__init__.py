@@ -3,7 +3,7 @@ and the traced model graph). Pure pydantic; imports only pydantic, yaml and the 
 
 from specs._base import SpecError
 from specs.graph import Block, CutPoint, LayerType, ModelGraph, OpInfo, TPCandidate
-from specs.hardware import DeviceSpec, EfficiencyPoint, HardwareSpec, HostSpec, LinkSpec
+from specs.hardware import DeviceSpec, DTensorOverhead, EfficiencyPoint, HardwareSpec, HostSpec, LinkSpec
 from specs.plan import (
     PLAN_VERSION,
     Alternative,
@@ -25,7 +25,7 @@ from specs.train import Constraints, TrainSpec
 
 __all__ = [
     "PLAN_VERSION", "Alternative", "AxisComm", "Block", "Constraints", "CutPoint", "DataParallel",
-    "DeviceSpec", "EfficiencyPoint", "HardwareSpec", "HostSpec", "Knobs", "LayerType", "LinkSpec",
+    "DeviceSpec", "DTensorOverhead", "EfficiencyPoint", "HardwareSpec", "HostSpec", "Knobs", "LayerType", "LinkSpec",
     "Mesh", "ModelGraph", "ModelRef", "OpInfo", "Pipeline", "Plan", "Prediction", "Rejection",
     "SearchStats", "SpecError", "Stage", "StageTimes", "TPCandidate", "TensorParallel", "TrainSpec",
 ]

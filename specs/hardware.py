@@ -68,6 +68,21 @@ class EfficiencyPoint(Frozen):
     efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak at that size.")
 
 
+class DTensorOverhead(Frozen):
+    """Host time of running tensor-parallel ops on DTensor parameters instead of plain tensors
+    (sharding propagation and dispatch in Python, redistribution bookkeeping, the extra copies
+    it makes), measured by `autoplan calibrate` on a CPU host: a transformer MLP block's linears
+    under ColwiseParallel/RowwiseParallel on a one-rank mesh against the same block plain, at two
+    sizes. Per tensor-parallel op (a Linear or Embedding whose parameters are DTensors)."""
+
+    forward_s: float = Field(ge=0, description="Per op and micro-batch in forward, seconds.")
+    backward_s: float = Field(ge=0, description="Per op and micro-batch in backward, seconds.")
+    per_output_byte_s: float = Field(
+        default=0.0, ge=0, description="Size-dependent part, forward + backward, per byte of the op's output."
+    )
+    optimizer_s: float = Field(default=0.0, ge=0, description="Per op's parameters per optimizer step, seconds.")
+
+
 _SHARED_FIELDS = {"core_efficiency": "shared_core_efficiency", "memory_efficiency": "shared_memory_efficiency",
                   "sync_penalty_s": "shared_sync_penalty_s"}
 
@@ -151,6 +166,11 @@ class HardwareSpec(Frozen):
         description="With shared_cores: the average extra wait of one blocking collective when more "
         "processes than cores alternate compute and communication (a peer may be descheduled); "
         "`autoplan calibrate` measures it (cost_models.sharedhost). 0 where not measured.",
+    )
+    dtensor_overhead: DTensorOverhead | None = Field(
+        default=None,
+        description="Host time DTensor adds per tensor-parallel op on a CPU host (`autoplan calibrate`; "
+        "None: not measured / not charged, as on GPUs, where dispatch runs ahead of the kernels).",
     )
     device_is_host_cpu: bool = Field(
         default=False,
