@@ -60,17 +60,19 @@ _STAGE_IDS = count()  # ids of cached stage results (never reused, so rank keys 
 
 
 def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int,
-           reshard: bool):
+           reshard: bool, pipelined: bool = False):
     """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, rank id, (F, B, W, p2p),
-    fsdp copies in forward, fsdp copies in backward) per micro-batch of the stage whose block sums
-    are `ss`, cached by composition (not position).
+    host work in forward, host work in backward) per micro-batch of the stage whose block sums are
+    `ss`, cached by composition (not position). Host work: FSDP2's copies (`_fsdp_copies`) and, for
+    a `pipelined` stage on a CPU host, the pipelining engine's time per action
+    (hw.pipeline_action_overhead_s, once per forward and once per backward).
     `reshard`: FSDP gathers again in backward and reduce-scatters every micro-batch (zero3/hsdp);
     otherwise (zero2) it gathers in forward only and reduce-scatters once per step (after the
     pipeline). The rank id is the same with and without `split`: everything a rank's terms read
     (the sums, FSDP terms, p2p and B + W) is (B + W is bit-identical: (b + e) + w == (b + e + w) + 0.0)."""
     # one StageSum object per composition and (tp, sp, mb, rec) setting, kept alive by the context's
     # BlockCosts: its id stands for all of them
-    key = (id(ss), split, fsdp_n, fsdp_stride, last_stage, pp_stride, reshard)
+    key = (id(ss), split, fsdp_n, fsdp_stride, last_stage, pp_stride, reshard, pipelined)
     got = ctx.stage_cache.get(key)
     if got is not None:
         return got
@@ -89,6 +91,9 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
             bwd_exp = ag + rs + max(0.0, (nb - 1) * (ag + rs) - b_c * (nb - 1) / nb)
             fsdp_time += nb * (ag + rs)
         copy_f, copy_b = _fsdp_copies(ctx, ss.num_params / nb, nb, fsdp_n, reshard)
+    if pipelined and ctx.hw.device_is_host_cpu:
+        copy_f += ctx.hw.pipeline_action_overhead_s
+        copy_b += ctx.hw.pipeline_action_overhead_s
     F = ss.forward_s + fwd_exp + copy_f
     B = ss.backward_s + bwd_exp + copy_b + (0.0 if split else ss.weight_compute_s)
     W = ss.weight_compute_s if split else 0.0
@@ -100,7 +105,7 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
             link = ctx.links[key_l] = comm.p2p_link(ctx.hw, pp_stride)
         c = comm.p2p_s(ss.output_bytes, link)
     # a small id shared by split and unsplit (cheap rank keys) and the (F, B, W, p2p) the simulator takes
-    rkey = ("rid", id(ss), fsdp_n, fsdp_stride, last_stage, pp_stride, reshard)
+    rkey = ("rid", id(ss), fsdp_n, fsdp_stride, last_stage, pp_stride, reshard, pipelined)
     rid = ctx.stage_cache.get(rkey)
     if rid is None:
         rid = ctx.stage_cache[rkey] = next(_STAGE_IDS)
@@ -235,7 +240,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
     reshard = sharding != "zero2"
     pp_stride = tp * dp
     sl = _stage_list(ctx, stages, tp, sp, mb, sub)
-    res = [_stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard) for ss, last in sl.uniq]
+    res = [_stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard, pp > 1) for ss, last in sl.uniq]
     st = [res[i] for i in sl.pattern]
     times = tuple([x[9] for x in st])
     accum = k.num_micro_batches > 1

@@ -226,6 +226,13 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
             else "pcie = host copy bandwidth (no device link on a CPU host)"
         ),
     }
+    if not gpu and "pipeline_action_s" in m:
+        data["pipeline_action_overhead_s"] = _sig(m["pipeline_action_s"])
+        data["sources"]["pipeline_action_overhead_s"] = (
+            f"{where}: {nproc} processes as a {nproc}-stage Schedule1F1B pipeline of small MLP stages, CPU time "
+            f"of a step minus the same forwards/backwards run alone, per action, mean over stages "
+            f"(runtime/calibrate_pipeline.py)"
+        )
     if not gpu and "dtensor" in m:
         dt = m["dtensor"]
         data["dtensor_overhead"] = {k: _sig(dt[k]) for k in ("forward_s", "backward_s", "per_output_byte_s",
@@ -360,6 +367,8 @@ def measure(nproc: int, sizes: bench.Sizes, device_type: str, progress=None) -> 
     m["collectives"] = {k: v for k, v in coll.items() if k in bench.COLLECTIVES}
     if "sync_penalty_s" in coll:
         m["sync_penalty_s"] = coll["sync_penalty_s"]
+    if "pipeline_action_s" in coll:
+        m["pipeline_action_s"] = coll["pipeline_action_s"]
     single = (
         max(r[1] for r in m["matmul"]["fp32"] if r[0] >= 2.0 * 256**3)
         if device.type == "cpu"

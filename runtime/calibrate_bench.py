@@ -139,10 +139,17 @@ def time_op(
     return statistics.median(per_call)
 
 
+def _linear_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(bias, x, w.t())
+
+
 def measure_matmul(
     device: torch.device, sizes: Sizes, tick: Callable[[str], None]
 ) -> dict[str, list]:
-    """dtype -> [(flops, flops_per_s)] for square matmuls."""
+    """dtype -> [(flops, flops_per_s)] for square GEMMs in the form nn.Linear runs them:
+    addmm(bias, x, W^T) (a transposed weight view and a bias epilogue: on the 2-core dev VM, cold
+    operands, 130 / 154 / 169 GFLOP/s at n = 256 / 384 / 512 against 149 / 171 / 176 for a bare
+    mm(a, b); the models' GEMMs are mostly Linears)."""
     out: dict[str, list] = {}
     for name, ns in sizes.matmul_n.items():
         dt = DTYPES[name]
@@ -151,9 +158,10 @@ def measure_matmul(
         rows = []
         for n in ns:
             a = torch.randn(n, n, device=device, dtype=dt)
-            b = torch.randn(n, n, device=device, dtype=dt)
-            sets = operand_sets((a, b), sizes.flush_bytes)
-            t = time_op(torch.mm, device, sizes.min_time_s, sets=sets)
+            w = torch.randn(n, n, device=device, dtype=dt)
+            c = torch.randn(n, device=device, dtype=dt)
+            sets = operand_sets((a, w, c), sizes.flush_bytes)
+            t = time_op(_linear_gemm, device, sizes.min_time_s, sets=sets)
             del sets
             rows.append((2.0 * n**3, 2.0 * n**3 / t))
             tick(f"matmul {name} {n}x{n}")
@@ -294,6 +302,9 @@ def collective_worker(
         res["shared_host_matmul_flops_per_s"] = _concurrent_matmul(rank, world, device, sizes)
         if device.type == "cpu":
             res["sync_penalty_s"] = _sync_penalty(world, device, sizes)
+            from runtime.calibrate_pipeline import pipeline_action_overhead
+
+            res["pipeline_action_s"] = pipeline_action_overhead(rank, world)
         if rank == 0:
             queue.put(("result", res))
         dist.barrier()

@@ -172,6 +172,13 @@ class HardwareSpec(Frozen):
         description="Host time DTensor adds per tensor-parallel op on a CPU host (`autoplan calibrate`; "
         "None: not measured / not charged, as on GPUs, where dispatch runs ahead of the kernels).",
     )
+    pipeline_action_overhead_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Host time the pipelining engine adds per forward or backward action of a stage on a CPU "
+        "host (schedule bookkeeping, receive buffers, sends and receives; `autoplan calibrate`). 0: not "
+        "measured / not charged (GPUs, whose host work runs ahead of the kernels).",
+    )
     device_is_host_cpu: bool = Field(
         default=False,
         description="The devices are processes on the host CPU (no accelerator): the optimizer step runs "
