@@ -78,6 +78,7 @@ from dataclasses import dataclass, replace
 from operator import add, mul, sub
 
 from cost_models import sharedhost
+from cost_models.sharedsim import simulate_shared
 from cost_models.blocks import context
 from cost_models.compute import compute_dtype, peak_flops_per_s
 from cost_models.layout import _layout_for, _post
@@ -280,11 +281,22 @@ def _share_cores(graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec, train: T
         lockstep = min(_post(rk, k.sharding, m)[0] + rk.tied for rk in lay.ranks)
     # the CPU work, timed with every core busy (shared caches and memory system)
     hw_c = sharedhost.contended(hw)
-    lay_c, _ = _layout_for(context(graph, hw_c, train), graph, k, stages, hw_c)
-    total = sum(work(lay_c.ranks)) * k.dp * k.tp
+    lay_c, sched = _layout_for(context(graph, hw_c, train), graph, k, stages, hw_c)
     if hw.shared_sync_penalty_s > 0:
         lockstep += sharedhost.sync_points(graph, k, stages) * hw.shared_sync_penalty_s
-    step = sharedhost.shared_step_s(e.step_time_s, total, hw.shared_cores * hw.num_nodes, lockstep)
+    cores = hw.shared_cores * hw.num_nodes
+    if k.pp == 1:
+        total = sum(work(lay_c.ranks)) * k.dp * k.tp
+        step = sharedhost.shared_step_s(e.step_time_s, total, cores, lockstep)
+    else:
+        # the schedule played with the cores shared among runnable ranks (cost_models.sharedsim);
+        # tensor-parallel collectives stay lockstep time, as with one stage
+        tp_comm = m * max(rk.tp_s for rk in lay_c.ranks)
+        times = tuple((f - x.tp_forward_s, b - x.tp_backward_s, w, c)
+                      for (f, b, w, c), x in zip(lay_c.times, lay_c.stage_sums, strict=True))
+        tails = [rk.step_copy_s + rk.opt_s + rk.offload_s for rk in lay_c.ranks]
+        shared = simulate_shared(sched, k.pp, m, k.virtual_stages, times, cores / (k.dp * k.tp), tails)
+        step = max(e.step_time_s, shared + lockstep + tp_comm)
     wait = step - e.step_time_s
     if wait <= 0:
         breakdown = e.time_breakdown_s

@@ -186,6 +186,7 @@ class _Layout:
     crit_p2p: float
     notes: tuple[str, ...]
     sims: dict  # (schedule, micro-batches) -> ScheduleResult (saves hashing the stage times again)
+    stage_sums: tuple = ()  # the StageSum of each stage (block sums behind `times`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +256,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
     if ctx.train.optimizer == "sgd":
         notes.append("sgd assumed with momentum (4 bytes/param of state)")
     return _Layout(times, ranks, cols, _rank_stages(pp, pp * v), sl.flops_per_mb, 2 * sum(t[3] for t in times),
-                   tuple(dict.fromkeys(notes)), {})
+                   tuple(dict.fromkeys(notes)), {}, tuple([x[4] for x in st]))
 
 
 def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):

@@ -24,7 +24,14 @@ the busy ones. The model instead:
    sync after the pipeline that all ranks share (the smallest over pp ranks) is counted, and
    in-pipeline communication is assumed to lend its core to other stages.
 
-    step_s = max(T_crit, W / C + X + S d)
+    step_s = max(T_crit, W / C + X + S d)          (pp = 1)
+
+   With pp > 1 the ranks are not busy at once: the schedule is played with the cores shared
+   among the runnable ranks (cost_models.sharedsim, processor sharing: C / (dp x tp) cores per
+   pipeline, the contended stage times without their tensor-parallel collectives as work, each
+   rank's optimizer step and once-per-step copies as tail work), T_ps, and
+
+    step_s = max(T_crit, T_ps + X + m x TP comm of the busiest rank + S d)   (pp > 1)
 
 4. Synchronisation: when a process blocks on communication with a peer that the scheduler has
    descheduled (N > C), it waits until the peer gets a core again; `autoplan calibrate` measures
@@ -34,7 +41,7 @@ the busy ones. The model instead:
    collectives, pipeline receives, FSDP all-gathers and reduce-scatters, DDP buckets.
 
 With pp = 1 and every op above the launch floor this is the static division again (all
-processes busy in lockstep); with pipeline bubbles it is smaller. GPUs (shared_cores None) and
+processes busy in lockstep); with pipeline bubbles it is smaller (an idle rank lends its core). GPUs (shared_cores None) and
 hosts with at least as many cores as processes are unaffected.
 """
 

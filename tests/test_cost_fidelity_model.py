@@ -149,15 +149,20 @@ def test_unshared_restores_per_core_speed():
 
 
 def test_pipeline_bubbles_give_their_cores_to_busy_ranks():
-    # pp=4 gpipe, m=8, one process per stage on 2 cores. Closed form: per-core stage times F, B
-    # (equal stages): critical path (m + p - 1)(F + B), CPU work p m (F + B) over 2 cores.
+    # pp=4 gpipe, m=8, one process per stage on 2 cores: the schedule played with the cores shared
+    # among runnable ranks (cost_models.sharedsim). Bounds: the critical path at a core each
+    # ((m + p - 1)(F + B) for equal stages) and the CPU work p m (F + B) over 2 cores; the
+    # warm-up and drain, where fewer than 2 ranks can run, leave cores idle.
+    from cost_models.sharedsim import simulate_shared
+
     hw, per_core = _host(4, 2), _host(4, None)
     kw = dict(pp=4, dp=1, schedule="gpipe", micro_batch_size=2, num_micro_batches=8)
     shared, alone = _est(hw, **kw), _est(per_core, **kw)
     times = alone.stage_times_raw
     work = sum(8 * (f + b + w) for f, b, w, _ in times)
-    assert shared.step_time_s == pytest.approx(max(alone.step_time_s, work / 2), rel=1e-6)
-    assert shared.step_time_s == pytest.approx(work / 2, rel=1e-6)  # 16(F+B) > 11(F+B)
+    assert shared.step_time_s > max(alone.step_time_s, work / 2)
+    # no optimizer time on this host (rate 1e30) and no tensor parallelism: the pipeline alone
+    assert shared.step_time_s == pytest.approx(simulate_shared("gpipe", 4, 8, 1, times, 2.0), rel=1e-9)
     assert shared.time_breakdown_s["core_sharing_s"] == pytest.approx(shared.step_time_s - alone.step_time_s)
     assert sum(shared.time_breakdown_s.values()) == pytest.approx(shared.step_time_s)
     # the static division (every process at half a core throughout) charges the bubble at half speed
@@ -187,8 +192,9 @@ def test_measured_core_efficiency_scales_the_host_capacity():
     half = full.model_copy(update={"shared_core_efficiency": 0.5, "shared_memory_efficiency": 0.5})
     alone = _est(_host(4, None), **kw)
     work = sum(8 * (f + b + w) for f, b, w, _ in alone.stage_times_raw)
-    assert _est(half, **kw).step_time_s == pytest.approx(work / (2 * 0.5), rel=1e-6)
-    assert _est(full, **kw).step_time_s == pytest.approx(work / 2, rel=1e-6)
+    t_full, t_half = _est(full, **kw).step_time_s, _est(half, **kw).step_time_s
+    assert t_full > work / 2 and t_half > work / (2 * 0.5)
+    assert t_half == pytest.approx(2 * t_full, rel=1e-3)  # every action's work doubles (p2p does not)
 
 
 def test_compute_and_memory_contention_slow_their_own_ops():

@@ -166,3 +166,28 @@ def test_dtensor_overhead_size_part_grows_with_the_micro_batch_and_is_not_charge
            for mb in (2, 4)}
     assert got[2] > 0 and got[4] == pytest.approx(2 * got[2], rel=1e-9)
     assert _est_on(ov, gpu=True, tp=2).step_time_s == pytest.approx(_est_on(None, gpu=True, tp=2).step_time_s)
+
+
+# ---------------------------------------------------------- the pipelining engine's host time
+def _pp_stages(n: int) -> list[tuple[int, int, str]]:
+    nb = GRAPH.num_blocks
+    cuts = [round(i * nb / n) for i in range(n + 1)]
+    return [(cuts[i], cuts[i + 1] - 1, "none") for i in range(n)]
+
+
+def _stage_times(overhead: float, pp: int, gpu: bool = False):
+    hw = _host_cpu(None, pp, gpu).model_copy(update={"pipeline_action_overhead_s": overhead})
+    kn = Knobs(pp=pp, tp=1, dp=1, micro_batch_size=2, num_micro_batches=4, schedule="1f1b")
+    tr = TrainSpec(global_batch_size=8, precision="fp32", optimizer="adamw")
+    return estimate_knobs(GRAPH, kn, _pp_stages(pp), hw, tr)
+
+
+def test_pipeline_engine_time_per_forward_and_backward_action_on_cpu_hosts():
+    a, b = _stage_times(0.0, 2), _stage_times(2e-3, 2)
+    for (f0, b0, w0, c0), (f1, b1, w1, c1) in zip(a.stage_times_raw, b.stage_times_raw, strict=True):
+        assert (f1 - f0, b1 - b0, w1 - w0, c1 - c0) == pytest.approx((2e-3, 2e-3, 0.0, 0.0), abs=1e-15)
+    # each rank's forward and backward compute carry it once per micro-batch
+    assert b.time_breakdown_s["compute_forward_s"] - a.time_breakdown_s["compute_forward_s"] == pytest.approx(4 * 2e-3)
+    # one stage (no pipeline engine) and GPUs: not charged
+    assert _stage_times(2e-3, 1).step_time_s == pytest.approx(_stage_times(0.0, 1).step_time_s)
+    assert _stage_times(2e-3, 2, gpu=True).step_time_s == pytest.approx(_stage_times(0.0, 2, gpu=True).step_time_s)
