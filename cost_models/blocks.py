@@ -243,12 +243,9 @@ def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompu
     if splittable and ov is not None and hw.device_is_host_cpu:
         # DTensor's host time per tensor-parallel op (specs.DTensorOverhead), on the CPU that also
         # computes (a GPU's host dispatch runs ahead of its kernels: not charged there)
-        tp_ops = [op for op in lt.ops if op.tp_split in TP_SPLIT and op.param_bytes > 0]
-        n_tp_ops = float(len(tp_ops))
-        dt_out = sum(_output_bytes(op) * (1 if op.tp_split == "row" else 1 / tp) for op in tp_ops)
-        dt_out *= mb * ctx.act_scale
-        f_c += n_tp_ops * ov.forward_s + dt_out * ov.per_output_byte_s / 2
-        b_c += n_tp_ops * ov.backward_s + dt_out * ov.per_output_byte_s / 2
+        n_tp_ops = float(sum(1 for op in lt.ops if op.tp_split in TP_SPLIT and op.param_bytes > 0))
+        f_c += n_tp_ops * ov.forward_s
+        b_c += n_tp_ops * ov.backward_s
     if recompute == "full":
         rec_s, rec_fl = f_c, lc.fwd_flops
         tp_b += tp_f
@@ -271,14 +268,6 @@ def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompu
         float(sum(1 for op in lt.ops if op.param_bytes > 0)),
     )
 
-
-def _output_bytes(op) -> float:
-    """Output bytes of one sample of an op at the traced dtype: m x n of its GEMM, else half its
-    read + write bytes."""
-    if op.gemm_mnk is not None:
-        m, n, _k = op.gemm_mnk
-        return float(m * n * itemsize(op.dtype or "fp32"))
-    return op.bytes_per_sample / 2
 
 
 def block_costs_ctx(ctx: Context, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str) -> BlockCosts:

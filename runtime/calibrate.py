@@ -235,8 +235,7 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
         )
     if not gpu and "dtensor" in m:
         dt = m["dtensor"]
-        data["dtensor_overhead"] = {k: _sig(dt[k]) for k in ("forward_s", "backward_s", "per_output_byte_s",
-                                                             "optimizer_s")}
+        data["dtensor_overhead"] = {k: _sig(dt[k]) for k in ("forward_s", "backward_s", "optimizer_s")}
         data["sources"]["dtensor_overhead"] = (
             f"{where}: a block of {dt['ops']} tensor-parallel Linears (Colwise/RowwiseParallel) on a one-rank "
             f"mesh against the same block plain (runtime/calibrate_dtensor.py): forward, forward + backward at "

@@ -71,15 +71,13 @@ class EfficiencyPoint(Frozen):
 class DTensorOverhead(Frozen):
     """Host time of running tensor-parallel ops on DTensor parameters instead of plain tensors
     (sharding propagation and dispatch in Python, redistribution bookkeeping, the extra copies
-    it makes), measured by `autoplan calibrate` on a CPU host: a transformer MLP block's linears
-    under ColwiseParallel/RowwiseParallel on a one-rank mesh against the same block plain, at two
-    sizes. Per tensor-parallel op (a Linear or Embedding whose parameters are DTensors)."""
+    it makes), measured by `autoplan calibrate` on a CPU host: a block of Linears under
+    ColwiseParallel/RowwiseParallel on a one-rank mesh against the same block plain
+    (runtime/calibrate_dtensor.py). Per tensor-parallel op (a Linear or Embedding whose
+    parameters are DTensors)."""
 
     forward_s: float = Field(ge=0, description="Per op and micro-batch in forward, seconds.")
     backward_s: float = Field(ge=0, description="Per op and micro-batch in backward, seconds.")
-    per_output_byte_s: float = Field(
-        default=0.0, ge=0, description="Size-dependent part, forward + backward, per byte of the op's output."
-    )
     optimizer_s: float = Field(default=0.0, ge=0, description="Per op's parameters per optimizer step, seconds.")
 
 

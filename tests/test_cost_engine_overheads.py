@@ -132,7 +132,7 @@ def _est_on(overhead: DTensorOverhead | None, gpu: bool = False, **kw):
 
 
 def test_dtensor_overhead_per_tensor_parallel_op_in_forward_backward_and_optimizer():
-    ov = DTensorOverhead(forward_s=1e-3, backward_s=3e-3, per_output_byte_s=0.0, optimizer_s=5e-4)
+    ov = DTensorOverhead(forward_s=1e-3, backward_s=3e-3, optimizer_s=5e-4)
     n_tp = _ops(lambda op: op.tp_split in TP_SPLIT and op.param_bytes > 0)
     assert n_tp > 0
     for m in (1, 2):
@@ -159,13 +159,10 @@ def test_dtensor_optimizer_overhead_covers_every_parameter_fsdp2_holds():
     assert b.step_time_s == pytest.approx(a.step_time_s)
 
 
-def test_dtensor_overhead_size_part_grows_with_the_micro_batch_and_is_not_charged_on_gpus():
-    ov = DTensorOverhead(forward_s=0.0, backward_s=0.0, per_output_byte_s=1e-9, optimizer_s=0.0)
-    base = {mb: _est_on(None, tp=2, micro_batch_size=mb).time_breakdown_s["compute_forward_s"] for mb in (2, 4)}
-    got = {mb: _est_on(ov, tp=2, micro_batch_size=mb).time_breakdown_s["compute_forward_s"] - base[mb]
-           for mb in (2, 4)}
-    assert got[2] > 0 and got[4] == pytest.approx(2 * got[2], rel=1e-9)
+def test_dtensor_overhead_is_not_charged_on_gpus():
+    ov = DTensorOverhead(forward_s=1e-3, backward_s=1e-3, optimizer_s=1e-3)
     assert _est_on(ov, gpu=True, tp=2).step_time_s == pytest.approx(_est_on(None, gpu=True, tp=2).step_time_s)
+    assert _est_on(ov, tp=2).step_time_s > _est_on(None, tp=2).step_time_s
 
 
 # ---------------------------------------------------------- the pipelining engine's host time
