@@ -308,8 +308,7 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
             continue
         # the stage sums this rank needs, in one pass (the same additions, in the same order, as
         # sum() over the stages)
-        n_params = f_c = b_c = rec_s = tp_s = tp_v = fsdp_s = pp_v = pp_t = window = fsdp_mb = tp_ops = 0.0
-        param_ops = 0.0
+        n_params = f_c = b_c = rec_s = tp_s = tp_v = fsdp_s = pp_v = pp_t = window = fsdp_mb = 0.0
         big = out_max = -1.0
         recomputed = -1.0
         acts = []
@@ -319,8 +318,6 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
             big = max(big, x.max_block_params)
             out_max = max(out_max, x.output_bytes)
             acts.append(x.activation_bytes)
-            tp_ops += x.tp_param_ops
-            param_ops += x.param_ops
             f_c += x.forward_compute_s + cf
             b_c += x.backward_compute_s + x.weight_compute_s + cb
             rec_s += x.recompute_s
@@ -347,7 +344,8 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
             # tensor-parallel ops' parameters, or all of them where FSDP2 holds them (its shards
             # are DTensors: zero2 / zero3 / hsdp, and `replicate` for dp with tp or pp)
             fsdp2 = dp > 1 and (sharding in ("zero2", "zero3", "hsdp") or (sharding == "none" and (tp > 1 or pp > 1)))
-            opt_s += (param_ops if fsdp2 else tp_ops) * ov.optimizer_s
+            n_dt = sum(st[j][4].param_ops if fsdp2 else st[j][4].tp_param_ops for j in js)
+            opt_s += n_dt * ov.optimizer_s
         trans = 0.0
         if sharding in ("none", "zero1"):
             trans += n_params * bpp.grad  # DDP bucket copies of the gradients
@@ -457,11 +455,10 @@ def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
         # DDP copies each gradient into its bucket and the reduced bucket back (read + write each
         # way; gradient_as_bucket_view off, PyTorch's default); FSDP2's replicate (tp or pp > 1)
         # copies them into one all-reduce input and out again alike
-        step_copy = copies_time_s(4 * grad_bytes, 2 * max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES)), hw,
-                                  curves_for(hw))
+        step_copy = _copy_s(ctx, 4 * grad_bytes, 2 * max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES)))
     elif dp > 1 and sharding == "zero2":
         # the one reduce-scatter's copy-in (torch._chunk_cat of the accumulated unsharded gradients)
-        step_copy = copies_time_s(2 * grad_bytes, 1, hw, curves_for(hw))
+        step_copy = _copy_s(ctx, 2 * grad_bytes)
     return (states, opt_params, tot, last, ag, rs_tot, rs_last, grad_vol, fixed_vol, opt_s, off_s, exposes,
             step_copy)
 
@@ -473,13 +470,26 @@ def _fsdp_copies(ctx: Context, blk_params: float, nb: int, n: int, reshard: bool
     into the unsharded parameters (split_with_sizes_copy); each reduce-scatter (with `reshard`:
     every micro-batch) copies the unsharded gradients into its input (torch._chunk_cat). Read +
     write of each, memory-bound kernels on the compute stream (the CPU's cores on a CPU host)."""
-    hw, bpp = ctx.hw, ctx.bpp
-    curves = curves_for(hw)
+    key = ("fsdp copies", blk_params, nb, n, reshard)
+    got = ctx.stage_cache.get(key)
+    if got is not None:
+        return got
+    bpp = ctx.bpp
     unsharded = blk_params * bpp.compute
-    gather = (copies_time_s(2 * unsharded / n, 1, hw, curves) + copies_time_s(2 * unsharded, 1, hw, curves))
+    gather = _copy_s(ctx, 2 * unsharded / n) + _copy_s(ctx, 2 * unsharded)
     fwd = nb * gather
-    bwd = nb * (gather + copies_time_s(2 * blk_params * bpp.grad, 1, hw, curves)) if reshard else 0.0
-    return fwd, bwd
+    bwd = nb * (gather + _copy_s(ctx, 2 * blk_params * bpp.grad)) if reshard else 0.0
+    got = ctx.stage_cache[key] = (fwd, bwd)
+    return got
+
+
+def _copy_s(ctx: Context, n_bytes: float, kernels: int = 1) -> float:
+    """compute.copies_time_s on the context's machine, memoised per (bytes, kernels)."""
+    key = ("copy", n_bytes, kernels)
+    got = ctx.stage_cache.get(key)
+    if got is None:
+        got = ctx.stage_cache[key] = copies_time_s(n_bytes, kernels, ctx.hw, curves_for(ctx.hw))
+    return got
 
 
 @lru_cache(maxsize=64)
