@@ -39,6 +39,11 @@ What goes where (the microbenchmarks are in runtime.calibrate_bench):
   groups inside a node in place of the one joint link.
 - CPU: `comm_overlaps_compute: false` (gloo runs on the compute cores) and
   `device_is_host_cpu: true` (the optimizer step runs at the measured Adam rate).
+- CPU: the engines' own host time, which the same cores pay: `dtensor_overhead` (per
+  tensor-parallel op in forward and backward, per DTensor op's parameters in the optimizer step;
+  runtime/calibrate_dtensor.py) and `pipeline_action_overhead_s` (per pipeline action, measured by
+  the collective workers as an N-stage pipeline; runtime/calibrate_pipeline.py). Both are small
+  differences of larger times on a shared VM: they vary by ~+-30% between runs.
 """
 
 from __future__ import annotations
