@@ -285,7 +285,8 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
             )
         if "sync_penalty_s" in data.get("shared_host", {}):
             data["sources"]["shared_host_check"] += (
-                f"; all processes alternating a 512x512 matmul with a 4 KiB all-reduce wait "
+                f"; all processes alternating a transformer MLP block forward (256 tokens, hidden 512) with a "
+                f"4 KiB all-reduce wait "
                 f"{data['shared_host']['sync_penalty_s'] * 1e3:.3g} ms per all-reduce beyond the two run apart: "
                 f"shared_host.sync_penalty_s"
             )

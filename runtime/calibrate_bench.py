@@ -470,24 +470,33 @@ def cpu_count() -> int:
 
 def _sync_penalty(world, device, sizes: Sizes) -> float:
     """Average extra wait per blocking collective when every process alternates a compute chunk
-    (an fp32 matmul, ~1-2 ms on one core) with a small all-reduce (4 KiB): per iteration,
-    t(compute + all-reduce) - t(compute) - t(all-reduce), each loop run by all processes at once
-    and timed by the slowest rank; median of 3 repetitions, clamped at 0. On a host with fewer
-    cores than processes a blocked process often waits for a descheduled peer: this is that wait
-    (cost_models.sharedhost)."""
+    with a small all-reduce (4 KiB): per iteration, t(compute + all-reduce) - t(compute) -
+    t(all-reduce), each loop run by all processes at once and timed by the slowest rank; median
+    of 5 repetitions, clamped at 0. On a host with fewer cores than processes a blocked process
+    often waits for a descheduled peer, and finds its caches refilled by the others when it runs
+    again: this is that cost (cost_models.sharedhost). The chunk is a transformer MLP block's
+    forward at a small model's size (256 tokens, h = 512: 8 MiB of weights, ~5-10 ms on one core),
+    so the caches it refills are a training step's (with a 512x512 matmul, 1 MiB, the penalty
+    measured 0-1.4 ms; the engines' waits in the fidelity runs were several ms)."""
     import torch.distributed as dist
 
-    n = 128 if sizes.min_time_s < 0.01 else 512
-    iters = 5 if sizes.min_time_s < 0.01 else 30
-    a = torch.randn(n, n, device=device)
+    quick = sizes.min_time_s < 0.01
+    h, rows = (64, 32) if quick else (512, 256)
+    iters = 5 if quick else 20
+    w1 = torch.randn(4 * h, h, device=device) / h**0.5
+    w2 = torch.randn(h, 4 * h, device=device) / (4 * h) ** 0.5
+    x = torch.randn(rows, h, device=device)
     small = torch.ones(1024, device=device)
+
+    def chunk() -> None:
+        torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x, w1)), w2)
 
     def loop(compute: bool, comm: bool) -> float:
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(iters):
             if compute:
-                torch.mm(a, a)
+                chunk()
             if comm:
                 dist.all_reduce(small)
         el = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64, device=device)
@@ -496,6 +505,6 @@ def _sync_penalty(world, device, sizes: Sizes) -> float:
 
     loop(True, True)  # warm-up
     excess = []
-    for _ in range(3):
+    for _ in range(5):
         excess.append(loop(True, True) - loop(True, False) - loop(False, True))
     return max(0.0, statistics.median(excess))
