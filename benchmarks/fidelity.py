@@ -1,6 +1,6 @@
 """Predicted vs measured step time on this machine: does the cost model rank and size plans right?
 
-    .venv/bin/python benchmarks/fidelity.py [--nproc 4] [--steps 5] [--warmup 2] [--only LABEL,...]
+    .venv/bin/python benchmarks/fidelity.py [--nproc 4] [--rounds 3] [--steps 2] [--warmup 2] [--only LABEL,...]
 
 For a small GPT (8 layers, hidden 384, seq 128, vocab 2048, untied embeddings, fp32, AdamW, global batch 16) and the
 `cpu` hardware preset at `--nproc` processes (the calibrated spec: HardwareSpec.preset("cpu",
@@ -8,9 +8,13 @@ devices=N), whose shared_host scaling gives each of N processes min(1, cores / N
 each plan in PLANS is
   1. built and scored by planner.plan_from_knobs -> cost_models.estimate_step (the prediction);
   2. executed by the runtime (runtime.parallelize + ParallelModel.train_step) under one
-     `torchrun --standalone` launch that runs every plan in turn (start-up dominates otherwise);
-     a step is timed from a barrier before it to a barrier after it (the slowest rank), and the
-     measured figure is the median of `--steps` steps after `--warmup` warm-up steps.
+     `torchrun --standalone` launch that runs every plan in turn (start-up dominates otherwise),
+     in `--rounds` interleaved rounds: each round builds every plan afresh and times `--steps`
+     steps after `--warmup` warm-up steps, so that the machine's speed drifting during the run
+     (10-20% within minutes on the shared dev VM) hits every plan alike; a step is timed from a
+     barrier before it to a barrier after it (the slowest rank), and the measured figure is the
+     median of a plan's steps over all rounds. Each process's CPU time per step is recorded too
+     (the share of the host's cores the plan kept busy).
 Summary: Spearman rank correlation of predicted vs measured, and the median absolute relative
 error |pred - meas| / meas. Targets (issue 7): Spearman >= 0.9, median error <= 15%.
 Results: benchmarks/results/fidelity_cpu.json (per plan: knobs, prediction and its breakdown,
@@ -107,66 +111,49 @@ def predict(labels: list[str], nproc: int) -> dict[str, Plan]:
 
 
 # ---------------------------------------------------------------------------------- worker
-def worker(plan_dir: Path, steps: int, warmup: int) -> None:
-    """Runs under torchrun: every plan in plan_dir in turn; rank 0 writes measured.json."""
+def worker(plan_dir: Path, steps: int, warmup: int, rounds: int) -> None:
+    """Runs under torchrun: every plan in plan_dir, in `rounds` interleaved rounds (each round
+    builds every plan afresh, runs `warmup` + `steps` steps, and moves on), so that drift of the
+    machine's speed during the run hits every plan alike; rank 0 writes measured.json."""
     import datetime
 
     import torch.distributed as dist
 
-    from runtime import parallelize
-
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
     rank = dist.get_rank()
     order = json.loads((plan_dir / "order.json").read_text())
-    out: dict[str, dict] = {}
+    out: dict[str, dict] = {label: {"step_times_s": [], "warmup_times_s": [], "losses": [], "setup_s": []}
+                            for label in order}
+    cpu: dict[str, list[float]] = {label: [] for label in order}
     probe = _cpu_probe(rank)
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, CFG.vocab_size, (GLOBAL_BATCH, CFG.seq_len), generator=gen)
-    for i, label in enumerate(order):
-        plan = Plan.from_file(plan_dir / f"{i}.yaml")
-        torch.manual_seed(0)
-        model = Transformer(CFG)
-        rec: dict = {}
-        try:
-            t_setup = time.perf_counter()
-            pm = parallelize(model, plan, loss_fn=lm_loss, example_inputs=(example_tokens(1),))
-            rec["setup_s"] = time.perf_counter() - t_setup
-            times, losses, cpu = [], [], []
-            for _ in range(warmup + steps):
-                dist.barrier()
-                t0 = time.perf_counter()
-                c0 = time.process_time()  # this process's CPU time, all its threads (gloo's too)
-                loss = pm.train_step(pm.local_batch(tokens, tokens))
-                c1 = time.process_time()
-                dist.barrier()
-                times.append(time.perf_counter() - t0)
-                cpu.append(c1 - c0)
-                losses.append(None if loss is None else float(loss))
-            # CPU seconds per step summed over the processes (median over measured steps): with
-            # the host's cores, the share of the step the cores were busy
-            per_rank = [None] * dist.get_world_size()
-            dist.all_gather_object(per_rank, cpu[warmup:])
-            rec["cpu_s_per_step_by_rank"] = [statistics.median(c) for c in per_rank]
-            rec.update(
-                step_times_s=times[warmup:],
-                warmup_times_s=times[:warmup],
-                losses=losses,
-                measured_step_time_s=statistics.median(times[warmup:]),
-            )
-            del pm
-        except Exception as e:  # recorded, and the next plan runs
-            rec["error"] = f"{type(e).__name__}: {e}"[:500]
-            if os.environ.get("FIDELITY_TRACEBACK"):
-                import traceback
+    for r in range(rounds):
+        for i, label in enumerate(order):
+            rec = out[label]
+            if "error" in rec:
+                continue
+            try:
+                _run_plan(Plan.from_file(plan_dir / f"{i}.yaml"), tokens, steps, warmup, rec, cpu[label])
+            except Exception as e:  # recorded, and the next plan runs
+                rec["error"] = f"{type(e).__name__}: {e}"[:500]
+                if os.environ.get("FIDELITY_TRACEBACK"):
+                    import traceback
 
-                traceback.print_exc()
-        if rank == 0:
-            out[label] = rec
-            print(
-                f"[fidelity] {label}: {rec.get('measured_step_time_s', rec.get('error'))}",
-                flush=True,
-            )
-        dist.barrier()
+                    traceback.print_exc()
+            if rank == 0:
+                got = statistics.median(rec["step_times_s"]) if rec["step_times_s"] else None
+                print(f"[fidelity] round {r + 1}/{rounds} {label}: {rec.get('error', got)}", flush=True)
+            dist.barrier()
+    for label in order:
+        rec = out[label]
+        # CPU seconds per step of each process (median over measured steps): with the host's
+        # cores, the share of the step the cores were busy
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, cpu[label])
+        if "error" not in rec:
+            rec["cpu_s_per_step_by_rank"] = [statistics.median(c) for c in per_rank]
+            rec["measured_step_time_s"] = statistics.median(rec["step_times_s"])
     probe_after = _cpu_probe(rank)
     if rank == 0:
         out["_cpu_probe"] = {"before_flops_per_s": probe["median"], "after_flops_per_s": probe_after["median"],
@@ -174,6 +161,33 @@ def worker(plan_dir: Path, steps: int, warmup: int) -> None:
         (plan_dir / "measured.json").write_text(json.dumps(out, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _run_plan(plan: Plan, tokens: torch.Tensor, steps: int, warmup: int, rec: dict, cpu: list[float]) -> None:
+    """Build `plan` with the runtime and time `warmup` + `steps` steps (barrier to barrier, the
+    slowest rank); appends to rec's lists and to `cpu` (this process's CPU seconds per step, all
+    its threads, gloo's too)."""
+    import torch.distributed as dist
+
+    from runtime import parallelize
+
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    t_setup = time.perf_counter()
+    pm = parallelize(model, plan, loss_fn=lm_loss, example_inputs=(example_tokens(1),))
+    rec["setup_s"].append(time.perf_counter() - t_setup)
+    for k in range(warmup + steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        loss = pm.train_step(pm.local_batch(tokens, tokens))
+        c1 = time.process_time()
+        dist.barrier()
+        (rec["warmup_times_s"] if k < warmup else rec["step_times_s"]).append(time.perf_counter() - t0)
+        if k >= warmup:
+            cpu.append(c1 - c0)
+        rec["losses"].append(None if loss is None else float(loss))
+    del pm
 
 
 def _cpu_probe(rank: int) -> dict[str, float]:
@@ -224,14 +238,15 @@ def _load() -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc", type=int, default=4)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="measured steps per plan and round")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per plan and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all plans")
     p.add_argument("--only", default=None, help="comma-separated plan labels")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("-o", "--output", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.worker:
-        worker(Path(args.worker), args.steps, args.warmup)
+        worker(Path(args.worker), args.steps, args.warmup, args.rounds)
         return 0
 
     labels = [s.strip() for s in args.only.split(",")] if args.only else list(PLANS)
@@ -270,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             str(args.steps),
             "--warmup",
             str(args.warmup),
+            "--rounds",
+            str(args.rounds),
         ]
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.run(cmd, env=env, cwd=ROOT)
@@ -352,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "nproc": args.nproc,
         "steps": args.steps,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "hardware": plans[labels[0]].hardware.model_dump(mode="json"),
         "cpu_probe_flops_per_s": probe,
         "preset_peak_fp32_flops_per_s_per_process": peak,
