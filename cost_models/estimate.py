@@ -78,7 +78,6 @@ from dataclasses import dataclass, replace
 from operator import add, mul, sub
 
 from cost_models import sharedhost
-from cost_models.sharedsim import simulate_shared
 from cost_models.blocks import context
 from cost_models.compute import compute_dtype, peak_flops_per_s
 from cost_models.layout import _layout_for, _post
@@ -86,6 +85,7 @@ from cost_models.memory import (
     FRAGMENTATION_FRACTION,
     margin_bytes,
 )
+from cost_models.sharedsim import simulate_shared
 from cost_models.simulator import pipeline_lower_bound, simulate_cached
 from specs import (
     AxisComm,

@@ -60,7 +60,11 @@ class _Block(nn.Module):
 def measure_dtensor(sizes: Sizes) -> dict[str, Any]:
     """DTensor's host overhead per tensor-parallel op (see the module docstring), CPU only."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     own_group = not dist.is_initialized()
     if own_group:
@@ -79,10 +83,10 @@ def measure_dtensor(sizes: Sizes) -> dict[str, Any]:
         for b in BATCHES:
             x = torch.randn(b, SEQ, HIDDEN)
 
-            def fwd(mod):
+            def fwd(mod, x=x):
                 mod(x)  # recording autograd's graph, as in training
 
-            def fwd_bwd(mod):
+            def fwd_bwd(mod, x=x):
                 mod(x).sum().backward()
 
             # plain and parallel alternate, ROUNDS times: drift of the machine's speed hits both

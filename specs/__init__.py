@@ -3,7 +3,14 @@ and the traced model graph). Pure pydantic; imports only pydantic, yaml and the 
 
 from specs._base import SpecError
 from specs.graph import Block, CutPoint, LayerType, ModelGraph, OpInfo, TPCandidate
-from specs.hardware import DeviceSpec, DTensorOverhead, EfficiencyPoint, HardwareSpec, HostSpec, LinkSpec
+from specs.hardware import (
+    DeviceSpec,
+    DTensorOverhead,
+    EfficiencyPoint,
+    HardwareSpec,
+    HostSpec,
+    LinkSpec,
+)
 from specs.plan import (
     PLAN_VERSION,
     Alternative,
