@@ -25,6 +25,15 @@ its direct child, e.g. layers.3.attn_norm, head.norm) run as SequenceParallel wh
 plan names them. Without it a norm would see a plain local (B, T/tp, H) tensor, its weight's
 gradient would be a per-rank partial sum, and attention reading T from x.shape would fold heads.
 
+One collective per shared input (Megatron-LM's f/g operators): column-parallel siblings that read
+the same tensor (q, k and v of an attention; gate and up of a gated MLP) share one Replicate
+DTensor made from it, so the input's all-gather (sequence parallel) runs once in forward and its
+gradient is all-reduced (reduce-scattered) once in backward, after autograd sums the siblings'
+partial gradients, instead of once per module. The shared DTensor lives in a cache that the
+siblings' parent module clears when its forward starts and ends (`_SharedInputColwise`; an input
+read by one module only is unaffected). cost_models.blocks charges this count: one collective
+per row-parallel pair in each direction.
+
 Tied weights (GPT ties embed.tok.weight and head.lm_head.weight): vocab-parallel Embedding
 and colwise Linear both shard the weight on dim 0 over the same tp mesh, so after
 parallelize_module the one DTensor parameter is re-tied to every alias; placements that
@@ -49,6 +58,45 @@ from torch.distributed.tensor.parallel import (
 from specs import Plan, SpecError
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)
+
+
+class _SharedInputColwise(ColwiseParallel):
+    """ColwiseParallel whose input DTensor is shared with the column-parallel siblings that read
+    the same tensor in one forward of their parent (see the module docstring). `cache` maps
+    id(input) -> (input, its Replicate DTensor); the parent's forward hooks clear it, and an entry
+    holds its input alive, so an id cannot be reused while its entry exists."""
+
+    def __init__(self, cache: dict, **kwargs):
+        super().__init__(**kwargs)
+        self._cache = cache
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        from functools import partial
+
+        from torch.distributed.tensor import distribute_module
+
+        return distribute_module(
+            module, device_mesh, self._partition_linear_fn,
+            partial(self._shared_input, self._cache, self.input_layouts, self.desired_input_layouts),
+            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
+        )
+
+    @staticmethod
+    def _shared_input(cache, input_layouts, desired_input_layouts, mod, inputs, device_mesh):
+        x = inputs[0]
+        if isinstance(x, DTensor):
+            return ColwiseParallel._prepare_input_fn(input_layouts, desired_input_layouts, mod, inputs, device_mesh)
+        hit = cache.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        dt = ColwiseParallel._prepare_input_fn(input_layouts, desired_input_layouts, mod, inputs, device_mesh)
+        cache[id(x)] = (x, dt)
+        return dt
+
+
+def _clear_cache_hooks(parent: nn.Module, cache: dict) -> None:
+    parent.register_forward_pre_hook(lambda _m, _a: cache.clear())
+    parent.register_forward_hook(lambda _m, _a, _o: cache.clear())
 
 
 def resolve_styles(model: nn.Module, plan: Plan) -> dict[str, str]:
@@ -169,6 +217,14 @@ def apply_tensor_parallel(
         elif styles[n] == "rowwise":
             last_colwise = None
 
+    # column-parallel modules (not the head) with a column-parallel sibling: they may share an input
+    siblings: dict[str, list[str]] = {}
+    for n in order:
+        if styles[n] == "colwise" and n != last_colwise:
+            siblings.setdefault(n.rpartition(".")[0], []).append(n)
+    shared_parent = {n: par for par, ns in siblings.items() if len(ns) > 1 for n in ns}
+    caches: dict[str, dict] = {}
+
     plan_map: dict[str, object] = {}
     block_relayout: set[str] = set()
     for name in order:
@@ -180,6 +236,9 @@ def apply_tensor_parallel(
                     output_layouts=Shard(-1) if tpc.loss_parallel else Replicate(),
                     use_local_output=not tpc.loss_parallel,
                 )
+            elif shared_parent.get(name) is not None:
+                cache = caches.setdefault(shared_parent[name], {})
+                plan_map[name] = _SharedInputColwise(cache, input_layouts=Shard(1) if sp else Replicate())
             else:
                 plan_map[name] = ColwiseParallel(input_layouts=Shard(1)) if sp else ColwiseParallel()
         elif style == "rowwise":
@@ -204,6 +263,8 @@ def apply_tensor_parallel(
             output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True
         )
     parallelize_module(model, tp_mesh, plan_map)
+    for par, cache in caches.items():
+        _clear_cache_hooks(model.get_submodule(par) if par else model, cache)
     _retie(tied)
 
 
