@@ -43,10 +43,11 @@ differ raise a SpecError.
 from __future__ import annotations
 
 import fnmatch
+from functools import partial
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleOutput,
@@ -71,10 +72,6 @@ class _SharedInputColwise(ColwiseParallel):
         self._cache = cache
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        from functools import partial
-
-        from torch.distributed.tensor import distribute_module
-
         return distribute_module(
             module, device_mesh, self._partition_linear_fn,
             partial(self._shared_input, self._cache, self.input_layouts, self.desired_input_layouts),
@@ -236,7 +233,7 @@ def apply_tensor_parallel(
                     output_layouts=Shard(-1) if tpc.loss_parallel else Replicate(),
                     use_local_output=not tpc.loss_parallel,
                 )
-            elif shared_parent.get(name) is not None:
+            elif name in shared_parent:
                 cache = caches.setdefault(shared_parent[name], {})
                 plan_map[name] = _SharedInputColwise(cache, input_layouts=Shard(1) if sp else Replicate())
             else:

@@ -26,7 +26,6 @@ def count(name: str, sp: bool) -> dict:
 
     from cost_models.sharedhost import sync_points
     from planner import plan_from_knobs, trace
-    from planner.build_plan import tp_styles  # noqa: F401 (the planner names the styles)
     from planner.models import build_model
     from runtime import parallelize
     from specs import HardwareSpec, Knobs, TrainSpec
