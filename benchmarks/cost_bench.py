@@ -34,6 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cost_models import estimate_knobs  # noqa: E402
+from cost_models import kernels  # noqa: E402
 from cost_models import simulator as sim_mod  # noqa: E402
 from specs import HardwareSpec, Knobs, TrainSpec  # noqa: E402
 
@@ -92,6 +93,7 @@ def main() -> None:
     hw = HardwareSpec.preset("dgx-a100-80gb", nodes=128)
     train = TrainSpec(global_batch_size=1536)
     cands = list(candidates(graph.num_blocks, hw.num_devices, train.global_batch_size))
+    jit_s = kernels.warm_up()  # once per process, as the search does before it starts
     if not args.no_freeze:
         gc.freeze()
 
@@ -119,6 +121,8 @@ def main() -> None:
     print(f"model {graph.name} ({graph.num_params / 1e9:.1f}B params, {graph.num_blocks} blocks, "
           f"traced_by={graph.traced_by}); {hw}; global batch {train.global_batch_size}")
     print(f"candidates scored:          {len(cands)} ({len(fits)} fit in memory)")
+    print(f"simulation kernels:         {'numba' if kernels.JIT else 'pure Python (numba missing or AUTOPLAN_JIT=0)'}; "
+          f"loaded once per process in {jit_s * 1e3:.0f} ms (before the timing)")
     print(f"per candidate, cold caches: {cold * 1e6:8.1f} us  (CPU time)")
     print(f"per candidate, warm caches: {warm * 1e6:8.1f} us")
     print(f"pipeline simulations:       {num_sims} distinct, {sim_mean * 1e6:8.1f} us each on average")

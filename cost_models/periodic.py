@@ -41,10 +41,11 @@ which agrees to rounding (tests: 1e-9 relative; the tolerance bounds it by 1e-10
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from operator import itemgetter, sub
 
+from cost_models import kernels
 from cost_models.schedules import _check
 
 # schedules whose builders repeat one steady pattern beyond m_sat (see _m_saturated)
@@ -76,6 +77,9 @@ class Periodic:
     shift: int  # D
     lag_get: itemgetter  # gathers lag_slot from the per-stage p2p list (one C call)
     dur_get: itemgetter
+    # as int64 arrays for cost_models.kernels (None without JIT): rp, dep, lag_slot, dur_slot,
+    # last_of_rank, counts, round_counts, stage_rank
+    arrays: tuple | None = field(default=None, compare=False, repr=False)
 
 
 def _shift(name: str, pp: int, v: int) -> int:
@@ -202,13 +206,30 @@ def _compiled_rounds(name: str, pp: int, m: int, v: int) -> Periodic | None:
     for i in members[ra]:
         _r, k, s, _mb, _dep, _lag = comp.order[i]
         rc[s][k] += 1
+    arrays = None
+    if kernels.JIT:
+        arrays = (kernels.index_array(n_rp, n), kernels.index_array(n_dep, n), kernels.index_array(lag_slot, 0),
+                  kernels.index_array(dur_slot, 0), kernels.index_array(last_of_rank, 0),
+                  kernels.index_array(comp.actions_per_rank_stage, 0), kernels.index_array(rc, 0),
+                  kernels.index_array(comp.stage_rank, 0))
     return Periodic(pp, S, n_rp, n_dep, lag_slot, dur_slot, last_of_rank, start, length, nrounds, reach,
                     comp.actions_per_rank_stage, tuple(map(tuple, rc)), comp.peak_in_flight,
-                    comp.peak_in_flight_per_stage, comp.stage_rank, m, d, _getter(lag_slot), _getter(dur_slot))
+                    comp.peak_in_flight_per_stage, comp.stage_rank, m, d, _getter(lag_slot), _getter(dur_slot),
+                    arrays)
 
 
 def _getter(slots: tuple[int, ...]) -> itemgetter:
     return itemgetter(*slots) if len(slots) > 1 else itemgetter(slice(slots[0], slots[0] + 1))
+
+
+def play_compiled(pc: Periodic, m: int, T, split: bool) -> tuple[float, object]:
+    """(step time, busy time per rank as an array): `play` and the busy times of
+    simulator._run_periodic, compiled (cost_models.kernels; needs pc.arrays). `T`: the stage times
+    as kernels.times_array gives them; `split`: the schedule splits backward (W apart)."""
+    extra = (m - pc.m_compiled) // pc.shift
+    total = pc.rounds + extra
+    rel = min(_REL_TOL, 1e-10 / total) if total else _REL_TOL
+    return kernels.play_rounds(*pc.arrays, T, split, pc.start, pc.length, pc.rounds, pc.reach, total, extra, rel)
 
 
 def play(pc: Periodic, m: int, d: list[float], lg: list[float]) -> tuple[float, list[float], tuple]:
@@ -218,6 +239,11 @@ def play(pc: Periodic, m: int, d: list[float], lg: list[float]) -> tuple[float, 
     extra = (m - pc.m_compiled) // pc.shift
     total = pc.rounds + extra
     A, L, N, J = pc.start, pc.length, pc.rounds, pc.reach
+    # per-round tolerance; a skip multiplies it by at most `total`, so the result stays within
+    # 1e-10 relative of the plain simulation even if a near-tie passed for periodicity
+    rel = min(_REL_TOL, 1e-10 / total) if total else _REL_TOL
+    counts = tuple((f + extra * rf, b + extra * rb, w + extra * rw)
+                   for (f, b, w), (rf, rb, rw) in zip(pc.counts, pc.round_counts, strict=True))
     rps, deps = pc.rp, pc.dep
     lags = pc.lag_get(lg)
     durs = pc.dur_get(d)
@@ -232,9 +258,6 @@ def play(pc: Periodic, m: int, d: list[float], lg: list[float]) -> tuple[float, 
 
     run(0, A)
     streak, c = 0, 0.0
-    # per-round tolerance; a skip multiplies it by at most `total`, so the result stays within
-    # 1e-10 relative of the plain simulation even if a near-tie passed for periodicity
-    rel = min(_REL_TOL, 1e-10 / total) if total else _REL_TOL
     last_pos = A + (N - 1) * L  # where the last compiled steady round lives
     for k in range(total):
         if k < N:
@@ -263,6 +286,4 @@ def play(pc: Periodic, m: int, d: list[float], lg: list[float]) -> tuple[float, 
             break
     run(A + N * L, n)
     ends = [end[i] for i in pc.last_of_rank]
-    counts = tuple((f + extra * rf, b + extra * rb, w + extra * rw)
-                   for (f, b, w), (rf, rb, rw) in zip(pc.counts, pc.round_counts, strict=True))
     return max(ends), ends, counts

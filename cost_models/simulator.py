@@ -28,10 +28,11 @@ plain event simulation (the reference the tests compare the fast path with).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
-from cost_models.periodic import Periodic, compile_periodic, play
+from cost_models import kernels
+from cost_models.periodic import Periodic, compile_periodic, play, play_compiled
 from cost_models.schedules import Schedule, build_schedule, build_schedule_plain
 
 _KIND = {"F": 0, "B": 1, "W": 2}
@@ -68,6 +69,7 @@ class _Compiled:
     dep: tuple[int, ...] = ()
     lag_slot: tuple[int, ...] = ()
     dur_slot: tuple[int, ...] = ()
+    arrays: tuple | None = field(default=None, compare=False, repr=False)  # rank, dep, lag_slot, dur_slot, counts, stage_rank as int64 arrays (kernels.JIT)
 
 
 @lru_cache(maxsize=256)
@@ -153,8 +155,13 @@ def _compile(sched: Schedule) -> _Compiled:
     # lag slot S means "no p2p" (a 0.0 appended to the lag list); dep -1 reads a 0.0 sentinel
     flat = tuple((r, dep, lag if lag >= 0 else S, 3 * s + k) for r, k, s, _mb, dep, lag in order)
     cols = tuple(zip(*flat, strict=True)) if flat else ((), (), (), ())
+    arrays = None
+    if kernels.JIT and flat:
+        n = len(flat)
+        arrays = (kernels.index_array(cols[0], 0), kernels.index_array(cols[1], n), kernels.index_array(cols[2], 0),
+                  kernels.index_array(cols[3], 0), kernels.index_array(counts, 0), kernels.index_array(rank_of, 0))
     return _Compiled(tuple(order), p, S, flat, tuple(peak), tuple(st_peak), tuple(tuple(c) for c in counts),
-                     rank_of, *cols)
+                     rank_of, *cols, arrays)
 
 
 def _run(comp: _Compiled, dur: tuple[tuple[float, float, float], ...], lag: tuple[float, ...],
@@ -282,12 +289,26 @@ def simulate_cached(name: str, pp: int, m: int, v: int, times: tuple[tuple[float
     hit = _CACHE.get(key)
     if hit is None:
         split = name == "zero_bubble"
-        dur, lag = _durations(times, split)
         pc = compile_periodic(name, pp, m, v)
-        if pc is None:
+        comp = _compiled(name, pp, m, v) if pc is None else None
+        if kernels.JIT and (pc is not None or comp.arrays is not None):
+            # the same passes, compiled (cost_models.kernels; bit-identical to _run / _run_periodic)
+            T = kernels.times_array(times)
+            if pc is not None:
+                step, busy = play_compiled(pc, m, T, split)
+                src = pc
+            else:
+                step, busy = kernels.run_plain(*comp.arrays, T, split, pp)
+                src = comp
+            busy = tuple(busy.tolist())
+            top = max(busy)
+            bubble = 1.0 - top / step if step > 0 else 0.0
+            hit = ScheduleResult(step, max(0.0, bubble), busy, src.peak_in_flight, src.peak_in_flight_per_stage)
+        elif pc is None:
+            dur, lag = _durations(times, split)
             hit = _run(_compiled(name, pp, m, v), dur, lag, split, False)
         else:
-            hit = _run_periodic(pc, m, dur, lag)
+            hit = _run_periodic(pc, m, *_durations(times, split))
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.clear()
         _CACHE[key] = hit

@@ -1,4 +1,4 @@
-"""Coverage models (benchmarks/coverage.py) executed by the runtime with PLANNER-made hybrid plans,
+"""Coverage models (benchmarks/model_coverage.py) executed by the runtime with PLANNER-made hybrid plans,
 against one process. Runs every case inside ONE torchrun process group:
 
     torchrun --standalone --nproc-per-node 4 tests/coverage_cases.py --out results.json [--only a,b]
@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from coverage import build_hf, build_vision  # noqa: E402
+from model_coverage import build_hf, build_vision  # noqa: E402
 
 from planner import plan_from_knobs, trace  # noqa: E402
 from runtime import parallelize  # noqa: E402

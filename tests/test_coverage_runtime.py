@@ -1,4 +1,4 @@
-"""Small versions of coverage models (benchmarks/coverage.py) run under the runtime with hybrid plans
+"""Small versions of coverage models (benchmarks/model_coverage.py) run under the runtime with hybrid plans
 made by the planner, and match one process (tests/coverage_cases.py, one torchrun launch)."""
 
 from __future__ import annotations

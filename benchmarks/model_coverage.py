@@ -1,7 +1,7 @@
 """Model coverage: trace and plan every torchvision classification model and a set of Hugging Face
 transformers families for a 64-GPU H100 cluster.
 
-    .venv/bin/python benchmarks/coverage.py [--hw dgx-h100-80gb:64] [--only NAME,...] [--skip-vision]
+    .venv/bin/python benchmarks/model_coverage.py [--hw dgx-h100-80gb:64] [--only NAME,...] [--skip-vision]
 
 Models (random weights, built on the meta device, nothing downloaded):
 - every name in torchvision.models.list_models(module=torchvision.models) (the classification
