@@ -33,8 +33,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cost_models import estimate_knobs  # noqa: E402
-from cost_models import kernels  # noqa: E402
+from cost_models import (
+    estimate_knobs,  # noqa: E402
+    kernels,  # noqa: E402
+)
 from cost_models import simulator as sim_mod  # noqa: E402
 from specs import HardwareSpec, Knobs, TrainSpec  # noqa: E402
 
@@ -121,7 +123,7 @@ def main() -> None:
     print(f"model {graph.name} ({graph.num_params / 1e9:.1f}B params, {graph.num_blocks} blocks, "
           f"traced_by={graph.traced_by}); {hw}; global batch {train.global_batch_size}")
     print(f"candidates scored:          {len(cands)} ({len(fits)} fit in memory)")
-    print(f"simulation kernels:         {'numba' if kernels.JIT else 'pure Python (numba missing or AUTOPLAN_JIT=0)'}; "
+    print(f"simulation kernels:         {'numba' if kernels.ready else 'pure Python (numba missing or AUTOPLAN_JIT=0)'}; "
           f"loaded once per process in {jit_s * 1e3:.0f} ms (before the timing)")
     print(f"per candidate, cold caches: {cold * 1e6:8.1f} us  (CPU time)")
     print(f"per candidate, warm caches: {warm * 1e6:8.1f} us")

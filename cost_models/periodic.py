@@ -41,6 +41,7 @@ which agrees to rounding (tests: 1e-9 relative; the tolerance bounds it by 1e-10
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from operator import itemgetter, sub
@@ -75,10 +76,10 @@ class Periodic:
     stage_rank: tuple[int, ...]
     m_compiled: int
     shift: int  # D
-    lag_get: itemgetter  # gathers lag_slot from the per-stage p2p list (one C call)
-    dur_get: itemgetter
-    # as int64 arrays for cost_models.kernels (None without JIT): rp, dep, lag_slot, dur_slot,
-    # last_of_rank, counts, round_counts, stage_rank
+    lag_get: itemgetter = field(compare=False)  # gathers lag_slot from the per-stage p2p list (one C call)
+    dur_get: itemgetter = field(compare=False)
+    # as int64 arrays for cost_models.jit.play_rounds (made on first use): rp, dep (-1 -> n),
+    # lag_slot, dur_slot, last_of_rank, counts, round_counts, stage_rank
     arrays: tuple | None = field(default=None, compare=False, repr=False)
 
 
@@ -116,11 +117,39 @@ def compile_periodic(name: str, pp: int, m: int, v: int) -> Periodic | None:
 
 @lru_cache(maxsize=256)
 def _compiled_rounds(name: str, pp: int, m: int, v: int) -> Periodic | None:
+    """The round structure of the plain order (see _rounds_python); by cost_models.jit.rounds_structure
+    once the kernels are loaded (cost_models.kernels), else in Python."""
     from cost_models.simulator import _compiled  # the plain simulator's topological order (shared)
 
     comp = _compiled(name, pp, m, v)
-    S = comp.num_stages
     d = _shift(name, pp, v)
+    if not kernels.ready:
+        t0 = time.process_time()
+        got = _rounds_python(comp, pp, m, d)
+        kernels.charge(time.process_time() - t0)
+        return got
+    S = comp.num_stages
+    status, n_rp, n_dep, lag_slot, dur_slot, last_of_rank, rc, start, length, nrounds, reach = \
+        kernels.jit.rounds_structure(comp.order_array, S, d, pp)
+    if status in (1, 2):
+        return None  # a positive cycle (no round structure) or no steady run of two rounds
+    assert status == 0, "round order"
+    lag_slot, dur_slot = tuple(lag_slot.tolist()), tuple(dur_slot.tolist())
+    n = len(lag_slot)
+    arrays = (kernels.index_array(n_rp, n), kernels.index_array(n_dep, n), kernels.index_array(lag_slot, 0),
+              kernels.index_array(dur_slot, 0), last_of_rank,
+              kernels.index_array(comp.actions_per_rank_stage, -1).reshape(-1, 3), rc,
+              kernels.index_array(comp.stage_rank, -1))
+    return Periodic(pp, S, tuple(n_rp.tolist()), tuple(n_dep.tolist()), lag_slot, dur_slot,
+                    tuple(last_of_rank.tolist()), int(start), int(length), int(nrounds), int(reach),
+                    comp.actions_per_rank_stage, tuple(map(tuple, rc.tolist())), comp.peak_in_flight,
+                    comp.peak_in_flight_per_stage, comp.stage_rank, m, d, _getter(lag_slot), _getter(dur_slot),
+                    arrays)
+
+
+def _rounds_python(comp, pp: int, m: int, d: int) -> Periodic | None:
+    """The round structure (module docstring) of `comp`, the plain order of (name, pp, m, v)."""
+    S = comp.num_stages
     n = len(comp.order)
     # rank predecessor of each action (the plain order keeps each rank's list order)
     last = [-1] * pp
@@ -206,16 +235,9 @@ def _compiled_rounds(name: str, pp: int, m: int, v: int) -> Periodic | None:
     for i in members[ra]:
         _r, k, s, _mb, _dep, _lag = comp.order[i]
         rc[s][k] += 1
-    arrays = None
-    if kernels.JIT:
-        arrays = (kernels.index_array(n_rp, n), kernels.index_array(n_dep, n), kernels.index_array(lag_slot, 0),
-                  kernels.index_array(dur_slot, 0), kernels.index_array(last_of_rank, 0),
-                  kernels.index_array(comp.actions_per_rank_stage, 0), kernels.index_array(rc, 0),
-                  kernels.index_array(comp.stage_rank, 0))
     return Periodic(pp, S, n_rp, n_dep, lag_slot, dur_slot, last_of_rank, start, length, nrounds, reach,
                     comp.actions_per_rank_stage, tuple(map(tuple, rc)), comp.peak_in_flight,
-                    comp.peak_in_flight_per_stage, comp.stage_rank, m, d, _getter(lag_slot), _getter(dur_slot),
-                    arrays)
+                    comp.peak_in_flight_per_stage, comp.stage_rank, m, d, _getter(lag_slot), _getter(dur_slot))
 
 
 def _getter(slots: tuple[int, ...]) -> itemgetter:
@@ -229,7 +251,15 @@ def play_compiled(pc: Periodic, m: int, T, split: bool) -> tuple[float, object]:
     extra = (m - pc.m_compiled) // pc.shift
     total = pc.rounds + extra
     rel = min(_REL_TOL, 1e-10 / total) if total else _REL_TOL
-    return kernels.play_rounds(*pc.arrays, T, split, pc.start, pc.length, pc.rounds, pc.reach, total, extra, rel)
+    arrays = pc.arrays
+    if arrays is None:  # compiled in Python before the kernels were loaded
+        n = len(pc.rp)
+        arrays = (kernels.index_array(pc.rp, n), kernels.index_array(pc.dep, n), kernels.index_array(pc.lag_slot, 0),
+                  kernels.index_array(pc.dur_slot, 0), kernels.index_array(pc.last_of_rank, 0),
+                  kernels.index_array(pc.counts, -1).reshape(-1, 3), kernels.index_array(pc.round_counts, -1).reshape(-1, 3),
+                  kernels.index_array(pc.stage_rank, -1))
+        object.__setattr__(pc, "arrays", arrays)
+    return kernels.jit.play_rounds(*arrays, T, split, pc.start, pc.length, pc.rounds, pc.reach, total, extra, rel)
 
 
 def play(pc: Periodic, m: int, d: list[float], lg: list[float]) -> tuple[float, list[float], tuple]:

@@ -28,8 +28,11 @@ plain event simulation (the reference the tests compare the fast path with).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from functools import lru_cache
+
+import numpy as np
 
 from cost_models import kernels
 from cost_models.periodic import Periodic, compile_periodic, play, play_compiled
@@ -52,24 +55,84 @@ class ScheduleResult:
         return self.busy_s.index(max(self.busy_s))  # the first busiest
 
 
-@dataclass(frozen=True, slots=True)
 class _Compiled:
-    # per action, in a valid processing order: (rank, kind, stage, mb, dep index or -1, p2p stage or -1)
-    order: tuple[tuple[int, int, int, int, int, int], ...]
-    num_ranks: int
-    num_stages: int
-    # the same as flat columns for the fast pass: (rank, dep index or -1, lag slot, duration slot)
-    flat: tuple[tuple[int, int, int, int], ...]
-    peak_in_flight: tuple[int, ...]
-    peak_in_flight_per_stage: tuple[int, ...]
-    actions_per_rank_stage: tuple[tuple[int, int, int], ...]  # per stage: count of F, B, W actions
-    stage_rank: tuple[int, ...]
-    # `flat` as columns (the fast pass zips them)
-    rank: tuple[int, ...] = ()
-    dep: tuple[int, ...] = ()
-    lag_slot: tuple[int, ...] = ()
-    dur_slot: tuple[int, ...] = ()
-    arrays: tuple | None = field(default=None, compare=False, repr=False)  # rank, dep, lag_slot, dur_slot, counts, stage_rank as int64 arrays (kernels.JIT)
+    """A schedule's dependency order and in-flight peaks (a property of its structure, not of the
+    times). Built by the Python scan (tuples) or by the compiled one (an n x 6 int64 array); the
+    other form is made on first use, so either path serves every reader."""
+
+    __slots__ = ("num_ranks", "num_stages", "peak_in_flight", "peak_in_flight_per_stage", "actions_per_rank_stage",
+                 "stage_rank", "_order", "_order_array", "_cols", "_arrays")
+
+    def __init__(self, order, num_ranks: int, num_stages: int, peak_in_flight: tuple[int, ...],
+                 peak_in_flight_per_stage: tuple[int, ...], actions_per_rank_stage: tuple[tuple[int, int, int], ...],
+                 stage_rank: tuple[int, ...], order_array=None):
+        # order: per action, in a valid processing order, (rank, kind, stage, mb, dep index or -1,
+        # p2p stage or -1); None when order_array (the same as an n x 6 array) is given
+        self._order = order
+        self._order_array = order_array
+        self.num_ranks, self.num_stages = num_ranks, num_stages
+        self.peak_in_flight, self.peak_in_flight_per_stage = peak_in_flight, peak_in_flight_per_stage
+        self.actions_per_rank_stage, self.stage_rank = actions_per_rank_stage, stage_rank
+        self._cols = self._arrays = None
+
+    @property
+    def order(self) -> tuple[tuple[int, int, int, int, int, int], ...]:
+        if self._order is None:
+            self._order = tuple(map(tuple, self._order_array.tolist()))
+        return self._order
+
+    @property
+    def num_actions(self) -> int:
+        return len(self._order) if self._order is not None else self._order_array.shape[0]
+
+    @property
+    def order_array(self):
+        if self._order_array is None:
+            self._order_array = kernels.index_array(self._order, -1).reshape(len(self._order), 6)
+        return self._order_array
+
+    @property
+    def flat(self) -> tuple[tuple[int, int, int, int], ...]:
+        """Per action (rank, dep index or -1, lag slot, duration slot): lag slot S means "no p2p"
+        (a 0.0 appended to the lag list); dep -1 reads a 0.0 sentinel."""
+        return tuple(zip(*self._columns(), strict=True)) if self.order else ()
+
+    def _columns(self):
+        if self._cols is None:
+            S = self.num_stages
+            self._cols = tuple(zip(*[(r, dep, lag if lag >= 0 else S, 3 * s + k)
+                                     for r, k, s, _mb, dep, lag in self.order], strict=True)) or ((), (), (), ())
+        return self._cols
+
+    rank = property(lambda self: self._columns()[0])
+    dep = property(lambda self: self._columns()[1])
+    lag_slot = property(lambda self: self._columns()[2])
+    dur_slot = property(lambda self: self._columns()[3])
+
+    @property
+    def arrays(self) -> tuple:
+        """(rank, dep with -1 -> n, lag slot, duration slot, action counts S x 3, stage -> rank) as
+        int64 arrays, for cost_models.jit.run_plain."""
+        if self._arrays is None:
+            o = self.order_array
+            n = o.shape[0]
+            dep = o[:, 4].copy()
+            dep[dep < 0] = n
+            lag = o[:, 5].copy()
+            lag[lag < 0] = self.num_stages
+            self._arrays = (o[:, 0].copy(), dep, lag, 3 * o[:, 2] + o[:, 1],
+                            kernels.index_array(self.actions_per_rank_stage, -1).reshape(-1, 3),
+                            kernels.index_array(self.stage_rank, -1))
+        return self._arrays
+
+    def _key(self):
+        return (self.order, self.num_ranks, self.num_stages, self.peak_in_flight, self.peak_in_flight_per_stage,
+                self.actions_per_rank_stage, self.stage_rank)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Compiled) and self._key() == other._key()
+
+    __hash__ = None
 
 
 @lru_cache(maxsize=256)
@@ -85,7 +148,36 @@ def _compile_any(sched: Schedule) -> _Compiled:
     return _compile(sched)
 
 
+_KIND_CODE = np.full(128, -1, dtype=np.int64)
+_KIND_CODE[[ord("F"), ord("B"), ord("W")]] = [0, 1, 2]
+
+
 def _compile(sched: Schedule) -> _Compiled:
+    """The dependency order of `sched` (see _compile_python); by cost_models.jit.compile_order
+    once the kernels are loaded (cost_models.kernels), else in Python."""
+    if not kernels.ready:
+        t0 = time.process_time()
+        got = _compile_python(sched)
+        kernels.charge(time.process_time() - t0)
+        return got
+    p, S = sched.pp, sched.num_stages
+    flat = [a for acts in sched.actions for a in acts]
+    if not flat:
+        return _compile_python(sched)
+    ks, ss, ms = zip(*flat, strict=False)
+    kinds = _KIND_CODE[np.frombuffer("".join(ks).encode("ascii"), dtype=np.uint8)]
+    starts = np.zeros(p + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in sched.actions], out=starts[1:])
+    ok, order, peak, st_peak, counts = kernels.jit.compile_order(
+        kinds, np.array(ss, dtype=np.int64), np.array(ms, dtype=np.int64), starts,
+        np.array(sched.stage_rank, dtype=np.int64), S, sched.num_micro_batches, p, 2 if sched.split_backward else 1)
+    if not ok:
+        return _compile_python(sched)  # raises the deadlock error with the stuck actions
+    return _Compiled(None, p, S, tuple(peak.tolist()), tuple(st_peak.tolist()), tuple(map(tuple, counts.tolist())),
+                     sched.stage_rank, order)
+
+
+def _compile_python(sched: Schedule) -> _Compiled:
     p = sched.pp
     S = sched.num_stages
     M = sched.num_micro_batches
@@ -152,16 +244,7 @@ def _compile(sched: Schedule) -> _Compiled:
             elif k == release:
                 inflight[r] -= 1
                 st_in[s] -= 1
-    # lag slot S means "no p2p" (a 0.0 appended to the lag list); dep -1 reads a 0.0 sentinel
-    flat = tuple((r, dep, lag if lag >= 0 else S, 3 * s + k) for r, k, s, _mb, dep, lag in order)
-    cols = tuple(zip(*flat, strict=True)) if flat else ((), (), (), ())
-    arrays = None
-    if kernels.JIT and flat:
-        n = len(flat)
-        arrays = (kernels.index_array(cols[0], 0), kernels.index_array(cols[1], n), kernels.index_array(cols[2], 0),
-                  kernels.index_array(cols[3], 0), kernels.index_array(counts, 0), kernels.index_array(rank_of, 0))
-    return _Compiled(tuple(order), p, S, flat, tuple(peak), tuple(st_peak), tuple(tuple(c) for c in counts),
-                     rank_of, *cols, arrays)
+    return _Compiled(tuple(order), p, S, tuple(peak), tuple(st_peak), tuple(tuple(c) for c in counts), rank_of)
 
 
 def _run(comp: _Compiled, dur: tuple[tuple[float, float, float], ...], lag: tuple[float, ...],
@@ -291,24 +374,26 @@ def simulate_cached(name: str, pp: int, m: int, v: int, times: tuple[tuple[float
         split = name == "zero_bubble"
         pc = compile_periodic(name, pp, m, v)
         comp = _compiled(name, pp, m, v) if pc is None else None
-        if kernels.JIT and (pc is not None or comp.arrays is not None):
+        if kernels.ready and (pc is not None or comp.num_actions):
             # the same passes, compiled (cost_models.kernels; bit-identical to _run / _run_periodic)
             T = kernels.times_array(times)
             if pc is not None:
                 step, busy = play_compiled(pc, m, T, split)
                 src = pc
             else:
-                step, busy = kernels.run_plain(*comp.arrays, T, split, pp)
+                step, busy = kernels.jit.run_plain(*comp.arrays, T, split, pp)
                 src = comp
             busy = tuple(busy.tolist())
             top = max(busy)
             bubble = 1.0 - top / step if step > 0 else 0.0
             hit = ScheduleResult(step, max(0.0, bubble), busy, src.peak_in_flight, src.peak_in_flight_per_stage)
-        elif pc is None:
-            dur, lag = _durations(times, split)
-            hit = _run(_compiled(name, pp, m, v), dur, lag, split, False)
         else:
-            hit = _run_periodic(pc, m, *_durations(times, split))
+            t0 = time.process_time()
+            if pc is None:
+                hit = _run(comp, *_durations(times, split), split, False)
+            else:
+                hit = _run_periodic(pc, m, *_durations(times, split))
+            kernels.charge(time.process_time() - t0)
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.clear()
         _CACHE[key] = hit

@@ -1,31 +1,58 @@
-"""Tier 1: the compiled simulation kernels (cost_models.kernels) give bit-identical results to the
-Python passes they replace (simulator._run for the plain order, periodic.play / _run_periodic for
-the rounds with the steady-phase fast-forward), on every schedule."""
+"""Tier 1: the compiled kernels (cost_models.jit, loaded by cost_models.kernels) give bit-identical
+results to the Python passes they replace, on every schedule: simulator._run (plain order) and
+periodic.play / _run_periodic (rounds, steady-phase fast-forward) for the timing;
+simulator._compile_python (dependency order, in-flight peaks) and periodic._rounds_python (round
+structure) for the compile."""
 
 from __future__ import annotations
 
 import random
+from functools import cache
 
 import pytest
 from hypothesis import given, settings
 
 from cost_models import kernels
 from cost_models import simulator as sim_mod
-from cost_models.periodic import compile_periodic
-from cost_models.simulator import _compiled, _durations, _run, _run_periodic
+from cost_models.periodic import _compiled_rounds, _rounds_python, _shift, compile_periodic
+from cost_models.schedules import SCHEDULES, build_schedule, build_schedule_plain
+from cost_models.simulator import (
+    _compile,
+    _compile_python,
+    _compiled,
+    _durations,
+    _run,
+    _run_periodic,
+)
 from tests.test_cost_simulator_periodic import _case
 
-pytestmark = pytest.mark.skipif(not kernels.JIT, reason="numba missing or AUTOPLAN_JIT=0")
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba missing or AUTOPLAN_JIT=0")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _loaded():
+    kernels.warm_up()
+    assert kernels.ready
+
+
+@cache
+def _python_structure(name, pp, m, v):
+    pc = compile_periodic(name, pp, m, v)
+    if pc is None:
+        return _compile_python(build_schedule_plain(name, pp, m, v)), None
+    comp = _compile_python(build_schedule_plain(name, pp, pc.m_compiled, v))
+    return None, _rounds_python(comp, pp, pc.m_compiled, _shift(name, pp, v))
 
 
 def _python(name, pp, m, v, times):
-    """The pure-Python result simulate_cached gave before the kernels (the same choice of path)."""
+    """The pure-Python result simulate_cached gives without the kernels (the same choice of path),
+    on structures compiled in Python."""
     split = name == "zero_bubble"
     dur, lag = _durations(times, split)
-    pc = compile_periodic(name, pp, m, v)
-    if pc is None:
-        return _run(_compiled(name, pp, m, v), dur, lag, split, False)
-    return _run_periodic(pc, m, dur, lag)
+    comp, rounds = _python_structure(name, pp, m, v)
+    if rounds is None:
+        return _run(comp, dur, lag, split, False)
+    return _run_periodic(rounds, m, dur, lag)
 
 
 def _jit(name, pp, m, v, times):
@@ -41,7 +68,7 @@ def _assert_identical(got, ref):
     assert got.peak_in_flight_per_stage == ref.peak_in_flight_per_stage
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_case())
 def test_kernels_bit_identical(case):
     _assert_identical(_jit(*case), _python(*case))
@@ -63,8 +90,38 @@ def test_kernels_bit_identical_large(name, pp, m, v):
     _assert_identical(_jit(name, pp, m, v, times), _python(name, pp, m, v, times))
 
 
-def test_kernels_used_and_warm_up():
-    """With JIT the cached path goes through the kernels (a broken kernel would be seen here)."""
-    assert kernels.warm_up() >= 0.0
-    assert compile_periodic("1f1b", 8, 64, 1).arrays is not None
+_SHAPES = [(name, pp, m, v) for name in SCHEDULES for pp in (1, 2, 3, 4, 8, 13) for m in (1, 2, 5, 8, 16, 24, 39)
+           for v in ((1, 2, 3) if name == "interleaved_1f1b" else (1,))
+           if not (name == "interleaved_1f1b" and v > 1 and m % pp)]
+
+
+@pytest.mark.parametrize(("name", "pp", "m", "v"), _SHAPES)
+def test_compile_kernels_equal_python(name, pp, m, v):
+    """The compiled dependency order and round structure equal the Python ones, field by field."""
+    sched = build_schedule_plain(name, pp, m, v)
+    got, ref = _compile(sched), _compile_python(sched)
+    assert got == ref and got.flat == ref.flat
+    assert got.order_array.tolist() == [list(a) for a in ref.order]
+    _compiled_rounds.cache_clear()
+    fast = _compiled_rounds(name, pp, m, v)
+    slow = _rounds_python(ref, pp, m, _shift(name, pp, v))
+    assert (fast is None) == (slow is None)
+    if fast is not None:
+        assert fast == slow  # every field but the kernels' arrays
+
+
+def test_compile_kernel_deadlock_message():
+    """A deadlocking schedule fails with the Python scan's message (the kernel defers to it)."""
+    sched = build_schedule("1f1b", 2, 2, 1)
+    bad = type(sched)(sched.name, 2, 2, 1, (sched.actions[0][::-1], sched.actions[1][::-1]), sched.stage_rank, False)
+    with pytest.raises(ValueError, match="deadlocks"):
+        _compile(bad)
+
+
+def test_simulate_cached_uses_kernels():
+    """Once loaded, the cached path goes through the kernels (a broken kernel would be seen above)."""
+    pc = compile_periodic("1f1b", 8, 64, 1)
+    sim_mod._CACHE.clear()
+    sim_mod.simulate_cached("1f1b", 8, 64, 1, ((1.0, 2.0, 0.0, 0.0),) * 8)
+    assert pc.arrays is not None
     assert _compiled("gpipe", 4, 8, 1).arrays is not None
