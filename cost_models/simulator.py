@@ -61,7 +61,7 @@ class _Compiled:
     other form is made on first use, so either path serves every reader."""
 
     __slots__ = ("num_ranks", "num_stages", "peak_in_flight", "peak_in_flight_per_stage", "actions_per_rank_stage",
-                 "stage_rank", "_order", "_order_array", "_cols", "_arrays")
+                 "stage_rank", "_order", "_order_array", "_cols", "_flat", "_arrays")
 
     def __init__(self, order, num_ranks: int, num_stages: int, peak_in_flight: tuple[int, ...],
                  peak_in_flight_per_stage: tuple[int, ...], actions_per_rank_stage: tuple[tuple[int, int, int], ...],
@@ -73,7 +73,7 @@ class _Compiled:
         self.num_ranks, self.num_stages = num_ranks, num_stages
         self.peak_in_flight, self.peak_in_flight_per_stage = peak_in_flight, peak_in_flight_per_stage
         self.actions_per_rank_stage, self.stage_rank = actions_per_rank_stage, stage_rank
-        self._cols = self._arrays = None
+        self._cols = self._flat = self._arrays = None
 
     @property
     def order(self) -> tuple[tuple[int, int, int, int, int, int], ...]:
@@ -95,7 +95,9 @@ class _Compiled:
     def flat(self) -> tuple[tuple[int, int, int, int], ...]:
         """Per action (rank, dep index or -1, lag slot, duration slot): lag slot S means "no p2p"
         (a 0.0 appended to the lag list); dep -1 reads a 0.0 sentinel."""
-        return tuple(zip(*self._columns(), strict=True)) if self.order else ()
+        if self._flat is None:
+            self._flat = tuple(zip(*self._columns(), strict=True)) if self.order else ()
+        return self._flat
 
     def _columns(self):
         if self._cols is None:

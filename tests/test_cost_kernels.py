@@ -124,4 +124,7 @@ def test_simulate_cached_uses_kernels():
     sim_mod._CACHE.clear()
     sim_mod.simulate_cached("1f1b", 8, 64, 1, ((1.0, 2.0, 0.0, 0.0),) * 8)
     assert pc.arrays is not None
-    assert _compiled("gpipe", 4, 8, 1).arrays is not None
+    comp = _compiled("gpipe", 4, 8, 1)
+    assert comp.arrays is not None
+    # the derived views are made once (periodic._rounds_python indexes comp.flat per action)
+    assert comp.flat is comp.flat and comp.order is comp.order and comp.arrays is comp.arrays
