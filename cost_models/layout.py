@@ -116,7 +116,7 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
     return got
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built by the thousand, a frozen init costs 9x (internal, never mutated)
 class _Rank:
     """What one pp rank needs that does not depend on the micro-batch count or the schedule."""
 
@@ -151,7 +151,7 @@ class _Rank:
     step_copy_s: float  # data-parallel gradient copies once per step (DDP buckets, ZeRO-2's reduce-scatter input)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen (see _Rank)
 class _Cols:
     """The per-rank terms as columns (one entry per pp rank), for the per-call pass over ranks."""
 
@@ -176,7 +176,7 @@ def _cols(uniq: list[_Rank], kind_of: list[int], v: int) -> _Cols:
                  get([rk.param_b for rk in uniq]), get([rk.grad_b for rk in uniq]), get([rk.opt_b for rk in uniq]))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen (see _Rank)
 class _Layout:
     times: tuple[tuple[float, float, float, float], ...]
     ranks: tuple[_Rank, ...]
@@ -189,7 +189,7 @@ class _Layout:
     stage_sums: tuple = ()  # the StageSum of each stage (block sums behind `times`)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen (see _Rank)
 class _StageList:
     """A stage partition's block sums for one (tp, sp, micro-batch) setting: the distinct
     (StageSum, is last stage) pairs and, per stage, which one it is."""

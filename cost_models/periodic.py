@@ -34,7 +34,12 @@ In-flight peaks are those of m' (steady rounds neither add nor drop in-flight mi
 action counts per stage add n x one round's counts.
 
 Cost: O(pp^2) actions (warm-up, the few rounds until the period shows, drain) instead of
-O(pp m). Without a jump every end time is computed by the same additions, in the same order, as
+O(pp m) where the steady phase advances every action by the same c each round (e.g. no p2p time).
+Where it does not, nothing is skipped and every round is played: with p2p time, 1F1B's steady
+rounds alternate F+B and F+B+2 p2p in a pattern pp rounds long (a max-plus cyclicity of pp, not
+1), and it settles only after ~7 pp rounds. Checking periods up to 2 S as well was tried: for the
+micro-batch counts plans use (m < ~10 pp) it saved little and the extra checks cost more in
+CPython than the rounds they skip, so it was not kept. Without a jump every end time is computed by the same additions, in the same order, as
 the plain simulation (bit-identical); with one, the skipped rounds are k c instead of k sums,
 which agrees to rounding (tests: 1e-9 relative; the tolerance bounds it by 1e-10).
 """
