@@ -80,6 +80,7 @@ from operator import add, mul, sub
 from cost_models import sharedhost
 from cost_models.blocks import context
 from cost_models.compute import compute_dtype, peak_flops_per_s
+from cost_models.fastinit import fast_init
 from cost_models.layout import _layout_for, _post
 from cost_models.memory import (
     FRAGMENTATION_FRACTION,
@@ -162,6 +163,11 @@ class StepEstimate:
         )
 
 
+# StepEstimate(...) / AxisCommEstimate(...) for the per-candidate path (cost_models.fastinit)
+_new_estimate = fast_init(StepEstimate)
+_new_axis = fast_init(AxisCommEstimate)
+
+
 def step_lower_bound_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int, str]], hw: HardwareSpec,
                            train: TrainSpec) -> float:
     """A lower bound on `estimate_knobs(...).step_time_s`, without simulating the schedule: the
@@ -213,7 +219,7 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     acts = list(map(mul, peaks[:pp], cols.acts[0]))
     for i in range(1, v):
         acts = list(map(add, acts, map(mul, peaks[i * pp:(i + 1) * pp], cols.acts[i])))
-    dyn = [o if o > x else x for x, o in zip(map(add, acts, cols.trans), cols.opt_tmp, strict=True)]  # max(x, o)
+    dyn = list(map(max, map(add, acts, cols.trans), cols.opt_tmp))  # max(x, o): x where equal
     tens = list(map(add, cols.static, dyn))
     # margin_bytes(x, capacity) = FRAGMENTATION_FRACTION * x + reserve(capacity), unrolled
     # (tests/test_cost_estimate_fast.py checks it against margin_bytes)
@@ -237,9 +243,9 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
         "bubble_s": idle - pp_exp, "optimizer_s": P.opt_s, "offload_s": P.offload_s,
     }
     comm_axes = {
-        "tp": AxisCommEstimate(m * R.tp_vol, m * R.tp_s, m * R.tp_s),
-        "dp": AxisCommEstimate(dpv, dpt, m * R.fsdp_s + dpe),
-        "pp": AxisCommEstimate(m * R.pp_vol, m * R.pp_t + P.tied, pp_exp + P.tied),
+        "tp": _new_axis(m * R.tp_vol, m * R.tp_s, m * R.tp_s),
+        "dp": _new_axis(dpv, dpt, m * R.fsdp_s + dpe),
+        "pp": _new_axis(m * R.pp_vol, m * R.pp_t + P.tied, pp_exp + P.tied),
     }
     worst = totals.index(max(totals))  # the first rank with the largest peak
     W = lay.ranks[worst]
@@ -251,7 +257,7 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     hw_flops = lay.flops_per_mb * tp * m * dp
     peak = peak_flops_per_s(hw, ctx.dtype) * world
     inv = 1.0 / step if step > 0 else 0.0
-    return StepEstimate(
+    return _new_estimate(
         step_time_s=step, fits=peak_mem <= capacity, peak_memory_bytes=peak_mem, memory_capacity_bytes=capacity,
         memory_bytes=memory, memory_per_rank_bytes=tuple(totals),
         memory_by_rank_raw=tuple(zip(cols.param, cols.grad, cols.opt, acts, map(sub, dyn, acts), margins,

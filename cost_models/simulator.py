@@ -35,6 +35,7 @@ from functools import lru_cache
 import numpy as np
 
 from cost_models import kernels
+from cost_models.fastinit import fast_init
 from cost_models.periodic import Periodic, compile_periodic, play, play_compiled
 from cost_models.schedules import Schedule, build_schedule, build_schedule_plain
 
@@ -53,6 +54,9 @@ class ScheduleResult:
     @property
     def busiest_rank(self) -> int:
         return self.busy_s.index(max(self.busy_s))  # the first busiest
+
+
+_new_result = fast_init(ScheduleResult)  # ScheduleResult(...) on the per-simulation path
 
 
 class _Compiled:
@@ -299,7 +303,7 @@ def _run_periodic(pc: Periodic, m: int, dur, lag) -> ScheduleResult:
         busy[pc.stage_rank[s]] += nf * f + nb * b + nw * w
     top = max(busy)
     bubble = 1.0 - top / step if step > 0 else 0.0
-    return ScheduleResult(step, max(0.0, bubble), tuple(busy), pc.peak_in_flight, pc.peak_in_flight_per_stage)
+    return _new_result(step, max(0.0, bubble), tuple(busy), pc.peak_in_flight, pc.peak_in_flight_per_stage)
 
 
 def simulate(schedule: Schedule, stage_times, *, timeline: bool = True) -> ScheduleResult:
@@ -388,7 +392,7 @@ def simulate_cached(name: str, pp: int, m: int, v: int, times: tuple[tuple[float
             busy = tuple(busy.tolist())
             top = max(busy)
             bubble = 1.0 - top / step if step > 0 else 0.0
-            hit = ScheduleResult(step, max(0.0, bubble), busy, src.peak_in_flight, src.peak_in_flight_per_stage)
+            hit = _new_result(step, max(0.0, bubble), busy, src.peak_in_flight, src.peak_in_flight_per_stage)
         else:
             t0 = time.process_time()
             if pc is None:
