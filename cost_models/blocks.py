@@ -27,9 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate
+from operator import attrgetter
 
 from cost_models import comm
 from cost_models.compute import TP_SPLIT, compute_dtype, itemsize, layer_compute
+from cost_models.fastinit import fast_init
 from cost_models.memory import bytes_per_param, layer_activation_bytes
 from specs import HardwareSpec, LayerType, ModelGraph, SpecError, TrainSpec
 
@@ -141,9 +143,17 @@ class BlockCosts:
         got = self.sums.get(key)
         if got is None:
             comp, lt = key
-            vals = [sum(n * getattr(c, f) for n, c in zip(comp, self.type_costs, strict=True) if n) for f in _FIELDS]
-            got = self.sums[key] = StageSum(*vals, sum(comp), self.type_costs[lt].output_bytes,
-                                            self.max_working_bytes, self.max_block_params)
+            # per field, sum over the layer types present of (blocks x the type's value): the
+            # additions sum() would do, in its order (0 + x is x for these non-negative values)
+            vals = None
+            for n, c in zip(comp, self.type_costs, strict=True):
+                if n:
+                    row = _FIELD_GETTER(c)
+                    vals = [n * x for x in row] if vals is None else [a + n * x for a, x in zip(vals, row, strict=True)]
+            if vals is None:
+                vals = [0] * len(_FIELDS)
+            got = self.sums[key] = _new_stage_sum(*vals, sum(comp), self.type_costs[lt].output_bytes,
+                                                  self.max_working_bytes, self.max_block_params)
         self.by_range[(first, last)] = got
         return got
 
@@ -151,6 +161,10 @@ class BlockCosts:
         """Forward + backward (+ weight) time of one micro-batch through blocks first..last."""
         s = self.stage(first, last)
         return s.forward_s + s.backward_s + s.weight_compute_s
+
+
+_FIELD_GETTER = attrgetter(*_FIELDS)
+_new_stage_sum = fast_init(StageSum)  # StageSum(...) without the frozen __init__'s cost (cost_models.fastinit)
 
 
 class Context:
