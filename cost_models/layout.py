@@ -76,6 +76,28 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
     got = ctx.stage_cache.get(key)
     if got is not None:
         return got
+    # what does not depend on `split` is computed once for both (1F1B and ZB-H1 share it)
+    rkey = ("rid", id(ss), fsdp_n, fsdp_stride, last_stage, pp_stride, reshard, pipelined)
+    core = ctx.stage_cache.get(rkey)
+    if core is None:
+        core = ctx.stage_cache[rkey] = _stage_core(ctx, ss, fsdp_n, fsdp_stride, last_stage, pp_stride, reshard,
+                                                   pipelined)
+    fwd_exp, bwd_exp, fsdp_time, copy_f, copy_b, c, rid = core
+    F = ss.forward_s + fwd_exp + copy_f
+    B = ss.backward_s + bwd_exp + copy_b + (0.0 if split else ss.weight_compute_s)
+    W = ss.weight_compute_s if split else 0.0
+    # a small id shared by split and unsplit (cheap rank keys) and the (F, B, W, p2p) the simulator takes
+    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, rid, (F, B, W, c), copy_f, copy_b)
+    if len(ctx.stage_cache) > 200_000:
+        ctx.stage_cache.clear()
+    ctx.stage_cache[key] = got
+    return got
+
+
+def _stage_core(ctx: Context, ss, fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int, reshard: bool,
+                pipelined: bool) -> tuple:
+    """_stage's terms that do not depend on split backward: (fsdp fwd exposed, fsdp bwd exposed,
+    fsdp comm time, host work in forward, in backward, p2p, rank id)."""
     fwd_exp = bwd_exp = fsdp_time = copy_f = copy_b = 0.0
     if fsdp_n > 1:
         link = ctx.link(fsdp_n, fsdp_stride)
@@ -94,9 +116,6 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
     if pipelined and ctx.hw.device_is_host_cpu:
         copy_f += ctx.hw.pipeline_action_overhead_s
         copy_b += ctx.hw.pipeline_action_overhead_s
-    F = ss.forward_s + fwd_exp + copy_f
-    B = ss.backward_s + bwd_exp + copy_b + (0.0 if split else ss.weight_compute_s)
-    W = ss.weight_compute_s if split else 0.0
     c = 0.0
     if not last_stage:
         key_l = ("p2p", pp_stride)
@@ -104,16 +123,7 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
         if link is None:
             link = ctx.links[key_l] = comm.p2p_link(ctx.hw, pp_stride)
         c = comm.p2p_s(ss.output_bytes, link)
-    # a small id shared by split and unsplit (cheap rank keys) and the (F, B, W, p2p) the simulator takes
-    rkey = ("rid", id(ss), fsdp_n, fsdp_stride, last_stage, pp_stride, reshard, pipelined)
-    rid = ctx.stage_cache.get(rkey)
-    if rid is None:
-        rid = ctx.stage_cache[rkey] = next(_STAGE_IDS)
-    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, rid, (F, B, W, c), copy_f, copy_b)
-    if len(ctx.stage_cache) > 200_000:
-        ctx.stage_cache.clear()
-    ctx.stage_cache[key] = got
-    return got
+    return fwd_exp, bwd_exp, fsdp_time, copy_f, copy_b, c, next(_STAGE_IDS)
 
 
 @dataclass(slots=True)  # not frozen: built by the thousand, a frozen init costs 9x (internal, never mutated)
@@ -248,7 +258,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
     rkey = ("ranks", sl.uid, tuple([x[8] for x in res]), pp, dp, tp, v, sharding, shard_n, k.offload, accum)
     got = ctx.stage_cache.get(rkey)
     if got is None:
-        got = ctx.stage_cache[rkey] = _ranks(ctx, k, stages, st, shard_n, accum)
+        got = ctx.stage_cache[rkey] = _ranks(ctx, k, stages, st, shard_n, accum, sub)
     ranks, cols, notes = got
     notes = list(notes)
     if split:
@@ -259,19 +269,15 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
                    tuple(dict.fromkeys(notes)), {}, tuple([x[4] for x in st]))
 
 
-def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
-    """Per-rank terms (_Rank per pp rank, and as columns) and the tied-parameter notes."""
-    graph, hw, train = ctx.graph, ctx.hw, ctx.train
-    pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
-    S = pp * v
-    mb = k.micro_batch_size
-    sharding, bpp = k.sharding, ctx.bpp
-    pp_stride = tp * dp
+def _tied(ctx: Context, stages, pp: int, tp: int, pp_stride: int) -> tuple:
+    """(tied parameters held per pp rank, their gradient all-reduce time per rank, notes) for the
+    stage partition `stages` (what _ranks needs of the graph's tied blocks)."""
+    graph = ctx.graph
     notes: list[str] = []
-    firsts = [s_[0] for s_ in stages]
     tied_rank_params = [0.0] * pp
     tied_comm = [0.0] * pp
     if graph.tied_blocks and graph.tied_param_bytes > 0:
+        firsts = [s_[0] for s_ in stages]
         tied_params = graph.tied_param_bytes / itemsize(graph.param_dtype)
         for a, b in graph.tied_blocks:
             ra, rb = (bisect_right(firsts, a) - 1) % pp, (bisect_right(firsts, b) - 1) % pp
@@ -280,10 +286,27 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
             if ra == rb:
                 tied_rank_params[ra] += local
             else:
-                t = 2 * comm.p2p_s(local * bpp.grad, comm.p2p_link(hw, pp_stride))
+                t = 2 * comm.p2p_s(local * ctx.bpp.grad, comm.p2p_link(ctx.hw, pp_stride))
                 tied_comm[ra] = max(tied_comm[ra], t)
                 tied_comm[rb] = max(tied_comm[rb], t)
                 notes.append("tied parameters on different pp ranks: a copy on each, gradients all-reduced")
+    return tied_rank_params, tied_comm, tuple(notes)
+
+
+def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: dict):
+    """Per-rank terms (_Rank per pp rank, and as columns) and the tied-parameter notes. `sub`: the
+    caches of this stage list."""
+    graph, hw, train = ctx.graph, ctx.hw, ctx.train
+    pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
+    S = pp * v
+    mb = k.micro_batch_size
+    sharding, bpp = k.sharding, ctx.bpp
+    pp_stride = tp * dp
+    tkey = ("tied", pp, tp, pp_stride)
+    tied = sub.get(tkey)
+    if tied is None:
+        tied = sub[tkey] = _tied(ctx, stages, pp, tp, pp_stride)
+    tied_rank_params, tied_comm, notes = tied
     act_isz = itemsize(ctx.dtype)
     last_block_split = bool(graph.layer(graph.num_blocks - 1).tp_candidates) and tp > 1
 
@@ -295,10 +318,7 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
     kinds = list(zip(per_rank, tied_rank_params, tied_comm, strict=True))
     kinds[-1] = (*kinds[-1], "last")
     by_kind: dict = {}
-    first_rank: dict = {}
-    for r, kk in enumerate(kinds):
-        if kk not in first_rank:
-            first_rank[kk] = r
+    first_rank = {kk: kinds.index(kk) for kk in dict.fromkeys(kinds)}  # in order of first rank
     for kind, r in first_rank.items():
         js = rank_stages[r]
         rkey = ("rank", kind, pp, dp, tp, sharding, shard_n, k.offload, accum)
@@ -386,9 +406,10 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool):
         )
         by_kind[kind] = got
     pos = {kk: i for i, kk in enumerate(first_rank)}
-    kind_of = [pos[kk] for kk in kinds]
+    kind_of = list(map(pos.__getitem__, kinds))
     uniq = [by_kind[kk] for kk in first_rank]
-    return tuple([uniq[i] for i in kind_of]), _cols(uniq, kind_of, v), tuple(notes)
+    cols = _cols(uniq, kind_of, v)
+    return cols.kind_of(uniq), cols, notes
 
 
 def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
