@@ -56,7 +56,8 @@ def _check_stages(graph: ModelGraph, stages, want: int) -> None:
         raise SpecError(f"stages: cover blocks 0..{nxt - 1}, but the model has {graph.num_blocks} blocks")
 
 
-_STAGE_IDS = count()  # ids of cached stage results (never reused, so rank keys stay unambiguous)
+_STAGE_IDS = count()
+_TIMES, _SUMS, _P2P = itemgetter(9), itemgetter(4), itemgetter(3)  # fields of a stage result / of (F, B, W, p2p)  # ids of cached stage results (never reused, so rank keys stay unambiguous)
 
 
 def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int,
@@ -208,6 +209,7 @@ class _StageList:
     uniq: tuple[tuple[object, bool], ...]
     pattern: tuple[int, ...]
     flops_per_mb: float  # per tp rank, all stages: fwd + bwd + recompute
+    pick: object = None  # per-uniq list -> per-stage tuple (one C call), as `pattern` says
 
 
 def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int, sub: dict) -> _StageList:
@@ -219,8 +221,12 @@ def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int, sub: dict) -> 
     S = len(stages)
     index: dict = {}
     uniq, pattern, fl = [], [], []
+    costs: dict = {}  # recompute -> BlockCosts (one lookup per setting, not per stage)
     for j, (a, b, r) in enumerate(stages):
-        ss = block_costs_ctx(ctx, tp, sp, mb, r).stage(a, b)
+        bc = costs.get(r)
+        if bc is None:
+            bc = costs[r] = block_costs_ctx(ctx, tp, sp, mb, r)
+        ss = bc.stage(a, b)
         u = (id(ss), j == S - 1)
         i = index.get(u)
         if i is None:
@@ -228,7 +234,8 @@ def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int, sub: dict) -> 
             uniq.append((ss, j == S - 1))
         pattern.append(i)
         fl.append(ss.fwd_flops + ss.bwd_flops + ss.recompute_flops)
-    got = sub[key] = _StageList(next(_STAGE_IDS), tuple(uniq), tuple(pattern), sum(fl))
+    pick = itemgetter(*pattern) if len(pattern) > 1 else (lambda xs, _i=pattern[0]: (xs[_i],))
+    got = sub[key] = _StageList(next(_STAGE_IDS), tuple(uniq), tuple(pattern), sum(fl), pick)
     return got
 
 
@@ -252,8 +259,8 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
     pp_stride = tp * dp
     sl = _stage_list(ctx, stages, tp, sp, mb, sub)
     res = [_stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard, pp > 1) for ss, last in sl.uniq]
-    st = [res[i] for i in sl.pattern]
-    times = tuple([x[9] for x in st])
+    st = sl.pick(res)
+    times = tuple(map(_TIMES, st))
     accum = k.num_micro_batches > 1
     rkey = ("ranks", sl.uid, tuple([x[8] for x in res]), pp, dp, tp, v, sharding, shard_n, k.offload, accum)
     got = ctx.stage_cache.get(rkey)
@@ -265,8 +272,8 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
         notes.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
     if ctx.train.optimizer == "sgd":
         notes.append("sgd assumed with momentum (4 bytes/param of state)")
-    return _Layout(times, ranks, cols, _rank_stages(pp, pp * v), sl.flops_per_mb, 2 * sum(t[3] for t in times),
-                   tuple(dict.fromkeys(notes)), {}, tuple([x[4] for x in st]))
+    return _Layout(times, ranks, cols, _rank_stages(pp, pp * v), sl.flops_per_mb, 2 * sum(map(_P2P, times)),
+                   tuple(dict.fromkeys(notes)), {}, tuple(map(_SUMS, st)))
 
 
 def _tied(ctx: Context, stages, pp: int, tp: int, pp_stride: int) -> tuple:
@@ -545,6 +552,9 @@ def _layout_for(ctx: Context, graph: ModelGraph, k: Knobs, stages, hw: HardwareS
            k.sequence_parallel, sched == "zero_bubble", k.num_micro_batches > 1)
     lay = sub.get(key)
     if lay is None:
-        _check_stages(graph, stages, pp * v)
+        ckey = ("checked", pp * v)  # the partition is checked once per stage count
+        if ckey not in sub:
+            _check_stages(graph, stages, pp * v)
+            sub[ckey] = True
         lay = sub[key] = _layout(ctx, k, stages, sched, sub)
     return lay, sched
