@@ -61,7 +61,7 @@ _TIMES, _SUMS, _P2P = itemgetter(9), itemgetter(4), itemgetter(3)  # fields of a
 
 
 def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int,
-           reshard: bool, pipelined: bool = False):
+           reshard: bool, pipelined: bool = False, rec: str = "none"):
     """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, rank id, (F, B, W, p2p),
     host work in forward, host work in backward) per micro-batch of the stage whose block sums are
     `ss`, cached by composition (not position). Host work: FSDP2's copies (`_fsdp_copies`) and, for
@@ -82,13 +82,13 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
     core = ctx.stage_cache.get(rkey)
     if core is None:
         core = ctx.stage_cache[rkey] = _stage_core(ctx, ss, fsdp_n, fsdp_stride, last_stage, pp_stride, reshard,
-                                                   pipelined)
-    fwd_exp, bwd_exp, fsdp_time, copy_f, copy_b, c, rid = core
+                                                   pipelined, rec)
+    fwd_exp, bwd_exp, fsdp_time, copy_f, copy_b, c, rid, contrib = core
     F = ss.forward_s + fwd_exp + copy_f
     B = ss.backward_s + bwd_exp + copy_b + (0.0 if split else ss.weight_compute_s)
     W = ss.weight_compute_s if split else 0.0
     # a small id shared by split and unsplit (cheap rank keys) and the (F, B, W, p2p) the simulator takes
-    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, rid, (F, B, W, c), copy_f, copy_b)
+    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, rid, (F, B, W, c), copy_f, copy_b, contrib)
     if len(ctx.stage_cache) > 200_000:
         ctx.stage_cache.clear()
     ctx.stage_cache[key] = got
@@ -96,9 +96,10 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
 
 
 def _stage_core(ctx: Context, ss, fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int, reshard: bool,
-                pipelined: bool) -> tuple:
+                pipelined: bool, rec: str) -> tuple:
     """_stage's terms that do not depend on split backward: (fsdp fwd exposed, fsdp bwd exposed,
-    fsdp comm time, host work in forward, in backward, p2p, rank id)."""
+    fsdp comm time, host work in forward, in backward, p2p, rank id, what the stage adds to its
+    rank's sums in _ranks (_CONTRIB order))."""
     fwd_exp = bwd_exp = fsdp_time = copy_f = copy_b = 0.0
     if fsdp_n > 1:
         link = ctx.link(fsdp_n, fsdp_stride)
@@ -124,7 +125,15 @@ def _stage_core(ctx: Context, ss, fsdp_n: int, fsdp_stride: int, last_stage: boo
         if link is None:
             link = ctx.links[key_l] = comm.p2p_link(ctx.hw, pp_stride)
         c = comm.p2p_s(ss.output_bytes, link)
-    return fwd_exp, bwd_exp, fsdp_time, copy_f, copy_b, c, next(_STAGE_IDS)
+    # the first addition of _ranks' sums (0.0 + value); B + W is split-independent (see _stage)
+    contrib = (0.0 + ss.num_params, ss.max_block_params, ss.output_bytes, ss.activation_bytes,
+               0.0 + (ss.forward_compute_s + copy_f), 0.0 + (ss.backward_compute_s + ss.weight_compute_s + copy_b),
+               0.0 + ss.recompute_s, 0.0 + (ss.tp_forward_s + ss.tp_backward_s), 0.0 + ss.tp_volume_bytes,
+               0.0 + (fwd_exp + bwd_exp), 0.0 + fsdp_time,
+               0.0 + (ss.backward_s + bwd_exp + copy_b + ss.weight_compute_s),
+               0.0 + (0.0 if last_stage else 2 * ss.output_bytes), 0.0 + (0.0 if last_stage else 2 * c),
+               ss.max_working_bytes if rec != "none" else -1.0)
+    return fwd_exp, bwd_exp, fsdp_time, copy_f, copy_b, c, next(_STAGE_IDS), contrib
 
 
 @dataclass(slots=True)  # not frozen: built by the thousand, a frozen init costs 9x (internal, never mutated)
@@ -206,7 +215,7 @@ class _StageList:
     (StageSum, is last stage) pairs and, per stage, which one it is."""
 
     uid: int  # never reused (cache keys below hold it, not id())
-    uniq: tuple[tuple[object, bool], ...]
+    uniq: tuple[tuple[object, bool, str], ...]  # (StageSum, is last stage, recompute)
     pattern: tuple[int, ...]
     flops_per_mb: float  # per tp rank, all stages: fwd + bwd + recompute
     pick: object = None  # per-uniq list -> per-stage tuple (one C call), as `pattern` says
@@ -231,7 +240,7 @@ def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int, sub: dict) -> 
         i = index.get(u)
         if i is None:
             i = index[u] = len(uniq)
-            uniq.append((ss, j == S - 1))
+            uniq.append((ss, j == S - 1, r))
         pattern.append(i)
         fl.append(ss.fwd_flops + ss.bwd_flops + ss.recompute_flops)
     pick = itemgetter(*pattern) if len(pattern) > 1 else (lambda xs, _i=pattern[0]: (xs[_i],))
@@ -258,7 +267,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
     reshard = sharding != "zero2"
     pp_stride = tp * dp
     sl = _stage_list(ctx, stages, tp, sp, mb, sub)
-    res = [_stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard, pp > 1) for ss, last in sl.uniq]
+    res = [_stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard, pp > 1, rec) for ss, last, rec in sl.uniq]
     st = sl.pick(res)
     times = tuple(map(_TIMES, st))
     accum = k.num_micro_batches > 1
@@ -333,31 +342,35 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: d
         if got is not None:
             by_kind[kind] = got
             continue
-        # the stage sums this rank needs, in one pass (the same additions, in the same order, as
-        # sum() over the stages)
-        n_params = f_c = b_c = rec_s = tp_s = tp_v = fsdp_s = pp_v = pp_t = window = fsdp_mb = 0.0
-        big = out_max = -1.0
-        recomputed = -1.0
-        acts = []
-        for j in js:
-            F_, B_, W_, c_, x, fe, be, ft, _id, _t, cf, cb = st[j]
-            n_params += x.num_params
-            big = max(big, x.max_block_params)
-            out_max = max(out_max, x.output_bytes)
-            acts.append(x.activation_bytes)
-            f_c += x.forward_compute_s + cf
-            b_c += x.backward_compute_s + x.weight_compute_s + cb
-            rec_s += x.recompute_s
-            tp_s += x.tp_forward_s + x.tp_backward_s
-            tp_v += x.tp_volume_bytes
-            fsdp_s += fe + be
-            fsdp_mb += ft
-            window += B_ + W_
-            if j < S - 1:
-                pp_v += 2 * x.output_bytes
-                pp_t += 2 * c_
-            if stages[j][2] != "none":
-                recomputed = max(recomputed, x.max_working_bytes)
+        # the stage sums this rank needs (the same additions, in the same order, as sum() over the
+        # stages: each stage's contribution is its first addition, 0.0 + value, see _stage_core)
+        if len(js) == 1:
+            (n_params, big, out_max, act, f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, fsdp_mb, window, pp_v, pp_t,
+             recomputed) = st[js[0]][12]
+            big, out_max, recomputed = max(-1.0, big), max(-1.0, out_max), max(-1.0, recomputed)
+            acts = (act,)
+        else:
+            n_params = f_c = b_c = rec_s = tp_s = tp_v = fsdp_s = pp_v = pp_t = window = fsdp_mb = 0.0
+            big = out_max = recomputed = -1.0
+            acts = []
+            for j in js:
+                (a_n, a_big, a_out, a_act, a_f, a_b, a_rec, a_tp, a_tpv, a_fs, a_fmb, a_win, a_ppv, a_ppt,
+                 a_rc) = st[j][12]
+                n_params += a_n
+                big = max(big, a_big)
+                out_max = max(out_max, a_out)
+                acts.append(a_act)
+                f_c += a_f
+                b_c += a_b
+                rec_s += a_rec
+                tp_s += a_tp
+                tp_v += a_tpv
+                fsdp_s += a_fs
+                fsdp_mb += a_fmb
+                window += a_win
+                pp_v += a_ppv
+                pp_t += a_ppt
+                recomputed = max(recomputed, a_rc)
         n_params -= tied_rank_params[r]
         dkey = ("dp", n_params, sharding, dp, shard_n, tp, k.offload)
         dterms = ctx.stage_cache.get(dkey)
