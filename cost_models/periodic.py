@@ -39,8 +39,8 @@ Where it does not, nothing is skipped and every round is played: with p2p time, 
 rounds alternate F+B and F+B+2 p2p in a pattern pp rounds long (a max-plus cyclicity of pp, not
 1), and it settles only after ~7 pp rounds. Checking periods up to 2 S as well was tried: for the
 micro-batch counts plans use (m < ~10 pp) it saved little and the extra checks cost more in
-CPython than the rounds they skip, so it was not kept. Without a jump every end time is computed by the same additions, in the same order, as
-the plain simulation (bit-identical); with one, the skipped rounds are k c instead of k sums,
+CPython than the rounds they skip, so it was not kept. Without a jump every end time is computed
+by the same additions, in the same order, as the plain simulation (bit-identical); with one, the skipped rounds are k c instead of k sums,
 which agrees to rounding (tests: 1e-9 relative; the tolerance bounds it by 1e-10).
 """
 
@@ -140,16 +140,10 @@ def _compiled_rounds(name: str, pp: int, m: int, v: int) -> Periodic | None:
         return None  # a positive cycle (no round structure) or no steady run of two rounds
     assert status == 0, "round order"
     lag_slot, dur_slot = tuple(lag_slot.tolist()), tuple(dur_slot.tolist())
-    n = len(lag_slot)
-    arrays = (kernels.index_array(n_rp, n), kernels.index_array(n_dep, n), kernels.index_array(lag_slot, 0),
-              kernels.index_array(dur_slot, 0), last_of_rank,
-              kernels.index_array(comp.actions_per_rank_stage, -1).reshape(-1, 3), rc,
-              kernels.index_array(comp.stage_rank, -1))
     return Periodic(pp, S, tuple(n_rp.tolist()), tuple(n_dep.tolist()), lag_slot, dur_slot,
                     tuple(last_of_rank.tolist()), int(start), int(length), int(nrounds), int(reach),
                     comp.actions_per_rank_stage, tuple(map(tuple, rc.tolist())), comp.peak_in_flight,
-                    comp.peak_in_flight_per_stage, comp.stage_rank, m, d, _getter(lag_slot), _getter(dur_slot),
-                    arrays)
+                    comp.peak_in_flight_per_stage, comp.stage_rank, m, d, _getter(lag_slot), _getter(dur_slot))
 
 
 def _rounds_python(comp, pp: int, m: int, d: int) -> Periodic | None:
@@ -249,15 +243,22 @@ def _getter(slots: tuple[int, ...]) -> itemgetter:
     return itemgetter(*slots) if len(slots) > 1 else itemgetter(slice(slots[0], slots[0] + 1))
 
 
-def play_compiled(pc: Periodic, m: int, T, split: bool) -> tuple[float, object]:
-    """(step time, busy time per rank as an array): `play` and the busy times of
-    simulator._run_periodic, compiled (cost_models.kernels; needs pc.arrays). `T`: the stage times
-    as kernels.times_array gives them; `split`: the schedule splits backward (W apart)."""
+def _rounds_to_play(pc: Periodic, m: int) -> tuple[int, int, float]:
+    """(steady rounds beyond the compiled ones, steady rounds in all, per-round tolerance) for m
+    micro-batches. A skip multiplies the tolerance by at most the round count, so the result stays
+    within 1e-10 relative of the plain simulation even if a near-tie passed for periodicity."""
     extra = (m - pc.m_compiled) // pc.shift
     total = pc.rounds + extra
-    rel = min(_REL_TOL, 1e-10 / total) if total else _REL_TOL
+    return extra, total, (min(_REL_TOL, 1e-10 / total) if total else _REL_TOL)
+
+
+def play_compiled(pc: Periodic, m: int, T, split: bool) -> tuple[float, object]:
+    """(step time, busy time per rank as an array): `play` and the busy times of
+    simulator._run_periodic, compiled (cost_models.jit.play_rounds). `T`: the stage times as
+    kernels.times_array gives them; `split`: the schedule splits backward (W apart)."""
+    extra, total, rel = _rounds_to_play(pc, m)
     arrays = pc.arrays
-    if arrays is None:  # compiled in Python before the kernels were loaded
+    if arrays is None:  # the structure as the kernel reads it, made once
         n = len(pc.rp)
         arrays = (kernels.index_array(pc.rp, n), kernels.index_array(pc.dep, n), kernels.index_array(pc.lag_slot, 0),
                   kernels.index_array(pc.dur_slot, 0), kernels.index_array(pc.last_of_rank, 0),
@@ -271,12 +272,8 @@ def play(pc: Periodic, m: int, d: list[float], lg: list[float]) -> tuple[float, 
     """(step time, per-rank end times, action counts per stage) for m micro-batches.
 
     `d`: durations by slot 3 * stage + kind; `lg`: p2p per stage with a trailing 0.0."""
-    extra = (m - pc.m_compiled) // pc.shift
-    total = pc.rounds + extra
+    extra, total, rel = _rounds_to_play(pc, m)
     A, L, N, J = pc.start, pc.length, pc.rounds, pc.reach
-    # per-round tolerance; a skip multiplies it by at most `total`, so the result stays within
-    # 1e-10 relative of the plain simulation even if a near-tie passed for periodicity
-    rel = min(_REL_TOL, 1e-10 / total) if total else _REL_TOL
     counts = tuple((f + extra * rf, b + extra * rb, w + extra * rw)
                    for (f, b, w), (rf, rb, rw) in zip(pc.counts, pc.round_counts, strict=True))
     rps, deps = pc.rp, pc.dep
