@@ -69,23 +69,27 @@ class Schedule:
         return "\n".join(f"rank {r}: " + " ".join(map(str, acts)) for r, acts in enumerate(self.actions))
 
 
-def _gpipe(p: int, m: int, A=Action) -> list[list[Action]]:
-    return [[A("F", r, i) for i in range(m)] + [A("B", r, i) for i in range(m)] for r in range(p)]
+# The builders return (kind, stage, micro-batch) tuples (tuple literals: the compile step builds
+# hundreds of thousands of them in a search); build_schedule makes Actions of them.
 
 
-def _one_f_one_b(p: int, m: int, A=Action) -> list[list[Action]]:
+def _gpipe(p: int, m: int) -> list[list[tuple]]:
+    return [[("F", r, i) for i in range(m)] + [("B", r, i) for i in range(m)] for r in range(p)]
+
+
+def _one_f_one_b(p: int, m: int) -> list[list[tuple]]:
     out = []
     for r in range(p):
         w = min(p - 1 - r, m)
-        acts = [A("F", r, i) for i in range(w)]
+        acts = [("F", r, i) for i in range(w)]
         for k in range(m - w):
-            acts += [A("F", r, w + k), A("B", r, k)]
-        acts += [A("B", r, i) for i in range(m - w, m)]
+            acts += [("F", r, w + k), ("B", r, k)]
+        acts += [("B", r, i) for i in range(m - w, m)]
         out.append(acts)
     return out
 
 
-def _interleaved(p: int, m: int, v: int, A=Action) -> list[list[Action]]:
+def _interleaved(p: int, m: int, v: int) -> list[list[tuple]]:
     order = []  # (chunk, microbatch) in Megatron's forward order
     for g0 in range(0, m, p):
         grp = range(g0, min(g0 + p, m))
@@ -94,8 +98,8 @@ def _interleaved(p: int, m: int, v: int, A=Action) -> list[list[Action]]:
     total = m * v
     out = []
     for r in range(p):
-        fwd = [A("F", c * p + r, i) for c, i in order]
-        bwd = [A("B", (v - 1 - c) * p + r, i) for c, i in order]
+        fwd = [("F", c * p + r, i) for c, i in order]
+        bwd = [("B", (v - 1 - c) * p + r, i) for c, i in order]
         w = min((p - r - 1) * 2 + (v - 1) * p, total)
         acts = fwd[:w]
         for k in range(total - w):
@@ -105,20 +109,20 @@ def _interleaved(p: int, m: int, v: int, A=Action) -> list[list[Action]]:
     return out
 
 
-def _zb_h1(p: int, m: int, A=Action) -> list[list[Action]]:
+def _zb_h1(p: int, m: int) -> list[list[tuple]]:
     out = []
     for r in range(p):
         w = min(p - 1 - r, m)
-        acts = [A("F", r, i) for i in range(w)]
+        acts = [("F", r, i) for i in range(w)]
         pending: list[int] = []  # micro-batches whose W is still to run
         for k in range(m):
             if k < m - w:
-                acts.append(A("F", r, w + k))
-            acts.append(A("B", r, k))
+                acts.append(("F", r, w + k))
+            acts.append(("B", r, k))
             pending.append(k)
             if len(pending) > r:  # rank r keeps r weight-grad passes back for the drain
-                acts.append(A("W", r, pending.pop(0)))
-        acts += [A("W", r, i) for i in pending]
+                acts.append(("W", r, pending.pop(0)))
+        acts += [("W", r, i) for i in pending]
         out.append(acts)
     return out
 
@@ -127,7 +131,7 @@ def _zb_h1(p: int, m: int, A=Action) -> list[list[Action]]:
 def build_schedule(name: str, pp: int, num_micro_batches: int, virtual_stages: int = 1) -> Schedule:
     """Per-rank action lists for schedule `name` (see module docstring). Cached; immutable."""
     _check(name, pp, num_micro_batches, virtual_stages)
-    return _build(name, pp, num_micro_batches, virtual_stages, Action)
+    return _build(name, pp, num_micro_batches, virtual_stages, Action._make)
 
 
 def _check(name: str, p: int, m: int, v: int) -> None:
@@ -147,28 +151,26 @@ def _check(name: str, p: int, m: int, v: int) -> None:
         )
 
 
-def _plain(kind: str, stage: int, mb: int) -> tuple[str, int, int]:
-    return (kind, stage, mb)
-
-
 def build_schedule_plain(name: str, pp: int, num_micro_batches: int, virtual_stages: int = 1) -> Schedule:
     """`build_schedule` with plain (kind, stage, micro-batch) tuples as actions (equal to the Actions
     element by element, several times cheaper to build): for the simulator's compile step. Not cached."""
     _check(name, pp, num_micro_batches, virtual_stages)
-    return _build(name, pp, num_micro_batches, virtual_stages, _plain)
+    return _build(name, pp, num_micro_batches, virtual_stages, None)
 
 
-def _build(name: str, p: int, m: int, v: int, A) -> Schedule:
+def _build(name: str, p: int, m: int, v: int, make) -> Schedule:
+    """`make`: applied to each (kind, stage, micro-batch) tuple (None: the tuples themselves)."""
     if name == "gpipe":
-        acts = _gpipe(p, m, A)
+        acts = _gpipe(p, m)
     elif name == "1f1b":
-        acts = _one_f_one_b(p, m, A)
+        acts = _one_f_one_b(p, m)
     elif name == "interleaved_1f1b":
-        acts = _interleaved(p, m, v, A)
+        acts = _interleaved(p, m, v)
     else:
-        acts = _zb_h1(p, m, A)
+        acts = _zb_h1(p, m)
     stage_rank = tuple(j % p for j in range(p * v))
-    return Schedule(name, p, m, v, tuple(tuple(a) for a in acts), stage_rank, name == "zero_bubble")
+    rows = tuple(tuple(a) if make is None else tuple(map(make, a)) for a in acts)
+    return Schedule(name, p, m, v, rows, stage_rank, name == "zero_bubble")
 
 
 def schedule_from_str(name: str, pp: int, num_micro_batches: int, virtual_stages: int, text: str) -> Schedule:
