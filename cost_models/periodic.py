@@ -99,10 +99,25 @@ def _m_saturated(name: str, pp: int, v: int) -> int:
     return pp
 
 
+_BY_M: dict = {}  # (name, pp, m, v) -> compile_periodic's answer
+
+
 def compile_periodic(name: str, pp: int, m: int, v: int) -> Periodic | None:
     """The round structure for (name, pp, m, v), compiled for the smallest m' that has the same
     warm-up and drain (uniform builders only) and a steady run long enough; None where the schedule
-    has no usable steady run (then the plain simulation is as fast)."""
+    has no usable steady run (then the plain simulation is as fast). Memoised per (name, pp, m, v)."""
+    key = (name, pp, m, v)
+    try:
+        return _BY_M[key]
+    except KeyError:
+        pass
+    if len(_BY_M) > 4096:
+        _BY_M.clear()
+    got = _BY_M[key] = _compile_periodic(name, pp, m, v)
+    return got
+
+
+def _compile_periodic(name: str, pp: int, m: int, v: int) -> Periodic | None:
     _check(name, pp, m, v)
     d = _shift(name, pp, v)
     if name in _UNIFORM:
