@@ -128,3 +128,32 @@ def test_simulate_cached_uses_kernels():
     assert comp.arrays is not None
     # the derived views are made once (periodic._rounds_python indexes comp.flat per action)
     assert comp.flat is comp.flat and comp.order is comp.order and comp.arrays is comp.arrays
+
+
+def test_kernels_load_after_their_load_time_in_python(monkeypatch):
+    """The break-even rule: Python pass time is counted and the kernels load once it reaches
+    LOAD_AFTER_S, not before."""
+    monkeypatch.setattr(kernels, "ready", False)
+    monkeypatch.setattr(kernels, "jit", None)
+    monkeypatch.setattr(kernels, "_python_s", 0.0)
+    kernels.charge(0.6 * kernels.LOAD_AFTER_S)
+    assert not kernels.ready
+    kernels.charge(0.6 * kernels.LOAD_AFTER_S)
+    assert kernels.ready and kernels.jit is not None
+
+
+def test_autoplan_jit_0_keeps_python():
+    import os
+    import subprocess
+    import sys
+
+    code = ("from cost_models import kernels, simulator as s; "
+            "r = s.simulate_cached('1f1b', 4, 32, 1, ((1.0, 2.0, 0.0, 0.01),) * 4); "
+            "kernels.charge(10.0); "
+            "assert not kernels.AVAILABLE and not kernels.ready and kernels.warm_up() == 0.0, kernels.ready; "
+            "print(r.step_time_s)")
+    env = {**os.environ, "AUTOPLAN_JIT": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sim_mod._CACHE.clear()
+    assert float(out.stdout) == sim_mod.simulate_cached("1f1b", 4, 32, 1, ((1.0, 2.0, 0.0, 0.01),) * 4).step_time_s
