@@ -69,7 +69,8 @@ def warm_up() -> float:
 
 
 def index_array(xs, none: int) -> np.ndarray:
-    """int64 array of `xs` with -1 ("none") replaced by `none` (the sentinel slot)."""
+    """int64 array of `xs` with -1 ("none") replaced by `none`, the sentinel slot; `none` = -1
+    keeps the values as they are (arrays without a "none")."""
     a = np.array(xs, dtype=np.int64)
     if none >= 0:
         a[a < 0] = none

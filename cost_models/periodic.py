@@ -275,8 +275,8 @@ def play_compiled(pc: Periodic, m: int, T, split: bool) -> tuple[float, object]:
     arrays = pc.arrays
     if arrays is None:  # the structure as the kernel reads it, made once
         n = len(pc.rp)
-        arrays = (kernels.index_array(pc.rp, n), kernels.index_array(pc.dep, n), kernels.index_array(pc.lag_slot, 0),
-                  kernels.index_array(pc.dur_slot, 0), kernels.index_array(pc.last_of_rank, 0),
+        arrays = (kernels.index_array(pc.rp, n), kernels.index_array(pc.dep, n), kernels.index_array(pc.lag_slot, -1),
+                  kernels.index_array(pc.dur_slot, -1), kernels.index_array(pc.last_of_rank, -1),
                   kernels.index_array(pc.counts, -1).reshape(-1, 3), kernels.index_array(pc.round_counts, -1).reshape(-1, 3),
                   kernels.index_array(pc.stage_rank, -1))
         object.__setattr__(pc, "arrays", arrays)
