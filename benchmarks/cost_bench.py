@@ -15,9 +15,11 @@ steady-phase fast-forward; "cold time without simulations" subtracts the simulat
 with the compiled structures cached.
 
 Like the search (planner.search.Search.run), the benchmark moves everything alive before scoring
-(imports, the graph) out of the cyclic garbage collector's reach with gc.freeze(); `--no-freeze`
-measures without (full collections then walk the ~200k objects of torch and the graph whenever the
-growing caches trigger one: +-30 us per candidate, depending on when they fall).
+(imports, the graph) out of the cyclic garbage collector's reach with gc.freeze() and pauses the
+collector while it scores (scoring makes no reference cycles; the young-generation collections
+would otherwise walk every object the caches keep: ~10% of the cold time); `--no-freeze` measures
+with the collector as it is (full collections then also walk the ~200k objects of torch and the
+graph whenever the growing caches trigger one: +-30 us per candidate, depending on when they fall).
 
 The simulation passes run as numba kernels (cost_models.kernels; loaded before the timing, as a
 search loads them once it has spent their load time in Python; the load time is printed);
@@ -86,7 +88,7 @@ def main() -> None:
     ap.add_argument("--traced", action="store_true", help="trace the bundled gpt3-175b (planner.trace) "
                     "instead of the analytic graph (tests/graphs.py)")
     ap.add_argument("--no-freeze", action="store_true", help="leave the garbage collector as it is "
-                    "(the search freezes what exists before it starts)")
+                    "(the search freezes what exists before it starts and pauses the collector)")
     args = ap.parse_args()
     if args.traced:
         from planner import trace
@@ -104,6 +106,7 @@ def main() -> None:
     jit_s = kernels.warm_up()  # once per process, as the search does before it starts
     if not args.no_freeze:
         gc.freeze()
+        gc.disable()
 
     sims_before = len(sim_mod._CACHE)
     t0 = time.process_time()
@@ -131,6 +134,7 @@ def main() -> None:
     print(f"candidates scored:          {len(cands)} ({len(fits)} fit in memory)")
     print(f"simulation kernels:         {'numba' if kernels.ready else 'pure Python (numba missing or AUTOPLAN_JIT=0)'}; "
           f"loaded once per process in {jit_s * 1e3:.0f} ms (before the timing)")
+    print(f"garbage collector:          {'as is' if args.no_freeze else 'frozen and paused, as in the search'}")
     print(f"per candidate, cold caches: {cold * 1e6:8.1f} us  (CPU time)")
     print(f"per candidate, warm caches: {warm * 1e6:8.1f} us")
     print(f"pipeline simulations:       {num_sims} distinct, {sim_mean * 1e6:8.1f} us each on average")

@@ -47,6 +47,36 @@ def test_optimal_under_the_cost_model(case):
     assert backend.calls < count
 
 
+@pytest.mark.tier1
+def test_search_pauses_the_collector_and_leaves_no_cyclic_garbage(monkeypatch):
+    """Search.run pauses the cyclic garbage collector while it scores (planner/search.py): safe
+    only if scoring makes no reference cycles. Everything the search drops must be freed by
+    reference counting alone, and the collector's state is restored after it."""
+    import gc
+
+    from planner.search import Search
+
+    g = gpt_graph(vocab=1024, hidden=256, layers=4, heads=8, seq_len=128)
+    hw = HardwareSpec.preset("dgx-a100-80gb", devices=16)
+    train = TrainSpec(global_batch_size=32, allow_checkpointing=True)
+    seen = {}
+    run = Search._run
+
+    def spy(self):
+        seen["enabled"] = gc.isenabled()
+        gc.collect()  # what was cyclic garbage before scoring started
+        out = run(self)
+        seen["cyclic"] = gc.collect()  # the collector is paused: any cycle scoring made is still here
+        return out
+
+    monkeypatch.setattr(Search, "_run", spy)
+    assert gc.isenabled()
+    plan = autoplan(None, hw, graph=g, train=train, backend=CostModelBackend(g, hw, train))
+    assert plan.predicted.step_time_s > 0
+    assert seen == {"enabled": False, "cyclic": 0}
+    assert gc.isenabled()
+
+
 EXPERTS = [
     Constraints(tp=8, pp=pp, sharding="none", schedule="interleaved_1f1b", virtual_stages=2,
                 recompute="full", micro_batch_size=1, sequence_parallel=False, offload="none")
