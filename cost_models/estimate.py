@@ -64,7 +64,10 @@ the host's total CPU work over its cores; any excess is the breakdown term `core
 Speed: the stage times and per-rank terms of a candidate's layout (stage list, mesh, sharding,
 micro-batch size) are computed once and shared where candidates agree on them (cost_models.layout
 says how); a call adds the simulation (cost_models.simulator, memoised per stage times) and one
-pass over the ranks as C-level maps over columns.
+pass over the ranks as C-level maps over columns. It returns with the fields a search ranks by
+(SCORE_FIELDS: step time, memory peak, fits) set; the breakdowns, throughput and the other fields
+are computed from what the call kept, by the same arithmetic, when one of them is first read
+(StepEstimate.__getattr__), so candidates that are only compared never pay for them.
 
 Memory per pp rank (cost_models.memory): model states by ZeRO stage, activations = sum over the
 rank's virtual stages of (peak in-flight micro-batches x stored bytes per micro-batch), transient
@@ -74,7 +77,7 @@ optimizer-step temporaries). The worst rank is reported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from operator import add, mul, sub
 
 from cost_models import sharedhost
@@ -136,6 +139,20 @@ class StepEstimate:
     stage_times_raw: tuple[tuple[float, float, float, float], ...]  # (F, B, W, p2p) per virtual stage
     peak_in_flight: tuple[int, ...]  # per pp rank
     notes: tuple[str, ...] = ()
+    # estimate_knobs sets the fields a search ranks by (SCORE_FIELDS) and keeps here what the
+    # others are computed from, on first access to any of them (by the same arithmetic, so the
+    # values do not depend on when they are read); None once they are set
+    _pending: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __getattr__(self, name: str):
+        # reached only for an attribute not found: a field whose slot is still empty
+        if name not in _DETAIL_FIELDS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        pending = object.__getattribute__(self, "_pending")
+        for n, value in zip(_DETAIL_FIELDS, _details(*pending), strict=True):
+            object.__setattr__(self, n, value)
+        object.__setattr__(self, "_pending", None)
+        return object.__getattribute__(self, name)
 
     @property
     def memory_by_rank(self) -> list[dict[str, float]]:
@@ -163,8 +180,14 @@ class StepEstimate:
         )
 
 
-# StepEstimate(...) / AxisCommEstimate(...) for the per-candidate path (cost_models.fastinit)
-_new_estimate = fast_init(StepEstimate)
+# what a search ranks candidates by: set when estimate_knobs returns; the other fields (_DETAIL_FIELDS)
+# on first access (StepEstimate.__getattr__)
+SCORE_FIELDS = ("step_time_s", "fits", "peak_memory_bytes", "memory_capacity_bytes", "worst_rank")
+_DETAIL_FIELDS = ("memory_bytes", "memory_per_rank_bytes", "memory_by_rank_raw", "time_breakdown_s", "comm",
+                  "bubble_fraction", "mfu", "hfu", "samples_per_s", "tokens_per_s", "model_flops_per_step",
+                  "hardware_flops_per_step", "stage_times_raw", "peak_in_flight", "notes")
+# StepEstimate(...) with only the score's fields / AxisCommEstimate(...) (cost_models.fastinit)
+_new_scored = fast_init(StepEstimate, only=(*SCORE_FIELDS, "_pending"))
 _new_axis = fast_init(AxisCommEstimate)
 
 
@@ -200,9 +223,7 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
         return _share_cores(graph, knobs, stages, hw, train)
     ctx = context(graph, hw, train)
     k = knobs
-    pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
-    world = pp * dp * tp
-    mb, m = k.micro_batch_size, k.num_micro_batches
+    pp, v, m = k.pp, k.virtual_stages, k.num_micro_batches
     lay, sched = _layout_for(ctx, graph, k, stages, hw)
     sim = lay.sims.get((sched, m))
     if sim is None:
@@ -232,6 +253,20 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     rp = post_tot.index(max(post_tot))  # the first rank with the largest post term
     step = T_pipe + post_tot[rp]
 
+    worst = totals.index(max(totals))  # the first rank with the largest peak
+    peak_mem = totals[worst]
+    return _new_scored(step, peak_mem <= capacity, peak_mem, capacity, worst,
+                       (graph, ctx, hw, k, lay, sim, acts, dyn, margins, totals, posts_u, rp, step, worst))
+
+
+def _details(graph: ModelGraph, ctx, hw: HardwareSpec, k: Knobs, lay, sim, acts, dyn, margins, totals, posts_u,
+             rp: int, step: float, worst: int) -> tuple:
+    """estimate_knobs' fields besides the score (_DETAIL_FIELDS order), from its intermediate values."""
+    pp, dp, tp = k.pp, k.dp, k.tp
+    world = pp * dp * tp
+    mb, m = k.micro_batch_size, k.num_micro_batches
+    cols = lay.cols
+    T_pipe = sim.step_time_s
     rb = sim.busiest_rank
     R, P = lay.ranks[rb], lay.ranks[rp]
     idle = max(0.0, T_pipe - sim.busy_s[rb])
@@ -247,27 +282,19 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
         "dp": _new_axis(dpv, dpt, m * R.fsdp_s + dpe),
         "pp": _new_axis(m * R.pp_vol, m * R.pp_t + P.tied, pp_exp + P.tied),
     }
-    worst = totals.index(max(totals))  # the first rank with the largest peak
     W = lay.ranks[worst]
     memory = {"parameters": W.param_b, "gradients": W.grad_b, "optimizer": W.opt_b, "activations": acts[worst],
               "transient": dyn[worst] - acts[worst], "margin": margins[worst]}
-    peak_mem = totals[worst]
     samples = mb * m * dp
     model_flops = ctx.model_flops_per_sample * samples
     hw_flops = lay.flops_per_mb * tp * m * dp
     peak = peak_flops_per_s(hw, ctx.dtype) * world
     inv = 1.0 / step if step > 0 else 0.0
-    return _new_estimate(
-        step_time_s=step, fits=peak_mem <= capacity, peak_memory_bytes=peak_mem, memory_capacity_bytes=capacity,
-        memory_bytes=memory, memory_per_rank_bytes=tuple(totals),
-        memory_by_rank_raw=tuple(zip(cols.param, cols.grad, cols.opt, acts, map(sub, dyn, acts), margins,
-                                     strict=True)),
-        worst_rank=worst, time_breakdown_s=breakdown,
-        comm=comm_axes, bubble_fraction=(idle - pp_exp) * inv, mfu=model_flops * inv / peak,
-        hfu=hw_flops * inv / peak, samples_per_s=samples * inv, tokens_per_s=samples * graph.tokens_per_sample * inv,
-        model_flops_per_step=model_flops, hardware_flops_per_step=hw_flops, stage_times_raw=lay.times,
-        peak_in_flight=sim.peak_in_flight, notes=lay.notes,
-    )
+    return (memory, tuple(totals),
+            tuple(zip(cols.param, cols.grad, cols.opt, acts, map(sub, dyn, acts), margins, strict=True)),
+            breakdown, comm_axes, (idle - pp_exp) * inv, model_flops * inv / peak, hw_flops * inv / peak,
+            samples * inv, samples * graph.tokens_per_sample * inv, model_flops, hw_flops, lay.times,
+            sim.peak_in_flight, lay.notes)
 
 
 def _share_cores(graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec, train: TrainSpec) -> StepEstimate:

@@ -13,14 +13,25 @@ from __future__ import annotations
 import dataclasses
 
 
-def fast_init(cls):
-    """A constructor for the frozen `slots=True` dataclass `cls`, equivalent to `cls(...)`."""
+def fast_init(cls, only: tuple[str, ...] | None = None):
+    """A constructor for the frozen `slots=True` dataclass `cls`, equivalent to `cls(...)`.
+
+    `only`: take just these fields, in this order, all required, and leave the other slots empty
+    (for a class that fills them on first access, as cost_models.estimate.StepEstimate does)."""
     fields = dataclasses.fields(cls)
     if tuple(f.name for f in fields) != tuple(cls.__slots__):
         raise TypeError(f"fast_init: {cls.__name__} must be a dataclass with slots=True and only field slots")
+    if only is not None:
+        by_name = {f.name: f for f in fields}
+        unknown = [n for n in only if n not in by_name]
+        if unknown:
+            raise TypeError(f"fast_init: {cls.__name__} has no field(s) {unknown}")
+        fields = [by_name[n] for n in only]
     params, defaults = [], {}
     for f in fields:
-        if f.default is not dataclasses.MISSING:
+        if only is not None:
+            params.append(f.name)
+        elif f.default is not dataclasses.MISSING:
             defaults[f"_d_{f.name}"] = f.default
             params.append(f"{f.name}=_d_{f.name}")
         elif f.default_factory is not dataclasses.MISSING:

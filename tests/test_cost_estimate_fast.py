@@ -80,6 +80,16 @@ def test_estimates_do_not_depend_on_scoring_order(graph, preset, nodes):
     second = {i: _fields(estimate_knobs(graph, *cands[i], hw_b, train)) for i in order}
     for i, e in enumerate(first):
         assert e == second[i], str(cands[i][0])
+    # details read late: every candidate scored first (only the score's fields read), then the
+    # other fields of each, computed on access from what its call kept (StepEstimate.__getattr__)
+    hw_c = HardwareSpec.preset(preset, nodes)
+    unread = [estimate_knobs(graph, k, s, hw_c, train) for k, s in cands]
+    assert all(object.__getattribute__(e, "_pending") is not None for e in unread)
+    for i, e in enumerate(unread):
+        assert (e.step_time_s, e.peak_memory_bytes, e.fits) == (first[i]["step_time_s"],
+                                                                  first[i]["peak_memory_bytes"], first[i]["fits"])
+    for i in reversed(order):
+        assert _fields(unread[i]) == first[i], str(cands[i][0])
     # a sample scored alone, each in an empty context
     for i in order[:40]:
         alone = _fields(estimate_knobs(graph, *cands[i], HardwareSpec.preset(preset, nodes), train))
@@ -128,3 +138,38 @@ def test_per_rank_columns_match_per_rank_terms(graph):
         assert e.memory_per_rank_bytes[r] == total
         assert e.memory_by_rank_raw[r] == (rk.param_b, rk.grad_b, rk.opt_b, acts, dynamic - acts,
                                            margin_bytes(static + dynamic, cap))
+
+
+def test_details_on_first_access_behave_as_fields(graph):
+    """StepEstimate from estimate_knobs: the score's fields set, the others on first access; the
+    object still behaves as the frozen dataclass (equality, copy, pickle, replace, errors)."""
+    import copy
+    import pickle
+
+    from cost_models.estimate import _DETAIL_FIELDS, SCORE_FIELDS, StepEstimate
+
+    assert set(SCORE_FIELDS) | set(_DETAIL_FIELDS) == {f.name for f in dataclasses.fields(StepEstimate)} - {"_pending"}
+    hw = HardwareSpec.preset("dgx-a100-80gb", 1)
+    train = TrainSpec(global_batch_size=64)
+    k = Knobs(pp=2, dp=2, tp=2, sharding="zero2", micro_batch_size=1, num_micro_batches=8, schedule="1f1b",
+              recompute="selective", sequence_parallel=True)
+    stages = _stages(graph.num_blocks, 2, "selective", False)
+    e = estimate_knobs(graph, k, stages, hw, train)
+    assert type(e) is StepEstimate
+    for name in _DETAIL_FIELDS:  # slots still empty
+        with pytest.raises(AttributeError):
+            object.__getattribute__(e, name)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_field'"):
+        _ = e.not_a_field
+    assert not hasattr(e, "not_a_field") and object.__getattribute__(e, "_pending") is not None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.step_time_s = 1.0
+    # copies and pickles carry every field (they are computed on the way)
+    for other in (copy.copy(e), copy.deepcopy(e), pickle.loads(pickle.dumps(e))):
+        assert type(other) is StepEstimate and _fields(other) == _fields(e)
+    assert object.__getattribute__(e, "_pending") is None  # filled once, the inputs released
+    r = dataclasses.replace(e, step_time_s=2 * e.step_time_s)
+    assert r.step_time_s == 2 * e.step_time_s and r.time_breakdown_s == e.time_breakdown_s
+    assert e == estimate_knobs(graph, k, stages, HardwareSpec.preset("dgx-a100-80gb", 1), train)
+    assert sum(e.time_breakdown_s.values()) == pytest.approx(e.step_time_s, rel=1e-12)
+    assert e.to_prediction().step_time_s == e.step_time_s

@@ -37,6 +37,16 @@ def test_cost_model_classes():
     assert fast_init(StepEstimate).__init__.__code__.co_varnames[1:4] == ("step_time_s", "fits", "peak_memory_bytes")
 
 
+def test_only_some_fields():
+    make = fast_init(_Point, only=("tags", "x"))
+    got = make(("a",), 1.0)
+    assert type(got) is _Point and got.x == 1.0 and got.tags == ("a",)
+    with pytest.raises(AttributeError):
+        _ = got.y  # left empty: a class that fills it on access defines __getattr__
+    with pytest.raises(TypeError, match="no field"):
+        fast_init(_Point, only=("x", "z"))
+
+
 def test_refuses_what_it_cannot_build():
     @dataclass(frozen=True, slots=True)
     class WithFactory:
