@@ -32,7 +32,7 @@ from operator import attrgetter
 from cost_models import comm
 from cost_models.compute import TP_SPLIT, compute_dtype, itemsize, layer_compute
 from cost_models.fastinit import fast_init
-from cost_models.memory import bytes_per_param, layer_activation_bytes
+from cost_models.memory import bytes_per_param, layer_activation_bytes, margin_bytes
 from specs import HardwareSpec, LayerType, ModelGraph, SpecError, TrainSpec
 
 
@@ -171,7 +171,8 @@ class Context:
     """Per (graph, hw, train) caches; holds strong references so ids stay valid."""
 
     __slots__ = ("graph", "hw", "train", "costs", "links", "dtype", "act_scale", "par_scale", "bpp",
-                 "split_fraction", "final_output_bytes", "model_flops_per_sample", "stage_cache")
+                 "split_fraction", "final_output_bytes", "model_flops_per_sample", "stage_cache", "capacity",
+                 "reserve")
 
     def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec):
         self.graph, self.hw, self.train = graph, hw, train
@@ -186,6 +187,8 @@ class Context:
         last = graph.layer(graph.num_blocks - 1)
         self.final_output_bytes = last.output_bytes_per_sample * self.act_scale
         self.model_flops_per_sample = graph.fwd_flops_per_sample + graph.bwd_flops_per_sample
+        self.capacity = float(hw.device.memory_bytes)
+        self.reserve = margin_bytes(0.0, self.capacity)  # the allocator margin's part that is not a fraction
 
     def link(self, size: int, stride: int) -> comm.GroupLink:
         key = (size, stride)

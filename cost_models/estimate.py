@@ -87,7 +87,6 @@ from cost_models.fastinit import fast_init
 from cost_models.layout import _layout_for, _post
 from cost_models.memory import (
     FRAGMENTATION_FRACTION,
-    margin_bytes,
 )
 from cost_models.sharedsim import simulate_shared
 from cost_models.simulator import pipeline_lower_bound, simulate_cached
@@ -201,9 +200,7 @@ def step_lower_bound_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[i
     ctx = context(graph, hw, train)
     lay, sched = _layout_for(ctx, graph, knobs, stages, hw)
     m = knobs.num_micro_batches
-    post = max(_post(rk, knobs.sharding, m)[0] + rk.tied + rk.step_copy_s + rk.opt_s + rk.offload_s
-               for rk in lay.ranks)
-    return pipeline_lower_bound(sched, knobs.pp, m, knobs.virtual_stages, lay.times) + post
+    return pipeline_lower_bound(sched, knobs.pp, m, knobs.virtual_stages, lay.times) + lay.cols.post_max
 
 
 def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int, str]], hw: HardwareSpec,
@@ -228,9 +225,7 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     sim = lay.sims.get((sched, m))
     if sim is None:
         sim = lay.sims[(sched, m)] = simulate_cached(sched, pp, m, v, lay.times)
-    T_pipe = sim.step_time_s
-    capacity = float(hw.device.memory_bytes)
-    sharding = k.sharding
+    capacity = ctx.capacity
 
     # per rank, as columns (C-level maps; the same operations, in the same order, as
     # acts = sum of peak x stored bytes over the rank's stages, static + max(acts + transient,
@@ -244,29 +239,27 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     tens = list(map(add, cols.static, dyn))
     # margin_bytes(x, capacity) = FRAGMENTATION_FRACTION * x + reserve(capacity), unrolled
     # (tests/test_cost_estimate_fast.py checks it against margin_bytes)
-    reserve = margin_bytes(0.0, capacity)
-    margins = [FRAGMENTATION_FRACTION * x + reserve for x in tens]
+    margins = list(map(ctx.reserve.__add__, map(FRAGMENTATION_FRACTION.__mul__, tens)))
     totals = list(map(add, tens, margins))
-    posts_u = [_post(rk, sharding, m) for rk in cols.uniq]
-    tot_u = [p[0] + rk.tied + rk.step_copy_s + rk.opt_s + rk.offload_s for p, rk in zip(posts_u, cols.uniq, strict=True)]
-    post_tot = cols.kind_of(tot_u)
-    rp = post_tot.index(max(post_tot))  # the first rank with the largest post term
-    step = T_pipe + post_tot[rp]
+    # the post-pipeline term does not depend on m: its largest value and rank come with the layout
+    step = sim.step_time_s + cols.post_max
 
     worst = totals.index(max(totals))  # the first rank with the largest peak
     peak_mem = totals[worst]
     return _new_scored(step, peak_mem <= capacity, peak_mem, capacity, worst,
-                       (graph, ctx, hw, k, lay, sim, acts, dyn, margins, totals, posts_u, rp, step, worst))
+                       (graph, ctx, hw, k, lay, sim, acts, dyn, margins, totals, step, worst))
 
 
-def _details(graph: ModelGraph, ctx, hw: HardwareSpec, k: Knobs, lay, sim, acts, dyn, margins, totals, posts_u,
-             rp: int, step: float, worst: int) -> tuple:
+def _details(graph: ModelGraph, ctx, hw: HardwareSpec, k: Knobs, lay, sim, acts, dyn, margins, totals,
+             step: float, worst: int) -> tuple:
     """estimate_knobs' fields besides the score (_DETAIL_FIELDS order), from its intermediate values."""
     pp, dp, tp = k.pp, k.dp, k.tp
     world = pp * dp * tp
     mb, m = k.micro_batch_size, k.num_micro_batches
     cols = lay.cols
     T_pipe = sim.step_time_s
+    rp = cols.post_rank
+    posts_u = [_post(rk, k.sharding, m) for rk in cols.uniq]
     rb = sim.busiest_rank
     R, P = lay.ranks[rb], lay.ranks[rp]
     idle = max(0.0, T_pipe - sim.busy_s[rb])
@@ -291,7 +284,8 @@ def _details(graph: ModelGraph, ctx, hw: HardwareSpec, k: Knobs, lay, sim, acts,
     peak = peak_flops_per_s(hw, ctx.dtype) * world
     inv = 1.0 / step if step > 0 else 0.0
     return (memory, tuple(totals),
-            tuple(zip(cols.param, cols.grad, cols.opt, acts, map(sub, dyn, acts), margins, strict=True)),
+            tuple(zip(cols.column("param_b"), cols.column("grad_b"), cols.column("opt_b"), acts, map(sub, dyn, acts),
+                      margins, strict=True)),
             breakdown, comm_axes, (idle - pp_exp) * inv, model_flops * inv / peak, hw_flops * inv / peak,
             samples * inv, samples * graph.tokens_per_sample * inv, model_flops, hw_flops, lay.times,
             sim.peak_in_flight, lay.notes)

@@ -18,7 +18,8 @@ depends on the schedule's simulation and the micro-batch count (per call):
   share one object) and shared between 1F1B and ZB-H1; the parts that depend only on the rank's
   parameter count and the data-parallel setting (`_dp_terms`: sharded states, bucketed
   collectives, optimizer step) are shared across recompute, sequence parallelism and schedule.
-- `_Cols`: the per-rank terms as columns, so the per-call pass over ranks is a few C-level maps.
+- `_Cols`: the per-rank terms as columns, so the per-call pass over ranks is a few C-level maps;
+  with the largest post-pipeline term (it does not depend on the micro-batch count).
 
 All of it is the same arithmetic, in the same order, as computing each candidate from scratch
 (tests/test_cost_estimate_fast.py: estimates do not depend on scoring order or cache sharing).
@@ -181,19 +182,27 @@ class _Cols:
     trans: tuple[float, ...]
     opt_tmp: tuple[float, ...]
     acts: tuple[tuple[float, ...], ...]  # per virtual stage i of a rank: its stored bytes per micro-batch
-    param: tuple[float, ...]
-    grad: tuple[float, ...]
-    opt: tuple[float, ...]
+    # the post-pipeline term (_post's exposed part + tied + step copies + optimizer + offload): it
+    # does not depend on the micro-batch count, so its largest value and first rank are known here
+    post_max: float
+    post_rank: int
+
+    def column(self, name: str) -> tuple:
+        """A _Rank field per rank (the breakdowns' columns, read once per detailed estimate)."""
+        return self.kind_of([getattr(rk, name) for rk in self.uniq])
 
 
-def _cols(uniq: list[_Rank], kind_of: list[int], v: int) -> _Cols:
+def _cols(uniq: list[_Rank], kind_of: list[int], v: int, sharding: str) -> _Cols:
     """Columns from the distinct ranks `uniq` and each rank's index into it."""
     get = itemgetter(*kind_of) if len(kind_of) > 1 else (lambda xs, _i=kind_of[0]: (xs[_i],))
+    post = get([_post(rk, sharding, 1)[0] + rk.tied + rk.step_copy_s + rk.opt_s + rk.offload_s for rk in uniq])
+    top = max(post)
+    acts = (get([rk.activation[0] for rk in uniq]),) if v == 1 else tuple(
+        get([rk.activation[i] for rk in uniq]) for i in range(v))
     # per distinct rank, then spread over the ranks by one C call each
     return _Cols(get, tuple(uniq), get([rk.param_b + rk.grad_b + rk.opt_b for rk in uniq]),
-                 get([rk.trans_b for rk in uniq]), get([rk.opt_tmp_b for rk in uniq]),
-                 tuple(get([rk.activation[i] for rk in uniq]) for i in range(v)),
-                 get([rk.param_b for rk in uniq]), get([rk.grad_b for rk in uniq]), get([rk.opt_b for rk in uniq]))
+                 get([rk.trans_b for rk in uniq]), get([rk.opt_tmp_b for rk in uniq]), acts,
+                 top, post.index(top))
 
 
 @dataclass(slots=True)  # not frozen (see _Rank)
@@ -201,12 +210,25 @@ class _Layout:
     times: tuple[tuple[float, float, float, float], ...]
     ranks: tuple[_Rank, ...]
     cols: _Cols
-    rank_stages: tuple[tuple[int, ...], ...]
     flops_per_mb: float  # per tp rank, all stages: fwd + bwd + recompute
-    crit_p2p: float
     notes: tuple[str, ...]
     sims: dict  # (schedule, micro-batches) -> ScheduleResult (saves hashing the stage times again)
-    stage_sums: tuple = ()  # the StageSum of each stage (block sums behind `times`)
+    st: tuple  # the stage result (_stage) of each stage
+    pp: int
+
+    @property
+    def rank_stages(self) -> tuple[tuple[int, ...], ...]:
+        return _rank_stages(self.pp, len(self.times))
+
+    @property
+    def crit_p2p(self) -> float:
+        """Up to 2 sends per stage boundary: the warm-up and drain chains' p2p."""
+        return 2 * sum(map(_P2P, self.times))
+
+    @property
+    def stage_sums(self) -> tuple:
+        """The StageSum of each stage (block sums behind `times`)."""
+        return tuple(map(_SUMS, self.st))
 
 
 @dataclass(slots=True)  # not frozen (see _Rank)
@@ -267,22 +289,40 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
     reshard = sharding != "zero2"
     pp_stride = tp * dp
     sl = _stage_list(ctx, stages, tp, sp, mb, sub)
-    res = [_stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard, pp > 1, rec) for ss, last, rec in sl.uniq]
+    pipelined = pp > 1
+    # the stage results of this stage list for this setting (none and zero1 share them), and their ids
+    skey = (sl.uid, split, fsdp_n, pp_stride, reshard, pipelined)
+    got = sub.get(skey)
+    if got is None:
+        cache = ctx.stage_cache
+        res = []
+        for ss, last, rec in sl.uniq:
+            x = cache.get((id(ss), split, fsdp_n, tp, last, pp_stride, reshard, pipelined))  # _stage's key
+            res.append(x if x is not None else _stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard,
+                                                       pipelined, rec))
+        got = sub[skey] = (res, tuple([x[8] for x in res]))
+    res, rids = got
     st = sl.pick(res)
     times = tuple(map(_TIMES, st))
     accum = k.num_micro_batches > 1
-    rkey = ("ranks", sl.uid, tuple([x[8] for x in res]), pp, dp, tp, v, sharding, shard_n, k.offload, accum)
+    rkey = ("ranks", sl.uid, rids, pp, dp, tp, v, sharding, shard_n, k.offload, accum)
     got = ctx.stage_cache.get(rkey)
     if got is None:
         got = ctx.stage_cache[rkey] = _ranks(ctx, k, stages, st, shard_n, accum, sub)
     ranks, cols, notes = got
-    notes = list(notes)
-    if split:
-        notes.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
-    if ctx.train.optimizer == "sgd":
-        notes.append("sgd assumed with momentum (4 bytes/param of state)")
-    return _Layout(times, ranks, cols, _rank_stages(pp, pp * v), sl.flops_per_mb, 2 * sum(map(_P2P, times)),
-                   tuple(dict.fromkeys(notes)), {}, tuple(map(_SUMS, st)))
+    nkey = (notes, split, ctx.train.optimizer == "sgd")
+    all_notes = _NOTES.get(nkey)
+    if all_notes is None:
+        more = list(notes)
+        if split:
+            more.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
+        if nkey[2]:
+            more.append("sgd assumed with momentum (4 bytes/param of state)")
+        all_notes = _NOTES[nkey] = tuple(dict.fromkeys(more))
+    return _Layout(times, ranks, cols, sl.flops_per_mb, all_notes, {}, st, pp)
+
+
+_NOTES: dict = {}  # (a layout's rank notes, split backward, sgd) -> its notes
 
 
 def _tied(ctx: Context, stages, pp: int, tp: int, pp_stride: int) -> tuple:
@@ -328,19 +368,22 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: d
 
     rank_stages = _rank_stages(pp, S)
     # ranks alike (same stage results, tied parameters and sends; the last rank apart) share one
-    # _Rank: computed or looked up once per kind, keyed by the stages' small ids
+    # _Rank: computed or looked up once per kind, keyed by the stages' small ids. Any rank of a
+    # kind gives its terms (everything read below is the kind's); dict(zip(...)) keeps the kinds
+    # in order of first rank, each with its last rank
     ids = [x[8] for x in st]
     per_rank = ids if v == 1 else list(zip(*[ids[i * pp:(i + 1) * pp] for i in range(v)], strict=True))
     kinds = list(zip(per_rank, tied_rank_params, tied_comm, strict=True))
     kinds[-1] = (*kinds[-1], "last")
-    by_kind: dict = {}
-    first_rank = {kk: kinds.index(kk) for kk in dict.fromkeys(kinds)}  # in order of first rank
-    for kind, r in first_rank.items():
+    rank_of = dict(zip(kinds, range(pp), strict=True))
+    uniq = []
+    cache = ctx.stage_cache
+    for kind, r in rank_of.items():
         js = rank_stages[r]
         rkey = ("rank", kind, pp, dp, tp, sharding, shard_n, k.offload, accum)
-        got = ctx.stage_cache.get(rkey)
+        got = cache.get(rkey)
         if got is not None:
-            by_kind[kind] = got
+            uniq.append(got)
             continue
         # the stage sums this rank needs (the same additions, in the same order, as sum() over the
         # stages: each stage's contribution is its first addition, 0.0 + value, see _stage_core)
@@ -418,17 +461,15 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: d
             fixed_exp, fixed_time = max(last, tot - window), tot
             if sharding == "zero1":  # then the updated parameters are gathered (exposed)
                 fixed_exp, fixed_time = fixed_exp + ag, tot + ag
-        got = ctx.stage_cache[rkey] = _Rank(
+        got = cache[rkey] = _Rank(
             tuple(acts), states.param, states.grad, states.optimizer, trans, opt_tmp,
             rs_tot, rs_last, window, ag_after, fixed_exp, fixed_time, fixed_vol, grad_vol, fsdp_mb, tied_comm[r],
             opt_s, off_s,
             f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, pp_v, pp_t, step_copy,
         )
-        by_kind[kind] = got
-    pos = {kk: i for i, kk in enumerate(first_rank)}
-    kind_of = list(map(pos.__getitem__, kinds))
-    uniq = [by_kind[kk] for kk in first_rank]
-    cols = _cols(uniq, kind_of, v)
+        uniq.append(got)
+    pos = dict(zip(rank_of, range(len(uniq)), strict=True))
+    cols = _cols(uniq, list(map(pos.__getitem__, kinds)), v, sharding)
     return cols.kind_of(uniq), cols, notes
 
 
