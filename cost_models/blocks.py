@@ -176,7 +176,7 @@ class Context:
 
     def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec):
         self.graph, self.hw, self.train = graph, hw, train
-        self.costs: dict = {}
+        self.costs: dict = {}  # (tp, sp, mb, recompute) -> BlockCosts; ("layer compute", ...) -> LayerCompute
         self.links: dict = {}
         self.stage_cache: dict = {}
         self.dtype = compute_dtype(train.precision)
@@ -233,8 +233,13 @@ def _check_tp(graph: ModelGraph, tp: int) -> None:
 def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompute: str) -> BlockCost:
     g, hw = ctx.graph, ctx.hw
     sp = sp and tp > 1
-    lc = layer_compute(lt, hw, precision=ctx.train.precision, traced_activation_dtype=g.activation_dtype,
-                       traced_param_dtype=g.param_dtype, tp=tp, sequence_parallel=sp, micro_batch_size=mb)
+    lkey = ("layer compute", lt.name, tp, sp, mb)  # the same for every recompute setting
+    lc = ctx.costs.get(lkey)
+    if lc is None:
+        lc = ctx.costs[lkey] = layer_compute(lt, hw, precision=ctx.train.precision,
+                                             traced_activation_dtype=g.activation_dtype,
+                                             traced_param_dtype=g.param_dtype, tp=tp, sequence_parallel=sp,
+                                             micro_batch_size=mb)
     splittable = bool(lt.tp_candidates) and tp > 1
     # TP collectives (see module docstring)
     tp_f = tp_b = tp_vol = 0.0

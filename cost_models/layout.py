@@ -192,17 +192,16 @@ class _Cols:
         return self.kind_of([getattr(rk, name) for rk in self.uniq])
 
 
-def _cols(uniq: list[_Rank], kind_of: list[int], v: int, sharding: str) -> _Cols:
+def _cols(uniq: list[_Rank], kind_of: list[int], sharding: str) -> _Cols:
     """Columns from the distinct ranks `uniq` and each rank's index into it."""
     get = itemgetter(*kind_of) if len(kind_of) > 1 else (lambda xs, _i=kind_of[0]: (xs[_i],))
-    post = get([_post(rk, sharding, 1)[0] + rk.tied + rk.step_copy_s + rk.opt_s + rk.offload_s for rk in uniq])
+    # one row per distinct rank, spread over the ranks by one C call, transposed by another
+    static, trans, opt_tmp, post, *acts = zip(*get([
+        (rk.param_b + rk.grad_b + rk.opt_b, rk.trans_b, rk.opt_tmp_b,
+         _post(rk, sharding, 1)[0] + rk.tied + rk.step_copy_s + rk.opt_s + rk.offload_s, *rk.activation)
+        for rk in uniq]), strict=True)
     top = max(post)
-    acts = (get([rk.activation[0] for rk in uniq]),) if v == 1 else tuple(
-        get([rk.activation[i] for rk in uniq]) for i in range(v))
-    # per distinct rank, then spread over the ranks by one C call each
-    return _Cols(get, tuple(uniq), get([rk.param_b + rk.grad_b + rk.opt_b for rk in uniq]),
-                 get([rk.trans_b for rk in uniq]), get([rk.opt_tmp_b for rk in uniq]), acts,
-                 top, post.index(top))
+    return _Cols(get, tuple(uniq), static, trans, opt_tmp, tuple(acts), top, post.index(top))
 
 
 @dataclass(slots=True)  # not frozen (see _Rank)
@@ -249,24 +248,31 @@ def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int, sub: dict) -> 
     got = sub.get(key)
     if got is not None:
         return got
-    S = len(stages)
-    index: dict = {}
-    uniq, pattern, fl = [], [], []
-    costs: dict = {}  # recompute -> BlockCosts (one lookup per setting, not per stage)
-    for j, (a, b, r) in enumerate(stages):
-        bc = costs.get(r)
-        if bc is None:
-            bc = costs[r] = block_costs_ctx(ctx, tp, sp, mb, r)
-        ss = bc.stage(a, b)
-        u = (id(ss), j == S - 1)
-        i = index.get(u)
-        if i is None:
-            i = index[u] = len(uniq)
-            uniq.append((ss, j == S - 1, r))
+    # (first, last, recompute) -> StageSum for this (tp, sp, mb), shared by all stage lists
+    skey = ("stage sums", tp, sp, mb)
+    sums = ctx.costs.get(skey)
+    if sums is None:
+        sums = ctx.costs[skey] = {}
+    index: dict = {}  # id(StageSum) -> its index in uniq (the last stage apart: it also sends nothing)
+    uniq, pattern = [], []
+    for j, stage in enumerate(stages):
+        ss = sums.get(stage)
+        if ss is None:
+            a, b, r = stage
+            ss = sums[stage] = block_costs_ctx(ctx, tp, sp, mb, r).stage(a, b)
+        if j == len(stages) - 1:
+            i = len(uniq)
+            uniq.append((ss, True, stage[2]))
+        else:
+            i = index.get(id(ss))
+            if i is None:
+                i = index[id(ss)] = len(uniq)
+                uniq.append((ss, False, stage[2]))
         pattern.append(i)
-        fl.append(ss.fwd_flops + ss.bwd_flops + ss.recompute_flops)
     pick = itemgetter(*pattern) if len(pattern) > 1 else (lambda xs, _i=pattern[0]: (xs[_i],))
-    got = sub[key] = _StageList(next(_STAGE_IDS), tuple(uniq), tuple(pattern), sum(fl), pick)
+    # per-tp-rank FLOPs summed over the stages in order
+    flops = sum(pick([ss.fwd_flops + ss.bwd_flops + ss.recompute_flops for ss, _, _ in uniq]))
+    got = sub[key] = _StageList(next(_STAGE_IDS), tuple(uniq), tuple(pattern), flops, pick)
     return got
 
 
@@ -469,7 +475,7 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: d
         )
         uniq.append(got)
     pos = dict(zip(rank_of, range(len(uniq)), strict=True))
-    cols = _cols(uniq, list(map(pos.__getitem__, kinds)), v, sharding)
+    cols = _cols(uniq, list(map(pos.__getitem__, kinds)), sharding)
     return cols.kind_of(uniq), cols, notes
 
 
