@@ -5,7 +5,8 @@
 
 What goes where (the microbenchmarks are in runtime.calibrate_bench):
 - `device.peak_flops_per_s[dtype]`: the best matmul FLOP/s over the sizes measured (each size's
-  figure the median of its batches, operands cold: runtime.calibrate_bench).
+  figure the median of its batches, operands cold: runtime.calibrate_bench; on a GPU the GPU's
+  own time of back-to-back calls, not the host loop's, and GEMMs up to n = 8192).
 - `device.memory_bandwidth_bytes_per_s`: the best copy bandwidth over the sizes measured (up to
   1 GiB, operands rotated past the caches), and the `memory` curve gives the fraction reached
   at each size.
@@ -215,8 +216,11 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
         "device": f"{where}: best square-matmul FLOP/s per dtype ({threads}), best copy bandwidth "
         f"(read+write bytes; DRAM rate {mem[-1][1] / 1e9:.3g} GB/s at {mem[-1][0] / 2**20:.0f} MiB moved), "
         f"1-element add for kernel_launch_s",
-        "efficiency": f"{where}: achieved/peak by size (runtime/calibrate_bench.py); matmul, attention "
-        f"and conv relative to the {primary} matmul peak; memory/elementwise/other relative to the copy bandwidth",
+        "efficiency": f"{where}: achieved/peak by size (runtime/calibrate_bench.py); matmul, "
+        f"attention and conv relative to the {primary} matmul peak; memory/elementwise/other "
+        f"relative to the copy bandwidth"
+        + ("; GPU time of back-to-back calls queued ahead of the GPU (CUDA events), not the host's "
+           "issue rate (kernel_launch_s: the host-loop time of a 1-element add)" if gpu else ""),
         "intra_node": f"{where}: {nproc} processes, {'NCCL' if gpu else 'gloo'}; alpha-beta fits "
         f"(ring conventions, nccl-tests busbw) per collective: {fit_text}. The cost model uses one link for "
         f"all: joint fit of its formulas (cost_models/comm.py) to every size and collective: alpha "
@@ -307,10 +311,10 @@ def _host_memory_bytes() -> int:
         return 16 * 2**30
 
 
-def _count_ticks(sizes: bench.Sizes) -> int:
+def _count_ticks(sizes: bench.Sizes, device_type: str = "cpu") -> int:
     return (
-        sum(len(v) for v in sizes.matmul_n.values())
-        + len(sizes.attention_t)
+        sum(len(sizes.matmul_sizes(k, device_type)) for k in sizes.matmul_n)
+        + len(sizes.attention_lengths(device_type))
         + len(sizes.conv_hw)
         + len(sizes.memory_bytes)
         + len(sizes.elementwise_bytes)
@@ -321,7 +325,8 @@ def _count_ticks(sizes: bench.Sizes) -> int:
 
 def measure(nproc: int, sizes: bench.Sizes, device_type: str, progress=None) -> dict[str, Any]:
     """Run every microbenchmark; returns the raw measurements (JSON-able)."""
-    task = progress.add_task("calibrating", total=_count_ticks(sizes)) if progress else None
+    task = (progress.add_task("calibrating", total=_count_ticks(sizes, device_type))
+            if progress else None)
 
     def tick(text: str) -> None:
         if progress is not None:
@@ -339,20 +344,27 @@ def measure(nproc: int, sizes: bench.Sizes, device_type: str, progress=None) -> 
         if device.type == "cpu":
             torch.set_num_threads(1)
         primary = torch.bfloat16 if device.type == "cuda" else torch.float32
-        m["matmul"] = bench.measure_matmul(device, sizes, tick)
+        # GPU: the host's time to issue one call of each benchmark (the curves are GPU time)
+        host: dict[str, Any] | None = {} if device.type == "cuda" else None
+        if device.type == "cuda":
+            bench.warm_up_gpu(device)
+        m["matmul"] = bench.measure_matmul(device, sizes, tick, host=host)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
-            n = max(sizes.matmul_n["fp32"])
+            n = max(sizes.matmul_sizes("fp32", device.type))
             a = torch.randn(n, n, device=device)
             m["tf32"] = 2.0 * n**3 / bench.time_op(lambda: torch.mm(a, a), device, sizes.min_time_s)
+            del a
             torch.backends.cuda.matmul.allow_tf32 = False
             props = torch.cuda.get_device_properties(device)
             m["device_name"], m["device_memory_bytes"] = props.name, int(props.total_memory)
             m["pcie_bytes_per_s"] = bench.measure_pcie(device, sizes)
-        m["attention"] = bench.measure_attention(device, primary, sizes, tick)
+        m["attention"] = bench.measure_attention(device, primary, sizes, tick, host=host)
         m["conv"] = bench.measure_conv(device, primary, sizes, tick)
-        m["memory"] = bench.measure_memory(device, sizes, tick)
-        m["elementwise"] = bench.measure_elementwise(device, primary, sizes, tick)
+        m["memory"] = bench.measure_memory(device, sizes, tick, host=host)
+        m["elementwise"] = bench.measure_elementwise(device, primary, sizes, tick, host=host)
+        if host is not None:
+            m["host_s_per_call"] = host
         m["launch_s"] = bench.measure_launch(device, sizes)
         tick("launch floor")
         m["adam_params_per_s"] = bench.measure_adam(sizes)

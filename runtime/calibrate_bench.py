@@ -15,12 +15,13 @@ What is timed, and how each figure is counted:
   the all-gather output, the reduce-scatter input). The time of one call is the slowest rank's.
 
 Every time is the *median* of five batches, each batch long enough (`min_time_s`) to swamp the
-timer. Not the best: the cost model predicts a typical step (benchmarks/fidelity.py compares it
-with the median of measured steps), and on a shared or virtualised host the undisturbed speed
-itself wanders (this 2-core VM: one calibrate run measured 205 GFLOP/s at n = 1024, the same
-measurement minutes later 172), so the fastest batch is an upward-biased estimate of what a run
-gets, while the median ignores the odd disturbed or lucky batch. CPU measurements run with one
-intra-op thread per process, as under `torchrun` (which sets OMP_NUM_THREADS=1).
+timer (on a GPU: see "GPU timing" below). Not the best: the cost model predicts a typical step
+(benchmarks/fidelity.py compares it with the median of measured steps), and on a shared or
+virtualised host the undisturbed speed itself wanders (this 2-core VM: one calibrate run measured
+205 GFLOP/s at n = 1024, the same measurement minutes later 172), so the fastest batch is an
+upward-biased estimate of what a run gets, while the median ignores the odd disturbed or lucky
+batch. CPU measurements run with one intra-op thread per process, as under `torchrun` (which sets
+OMP_NUM_THREADS=1).
 
 Cold caches: a training step's working set (weights, activations, gradients) is far larger than
 any cache, so an op in a step reads its operands from DRAM/HBM, not from a cache a previous call
@@ -30,6 +31,23 @@ the previous call's data: the figure triton.testing.do_bench gets by clearing a 
 between runs, and NVBench by flushing L2 (without timing the flush). Measured on this 2-core VM
 (one thread): fp32 gelu on 3 MiB 323 us hot vs 652 us cold vs 735 us inside a GPT training step;
 bmm 32x(128x48x128) 156 vs 107 vs 101 GFLOP/s; a 512x384x1536 mm 186 vs 175 vs 172 GFLOP/s.
+
+GPU timing (`time_op_gpu`): the efficiency curves describe kernels, so on a GPU the compute and
+memory benchmarks time the GPU, not the Python loop that issues the calls. A loop of calls timed
+on the host runs at the slower of the GPU and the host's issue rate, and a small kernel is faster
+than its issue: on an H200 VM (torch 2.11), timed that way, a bf16 addmm took 19.9-20.7 us per
+call for every n from 32 to 1024 (6.6e4 to 2.1e9 FLOPs; at n=1024 ~108 TFLOP/s, 0.1665 of the
+n=2048 rate, where the GPU needs a few us), a 1-element add 7 us. So each batch is queued behind a
+spin kernel (torch.cuda._sleep) that holds the GPU until the host has issued every call of the
+batch (checked: the batch's start event must still be pending when the last call is issued; else
+the batch is redone with a longer hold), and timed by CUDA events around the calls: back-to-back
+kernels, as a training step's GPU runs them while its host is ahead. The host's issue time per
+call is recorded beside it (`host_s_per_call` in the measurements). Larger GEMMs (`matmul_n_gpu`,
+up to n=8192) and longer attention (`attention_t_gpu`) are added on a GPU, so the peak (the best
+rate) comes from a size that saturates the tensor cores, not from n=2048. A warm-up
+(`warm_up_gpu`) brings the clocks up first. `kernel_launch_s` stays the host-loop rate of a tiny
+op (the per-op floor: what a step pays per op when its host is the bottleneck), and the PCIe copy
+(256 MiB) is timed the host way (the host's time per copy is negligible).
 
 Only this module and runtime.calibrate touch devices and torch.distributed (runtime/ may).
 """
@@ -75,6 +93,10 @@ class Sizes:
     collective_min_time_s: float = 0.1
     # operand copies each compute / memory benchmark rotates over (see the module docstring)
     flush_bytes: int = 256 * 2**20
+    # GPUs only (the module docstring, "GPU timing"): GEMM sizes added to bf16 / fp16 / fp32, and
+    # attention lengths added; the tensor cores need n >= 4096 or so to reach their best rate
+    matmul_n_gpu: tuple[int, ...] = (4096, 8192)
+    attention_t_gpu: tuple[int, ...] = (2048, 4096)
 
     @staticmethod
     def quick() -> Sizes:
@@ -88,7 +110,23 @@ class Sizes:
             min_time_s=0.005,
             collective_min_time_s=0.005,
             flush_bytes=8 * 2**20,
+            matmul_n_gpu=(),
+            attention_t_gpu=(),
         )
+
+    def matmul_sizes(self, name: str, device_type: str) -> tuple[int, ...]:
+        """The n of the square GEMMs measured in dtype `name` on this kind of device."""
+        ns = self.matmul_n[name]
+        if device_type != "cuda":
+            return ns
+        if name == "fp64":
+            return ns[:1]  # fp64 on GPUs is a side figure (FP64 units), one size is enough
+        return tuple(sorted(set(ns) | set(self.matmul_n_gpu)))
+
+    def attention_lengths(self, device_type: str) -> tuple[int, ...]:
+        if device_type != "cuda":
+            return self.attention_t
+        return tuple(sorted(set(self.attention_t) | set(self.attention_t_gpu)))
 
 
 def _sync(device: torch.device) -> None:
@@ -109,12 +147,19 @@ def operand_sets(tensors: tuple[torch.Tensor, ...], flush_bytes: int) -> list[tu
 
 def time_op(
     fn: Callable[..., object], device: torch.device, min_time_s: float, batches: int = 5,
-    sets: list[tuple] | None = None,
+    sets: list[tuple] | None = None, *, host_loop: bool = False, host_out: list | None = None,
 ) -> float:
     """Seconds per call of fn: median of `batches` batches, each >= min_time_s (after one warm-up).
 
     With `sets`, call i is fn(*sets[i % len(sets)]), i counting across warm-up and batches, so
-    every call reads operands no recent call touched (cold caches, see the module docstring)."""
+    every call reads operands no recent call touched (cold caches, see the module docstring).
+    On a GPU the GPU's time (`time_op_gpu`; its host issue time per call is appended to
+    `host_out`), unless `host_loop`: then, as on a CPU, the wall time of the calling loop."""
+    if device.type == "cuda" and not host_loop and hasattr(torch.cuda, "_sleep"):
+        gpu_s, host_s = time_op_gpu(fn, device, min_time_s, batches, sets)
+        if host_out is not None:
+            host_out.append(host_s)
+        return gpu_s
     sets = sets or [()]
     n = len(sets)
     i = 0
@@ -139,50 +184,148 @@ def time_op(
     return statistics.median(per_call)
 
 
+GPU_MAX_REPS = 256  # calls queued per batch: well inside the GPU's launch queue (~1000 entries)
+_SLEEP_CYCLES_PER_S: dict[int, float] = {}
+
+
+def _sleep_cycles_per_s(device: torch.device) -> float:
+    """Cycles per second of torch.cuda._sleep's spin kernel on `device` (measured once)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SLEEP_CYCLES_PER_S:
+        torch.cuda._sleep(1000)  # load the kernel
+        torch.cuda.synchronize(device)
+        cycles = 10_000_000  # ~5 ms at 2 GHz
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _SLEEP_CYCLES_PER_S[key] = cycles / max(start.elapsed_time(end) * 1e-3, 1e-6)
+    return _SLEEP_CYCLES_PER_S[key]
+
+
+def warm_up_gpu(device: torch.device, seconds: float = 0.5) -> None:
+    """Keep the GPU busy with large bf16 GEMMs for `seconds` (clocks up, cuBLAS loaded)."""
+    with torch.cuda.device(device):
+        a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(10):
+                torch.mm(a, a)
+            torch.cuda.synchronize(device)
+
+
+def time_op_gpu(
+    fn: Callable[..., object], device: torch.device, min_time_s: float, batches: int = 5,
+    sets: list[tuple] | None = None,
+) -> tuple[float, float]:
+    """(GPU seconds per call, host seconds per call) of fn on a CUDA device, medians of `batches`
+    batches of back-to-back calls (module docstring, "GPU timing"); `sets` as in time_op.
+
+    Each batch: a spin kernel holds the GPU for about twice the host's time to issue the batch;
+    start event, the calls, end event; the batch counts only if its start event was still
+    pending when the host had issued every call (no call waited for its issue), else it is redone
+    with a longer hold (and, every second retry, half the calls). Calls per batch: enough for
+    `min_time_s` of GPU time, at most GPU_MAX_REPS, from a first batch of 4 calls."""
+    sets = sets or [()]
+    n = len(sets)
+    i = 0
+    with torch.cuda.device(device):
+        cps = _sleep_cycles_per_s(device)
+
+        def batch(reps: int, hold_s: float) -> tuple[float, float, bool]:
+            nonlocal i
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(int(hold_s * cps))
+            start.record()
+            h0 = time.perf_counter()
+            for _ in range(reps):
+                fn(*sets[i % n])
+                i += 1
+            end.record()
+            host = (time.perf_counter() - h0) / reps
+            held = not start.query()  # the GPU had not started the calls when the last was issued
+            end.synchronize()
+            return start.elapsed_time(end) * 1e-3 / reps, host, held
+
+        for _ in range(3):  # warm-up: cuBLAS heuristics, allocator, first-call setup
+            fn(*sets[i % n])
+            i += 1
+        _sync(device)
+        gpu, host, _ = batch(4, 2e-3)
+        reps = max(1, min(GPU_MAX_REPS, int(min_time_s / max(gpu, 1e-7))))
+        per_call: list[float] = []
+        issue: list[float] = []
+        retries = 0
+        while len(per_call) < batches:
+            g, h, held = batch(reps, 2.0 * reps * host + 1e-3)
+            host = max(host, h)
+            if held:
+                per_call.append(g)
+                issue.append(h)
+                continue
+            retries += 1
+            if retries > 12:
+                raise RuntimeError(f"time_op_gpu: the host could not queue {reps} calls ahead "
+                                   f"of the GPU ({h * 1e6:.1f} us per call)")
+            host *= 2
+            if retries % 2 == 0:
+                reps = max(1, reps // 2)
+    return statistics.median(per_call), statistics.median(issue)
+
+
 def _linear_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return torch.addmm(bias, x, w.t())
 
 
 def measure_matmul(
-    device: torch.device, sizes: Sizes, tick: Callable[[str], None]
+    device: torch.device, sizes: Sizes, tick: Callable[[str], None], host: dict | None = None
 ) -> dict[str, list]:
     """dtype -> [(flops, flops_per_s)] for square GEMMs in the form nn.Linear runs them:
     addmm(bias, x, W^T) (a transposed weight view and a bias epilogue: on the 2-core dev VM, cold
     operands, 130 / 154 / 169 GFLOP/s at n = 256 / 384 / 512 against 149 / 171 / 176 for a bare
-    mm(a, b); the models' GEMMs are mostly Linears)."""
+    mm(a, b); the models' GEMMs are mostly Linears). Sizes: Sizes.matmul_sizes (more on a GPU).
+    With `host` (GPU): host["matmul"][dtype] = [(flops, host seconds to issue one call)]."""
     out: dict[str, list] = {}
-    for name, ns in sizes.matmul_n.items():
+    for name in sizes.matmul_n:
         dt = DTYPES[name]
-        if device.type == "cuda" and name == "fp64":
-            ns = ns[:1]  # fp64 on GPUs is a side figure (FP64 units), one size is enough
         rows = []
-        for n in ns:
+        for n in sizes.matmul_sizes(name, device.type):
             a = torch.randn(n, n, device=device, dtype=dt)
             w = torch.randn(n, n, device=device, dtype=dt)
             c = torch.randn(n, device=device, dtype=dt)
             sets = operand_sets((a, w, c), sizes.flush_bytes)
-            t = time_op(_linear_gemm, device, sizes.min_time_s, sets=sets)
-            del sets
+            issue: list[float] = []
+            t = time_op(_linear_gemm, device, sizes.min_time_s, sets=sets, host_out=issue)
+            del sets, a, w, c
             rows.append((2.0 * n**3, 2.0 * n**3 / t))
+            if host is not None and issue:
+                host.setdefault("matmul", {}).setdefault(name, []).append((2.0 * n**3, issue[0]))
             tick(f"matmul {name} {n}x{n}")
         out[name] = rows
     return out
 
 
-def measure_attention(device: torch.device, dtype: torch.dtype, sizes: Sizes, tick) -> list:
-    """[(flops, flops_per_s)] for scaled-dot-product attention forward, head_dim 64."""
+def measure_attention(device: torch.device, dtype: torch.dtype, sizes: Sizes, tick,
+                      host: dict | None = None) -> list:
+    """[(flops, flops_per_s)] for scaled-dot-product attention forward, head_dim 64.
+    With `host` (GPU): host["attention"] = [(flops, host seconds to issue one call)]."""
     rows = []
     b, h, d = 2, 4, 64
-    for t_len in sizes.attention_t:
+    for t_len in sizes.attention_lengths(device.type):
         qkv = tuple(torch.randn(b, h, t_len, d, device=device, dtype=dtype) for _ in range(3))
+        issue: list[float] = []
         t = time_op(
             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=False),
             device,
             sizes.min_time_s,
             sets=operand_sets(qkv, sizes.flush_bytes),
+            host_out=issue,
         )
         flops = 4.0 * b * h * t_len * t_len * d
         rows.append((flops, flops / t))
+        if host is not None and issue:
+            host.setdefault("attention", []).append((flops, issue[0]))
         tick(f"attention T={t_len}")
     return rows
 
@@ -202,24 +345,30 @@ def measure_conv(device: torch.device, dtype: torch.dtype, sizes: Sizes, tick) -
     return rows
 
 
-def measure_memory(device: torch.device, sizes: Sizes, tick) -> list:
-    """[(bytes_moved, bytes_per_s)] for copies (read + write)."""
+def measure_memory(device: torch.device, sizes: Sizes, tick, host: dict | None = None) -> list:
+    """[(bytes_moved, bytes_per_s)] for copies (read + write).
+    With `host` (GPU): host["memory"] = [(bytes_moved, host seconds to issue one call)]."""
     rows = []
     for nbytes in sizes.memory_bytes:
         src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
         dst = torch.empty_like(src).fill_(0.0)  # touch the pages before timing
         sets = operand_sets((src, dst), sizes.flush_bytes)
-        t = time_op(lambda s, d: d.copy_(s), device, sizes.min_time_s, sets=sets)
+        issue: list[float] = []
+        t = time_op(lambda s, d: d.copy_(s), device, sizes.min_time_s, sets=sets, host_out=issue)
         rows.append((2.0 * nbytes, 2.0 * nbytes / t))
+        if host is not None and issue:
+            host.setdefault("memory", []).append((2.0 * nbytes, issue[0]))
         tick(f"copy {nbytes / 2**20:.3g} MiB")
         del src, dst, sets
     return rows
 
 
 def measure_elementwise(
-    device: torch.device, dtype: torch.dtype, sizes: Sizes, tick
+    device: torch.device, dtype: torch.dtype, sizes: Sizes, tick, host: dict | None = None
 ) -> dict[str, list]:
-    """op -> [(bytes_moved, bytes_per_s)] for add, gelu (elementwise) and softmax, layer_norm (other)."""
+    """op -> [(bytes_moved, bytes_per_s)] for add, gelu (elementwise) and softmax, layer_norm
+    (other). With `host` (GPU): host["elementwise"][op] = [(bytes_moved, host seconds to issue
+    one call)]."""
     out: dict[str, list] = {"add": [], "gelu": [], "softmax": [], "layer_norm": []}
     esize = torch.finfo(dtype).bits // 8
     for nbytes in sizes.elementwise_bytes:
@@ -235,18 +384,22 @@ def measure_elementwise(
             "layer_norm": (lambda a, b, w=width: F.layer_norm(a, (w,)), 2),
         }
         for name, (fn, streams) in ops.items():
-            t = time_op(fn, device, sizes.min_time_s, sets=sets)
+            issue: list[float] = []
+            t = time_op(fn, device, sizes.min_time_s, sets=sets, host_out=issue)
             moved = float(streams * a.numel() * esize)
             out[name].append((moved, moved / t))
+            if host is not None and issue:
+                host.setdefault("elementwise", {}).setdefault(name, []).append((moved, issue[0]))
         tick(f"elementwise {nbytes / 2**20:.3g} MiB")
     return out
 
 
 def measure_launch(device: torch.device, sizes: Sizes) -> float:
-    """Seconds of one tiny op (1-element add): the per-op floor."""
+    """Seconds of one tiny op (1-element add): the per-op floor. Timed as a host loop on a GPU too:
+    the rate at which the host issues ops, what a step whose host is the bottleneck pays per op."""
     a = torch.ones(1, device=device)
     b = torch.ones(1, device=device)
-    return time_op(lambda: torch.add(a, b), device, max(sizes.min_time_s, 0.02))
+    return time_op(lambda: torch.add(a, b), device, max(sizes.min_time_s, 0.02), host_loop=True)
 
 
 def measure_adam(sizes: Sizes) -> float:
@@ -273,7 +426,7 @@ def measure_pcie(device: torch.device, sizes: Sizes) -> float:
     nbytes = 2**24 if sizes.min_time_s < 0.01 else 2**28
     src = torch.empty(nbytes // 4, dtype=torch.float32).pin_memory()
     dst = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    t = time_op(lambda: dst.copy_(src, non_blocking=True), device, sizes.min_time_s)
+    t = time_op(lambda: dst.copy_(src, non_blocking=True), device, sizes.min_time_s, host_loop=True)
     return nbytes / t
 
 
