@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate
-from operator import attrgetter
+from operator import attrgetter, sub
 
 from cost_models import comm
 from cost_models.compute import TP_SPLIT, compute_dtype, itemsize, layer_compute
@@ -129,10 +129,12 @@ class BlockCosts:
     max_block_params: float
     sums: dict  # (composition, last type) -> StageSum
     by_range: dict  # (first, last) -> StageSum (the same object as by composition)
+    position_counts: tuple[tuple[int, ...], ...] = ()  # type_counts transposed: per position, per type
 
     def composition(self, first: int, last: int) -> tuple[tuple[int, ...], int]:
         """(blocks of each layer type in first..last, layer type of the last block)."""
-        return tuple(c[last + 1] - c[first] for c in self.type_counts), self.block_type[last]
+        pc = self.position_counts
+        return tuple(map(sub, pc[last + 1], pc[first])), self.block_type[last]
 
     def stage(self, first: int, last: int) -> StageSum:
         """Sums over blocks first..last (inclusive); one object per composition."""
@@ -172,7 +174,7 @@ class Context:
 
     __slots__ = ("graph", "hw", "train", "costs", "links", "dtype", "act_scale", "par_scale", "bpp",
                  "split_fraction", "final_output_bytes", "model_flops_per_sample", "stage_cache", "capacity",
-                 "reserve")
+                 "reserve", "act_isz", "last_splittable")
 
     def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec):
         self.graph, self.hw, self.train = graph, hw, train
@@ -187,6 +189,8 @@ class Context:
         last = graph.layer(graph.num_blocks - 1)
         self.final_output_bytes = last.output_bytes_per_sample * self.act_scale
         self.model_flops_per_sample = graph.fwd_flops_per_sample + graph.bwd_flops_per_sample
+        self.act_isz = itemsize(self.dtype)
+        self.last_splittable = bool(last.tp_candidates)  # the last block (the head) can be tp-split
         self.capacity = float(hw.device.memory_bytes)
         self.reserve = margin_bytes(0.0, self.capacity)  # the allocator margin's part that is not a fraction
 
@@ -309,7 +313,8 @@ def block_costs_ctx(ctx: Context, tp: int, sequence_parallel: bool, micro_batch_
     counts = tuple(tuple(accumulate((int(t == i) for t in block_type), initial=0)) for i in range(len(names)))
     got = BlockCosts(tp, key[1], micro_batch_size, recompute, blocks, by_type,
                      tuple(by_type[n] for n in names), counts, block_type,
-                     max(b.working_bytes for b in blocks), max(b.num_params for b in blocks), {}, {})
+                     max(b.working_bytes for b in blocks), max(b.num_params for b in blocks), {}, {},
+                     tuple(zip(*counts, strict=True)))
     ctx.costs[key] = got
     return got
 

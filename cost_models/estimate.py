@@ -232,10 +232,13 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     # optimizer temporaries) + margin)
     cols = lay.cols
     peaks = sim.peak_in_flight_per_stage
-    acts = list(map(mul, peaks[:pp], cols.acts[0]))
+    acts = list(map(mul, peaks if v == 1 else peaks[:pp], cols.acts[0]))
     for i in range(1, v):
         acts = list(map(add, acts, map(mul, peaks[i * pp:(i + 1) * pp], cols.acts[i])))
-    dyn = list(map(max, map(add, acts, cols.trans), cols.opt_tmp))  # max(x, o): x where equal
+    if cols.trans_covers_opt:
+        dyn = list(map(add, acts, cols.trans))
+    else:
+        dyn = list(map(max, map(add, acts, cols.trans), cols.opt_tmp))  # max(x, o): x where equal
     tens = list(map(add, cols.static, dyn))
     # margin_bytes(x, capacity) = FRAGMENTATION_FRACTION * x + reserve(capacity), unrolled
     # (tests/test_cost_estimate_fast.py checks it against margin_bytes)

@@ -32,7 +32,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import count
-from operator import itemgetter
+from operator import ge, itemgetter
 
 from cost_models import comm
 from cost_models.blocks import Context, block_costs_ctx
@@ -186,6 +186,9 @@ class _Cols:
     # does not depend on the micro-batch count, so its largest value and first rank are known here
     post_max: float
     post_rank: int
+    # transient >= optimizer temporaries on every rank: then max(acts + transient, temporaries) is
+    # acts + transient for any acts >= 0 (max's first argument where equal, as max returns it)
+    trans_covers_opt: bool
 
     def column(self, name: str) -> tuple:
         """A _Rank field per rank (the breakdowns' columns, read once per detailed estimate)."""
@@ -201,7 +204,8 @@ def _cols(uniq: list[_Rank], kind_of: list[int], sharding: str) -> _Cols:
          _post(rk, sharding, 1)[0] + rk.tied + rk.step_copy_s + rk.opt_s + rk.offload_s, *rk.activation)
         for rk in uniq]), strict=True)
     top = max(post)
-    return _Cols(get, tuple(uniq), static, trans, opt_tmp, tuple(acts), top, post.index(top))
+    return _Cols(get, tuple(uniq), static, trans, opt_tmp, tuple(acts), top, post.index(top),
+                 all(map(ge, trans, opt_tmp)))
 
 
 @dataclass(slots=True)  # not frozen (see _Rank)
@@ -255,11 +259,15 @@ def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int, sub: dict) -> 
         sums = ctx.costs[skey] = {}
     index: dict = {}  # id(StageSum) -> its index in uniq (the last stage apart: it also sends nothing)
     uniq, pattern = [], []
+    costs: dict = {}  # recompute -> BlockCosts (one lookup per setting, not per stage)
     for j, stage in enumerate(stages):
         ss = sums.get(stage)
         if ss is None:
             a, b, r = stage
-            ss = sums[stage] = block_costs_ctx(ctx, tp, sp, mb, r).stage(a, b)
+            bc = costs.get(r)
+            if bc is None:
+                bc = costs[r] = block_costs_ctx(ctx, tp, sp, mb, r)
+            ss = sums[stage] = bc.stage(a, b)
         if j == len(stages) - 1:
             i = len(uniq)
             uniq.append((ss, True, stage[2]))
@@ -358,7 +366,7 @@ def _tied(ctx: Context, stages, pp: int, tp: int, pp_stride: int) -> tuple:
 def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: dict):
     """Per-rank terms (_Rank per pp rank, and as columns) and the tied-parameter notes. `sub`: the
     caches of this stage list."""
-    graph, hw, train = ctx.graph, ctx.hw, ctx.train
+    hw, train = ctx.hw, ctx.train
     pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
     S = pp * v
     mb = k.micro_batch_size
@@ -369,8 +377,7 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: d
     if tied is None:
         tied = sub[tkey] = _tied(ctx, stages, pp, tp, pp_stride)
     tied_rank_params, tied_comm, notes = tied
-    act_isz = itemsize(ctx.dtype)
-    last_block_split = bool(graph.layer(graph.num_blocks - 1).tp_candidates) and tp > 1
+    last_block_split = ctx.last_splittable and tp > 1
 
     rank_stages = _rank_stages(pp, S)
     # ranks alike (same stage results, tied parameters and sends; the last rank apart) share one
@@ -452,7 +459,7 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: d
         if pp > 1:
             trans += 4 * out_max
         if S - 1 in js:
-            trans += ctx.final_output_bytes * mb * (1 + 2 * 4 / act_isz) / (tp if last_block_split else 1)
+            trans += ctx.final_output_bytes * mb * (1 + 2 * 4 / ctx.act_isz) / (tp if last_block_split else 1)
         if recomputed >= 0:
             trans += recomputed
         opt_tmp = 4 * opt_params if (train.optimizer in ("adam", "adamw") and k.offload == "none") else 0.0
