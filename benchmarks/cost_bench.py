@@ -48,6 +48,8 @@ from cost_models import (
     kernels,  # noqa: E402
 )
 from cost_models import simulator as sim_mod  # noqa: E402
+from cost_models.blocks import context  # noqa: E402
+from cost_models.layout import _layout_for  # noqa: E402
 from specs import HardwareSpec, Knobs, TrainSpec  # noqa: E402
 
 
@@ -127,12 +129,18 @@ def main() -> None:
             estimate_knobs(graph, k, s, hw, train)
     warm = (time.process_time() - t0) / (reps * len(cands))
 
-    keys = list(sim_mod._CACHE)[-num_sims:] if num_sims else []
+    # the distinct simulations (memoised per stage-time set: layout.times_id), re-played by value
+    ctx = context(graph, hw, train)
+    distinct = {}
+    for k, s in cands:
+        lay, sched = _layout_for(ctx, graph, k, s, hw)
+        distinct.setdefault((sched, k.pp, k.num_micro_batches, k.virtual_stages, lay.times_id), lay.times)
+    assert len(distinct) == num_sims, (len(distinct), num_sims)
     sim_mod._CACHE.clear()
     t0 = time.process_time()
-    for name, pp, m, v, times in keys:
+    for (name, pp, m, v, _), times in distinct.items():
         sim_mod.simulate_cached(name, pp, m, v, times)
-    sim_mean = (time.process_time() - t0) / max(1, len(keys))
+    sim_mean = (time.process_time() - t0) / max(1, len(distinct))
 
     fits = [(r.step_time_s, str(k), r) for (k, _), r in zip(cands, results, strict=True) if r.fits]
     print(f"model {graph.name} ({graph.num_params / 1e9:.1f}B params, {graph.num_blocks} blocks, "

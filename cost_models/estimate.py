@@ -224,7 +224,7 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     lay, sched = _layout_for(ctx, graph, k, stages, hw)
     sim = lay.sims.get((sched, m))
     if sim is None:
-        sim = lay.sims[(sched, m)] = simulate_cached(sched, pp, m, v, lay.times)
+        sim = lay.sims[(sched, m)] = simulate_cached(sched, pp, m, v, lay.times, lay.times_id)
     capacity = ctx.capacity
 
     # per rank, as columns (C-level maps; the same operations, in the same order, as

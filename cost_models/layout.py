@@ -218,6 +218,7 @@ class _Layout:
     sims: dict  # (schedule, micro-batches) -> ScheduleResult (saves hashing the stage times again)
     st: tuple  # the stage result (_stage) of each stage
     pp: int
+    times_id: int  # stands for `times` (the same stage results in the same pattern) in simulate_cached's memo
 
     @property
     def rank_stages(self) -> tuple[tuple[int, ...], ...]:
@@ -314,15 +315,16 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
             x = cache.get((id(ss), split, fsdp_n, tp, last, pp_stride, reshard, pipelined))  # _stage's key
             res.append(x if x is not None else _stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard,
                                                        pipelined, rec))
-        got = sub[skey] = (res, tuple([x[8] for x in res]))
-    res, rids = got
+        # a never-reused id for the stage times this gives (the simulations' memo key)
+        got = sub[skey] = (res, tuple([x[8] for x in res]), next(_STAGE_IDS))
+    res, rids, times_id = got
     st = sl.pick(res)
     times = tuple(map(_TIMES, st))
     accum = k.num_micro_batches > 1
     rkey = ("ranks", sl.uid, rids, pp, dp, tp, v, sharding, shard_n, k.offload, accum)
     got = ctx.stage_cache.get(rkey)
     if got is None:
-        got = ctx.stage_cache[rkey] = _ranks(ctx, k, stages, st, shard_n, accum, sub)
+        got = ctx.stage_cache[rkey] = _ranks(ctx, k, stages, st, sl.pick(rids), shard_n, accum, sub)
     ranks, cols, notes = got
     nkey = (notes, split, ctx.train.optimizer == "sgd")
     all_notes = _NOTES.get(nkey)
@@ -333,7 +335,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
         if nkey[2]:
             more.append("sgd assumed with momentum (4 bytes/param of state)")
         all_notes = _NOTES[nkey] = tuple(dict.fromkeys(more))
-    return _Layout(times, ranks, cols, sl.flops_per_mb, all_notes, {}, st, pp)
+    return _Layout(times, ranks, cols, sl.flops_per_mb, all_notes, {}, st, pp, times_id)
 
 
 _NOTES: dict = {}  # (a layout's rank notes, split backward, sgd) -> its notes
@@ -363,9 +365,9 @@ def _tied(ctx: Context, stages, pp: int, tp: int, pp_stride: int) -> tuple:
     return tied_rank_params, tied_comm, tuple(notes)
 
 
-def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: dict):
-    """Per-rank terms (_Rank per pp rank, and as columns) and the tied-parameter notes. `sub`: the
-    caches of this stage list."""
+def _ranks(ctx: Context, k: Knobs, stages, st, st_ids, shard_n: int, accum: bool, sub: dict):
+    """Per-rank terms (_Rank per pp rank, and as columns) and the tied-parameter notes. `st`: the
+    stage results, `st_ids` their rank ids; `sub`: the caches of this stage list."""
     hw, train = ctx.hw, ctx.train
     pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
     S = pp * v
@@ -384,13 +386,18 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: d
     # _Rank: computed or looked up once per kind, keyed by the stages' small ids. Any rank of a
     # kind gives its terms (everything read below is the kind's); dict(zip(...)) keeps the kinds
     # in order of first rank, each with its last rank
-    ids = [x[8] for x in st]
-    per_rank = ids if v == 1 else list(zip(*[ids[i * pp:(i + 1) * pp] for i in range(v)], strict=True))
-    kinds = list(zip(per_rank, tied_rank_params, tied_comm, strict=True))
+    ids = st_ids if v == 1 else list(zip(*[st_ids[i * pp:(i + 1) * pp] for i in range(v)], strict=True))
+    kinds = list(zip(ids, tied_rank_params, tied_comm, strict=True))
     kinds[-1] = (*kinds[-1], "last")
     rank_of = dict(zip(kinds, range(pp), strict=True))
     uniq = []
     cache = ctx.stage_cache
+    # what every kind below reads of the setting
+    dt_ov = hw.dtensor_overhead if hw.device_is_host_cpu else None
+    adam_tmp = train.optimizer in ("adam", "adamw") and k.offload == "none"
+    overlap = hw.comm_overlaps_compute
+    fsdp_dp = dp > 1 and sharding in ("zero2", "zero3", "hsdp")
+    head_trans = ctx.final_output_bytes * mb * (1 + 2 * 4 / ctx.act_isz) / (tp if last_block_split else 1)
     for kind, r in rank_of.items():
         js = rank_stages[r]
         rkey = ("rank", kind, pp, dp, tp, sharding, shard_n, k.offload, accum)
@@ -401,9 +408,9 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: d
         # the stage sums this rank needs (the same additions, in the same order, as sum() over the
         # stages: each stage's contribution is its first addition, 0.0 + value, see _stage_core)
         if len(js) == 1:
+            # (max(-1.0, x) of the loop below is x itself: these are >= 0, or -1.0 for "not recomputed")
             (n_params, big, out_max, act, f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, fsdp_mb, window, pp_v, pp_t,
              recomputed) = st[js[0]][12]
-            big, out_max, recomputed = max(-1.0, big), max(-1.0, out_max), max(-1.0, recomputed)
             acts = (act,)
         else:
             n_params = f_c = b_c = rec_s = tp_s = tp_v = fsdp_s = pp_v = pp_t = window = fsdp_mb = 0.0
@@ -434,14 +441,13 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: d
             dterms = ctx.stage_cache[dkey] = _dp_terms(ctx, n_params, k, shard_n)
         (states, opt_params, tot, last, ag, rs_tot, rs_last, grad_vol, fixed_vol, opt_s, off_s, exposes,
          step_copy) = dterms
-        ov = hw.dtensor_overhead
-        if ov is not None and hw.device_is_host_cpu:
+        if dt_ov is not None:
             # the optimizer's host time per DTensor parameter (specs.DTensorOverhead): the
             # tensor-parallel ops' parameters, or all of them where FSDP2 holds them (its shards
             # are DTensors: zero2 / zero3 / hsdp, and `replicate` for dp with tp or pp)
             fsdp2 = dp > 1 and (sharding in ("zero2", "zero3", "hsdp") or (sharding == "none" and (tp > 1 or pp > 1)))
             n_dt = sum(st[j][4].param_ops if fsdp2 else st[j][4].tp_param_ops for j in js)
-            opt_s += n_dt * ov.optimizer_s
+            opt_s += n_dt * dt_ov.optimizer_s
         trans = 0.0
         if sharding in ("none", "zero1"):
             trans += n_params * bpp.grad  # DDP bucket copies of the gradients
@@ -459,16 +465,15 @@ def _ranks(ctx: Context, k: Knobs, stages, st, shard_n: int, accum: bool, sub: d
         if pp > 1:
             trans += 4 * out_max
         if S - 1 in js:
-            trans += ctx.final_output_bytes * mb * (1 + 2 * 4 / ctx.act_isz) / (tp if last_block_split else 1)
+            trans += head_trans
         if recomputed >= 0:
             trans += recomputed
-        opt_tmp = 4 * opt_params if (train.optimizer in ("adam", "adamw") and k.offload == "none") else 0.0
+        opt_tmp = 4 * opt_params if adam_tmp else 0.0
 
         # the backward that hides the gradient sync; none where comm shares the compute cores
-        if not hw.comm_overlaps_compute:
+        if not overlap:
             window = 0.0
-        fsdp_per_mb = fsdp_mb
-        fsdp_mb = fsdp_per_mb if dp > 1 and sharding in ("zero2", "zero3", "hsdp") else 0.0
+        fsdp_mb = fsdp_mb if fsdp_dp else 0.0
         ag_after = fixed_exp = fixed_time = 0.0
         if exposes:  # a bucketed all-reduce under the last backward (DDP, ZeRO-1, HSDP replicas)
             fixed_exp, fixed_time = max(last, tot - window), tot

@@ -42,3 +42,22 @@ def test_fast_pass_equals_timeline_pass(name, pp, m, v):
         assert cached.step_time_s == pytest.approx(ref.step_time_s, rel=1e-12)
         assert cached.busy_s == pytest.approx(ref.busy_s, rel=1e-12)
         assert cached.peak_in_flight_per_stage == ref.peak_in_flight_per_stage
+
+
+def test_memo_by_times_id_is_the_memo_by_value():
+    """simulate_cached memoises by the caller's id for the stage times (estimate_knobs passes the
+    layout's times_id): the same result as by value, and an id is never confused with another's."""
+    from itertools import count
+
+    from cost_models import simulator
+
+    ids = count(10**12)  # ids the layouts never hand out in this process
+    rng = random.Random(3)
+    for name, pp, m, v in (("1f1b", 4, 16, 1), ("zero_bubble", 4, 12, 1), ("interleaved_1f1b", 2, 8, 2)):
+        a = tuple((rng.uniform(0.1, 2), rng.uniform(0.1, 3), rng.uniform(0, 1), 0.01) for _ in range(pp * v))
+        b = tuple((f * 2, bb, w, c) for f, bb, w, c in a)
+        ia, ib = next(ids), next(ids)
+        got_a, got_b = simulate_cached(name, pp, m, v, a, ia), simulate_cached(name, pp, m, v, b, ib)
+        assert got_a == simulate_cached(name, pp, m, v, a) and got_b == simulate_cached(name, pp, m, v, b)
+        assert got_a != got_b and simulate_cached(name, pp, m, v, a, ia) is got_a
+        assert (name, pp, m, v, ia) in simulator._CACHE
