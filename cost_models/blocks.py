@@ -178,7 +178,8 @@ class Context:
 
     def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec):
         self.graph, self.hw, self.train = graph, hw, train
-        self.costs: dict = {}  # (tp, sp, mb, recompute) -> BlockCosts; ("layer compute", ...) -> LayerCompute
+        # (tp, sp, mb, recompute) -> BlockCosts; ("layer compute", ...) -> LayerCompute; "block types"
+        self.costs: dict = {}
         self.links: dict = {}
         self.stage_cache: dict = {}
         self.dtype = compute_dtype(train.precision)
@@ -309,12 +310,16 @@ def block_costs_ctx(ctx: Context, tp: int, sequence_parallel: bool, micro_batch_
                for name, lt in ctx.graph.layer_types.items()}
     blocks = tuple(by_type[b.layer_type] for b in ctx.graph.blocks)
     names = list(by_type)
-    block_type = tuple(names.index(b.layer_type) for b in ctx.graph.blocks)
-    counts = tuple(tuple(accumulate((int(t == i) for t in block_type), initial=0)) for i in range(len(names)))
+    shape = ctx.costs.get("block types")  # the graph's, the same for every setting
+    if shape is None:
+        block_type = tuple(names.index(b.layer_type) for b in ctx.graph.blocks)
+        counts = tuple(tuple(accumulate((int(t == i) for t in block_type), initial=0)) for i in range(len(names)))
+        shape = ctx.costs["block types"] = (block_type, counts, tuple(zip(*counts, strict=True)))
+    block_type, counts, position_counts = shape
     got = BlockCosts(tp, key[1], micro_batch_size, recompute, blocks, by_type,
                      tuple(by_type[n] for n in names), counts, block_type,
                      max(b.working_bytes for b in blocks), max(b.num_params for b in blocks), {}, {},
-                     tuple(zip(*counts, strict=True)))
+                     position_counts)
     ctx.costs[key] = got
     return got
 

@@ -239,24 +239,24 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
         dyn = list(map(add, acts, cols.trans))
     else:
         dyn = list(map(max, map(add, acts, cols.trans), cols.opt_tmp))  # max(x, o): x where equal
-    tens = list(map(add, cols.static, dyn))
-    # margin_bytes(x, capacity) = FRAGMENTATION_FRACTION * x + reserve(capacity), unrolled
-    # (tests/test_cost_estimate_fast.py checks it against margin_bytes)
-    margins = list(map(ctx.reserve.__add__, map(FRAGMENTATION_FRACTION.__mul__, tens)))
-    totals = list(map(add, tens, margins))
+    # tensors x = static + dyn, plus margin_bytes(x, capacity) = FRAGMENTATION_FRACTION * x +
+    # reserve(capacity), unrolled (tests/test_cost_estimate_fast.py checks it against margin_bytes)
+    ff, reserve = FRAGMENTATION_FRACTION, ctx.reserve
+    totals = [x + (ff * x + reserve) for x in map(add, cols.static, dyn)]
     # the post-pipeline term does not depend on m: its largest value and rank come with the layout
     step = sim.step_time_s + cols.post_max
 
     worst = totals.index(max(totals))  # the first rank with the largest peak
     peak_mem = totals[worst]
     return _new_scored(step, peak_mem <= capacity, peak_mem, capacity, worst,
-                       (graph, ctx, hw, k, lay, sim, acts, dyn, margins, totals, step, worst))
+                       (graph, ctx, hw, k, lay, sim, acts, dyn, totals, step, worst))
 
 
-def _details(graph: ModelGraph, ctx, hw: HardwareSpec, k: Knobs, lay, sim, acts, dyn, margins, totals,
+def _details(graph: ModelGraph, ctx, hw: HardwareSpec, k: Knobs, lay, sim, acts, dyn, totals,
              step: float, worst: int) -> tuple:
     """estimate_knobs' fields besides the score (_DETAIL_FIELDS order), from its intermediate values."""
     pp, dp, tp = k.pp, k.dp, k.tp
+    margins = [FRAGMENTATION_FRACTION * x + ctx.reserve for x in map(add, lay.cols.static, dyn)]  # as in totals
     world = pp * dp * tp
     mb, m = k.micro_batch_size, k.num_micro_batches
     cols = lay.cols
