@@ -195,9 +195,8 @@ class _Cols:
         return self.kind_of([getattr(rk, name) for rk in self.uniq])
 
 
-def _cols(uniq: list[_Rank], kind_of: list[int], sharding: str) -> _Cols:
-    """Columns from the distinct ranks `uniq` and each rank's index into it."""
-    get = itemgetter(*kind_of) if len(kind_of) > 1 else (lambda xs, _i=kind_of[0]: (xs[_i],))
+def _cols(uniq: list[_Rank], get, sharding: str) -> _Cols:
+    """Columns from the distinct ranks `uniq`; `get` spreads a per-kind list over the ranks."""
     # one row per distinct rank, spread over the ranks by one C call, transposed by another
     static, trans, opt_tmp, post, *acts = zip(*get([
         (rk.param_b + rk.grad_b + rk.opt_b, rk.trans_b, rk.opt_tmp_b,
@@ -324,7 +323,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
     rkey = ("ranks", sl.uid, rids, pp, dp, tp, v, sharding, shard_n, k.offload, accum)
     got = ctx.stage_cache.get(rkey)
     if got is None:
-        got = ctx.stage_cache[rkey] = _ranks(ctx, k, stages, st, sl.pick(rids), shard_n, accum, sub)
+        got = ctx.stage_cache[rkey] = _ranks(ctx, k, stages, st, sl, rids, shard_n, accum, sub)
     ranks, cols, notes = got
     nkey = (notes, split, ctx.train.optimizer == "sgd")
     all_notes = _NOTES.get(nkey)
@@ -365,9 +364,9 @@ def _tied(ctx: Context, stages, pp: int, tp: int, pp_stride: int) -> tuple:
     return tied_rank_params, tied_comm, tuple(notes)
 
 
-def _ranks(ctx: Context, k: Knobs, stages, st, st_ids, shard_n: int, accum: bool, sub: dict):
+def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, rids: tuple, shard_n: int, accum: bool, sub: dict):
     """Per-rank terms (_Rank per pp rank, and as columns) and the tied-parameter notes. `st`: the
-    stage results, `st_ids` their rank ids; `sub`: the caches of this stage list."""
+    stage results, `rids` the rank ids of sl.uniq's; `sub`: the caches of this stage list."""
     hw, train = ctx.hw, ctx.train
     pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
     S = pp * v
@@ -386,10 +385,11 @@ def _ranks(ctx: Context, k: Knobs, stages, st, st_ids, shard_n: int, accum: bool
     # _Rank: computed or looked up once per kind, keyed by the stages' small ids. Any rank of a
     # kind gives its terms (everything read below is the kind's); dict(zip(...)) keeps the kinds
     # in order of first rank, each with its last rank
-    ids = st_ids if v == 1 else list(zip(*[st_ids[i * pp:(i + 1) * pp] for i in range(v)], strict=True))
-    kinds = list(zip(ids, tied_rank_params, tied_comm, strict=True))
-    kinds[-1] = (*kinds[-1], "last")
-    rank_of = dict(zip(kinds, range(pp), strict=True))
+    kkey = ("kinds", sl.uid, v, tkey)  # which ranks are alike: the same for every stage-result set of sl
+    shape = sub.get(kkey)
+    if shape is None:
+        shape = sub[kkey] = _kinds(sl.pattern, pp, v, tied_rank_params, tied_comm)
+    kind_rank, get = shape
     uniq = []
     cache = ctx.stage_cache
     # what every kind below reads of the setting
@@ -398,7 +398,8 @@ def _ranks(ctx: Context, k: Knobs, stages, st, st_ids, shard_n: int, accum: bool
     overlap = hw.comm_overlaps_compute
     fsdp_dp = dp > 1 and sharding in ("zero2", "zero3", "hsdp")
     head_trans = ctx.final_output_bytes * mb * (1 + 2 * 4 / ctx.act_isz) / (tp if last_block_split else 1)
-    for kind, r in rank_of.items():
+    for (ui, *kind_rest), r in kind_rank:  # a kind by its stages' indices into sl.uniq; r: one of its ranks
+        kind = (rids[ui] if v == 1 else tuple([rids[i] for i in ui]), *kind_rest)  # by the stages' rank ids
         js = rank_stages[r]
         rkey = ("rank", kind, pp, dp, tp, sharding, shard_n, k.offload, accum)
         got = cache.get(rkey)
@@ -486,9 +487,22 @@ def _ranks(ctx: Context, k: Knobs, stages, st, st_ids, shard_n: int, accum: bool
             f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, pp_v, pp_t, step_copy,
         )
         uniq.append(got)
-    pos = dict(zip(rank_of, range(len(uniq)), strict=True))
-    cols = _cols(uniq, list(map(pos.__getitem__, kinds)), sharding)
-    return cols.kind_of(uniq), cols, notes
+    cols = _cols(uniq, get, sharding)
+    return get(uniq), cols, notes
+
+
+def _kinds(pattern: tuple[int, ...], pp: int, v: int, tied_rank_params, tied_comm) -> tuple:
+    """Ranks alike (the same stages, by index into the stage list's distinct stages, tied parameters
+    and sends; the last rank apart): ((kind, one rank of it) per kind in order of first rank, the
+    call that spreads a per-kind list over the ranks). Any rank of a kind gives its terms."""
+    per_rank = pattern if v == 1 else list(zip(*[pattern[i * pp:(i + 1) * pp] for i in range(v)], strict=True))
+    kinds = list(zip(per_rank, tied_rank_params, tied_comm, strict=True))
+    kinds[-1] = (*kinds[-1], "last")
+    rank_of = dict(zip(kinds, range(pp), strict=True))  # in order of first rank, each with its last rank
+    pos = dict(zip(rank_of, range(len(rank_of)), strict=True))
+    kind_of = list(map(pos.__getitem__, kinds))
+    get = itemgetter(*kind_of) if len(kind_of) > 1 else (lambda xs, _i=kind_of[0]: (xs[_i],))
+    return tuple(rank_of.items()), get
 
 
 def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
