@@ -178,7 +178,8 @@ class Context:
 
     def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec):
         self.graph, self.hw, self.train = graph, hw, train
-        # (tp, sp, mb, recompute) -> BlockCosts; ("layer compute", ...) -> LayerCompute; "block types"
+        # (tp, sp, mb, recompute) -> BlockCosts; ("layer compute", ...) -> LayerCompute; "block types",
+        # ("op counts", layer type), ("stage sums", tp, sp, mb): see their users
         self.costs: dict = {}
         self.links: dict = {}
         self.stage_cache: dict = {}
@@ -248,12 +249,20 @@ def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompu
     splittable = bool(lt.tp_candidates) and tp > 1
     # TP collectives (see module docstring)
     tp_f = tp_b = tp_vol = 0.0
+    ckey = ("op counts", lt.name)  # the layer type's, the same for every setting
+    counts = ctx.costs.get(ckey)
+    if counts is None:
+        counts = ctx.costs[ckey] = (
+            sum(1 for op in lt.ops if op.tp_split == "row"),
+            sum(1 for op in lt.ops if op.tp_split == "vocab" and op.kind == "embedding"),
+            sum(1 for op in lt.ops if op.tp_split == "vocab" and op.kind != "embedding"),
+            float(sum(1 for op in lt.ops if op.tp_split in TP_SPLIT and op.param_bytes > 0)),
+            float(sum(1 for op in lt.ops if op.param_bytes > 0)),
+        )
+    n_row, n_vemb, n_vhead, n_tp_param_ops, n_param_ops = counts
     if splittable:
         link = ctx.link(tp, 1)
         hidden = lt.output_bytes_per_sample * mb * ctx.act_scale
-        n_row = sum(1 for op in lt.ops if op.tp_split == "row")
-        n_vemb = sum(1 for op in lt.ops if op.tp_split == "vocab" and op.kind == "embedding")
-        n_vhead = sum(1 for op in lt.ops if op.tp_split == "vocab" and op.kind != "embedding")
         head_in = lt.input_bytes_per_sample * mb * ctx.act_scale
         if sp:
             coll = comm.all_gather_s(hidden, link) + comm.reduce_scatter_s(hidden, link)
@@ -270,7 +279,7 @@ def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompu
     if splittable and ov is not None and hw.device_is_host_cpu:
         # DTensor's host time per tensor-parallel op (specs.DTensorOverhead), on the CPU that also
         # computes (a GPU's host dispatch runs ahead of its kernels: not charged there)
-        n_tp_ops = float(sum(1 for op in lt.ops if op.tp_split in TP_SPLIT and op.param_bytes > 0))
+        n_tp_ops = n_tp_param_ops
         f_c += n_tp_ops * ov.forward_s
         b_c += n_tp_ops * ov.backward_s
     if recompute == "full":
@@ -291,8 +300,7 @@ def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompu
     out_b = lt.output_bytes_per_sample * s / (tp if sp and splittable else 1)
     return BlockCost(
         f_c, b_c, lc.weight_grad_s, rec_s, tp_f, tp_b, tp_vol, params,
-        act.stored_bytes, act.working_bytes, out_b, lc.fwd_flops, lc.bwd_flops, rec_fl, n_tp_ops,
-        float(sum(1 for op in lt.ops if op.param_bytes > 0)),
+        act.stored_bytes, act.working_bytes, out_b, lc.fwd_flops, lc.bwd_flops, rec_fl, n_tp_ops, n_param_ops,
     )
 
 

@@ -62,7 +62,7 @@ _TIMES, _SUMS, _P2P = itemgetter(9), itemgetter(4), itemgetter(3)  # fields of a
 
 
 def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int,
-           reshard: bool, pipelined: bool = False, rec: str = "none"):
+           reshard: bool, pipelined: bool = False, rec: str = "none", new: bool = False):
     """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, rank id, (F, B, W, p2p),
     host work in forward, host work in backward) per micro-batch of the stage whose block sums are
     `ss`, cached by composition (not position). Host work: FSDP2's copies (`_fsdp_copies`) and, for
@@ -70,14 +70,16 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
     (hw.pipeline_action_overhead_s, once per forward and once per backward).
     `reshard`: FSDP gathers again in backward and reduce-scatters every micro-batch (zero3/hsdp);
     otherwise (zero2) it gathers in forward only and reduce-scatters once per step (after the
-    pipeline). The rank id is the same with and without `split`: everything a rank's terms read
+    pipeline). `new`: the caller has just looked it up and not found it. The rank id is the same
+    with and without `split`: everything a rank's terms read
     (the sums, FSDP terms, p2p and B + W) is (B + W is bit-identical: (b + e) + w == (b + e + w) + 0.0)."""
     # one StageSum object per composition and (tp, sp, mb, rec) setting, kept alive by the context's
     # BlockCosts: its id stands for all of them
     key = (id(ss), split, fsdp_n, fsdp_stride, last_stage, pp_stride, reshard, pipelined)
-    got = ctx.stage_cache.get(key)
-    if got is not None:
-        return got
+    if not new:
+        got = ctx.stage_cache.get(key)
+        if got is not None:
+            return got
     # what does not depend on `split` is computed once for both (1F1B and ZB-H1 share it)
     rkey = ("rid", id(ss), fsdp_n, fsdp_stride, last_stage, pp_stride, reshard, pipelined)
     core = ctx.stage_cache.get(rkey)
@@ -103,29 +105,37 @@ def _stage_core(ctx: Context, ss, fsdp_n: int, fsdp_stride: int, last_stage: boo
     rank's sums in _ranks (_CONTRIB order))."""
     fwd_exp = bwd_exp = fsdp_time = copy_f = copy_b = 0.0
     if fsdp_n > 1:
-        link = ctx.link(fsdp_n, fsdp_stride)
         nb = ss.num_blocks
-        ag = comm.all_gather_s(ss.num_params * ctx.bpp.compute / nb, link)  # bf16 copies under mixed precision
+        # the collectives and copies depend on the parameter count only (not on recompute or sp)
+        fkey = ("fsdp", ss.num_params, nb, fsdp_n, fsdp_stride, reshard)
+        got = ctx.stage_cache.get(fkey)
+        if got is None:
+            link = ctx.link(fsdp_n, fsdp_stride)
+            ag = comm.all_gather_s(ss.num_params * ctx.bpp.compute / nb, link)  # bf16 copies under mixed precision
+            rs = comm.reduce_scatter_s(ss.num_params * ctx.bpp.grad / nb, link) if reshard else 0.0
+            got = ctx.stage_cache[fkey] = (ag, rs, *_fsdp_copies(ctx, ss.num_params / nb, nb, fsdp_n, reshard))
+        ag, rs, copy_f, copy_b = got
         overlap = ctx.hw.comm_overlaps_compute  # False: nothing hides the gathers (all exposed)
         f_c = ss.forward_s if overlap else 0.0
         fwd_exp = ag + max(0.0, (nb - 1) * ag - f_c * (nb - 1) / nb)
         fsdp_time = nb * ag
         if reshard:
-            rs = comm.reduce_scatter_s(ss.num_params * ctx.bpp.grad / nb, link)
             b_c = ss.backward_s + ss.weight_compute_s if overlap else 0.0
             bwd_exp = ag + rs + max(0.0, (nb - 1) * (ag + rs) - b_c * (nb - 1) / nb)
             fsdp_time += nb * (ag + rs)
-        copy_f, copy_b = _fsdp_copies(ctx, ss.num_params / nb, nb, fsdp_n, reshard)
     if pipelined and ctx.hw.device_is_host_cpu:
         copy_f += ctx.hw.pipeline_action_overhead_s
         copy_b += ctx.hw.pipeline_action_overhead_s
     c = 0.0
     if not last_stage:
-        key_l = ("p2p", pp_stride)
-        link = ctx.links.get(key_l)
-        if link is None:
-            link = ctx.links[key_l] = comm.p2p_link(ctx.hw, pp_stride)
-        c = comm.p2p_s(ss.output_bytes, link)
+        pkey = ("p2p", ss.output_bytes, pp_stride)
+        c = ctx.stage_cache.get(pkey)
+        if c is None:
+            key_l = ("p2p", pp_stride)
+            link = ctx.links.get(key_l)
+            if link is None:
+                link = ctx.links[key_l] = comm.p2p_link(ctx.hw, pp_stride)
+            c = ctx.stage_cache[pkey] = comm.p2p_s(ss.output_bytes, link)
     # the first addition of _ranks' sums (0.0 + value); B + W is split-independent (see _stage)
     contrib = (0.0 + ss.num_params, ss.max_block_params, ss.output_bytes, ss.activation_bytes,
                0.0 + (ss.forward_compute_s + copy_f), 0.0 + (ss.backward_compute_s + ss.weight_compute_s + copy_b),
@@ -313,7 +323,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
         for ss, last, rec in sl.uniq:
             x = cache.get((id(ss), split, fsdp_n, tp, last, pp_stride, reshard, pipelined))  # _stage's key
             res.append(x if x is not None else _stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard,
-                                                       pipelined, rec))
+                                                       pipelined, rec, True))
         # a never-reused id for the stage times this gives (the simulations' memo key)
         got = sub[skey] = (res, tuple([x[8] for x in res]), next(_STAGE_IDS))
     res, rids, times_id = got
