@@ -190,7 +190,7 @@ class _Cols:
     uniq: tuple[_Rank, ...]  # distinct _Rank objects, in order of first rank
     static: tuple[float, ...]  # parameters + gradients + optimizer states
     trans: tuple[float, ...]
-    opt_tmp: tuple[float, ...]
+    opt_tmp: tuple[float, ...] | None  # None where trans_covers_opt (not read then)
     acts: tuple[tuple[float, ...], ...]  # per virtual stage i of a rank: its stored bytes per micro-batch
     # the post-pipeline term (_post's exposed part + tied + step copies + optimizer + offload): it
     # does not depend on the micro-batch count, so its largest value and first rank are known here
@@ -205,16 +205,19 @@ class _Cols:
         return self.kind_of([getattr(rk, name) for rk in self.uniq])
 
 
-def _cols(uniq: list[_Rank], get, sharding: str) -> _Cols:
-    """Columns from the distinct ranks `uniq`; `get` spreads a per-kind list over the ranks."""
-    # one row per distinct rank, spread over the ranks by one C call, transposed by another
-    static, trans, opt_tmp, post, *acts = zip(*get([
-        (rk.param_b + rk.grad_b + rk.opt_b, rk.trans_b, rk.opt_tmp_b,
-         _post(rk, sharding, 1)[0] + rk.tied + rk.step_copy_s + rk.opt_s + rk.offload_s, *rk.activation)
-        for rk in uniq]), strict=True)
-    top = max(post)
-    return _Cols(get, tuple(uniq), static, trans, opt_tmp, tuple(acts), top, post.index(top),
-                 all(map(ge, trans, opt_tmp)))
+def _cols(uniq: list[_Rank], get, first_ranks: tuple[int, ...], sharding: str) -> _Cols:
+    """Columns from the distinct ranks `uniq` (kinds in order of first rank, `first_ranks`); `get`
+    spreads a per-kind list over the ranks."""
+    trans_k = [rk.trans_b for rk in uniq]
+    opt_k = [rk.opt_tmp_b for rk in uniq]
+    covers = all(map(ge, trans_k, opt_k))
+    post_k = [_post(rk, sharding, 1)[0] + rk.tied + rk.step_copy_s + rk.opt_s + rk.offload_s for rk in uniq]
+    top = max(post_k)
+    # the first rank with the largest post term: the first rank of the first kind that has it
+    post_rank = first_ranks[post_k.index(top)]
+    acts = tuple(get([rk.activation[i] for rk in uniq]) for i in range(len(uniq[0].activation)))
+    return _Cols(get, tuple(uniq), get([rk.param_b + rk.grad_b + rk.opt_b for rk in uniq]), get(trans_k),
+                 None if covers else get(opt_k), acts, top, post_rank, covers)
 
 
 @dataclass(slots=True)  # not frozen (see _Rank)
@@ -399,7 +402,7 @@ def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, rids: tuple, shar
     shape = sub.get(kkey)
     if shape is None:
         shape = sub[kkey] = _kinds(sl.pattern, pp, v, tied_rank_params, tied_comm)
-    kind_rank, get = shape
+    kind_rank, get, first_ranks = shape
     uniq = []
     cache = ctx.stage_cache
     # what every kind below reads of the setting
@@ -497,14 +500,15 @@ def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, rids: tuple, shar
             f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, pp_v, pp_t, step_copy,
         )
         uniq.append(got)
-    cols = _cols(uniq, get, sharding)
+    cols = _cols(uniq, get, first_ranks, sharding)
     return get(uniq), cols, notes
 
 
 def _kinds(pattern: tuple[int, ...], pp: int, v: int, tied_rank_params, tied_comm) -> tuple:
     """Ranks alike (the same stages, by index into the stage list's distinct stages, tied parameters
     and sends; the last rank apart): ((kind, one rank of it) per kind in order of first rank, the
-    call that spreads a per-kind list over the ranks). Any rank of a kind gives its terms."""
+    call that spreads a per-kind list over the ranks, each kind's first rank). Any rank of a kind
+    gives its terms."""
     per_rank = pattern if v == 1 else list(zip(*[pattern[i * pp:(i + 1) * pp] for i in range(v)], strict=True))
     kinds = list(zip(per_rank, tied_rank_params, tied_comm, strict=True))
     kinds[-1] = (*kinds[-1], "last")
@@ -512,7 +516,8 @@ def _kinds(pattern: tuple[int, ...], pp: int, v: int, tied_rank_params, tied_com
     pos = dict(zip(rank_of, range(len(rank_of)), strict=True))
     kind_of = list(map(pos.__getitem__, kinds))
     get = itemgetter(*kind_of) if len(kind_of) > 1 else (lambda xs, _i=kind_of[0]: (xs[_i],))
-    return tuple(rank_of.items()), get
+    first = dict(zip(reversed(kinds), range(pp - 1, -1, -1), strict=True))  # kind -> its first rank
+    return tuple(rank_of.items()), get, tuple(map(first.__getitem__, rank_of))
 
 
 def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:

@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from operator import itemgetter, sub
 
+import numpy as np
+
 from cost_models import kernels
 from cost_models.schedules import _check
 
@@ -154,11 +156,18 @@ def _compiled_rounds(name: str, pp: int, m: int, v: int) -> Periodic | None:
     if status in (1, 2):
         return None  # a positive cycle (no round structure) or no steady run of two rounds
     assert status == 0, "round order"
+    n = len(n_rp)
+    # the kernel's arrays as play_compiled's `arrays` (what kernels.index_array makes of the tuples)
+    arrays = (np.where(n_rp < 0, n, n_rp), np.where(n_dep < 0, n, n_dep), lag_slot.astype(np.int64),
+              dur_slot.astype(np.int64), last_of_rank.astype(np.int64),
+              kernels.index_array(comp.actions_per_rank_stage, -1).reshape(-1, 3),
+              rc.astype(np.int64).reshape(-1, 3), kernels.index_array(comp.stage_rank, -1))
     lag_slot, dur_slot = tuple(lag_slot.tolist()), tuple(dur_slot.tolist())
     return Periodic(pp, S, tuple(n_rp.tolist()), tuple(n_dep.tolist()), lag_slot, dur_slot,
                     tuple(last_of_rank.tolist()), int(start), int(length), int(nrounds), int(reach),
                     comp.actions_per_rank_stage, tuple(map(tuple, rc.tolist())), comp.peak_in_flight,
-                    comp.peak_in_flight_per_stage, comp.stage_rank, m, d, _getter(lag_slot), _getter(dur_slot))
+                    comp.peak_in_flight_per_stage, comp.stage_rank, m, d, _getter(lag_slot), _getter(dur_slot),
+                    arrays)
 
 
 def _rounds_python(comp, pp: int, m: int, d: int) -> Periodic | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from functools import cache
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 
@@ -108,6 +109,15 @@ def test_compile_kernels_equal_python(name, pp, m, v):
     assert (fast is None) == (slow is None)
     if fast is not None:
         assert fast == slow  # every field but the kernels' arrays
+        # the arrays the kernel path keeps are what index_array makes of the tuples
+        n = len(slow.rp)
+        want = (kernels.index_array(slow.rp, n), kernels.index_array(slow.dep, n),
+                kernels.index_array(slow.lag_slot, -1), kernels.index_array(slow.dur_slot, -1),
+                kernels.index_array(slow.last_of_rank, -1), kernels.index_array(slow.counts, -1).reshape(-1, 3),
+                kernels.index_array(slow.round_counts, -1).reshape(-1, 3), kernels.index_array(slow.stage_rank, -1))
+        assert len(fast.arrays) == len(want)
+        for a, b in zip(fast.arrays, want, strict=True):
+            assert a.dtype == b.dtype == np.int64 and a.shape == b.shape and (a == b).all()
 
 
 def test_compile_kernel_deadlock_message():
