@@ -139,8 +139,12 @@ class BlockCosts:
     def stage(self, first: int, last: int) -> StageSum:
         """Sums over blocks first..last (inclusive); one object per composition."""
         got = self.by_range.get((first, last))
-        if got is not None:
-            return got
+        if got is None:
+            got = self.by_range[(first, last)] = self.stage_sum(first, last)
+        return got
+
+    def stage_sum(self, first: int, last: int) -> StageSum:
+        """`stage` without the per-range memo (for a caller that keeps its own)."""
         key = self.composition(first, last)
         got = self.sums.get(key)
         if got is None:
@@ -156,7 +160,6 @@ class BlockCosts:
                 vals = [0] * len(_FIELDS)
             got = self.sums[key] = _new_stage_sum(*vals, sum(comp), self.type_costs[lt].output_bytes,
                                                   self.max_working_bytes, self.max_block_params)
-        self.by_range[(first, last)] = got
         return got
 
     def stage_time_s(self, first: int, last: int) -> float:

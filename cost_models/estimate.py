@@ -229,16 +229,10 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
 
     # per rank, as columns (C-level maps; the same operations, in the same order, as
     # acts = sum of peak x stored bytes over the rank's stages, static + max(acts + transient,
-    # optimizer temporaries) + margin)
+    # optimizer temporaries) + margin), chained without lists (the details make them again)
     cols = lay.cols
     peaks = sim.peak_in_flight_per_stage
-    acts = list(map(mul, peaks if v == 1 else peaks[:pp], cols.acts[0]))
-    for i in range(1, v):
-        acts = list(map(add, acts, map(mul, peaks[i * pp:(i + 1) * pp], cols.acts[i])))
-    if cols.trans_covers_opt:
-        dyn = list(map(add, acts, cols.trans))
-    else:
-        dyn = list(map(max, map(add, acts, cols.trans), cols.opt_tmp))  # max(x, o): x where equal
+    dyn = _dynamic(cols, _activations(cols, peaks, pp, v))
     # tensors x = static + dyn, plus margin_bytes(x, capacity) = FRAGMENTATION_FRACTION * x +
     # reserve(capacity), unrolled (tests/test_cost_estimate_fast.py checks it against margin_bytes)
     ff, reserve = FRAGMENTATION_FRACTION, ctx.reserve
@@ -249,13 +243,29 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     worst = totals.index(max(totals))  # the first rank with the largest peak
     peak_mem = totals[worst]
     return _new_scored(step, peak_mem <= capacity, peak_mem, capacity, worst,
-                       (graph, ctx, hw, k, lay, sim, acts, dyn, totals, step, worst))
+                       (graph, ctx, hw, k, lay, sim, totals, step, worst))
 
 
-def _details(graph: ModelGraph, ctx, hw: HardwareSpec, k: Knobs, lay, sim, acts, dyn, totals,
-             step: float, worst: int) -> tuple:
+def _activations(cols, peaks, pp: int, v: int):
+    """Per rank: the sum over its virtual stages of peak in-flight x stored bytes (an iterator)."""
+    acts = map(mul, peaks if v == 1 else peaks[:pp], cols.acts[0])
+    for i in range(1, v):
+        acts = map(add, acts, map(mul, peaks[i * pp:(i + 1) * pp], cols.acts[i]))
+    return acts
+
+
+def _dynamic(cols, acts):
+    """Per rank: max(activations + transient buffers, optimizer temporaries) (an iterator)."""
+    if cols.trans_covers_opt:
+        return map(add, acts, cols.trans)
+    return map(max, map(add, acts, cols.trans), cols.opt_tmp)  # max(x, o): x where equal
+
+
+def _details(graph: ModelGraph, ctx, hw: HardwareSpec, k: Knobs, lay, sim, totals, step: float, worst: int) -> tuple:
     """estimate_knobs' fields besides the score (_DETAIL_FIELDS order), from its intermediate values."""
     pp, dp, tp = k.pp, k.dp, k.tp
+    acts = list(_activations(lay.cols, sim.peak_in_flight_per_stage, pp, k.virtual_stages))
+    dyn = list(_dynamic(lay.cols, acts))
     margins = [FRAGMENTATION_FRACTION * x + ctx.reserve for x in map(add, lay.cols.static, dyn)]  # as in totals
     world = pp * dp * tp
     mb, m = k.micro_batch_size, k.num_micro_batches

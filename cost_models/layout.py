@@ -280,7 +280,7 @@ def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int, sub: dict) -> 
             bc = costs.get(r)
             if bc is None:
                 bc = costs[r] = block_costs_ctx(ctx, tp, sp, mb, r)
-            ss = sums[stage] = bc.stage(a, b)
+            ss = sums[stage] = bc.stage_sum(a, b)
         if j == len(stages) - 1:
             i = len(uniq)
             uniq.append((ss, True, stage[2]))
