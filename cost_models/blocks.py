@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from operator import attrgetter, sub
 
-from cost_models import comm
+from cost_models import comm, sharedhost
 from cost_models.compute import TP_SPLIT, compute_dtype, itemsize, layer_compute
 from cost_models.fastinit import fast_init
 from cost_models.memory import bytes_per_param, layer_activation_bytes, margin_bytes
@@ -177,7 +177,7 @@ class Context:
 
     __slots__ = ("graph", "hw", "train", "costs", "links", "dtype", "act_scale", "par_scale", "bpp",
                  "split_fraction", "final_output_bytes", "model_flops_per_sample", "stage_cache", "capacity",
-                 "reserve", "act_isz", "last_splittable")
+                 "reserve", "act_isz", "last_splittable", "num_devices", "oversubscribed")
 
     def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec):
         self.graph, self.hw, self.train = graph, hw, train
@@ -196,6 +196,8 @@ class Context:
         self.model_flops_per_sample = graph.fwd_flops_per_sample + graph.bwd_flops_per_sample
         self.act_isz = itemsize(self.dtype)
         self.last_splittable = bool(last.tp_candidates)  # the last block (the head) can be tp-split
+        self.num_devices = hw.num_devices
+        self.oversubscribed = sharedhost.oversubscribed(hw)
         self.capacity = float(hw.device.memory_bytes)
         self.reserve = margin_bytes(0.0, self.capacity)  # the allocator margin's part that is not a fraction
 

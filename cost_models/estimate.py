@@ -216,9 +216,9 @@ def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int,
     Returns:
         StepEstimate (see the module docstring for the model).
     """
-    if sharedhost.oversubscribed(hw):
-        return _share_cores(graph, knobs, stages, hw, train)
     ctx = context(graph, hw, train)
+    if ctx.oversubscribed:
+        return _share_cores(graph, knobs, stages, hw, train)
     k = knobs
     pp, v, m = k.pp, k.virtual_stages, k.num_micro_batches
     lay, sched = _layout_for(ctx, graph, k, stages, hw)

@@ -57,15 +57,18 @@ def _check_stages(graph: ModelGraph, stages, want: int) -> None:
         raise SpecError(f"stages: cover blocks 0..{nxt - 1}, but the model has {graph.num_blocks} blocks")
 
 
-_STAGE_IDS = count()
-_TIMES, _SUMS, _P2P = itemgetter(9), itemgetter(4), itemgetter(3)  # fields of a stage result / of (F, B, W, p2p)  # ids of cached stage results (never reused, so rank keys stay unambiguous)
+_STAGE_IDS = count()  # ids of cached stage results etc. (never reused, so keys holding them stay unambiguous)
+# the fields of a stage result (_stage): (F, B, W, p2p), StageSum, rank id, contribution to its rank's sums
+_TIMES, _SUMS, _RID, _CONTRIB = 0, 1, 2, 3
+_P2P = itemgetter(3)  # of (F, B, W, p2p)
+_GET_TIMES = itemgetter(_TIMES)
 
 
 def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int,
            reshard: bool, pipelined: bool = False, rec: str = "none", new: bool = False):
-    """(F, B, W, p2p, StageSum, fsdp fwd exposed, fsdp bwd exposed, fsdp comm time, rank id, (F, B, W, p2p),
-    host work in forward, host work in backward) per micro-batch of the stage whose block sums are
-    `ss`, cached by composition (not position). Host work: FSDP2's copies (`_fsdp_copies`) and, for
+    """((F, B, W, p2p), StageSum, rank id, what the stage adds to its rank's sums) per micro-batch of
+    the stage whose block sums are `ss`, cached by composition (not position); F and B include the
+    exposed FSDP collectives and the host work: FSDP2's copies (`_fsdp_copies`) and, for
     a `pipelined` stage on a CPU host, the pipelining engine's time per action
     (hw.pipeline_action_overhead_s, once per forward and once per backward).
     `reshard`: FSDP gathers again in backward and reduce-scatters every micro-batch (zero3/hsdp);
@@ -86,12 +89,12 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
     if core is None:
         core = ctx.stage_cache[rkey] = _stage_core(ctx, ss, fsdp_n, fsdp_stride, last_stage, pp_stride, reshard,
                                                    pipelined, rec)
-    fwd_exp, bwd_exp, fsdp_time, copy_f, copy_b, c, rid, contrib = core
+    fwd_exp, bwd_exp, copy_f, copy_b, c, rid, contrib = core
     F = ss.forward_s + fwd_exp + copy_f
     B = ss.backward_s + bwd_exp + copy_b + (0.0 if split else ss.weight_compute_s)
     W = ss.weight_compute_s if split else 0.0
-    # a small id shared by split and unsplit (cheap rank keys) and the (F, B, W, p2p) the simulator takes
-    got = (F, B, W, c, ss, fwd_exp, bwd_exp, fsdp_time, rid, (F, B, W, c), copy_f, copy_b, contrib)
+    # the (F, B, W, p2p) the simulator takes and a small id shared by split and unsplit (cheap rank keys)
+    got = ((F, B, W, c), ss, rid, contrib)
     if len(ctx.stage_cache) > 200_000:
         ctx.stage_cache.clear()
     ctx.stage_cache[key] = got
@@ -101,8 +104,8 @@ def _stage(ctx: Context, ss, split: bool, fsdp_n: int, fsdp_stride: int, last_st
 def _stage_core(ctx: Context, ss, fsdp_n: int, fsdp_stride: int, last_stage: bool, pp_stride: int, reshard: bool,
                 pipelined: bool, rec: str) -> tuple:
     """_stage's terms that do not depend on split backward: (fsdp fwd exposed, fsdp bwd exposed,
-    fsdp comm time, host work in forward, in backward, p2p, rank id, what the stage adds to its
-    rank's sums in _ranks (_CONTRIB order))."""
+    host work in forward, in backward, p2p, rank id, what the stage adds to its rank's sums in
+    _ranks)."""
     fwd_exp = bwd_exp = fsdp_time = copy_f = copy_b = 0.0
     if fsdp_n > 1:
         nb = ss.num_blocks
@@ -144,7 +147,7 @@ def _stage_core(ctx: Context, ss, fsdp_n: int, fsdp_stride: int, last_stage: boo
                0.0 + (ss.backward_s + bwd_exp + copy_b + ss.weight_compute_s),
                0.0 + (0.0 if last_stage else 2 * ss.output_bytes), 0.0 + (0.0 if last_stage else 2 * c),
                ss.max_working_bytes if rec != "none" else -1.0)
-    return fwd_exp, bwd_exp, fsdp_time, copy_f, copy_b, c, next(_STAGE_IDS), contrib
+    return fwd_exp, bwd_exp, copy_f, copy_b, c, next(_STAGE_IDS), contrib
 
 
 @dataclass(slots=True)  # not frozen: built by the thousand, a frozen init costs 9x (internal, never mutated)
@@ -244,7 +247,7 @@ class _Layout:
     @property
     def stage_sums(self) -> tuple:
         """The StageSum of each stage (block sums behind `times`)."""
-        return tuple(map(_SUMS, self.st))
+        return tuple([x[_SUMS] for x in self.st])
 
 
 @dataclass(slots=True)  # not frozen (see _Rank)
@@ -328,10 +331,10 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
             res.append(x if x is not None else _stage(ctx, ss, split, fsdp_n, tp, last, pp_stride, reshard,
                                                        pipelined, rec, True))
         # a never-reused id for the stage times this gives (the simulations' memo key)
-        got = sub[skey] = (res, tuple([x[8] for x in res]), next(_STAGE_IDS))
+        got = sub[skey] = (res, tuple([x[_RID] for x in res]), next(_STAGE_IDS))
     res, rids, times_id = got
     st = sl.pick(res)
-    times = tuple(map(_TIMES, st))
+    times = tuple(map(_GET_TIMES, st))
     accum = k.num_micro_batches > 1
     rkey = ("ranks", sl.uid, rids, pp, dp, tp, v, sharding, shard_n, k.offload, accum)
     got = ctx.stage_cache.get(rkey)
@@ -424,7 +427,7 @@ def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, rids: tuple, shar
         if len(js) == 1:
             # (max(-1.0, x) of the loop below is x itself: these are >= 0, or -1.0 for "not recomputed")
             (n_params, big, out_max, act, f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, fsdp_mb, window, pp_v, pp_t,
-             recomputed) = st[js[0]][12]
+             recomputed) = st[js[0]][_CONTRIB]
             acts = (act,)
         else:
             n_params = f_c = b_c = rec_s = tp_s = tp_v = fsdp_s = pp_v = pp_t = window = fsdp_mb = 0.0
@@ -432,7 +435,7 @@ def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, rids: tuple, shar
             acts = []
             for j in js:
                 (a_n, a_big, a_out, a_act, a_f, a_b, a_rec, a_tp, a_tpv, a_fs, a_fmb, a_win, a_ppv, a_ppt,
-                 a_rc) = st[j][12]
+                 a_rc) = st[j][_CONTRIB]
                 n_params += a_n
                 big = max(big, a_big)
                 out_max = max(out_max, a_out)
@@ -460,7 +463,7 @@ def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, rids: tuple, shar
             # tensor-parallel ops' parameters, or all of them where FSDP2 holds them (its shards
             # are DTensors: zero2 / zero3 / hsdp, and `replicate` for dp with tp or pp)
             fsdp2 = dp > 1 and (sharding in ("zero2", "zero3", "hsdp") or (sharding == "none" and (tp > 1 or pp > 1)))
-            n_dt = sum(st[j][4].param_ops if fsdp2 else st[j][4].tp_param_ops for j in js)
+            n_dt = sum(st[j][_SUMS].param_ops if fsdp2 else st[j][_SUMS].tp_param_ops for j in js)
             opt_s += n_dt * dt_ov.optimizer_s
         trans = 0.0
         if sharding in ("none", "zero1"):
@@ -641,7 +644,7 @@ def _post(rk: _Rank, sharding: str, m: int) -> tuple[float, float, float]:
 def _layout_for(ctx: Context, graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec) -> tuple[_Layout, str]:
     pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
     world = pp * dp * tp
-    if world != hw.num_devices:
+    if world != ctx.num_devices:
         raise SpecError(f"knobs: tp({tp}) * pp({pp}) * dp({dp}) = {world}, but the hardware has {hw.num_devices} devices")
     sched = k.schedule if pp > 1 else "1f1b"
     stages = tuple(stages)
