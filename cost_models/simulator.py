@@ -31,6 +31,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
+from operator import itemgetter
 
 import numpy as np
 
@@ -154,6 +156,7 @@ def _compile_any(sched: Schedule) -> _Compiled:
     return _compile(sched)
 
 
+_ACTION_KIND, _ACTION_STAGE, _ACTION_MB = itemgetter(0), itemgetter(1), itemgetter(2)  # of an Action
 _KIND_CODE = np.full(128, -1, dtype=np.int64)
 _KIND_CODE[[ord("F"), ord("B"), ord("W")]] = [0, 1, 2]
 
@@ -167,16 +170,20 @@ def _compile(sched: Schedule) -> _Compiled:
         kernels.charge(time.process_time() - t0)
         return got
     p, S = sched.pp, sched.num_stages
-    flat = [a for acts in sched.actions for a in acts]
-    if not flat:
-        return _compile_python(sched)
-    ks, ss, ms = zip(*flat, strict=False)
-    kinds = _KIND_CODE[np.frombuffer("".join(ks).encode("ascii"), dtype=np.uint8)]
     starts = np.zeros(p + 1, dtype=np.int64)
     np.cumsum([len(a) for a in sched.actions], out=starts[1:])
+    n = int(starts[-1])
+    if not n:
+        return _compile_python(sched)
+    # the actions' kinds, stages and micro-batches as arrays, each by one C-level pass
+    acts = sched.actions
+    kinds = _KIND_CODE[np.frombuffer("".join(map(_ACTION_KIND, chain.from_iterable(acts))).encode("ascii"),
+                                     dtype=np.uint8)]
+    ss = np.fromiter(map(_ACTION_STAGE, chain.from_iterable(acts)), np.int64, n)
+    ms = np.fromiter(map(_ACTION_MB, chain.from_iterable(acts)), np.int64, n)
     ok, order, peak, st_peak, counts = kernels.jit.compile_order(
-        kinds, np.array(ss, dtype=np.int64), np.array(ms, dtype=np.int64), starts,
-        np.array(sched.stage_rank, dtype=np.int64), S, sched.num_micro_batches, p, 2 if sched.split_backward else 1)
+        kinds, ss, ms, starts, np.array(sched.stage_rank, dtype=np.int64), S, sched.num_micro_batches, p,
+        2 if sched.split_backward else 1)
     if not ok:
         return _compile_python(sched)  # raises the deadlock error with the stuck actions
     return _Compiled(None, p, S, tuple(peak.tolist()), tuple(st_peak.tolist()), tuple(map(tuple, counts.tolist())),
