@@ -5,17 +5,20 @@ and data-parallel setting (here, computed once and cached per cost-model context
 depends on the schedule's simulation and the micro-batch count (per call):
 
 - stage list (`_stage_list`, per (stages, tp, sp, micro-batch)): the block sums of each stage
-  (cost_models.blocks.BlockCosts.stage, one StageSum per composition), deduplicated: the stage
-  results below are computed once per distinct (composition, last stage), not once per stage.
+  (cost_models.blocks.BlockCosts.stage_sum, one StageSum per composition, memoised per (first,
+  last, recompute) for all stage lists of a setting), deduplicated: the stage results below are
+  computed once per distinct (composition, last stage), not once per stage, and which pp ranks
+  are alike is found once per stage list.
 - stage results (`_stage`): per micro-batch F, B, W, p2p of a stage, with the exposed FSDP
   gathers / reduce-scatters (see estimate's docstring for the overlap model), cached by the
-  StageSum and the sharding/link setting. Each carries a small rank id that is the same with
-  and without split backward: everything a rank's terms read (the sums, FSDP terms, p2p and
-  B + W, bit-identical either way) is.
+  StageSum and the sharding/link setting, and as a list per (stage list, setting), numbered by a
+  never-reused id that memoises the simulations of those stage times. Each carries a small rank
+  id that is the same with and without split backward: everything a rank's terms read (the sums,
+  FSDP terms, p2p and B + W, bit-identical either way) is.
 - per-rank terms (`_ranks`, `_Rank`): model states, transient buffers, optimizer step, the
   post-pipeline data-parallel pieces and per-micro-batch breakdown sums of one pp rank, computed
-  once per kind of rank (ranks with the same stage results, tied parameters and position class
-  share one object) and shared between 1F1B and ZB-H1; the parts that depend only on the rank's
+  once per kind of rank (ranks with the same stages, tied parameters and position class share one
+  object) and shared between 1F1B and ZB-H1; the parts that depend only on the rank's
   parameter count and the data-parallel setting (`_dp_terms`: sharded states, bucketed
   collectives, optimizer step) are shared across recompute, sequence parallelism and schedule.
 - `_Cols`: the per-rank terms as columns, so the per-call pass over ranks is a few C-level maps;
@@ -339,7 +342,7 @@ def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:
     rkey = ("ranks", sl.uid, rids, pp, dp, tp, v, sharding, shard_n, k.offload, accum)
     got = ctx.stage_cache.get(rkey)
     if got is None:
-        got = ctx.stage_cache[rkey] = _ranks(ctx, k, stages, st, sl, rids, shard_n, accum, sub)
+        got = ctx.stage_cache[rkey] = _ranks(ctx, k, stages, st, sl, shard_n, accum, sub)
     ranks, cols, notes = got
     nkey = (notes, split, ctx.train.optimizer == "sgd")
     all_notes = _NOTES.get(nkey)
@@ -380,9 +383,9 @@ def _tied(ctx: Context, stages, pp: int, tp: int, pp_stride: int) -> tuple:
     return tied_rank_params, tied_comm, tuple(notes)
 
 
-def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, rids: tuple, shard_n: int, accum: bool, sub: dict):
+def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, shard_n: int, accum: bool, sub: dict):
     """Per-rank terms (_Rank per pp rank, and as columns) and the tied-parameter notes. `st`: the
-    stage results, `rids` the rank ids of sl.uniq's; `sub`: the caches of this stage list."""
+    stage results of stage list `sl`; `sub`: the caches of this stage list."""
     hw, train = ctx.hw, ctx.train
     pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
     S = pp * v
@@ -397,31 +400,24 @@ def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, rids: tuple, shar
     last_block_split = ctx.last_splittable and tp > 1
 
     rank_stages = _rank_stages(pp, S)
-    # ranks alike (same stage results, tied parameters and sends; the last rank apart) share one
-    # _Rank: computed or looked up once per kind, keyed by the stages' small ids. Any rank of a
-    # kind gives its terms (everything read below is the kind's); dict(zip(...)) keeps the kinds
-    # in order of first rank, each with its last rank
+    # ranks alike (same stages, tied parameters and sends; the last rank apart) share one _Rank,
+    # computed once per kind from one of its ranks (everything read below is the kind's). (A memo
+    # of kinds across stage lists was tried: it hit for 0.1% of a 175B search's kinds, 6% of a 1T
+    # one's, and cost more than it saved.)
     kkey = ("kinds", sl.uid, v, tkey)  # which ranks are alike: the same for every stage-result set of sl
     shape = sub.get(kkey)
     if shape is None:
         shape = sub[kkey] = _kinds(sl.pattern, pp, v, tied_rank_params, tied_comm)
     kind_rank, get, first_ranks = shape
     uniq = []
-    cache = ctx.stage_cache
     # what every kind below reads of the setting
     dt_ov = hw.dtensor_overhead if hw.device_is_host_cpu else None
     adam_tmp = train.optimizer in ("adam", "adamw") and k.offload == "none"
     overlap = hw.comm_overlaps_compute
     fsdp_dp = dp > 1 and sharding in ("zero2", "zero3", "hsdp")
     head_trans = ctx.final_output_bytes * mb * (1 + 2 * 4 / ctx.act_isz) / (tp if last_block_split else 1)
-    for (ui, *kind_rest), r in kind_rank:  # a kind by its stages' indices into sl.uniq; r: one of its ranks
-        kind = (rids[ui] if v == 1 else tuple([rids[i] for i in ui]), *kind_rest)  # by the stages' rank ids
+    for _kind, r in kind_rank:  # r: one rank of the kind
         js = rank_stages[r]
-        rkey = ("rank", kind, pp, dp, tp, sharding, shard_n, k.offload, accum)
-        got = cache.get(rkey)
-        if got is not None:
-            uniq.append(got)
-            continue
         # the stage sums this rank needs (the same additions, in the same order, as sum() over the
         # stages: each stage's contribution is its first addition, 0.0 + value, see _stage_core)
         if len(js) == 1:
@@ -496,7 +492,7 @@ def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, rids: tuple, shar
             fixed_exp, fixed_time = max(last, tot - window), tot
             if sharding == "zero1":  # then the updated parameters are gathered (exposed)
                 fixed_exp, fixed_time = fixed_exp + ag, tot + ag
-        got = cache[rkey] = _Rank(
+        got = _Rank(
             tuple(acts), states.param, states.grad, states.optimizer, trans, opt_tmp,
             rs_tot, rs_last, window, ag_after, fixed_exp, fixed_time, fixed_vol, grad_vol, fsdp_mb, tied_comm[r],
             opt_s, off_s,
