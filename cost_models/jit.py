@@ -319,13 +319,9 @@ def rounds_structure(order, S, d, pp):
         row[i, 2] = rnd[i] - rnd[dp] if dp >= 0 else 0
         row[i, 3] = typ[x] if x >= 0 else -1
         row[i, 4] = rnd[i] - rnd[x] if x >= 0 else 0
-    smem = mem.copy()
-    for r in range(R):
-        a0, a1 = mstart[r], mstart[r + 1]
-        seg = smem[a0:a1].copy()
-        o = np.argsort(typ[seg])
-        for j in range(a1 - a0):
-            smem[a0 + j] = seg[o[j]]
+    # every round's members sorted by type, by one sort on (round, type) (the rounds stay where
+    # mstart puts them; a type occurs at most once per round, so the order is the same as per round)
+    smem = np.argsort(rnd * T + typ, kind="mergesort")
     best_a = 0
     best_len = 0
     a = 0
