@@ -5,7 +5,7 @@ sequence parallelism, schedule) with an even stage partition, and scores every c
 
 - cold: each candidate once, from empty caches (what a search pays the first time it sees a
   candidate: block costs per layer type are shared, pipeline simulations are shared only
-  between candidates with the same pipeline and stage times);
+  between candidates with the same pipeline and the same stage results, e.g. none and zero1);
 - warm: the same candidates again with every cache hot (the fixed overhead per call);
 - estimate_knobs returns with the score's fields set (step time, memory peak, fits) and computes
   the others on first access: "every field read" adds that, for every candidate;

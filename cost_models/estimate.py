@@ -44,7 +44,7 @@ What overlaps and what is exposed:
   all-reduced between them after backward (exposed, pp axis).
 
 The engines' own copies (memory-bound kernels on the compute stream, charged as compute, so on a
-shared host they count as CPU work; cost_models.layout): FSDP2 copies each block's local shard
+shared host they count as CPU work; cost_models.ranks): FSDP2 copies each block's local shard
 into the all-gather input and the gathered buffer out into the unsharded parameters at every
 gather (forward, and backward under zero3/hsdp) and the unsharded gradients into every
 reduce-scatter's input (zero3/hsdp per micro-batch, in backward; zero2 once per step); DDP (and
@@ -84,10 +84,11 @@ from cost_models import sharedhost
 from cost_models.blocks import context
 from cost_models.compute import compute_dtype, peak_flops_per_s
 from cost_models.fastinit import fast_init
-from cost_models.layout import _layout_for, _post
+from cost_models.layout import _layout_for
 from cost_models.memory import (
     FRAGMENTATION_FRACTION,
 )
+from cost_models.ranks import _post
 from cost_models.sharedsim import simulate_shared
 from cost_models.simulator import pipeline_lower_bound, simulate_cached
 from specs import (
@@ -264,12 +265,13 @@ def _dynamic(cols, acts):
 def _details(graph: ModelGraph, ctx, hw: HardwareSpec, k: Knobs, lay, sim, totals, step: float, worst: int) -> tuple:
     """estimate_knobs' fields besides the score (_DETAIL_FIELDS order), from its intermediate values."""
     pp, dp, tp = k.pp, k.dp, k.tp
-    acts = list(_activations(lay.cols, sim.peak_in_flight_per_stage, pp, k.virtual_stages))
-    dyn = list(_dynamic(lay.cols, acts))
-    margins = [FRAGMENTATION_FRACTION * x + ctx.reserve for x in map(add, lay.cols.static, dyn)]  # as in totals
     world = pp * dp * tp
     mb, m = k.micro_batch_size, k.num_micro_batches
     cols = lay.cols
+    # the per-rank memory columns, as estimate_knobs computed its totals
+    acts = list(_activations(cols, sim.peak_in_flight_per_stage, pp, k.virtual_stages))
+    dyn = list(_dynamic(cols, acts))
+    margins = [FRAGMENTATION_FRACTION * x + ctx.reserve for x in map(add, cols.static, dyn)]
     T_pipe = sim.step_time_s
     rp = cols.post_rank
     posts_u = [_post(rk, k.sharding, m) for rk in cols.uniq]

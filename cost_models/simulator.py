@@ -383,9 +383,9 @@ def simulate_cached(name: str, pp: int, m: int, v: int, times: tuple[tuple[float
                     times_id: int | None = None) -> ScheduleResult:
     """`simulate` without a timeline, memoised on (schedule, pp, m, v, stage times).
 
-    `times_id`: a caller's never-reused integer that stands for these exact stage times (cost_models.layout
-    numbers its stage-time sets), memoised by it instead of by the times' values (hashing S x 4
-    floats per call); a caller must never pass the same id with other times."""
+    `times_id`: a caller's never-reused integer that stands for these exact stage times
+    (cost_models.layout numbers its stage-time sets), memoised by it instead of by the times'
+    values (hashing S x 4 floats per call); a caller must never pass the same id with other times."""
     key = (name, pp, m, v, times if times_id is None else times_id)
     hit = _CACHE.get(key)
     if hit is None:

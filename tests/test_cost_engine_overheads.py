@@ -99,7 +99,7 @@ def test_copies_are_part_of_the_step_and_its_breakdown():
 
 def test_copy_in_shrinks_with_more_shards_copy_out_does_not():
     from cost_models.blocks import Context
-    from cost_models.layout import _fsdp_copies
+    from cost_models.ranks import _fsdp_copies
 
     ctx = Context(GRAPH, HW, TRAIN)
     f2, _ = _fsdp_copies(ctx, 1e9, 1, 2, True)
