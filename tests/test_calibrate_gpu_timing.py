@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from runtime import calibrate_bench as bench
+from runtime import calibrate_gpu
 
 
 class FakeGPU:
@@ -73,7 +74,7 @@ def fake_cuda(monkeypatch):
         monkeypatch.setattr(torch.cuda, "synchronize", gpu.synchronize)
         monkeypatch.setattr(torch.cuda, "Event", gpu.event_class())
         monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-        monkeypatch.setattr(bench, "_SLEEP_CYCLES_PER_S", {})
+        monkeypatch.setattr(calibrate_gpu, "_SLEEP_CYCLES_PER_S", {})
         return gpu
 
     return make
