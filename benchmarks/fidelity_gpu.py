@@ -39,23 +39,30 @@ the aten ops and kernel launches the host dispatched. On a CPU, CPU op self time
 
 Nothing here tunes the cost model: the prediction uses the preset or spec as given.
 
-Measured on one NVIDIA H200 (torch 2.11, 2026-11-26; benchmarks/results/fidelity_gpu_h200.json,
-`--profile`; fidelity_gpu_h200_calibrated.json: the same runs re-predicted with the spec that
-`autoplan calibrate --nproc 1` wrote on that machine, calibration_h200.yaml):
-  - memory: no plan exceeded its predicted peak (measured max_memory_allocated / predicted peak:
-    median 0.71, max 0.95); two plans went past the predicted tensors without the margin.
-  - step time, bundled dgx-h200 preset (its efficiency curves are A100-plot estimates): Spearman
-    0.90, median |error| 33%, every plan predicted too fast (-25% where the GPU was busy).
-  - step time, calibrated spec: Spearman 0.90, median |error| 8.7%; within +-8% for the 7 plans
-    the GPU kept busy (mb4, mb8, accumulation 4x4; GPU busy >= 88% of the step), 18-59% too fast
-    for the rest: host-bound steps (micro-batch 1-2, and recompute at small micro-batches, whose
-    checkpointing adds host work: mb1 selective 0.12 s with the GPU busy 41% of it). The cost
-    model has no host-dispatch term on GPUs (the host is assumed to run ahead of the kernels), so
-    it cannot see that floor; calibrated.measurements.json records the host's time per call
-    (`host_s_per_call`, ~20 us per GEMM call) that such a term would use.
+Measured on one NVIDIA H200 and one H100 80GB HBM3 (torch 2.11, 2026-11-26; `--profile`):
+benchmarks/results/fidelity_gpu_{h200,h100}.json hold the runs with the predictions of the
+presets as they were then (efficiency curves read off A100 plots), *_calibrated.json the same
+runs re-predicted (`--predict-only`) with the spec `autoplan calibrate --nproc 1` wrote on that
+machine (calibration_{h200,h100}.yaml), *_preset.json with the dgx-h200 / dgx-h100-80gb presets
+after their efficiency curves were replaced by those microbenchmarks (rescaled to the datasheet
+peaks; specs/presets says so):
+  - memory: on both cards no plan exceeded its predicted peak (measured max_memory_allocated /
+    predicted peak: median 0.71, max 0.95); two plans went past the predicted tensors without the
+    allocator margin.
+  - step time, old presets: every plan predicted too fast, -25% even where the GPU was busy
+    (H200: Spearman 0.90, median |error| 33%; H100: 0.83, 42%).
+  - step time, microbenchmark curves (presets now; calibrated specs alike): where the GPU kept
+    busy (GPU busy >= 88% of the step) within -3..+8% on the H200 (mb4, mb8, 4x4 accumulation)
+    and -1..-10% on the H100; median |error| 8.7% (H200) and 29% (H100). The rest are host-bound
+    steps: micro-batch 1-2, and recompute at small micro-batches, whose checkpointing adds host
+    work (H200 mb1 selective: 0.12 s with the GPU busy 41% of it; the H100 machine's slower host
+    makes more plans host-bound). The cost model has no host-dispatch term on GPUs (the host is
+    assumed to run ahead of the kernels), so it predicts those 18-71% too fast;
+    calibration_*.measurements.json records the host's time per call (`host_s_per_call`, ~20 us
+    per GEMM call) that such a term would use.
   - an earlier calibration timed GPU ops by the host loop (calibration_h200_host_timed...json:
     every GEMM from n=32 to 1024 took ~20 us, the host's issue time), which made the calibrated
-    spec predict 2x too slow; runtime/calibrate_bench.py now times GPU kernels back to back
+    spec predict 2x too slow; runtime/calibrate_gpu.py now times GPU kernels back to back
     with CUDA events.
 """
 

@@ -8,7 +8,8 @@ Memory-bound ops use the curve of their own kind (MEMORY_CURVE: copy-like "memor
 "elementwise", or row-reduction "other"), each falling back to "memory" where not calibrated.
 
 The defaults below are ESTIMATES read off published microbenchmark plots, not fitted to any
-end-to-end training throughput:
+end-to-end training throughput (the dgx-h100-80gb and dgx-h200 presets carry curves measured on
+those GPUs instead, specs/presets):
 
 - compute (matmul, attention, conv): NVIDIA "Matrix Multiplication Background User's Guide"
   (docs.nvidia.com/deeplearning/performance/dl-performance-matrix-multiplication), whose
