@@ -6,6 +6,7 @@ sequence parallelism, schedule) with an even stage partition, and scores every c
 - cold: each candidate once, from empty caches (what a search pays the first time it sees a
   candidate: block costs per layer type are shared, pipeline simulations are shared only
   between candidates with the same pipeline and the same stage results, e.g. none and zero1);
+  `--repeat` passes (default 5), each after cost_models.clear_caches(), and their median;
 - warm: the same candidates again with every cache hot (the fixed overhead per call);
 - estimate_knobs returns with the score's fields set (step time, memory peak, fits) and computes
   the others on first access: "every field read" adds that, for every candidate;
@@ -38,12 +39,14 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cost_models import (
+    clear_caches,  # noqa: E402
     estimate_knobs,  # noqa: E402
     kernels,  # noqa: E402
 )
@@ -91,6 +94,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--traced", action="store_true", help="trace the bundled gpt3-175b (planner.trace) "
                     "instead of the analytic graph (tests/graphs.py)")
+    ap.add_argument("--repeat", type=int, default=5, help="cold passes (each from empty caches); the "
+                    "figure is their median")
     ap.add_argument("--no-freeze", action="store_true", help="leave the garbage collector as it is "
                     "(the search freezes what exists before it starts and pauses the collector)")
     args = ap.parse_args()
@@ -112,11 +117,16 @@ def main() -> None:
         gc.freeze()
         gc.disable()
 
-    sims_before = len(sim_mod._CACHE)
-    t0 = time.process_time()
-    results = [estimate_knobs(graph, k, s, hw, train) for k, s in cands]
-    cold = (time.process_time() - t0) / len(cands)
-    num_sims = len(sim_mod._CACHE) - sims_before
+    # cold passes, each from empty caches (cost_models.clear_caches: contexts, layouts, simulations,
+    # compiled schedules); the figure is their median (this VM's speed drifts 10-20% within minutes)
+    colds = []
+    for _ in range(args.repeat):
+        clear_caches()
+        t0 = time.process_time()
+        results = [estimate_knobs(graph, k, s, hw, train) for k, s in cands]
+        colds.append((time.process_time() - t0) / len(cands))
+    cold = statistics.median(colds)
+    num_sims = len(sim_mod._CACHE)
     t0 = time.process_time()
     for r in results:  # the fields besides the score, computed on first access
         _ = r.time_breakdown_s
@@ -149,7 +159,8 @@ def main() -> None:
     print(f"simulation kernels:         {'numba' if kernels.ready else 'pure Python (numba missing or AUTOPLAN_JIT=0)'}; "
           f"loaded once per process in {jit_s * 1e3:.0f} ms (before the timing)")
     print(f"garbage collector:          {'as is' if args.no_freeze else 'frozen and paused, as in the search'}")
-    print(f"per candidate, cold caches: {cold * 1e6:8.1f} us  (CPU time)")
+    print(f"per candidate, cold caches: {cold * 1e6:8.1f} us  (CPU time; median of {len(colds)} passes from "
+          f"empty caches: {', '.join(f'{c * 1e6:.1f}' for c in colds)})")
     print(f"  + every field read:       {(cold + details) * 1e6:8.1f} us  (breakdowns, throughput, ...: computed "
           f"on first access, {details * 1e6:.1f} us; a search reads them for the plans it reports)")
     print(f"per candidate, warm caches: {warm * 1e6:8.1f} us")

@@ -13,6 +13,7 @@ breakdowns. No torch.distributed, no device queries. Contract used by the planne
   -> per-block times and memory (cached per layer type), for the planner's stage partition DP.
 - `estimate_data_parallel_single_process(graph, hw, train, num_devices) -> StepEstimate` —
   single-process nn.DataParallel, so the explainer can say why DDP wins.
+- `clear_caches()` — forget the memos (values unchanged; the next estimates start cold).
 - `build_schedule(name, pp, num_micro_batches, virtual_stages)` -> per-rank action lists;
   `simulate(schedule, stage_times) -> ScheduleResult` (step time, bubble, peak in-flight
   micro-batches per rank, timeline).
@@ -29,6 +30,7 @@ estimate (one step, term by term) -> dataparallel (single-process nn.DataParalle
 """
 
 from cost_models.blocks import BlockCost, BlockCosts, block_costs
+from cost_models.caches import clear_caches
 from cost_models.comm import GroupLink, group_link
 from cost_models.dataparallel import estimate_data_parallel_single_process
 from cost_models.estimate import (
@@ -43,6 +45,7 @@ from cost_models.simulator import ScheduleResult, simulate
 
 __all__ = [
     "Action", "AxisCommEstimate", "BlockCost", "BlockCosts", "GroupLink", "Schedule", "ScheduleResult",
-    "StepEstimate", "block_costs", "build_schedule", "estimate_data_parallel_single_process", "estimate_knobs", "estimate_step", "group_link",
+    "StepEstimate", "block_costs", "build_schedule", "clear_caches", "estimate_data_parallel_single_process",
+    "estimate_knobs", "estimate_step", "group_link",
     "simulate", "step_lower_bound_knobs",
 ]
