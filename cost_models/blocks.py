@@ -310,6 +310,24 @@ def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompu
 
 
 
+def block_types(ctx: Context) -> tuple:
+    """The graph's (layer-type index of each block, per type its prefix counts of blocks, those
+    counts per position), layer types in the graph's order; the same for every setting."""
+    shape = ctx.costs.get("block types")
+    if shape is None:
+        names = list(ctx.graph.layer_types)
+        block_type = tuple(names.index(b.layer_type) for b in ctx.graph.blocks)
+        counts = tuple(tuple(accumulate((int(t == i) for t in block_type), initial=0)) for i in range(len(names)))
+        shape = ctx.costs["block types"] = (block_type, counts, tuple(zip(*counts, strict=True)))
+    return shape
+
+
+def composition(ctx: Context, first: int, last: int) -> tuple[tuple[int, ...], int]:
+    """BlockCosts.composition of blocks first..last without a setting (it is the graph's)."""
+    block_type, _counts, pc = block_types(ctx)
+    return tuple(map(sub, pc[last + 1], pc[first])), block_type[last]
+
+
 def block_costs_ctx(ctx: Context, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str) -> BlockCosts:
     key = (tp, bool(sequence_parallel and tp > 1), micro_batch_size, recompute)
     got = ctx.costs.get(key)
@@ -323,12 +341,7 @@ def block_costs_ctx(ctx: Context, tp: int, sequence_parallel: bool, micro_batch_
                for name, lt in ctx.graph.layer_types.items()}
     blocks = tuple(by_type[b.layer_type] for b in ctx.graph.blocks)
     names = list(by_type)
-    shape = ctx.costs.get("block types")  # the graph's, the same for every setting
-    if shape is None:
-        block_type = tuple(names.index(b.layer_type) for b in ctx.graph.blocks)
-        counts = tuple(tuple(accumulate((int(t == i) for t in block_type), initial=0)) for i in range(len(names)))
-        shape = ctx.costs["block types"] = (block_type, counts, tuple(zip(*counts, strict=True)))
-    block_type, counts, position_counts = shape
+    block_type, counts, position_counts = block_types(ctx)
     got = BlockCosts(tp, key[1], micro_batch_size, recompute, blocks, by_type,
                      tuple(by_type[n] for n in names), counts, block_type,
                      max(b.working_bytes for b in blocks), max(b.num_params for b in blocks), {}, {},

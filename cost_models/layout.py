@@ -29,7 +29,7 @@ from itertools import count
 from operator import itemgetter
 
 from cost_models import comm
-from cost_models.blocks import Context, block_costs_ctx
+from cost_models.blocks import Context, block_costs_ctx, composition
 from cost_models.ranks import _RID, _SUMS, _TIMES, _Cols, _fsdp_copies, _Rank, _rank_stages, _ranks
 from specs import HardwareSpec, Knobs, ModelGraph, SpecError
 
@@ -174,7 +174,7 @@ class _StageList:
 
     uid: int  # never reused (cache keys below hold it, not id())
     uniq: tuple[tuple[object, bool, str], ...]  # (StageSum, is last stage, recompute)
-    pattern: tuple[int, ...]
+    pattern: tuple[int, ...]  # the same for every setting of the partition (layout._stage_shape)
     flops_per_mb: float  # per tp rank, all stages: fwd + bwd + recompute
     pick: object = None  # per-uniq list -> per-stage tuple (one C call), as `pattern` says
 
@@ -185,36 +185,46 @@ def _stage_list(ctx: Context, stages, tp: int, sp: bool, mb: int, sub: dict) -> 
     got = sub.get(key)
     if got is not None:
         return got
-    # (first, last, recompute) -> StageSum for this (tp, sp, mb), shared by all stage lists
-    skey = ("stage sums", tp, sp, mb)
-    sums = ctx.costs.get(skey)
-    if sums is None:
-        sums = ctx.costs[skey] = {}
-    index: dict = {}  # id(StageSum) -> its index in uniq (the last stage apart: it also sends nothing)
-    uniq, pattern = [], []
+    shape = sub.get("shape")  # which stages are alike: the same for every setting
+    if shape is None:
+        shape = sub["shape"] = _stage_shape(ctx, stages)
+    keys, pattern, pick = shape
+    uniq = []
     costs: dict = {}  # recompute -> BlockCosts (one lookup per setting, not per stage)
-    for j, stage in enumerate(stages):
-        ss = sums.get(stage)
-        if ss is None:
-            a, b, r = stage
-            bc = costs.get(r)
-            if bc is None:
-                bc = costs[r] = block_costs_ctx(ctx, tp, sp, mb, r)
-            ss = sums[stage] = bc.stage_sum(a, b)
-        if j == len(stages) - 1:
-            i = len(uniq)
-            uniq.append((ss, True, stage[2]))
-        else:
-            i = index.get(id(ss))
-            if i is None:
-                i = index[id(ss)] = len(uniq)
-                uniq.append((ss, False, stage[2]))
-        pattern.append(i)
-    pick = itemgetter(*pattern) if len(pattern) > 1 else (lambda xs, _i=pattern[0]: (xs[_i],))
+    for comp, r, last, a, b in keys:
+        bc = costs.get(r)
+        if bc is None:
+            bc = costs[r] = block_costs_ctx(ctx, tp, sp, mb, r)
+        ss = bc.sums.get(comp)
+        uniq.append((ss if ss is not None else bc.stage_sum(a, b), last, r))
     # per-tp-rank FLOPs summed over the stages in order
     flops = sum(pick([ss.fwd_flops + ss.bwd_flops + ss.recompute_flops for ss, _, _ in uniq]))
-    got = sub[key] = _StageList(next(_STAGE_IDS), tuple(uniq), tuple(pattern), flops, pick)
+    got = sub[key] = _StageList(next(_STAGE_IDS), tuple(uniq), pattern, flops, pick)
     return got
+
+
+def _stage_shape(ctx: Context, stages) -> tuple:
+    """The distinct stages of a partition, whatever the setting: ((composition, recompute, is the
+    last stage, first, last) per distinct stage in order of first occurrence, each stage's index
+    into them, the call that spreads a per-distinct list over the stages). Stages alike (the same
+    blocks by layer type, the same recompute, not the last) have the same block sums in any
+    setting (BlockCosts.sums is keyed by composition); the last stage is apart (it sends nothing)."""
+    index: dict = {}
+    keys, pattern = [], []
+    last_j = len(stages) - 1
+    for j, (a, b, r) in enumerate(stages):
+        comp = composition(ctx, a, b)
+        if j == last_j:
+            i = len(keys)
+            keys.append((comp, r, True, a, b))
+        else:
+            i = index.get((comp, r))
+            if i is None:
+                i = index[(comp, r)] = len(keys)
+                keys.append((comp, r, False, a, b))
+        pattern.append(i)
+    pick = itemgetter(*pattern) if len(pattern) > 1 else (lambda xs, _i=pattern[0]: (xs[_i],))
+    return tuple(keys), tuple(pattern), pick
 
 
 def _layout(ctx: Context, k: Knobs, stages, sched: str, sub: dict) -> _Layout:

@@ -159,7 +159,7 @@ def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, shard_n: int, acc
     # computed once per kind from one of its ranks (everything read below is the kind's). (A memo
     # of kinds across stage lists was tried: it hit for 0.1% of a 175B search's kinds, 6% of a 1T
     # one's, and cost more than it saved.)
-    kkey = ("kinds", sl.uid, v, tkey)  # which ranks are alike: the same for every stage-result set of sl
+    kkey = ("kinds", v, tkey)  # which ranks are alike: the same for every setting of this stage list
     shape = sub.get(kkey)
     if shape is None:
         shape = sub[kkey] = _kinds(sl.pattern, pp, v, tied_rank_params, tied_comm)
