@@ -173,3 +173,20 @@ def test_details_on_first_access_behave_as_fields(graph):
     assert e == estimate_knobs(graph, k, stages, HardwareSpec.preset("dgx-a100-80gb", 1), train)
     assert sum(e.time_breakdown_s.values()) == pytest.approx(e.step_time_s, rel=1e-12)
     assert e.to_prediction().step_time_s == e.step_time_s
+
+
+def test_clear_caches_forgets_everything_and_changes_no_estimate(graph):
+    """cost_models.clear_caches(): the memos are empty afterwards and the estimates are the same
+    (benchmarks/cost_bench.py times its cold passes after it)."""
+    from cost_models import blocks, clear_caches, layout, periodic, simulator
+
+    hw = HardwareSpec.preset("dgx-a100-80gb", 1)
+    train = TrainSpec(global_batch_size=64)
+    cands = [c for c in _candidates(graph, hw.num_devices) if c[0].pp > 1][:40]
+    before = [_fields(estimate_knobs(graph, k, s, hw, train)) for k, s in cands]
+    assert simulator._CACHE and blocks._CONTEXTS
+    clear_caches()
+    assert not simulator._CACHE and not blocks._CONTEXTS and not layout._NOTES and not periodic._BY_M
+    assert simulator._compiled.cache_info().currsize == 0
+    after = [_fields(estimate_knobs(graph, k, s, hw, train)) for k, s in cands]
+    assert after == before
