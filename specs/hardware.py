@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from specs._base import Frozen, SpecError, validate_model
 from specs.io import load_data
@@ -182,7 +182,22 @@ class HardwareSpec(Frozen):
         description="The devices are processes on the host CPU (no accelerator): the optimizer step runs "
         "on the CPU at host.cpu_adam_params_per_s (measured) instead of a memory-bandwidth estimate.",
     )
+    attention_kernel: Literal["flash", "math"] | None = Field(
+        default=None,
+        validate_default=True,
+        description="Which kernels run fused attention (F.scaled_dot_product_attention) on these devices, "
+        "and so what it saves for backward: 'flash' (CUDA flash / memory-efficient / cuDNN kernels: q, k, "
+        "v, the output and an fp32 log-sum-exp) or 'math' (the unfused path: the a*s^2 scores, "
+        "probabilities and dropout mask too). Default: math where device_is_host_cpu, else flash.",
+    )
     sources: dict[str, str] = Field(default_factory=dict, description="Where each constant comes from.")
+
+    @field_validator("attention_kernel", mode="before")
+    @classmethod
+    def _default_attention_kernel(cls, v, info: ValidationInfo):
+        if v is None:
+            return "math" if info.data.get("device_is_host_cpu") else "flash"
+        return v
 
     @property
     def num_devices(self) -> int:
