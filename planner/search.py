@@ -30,7 +30,7 @@ only if that bound can still beat the k-th best. A point is pruned when its boun
 than the k-th best distinct configuration found so far (k = constraints.top_k, so the
 alternatives are exact within ALTERNATIVES_WINDOW of the best), or when its model states alone
 exceed memory (max(total / pp, largest block) of parameters, gradients and optimizer states
-after sharding). The item bound is that of the partition the search scores first (the
+after sharding, by the estimate's own term: cost_models.memory.sharded_states). The item bound is that of the partition the search scores first (the
 memory-free one); a point that needs a memory-aware partition is bounded again on that
 partition before it is scored. Every pruned region is recorded with its reason.
 
@@ -48,9 +48,10 @@ import itertools
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cost_models import memory
 from planner.partition import ModeCosts, Partition, Partitioner
 from planner.scoring import Backend
 from planner.space import SHARDINGS, SearchSpace
@@ -116,6 +117,9 @@ class Search(SearchSpace):
         self.ends = [*cuts, graph.num_blocks - 1]
         self.pins = self.c.pins()
         self.modes = self._modes()
+        # the cost model's bytes per parameter (cost_models.blocks.Context.bpp): its convention
+        # decides what each ZeRO stage divides (cost_models.memory.sharded_states)
+        self._bpp = memory.bytes_per_param(train.precision, train.optimizer)
         self._rejected: dict[str, Rejection] = {}
         self._partitioners: dict[tuple, Partitioner] = {}
         self._partitions: dict[tuple, Partition | None] = {}
@@ -139,17 +143,19 @@ class Search(SearchSpace):
 
     # ------------------------------------------------------------------ memory
     def state_bytes(self, prof, sharding: str, hsdp: int | None, offload: str, dp: int) -> list[float]:
-        """Per-block parameter + gradient + optimizer bytes on one device after sharding."""
-        div = {"none": (1, 1, 1), "zero1": (1, 1, dp), "zero2": (1, dp, dp), "zero3": (dp, dp, dp)}
-        if sharding == "hsdp":
-            dp_p = dp_g = dp_o = hsdp or 1
-        else:
-            dp_p, dp_g, dp_o = div[sharding]
-        keep_opt = 0.0 if offload == "cpu" else 1.0
-        return [
-            p / dp_p + g / dp_g + keep_opt * o / dp_o
-            for p, g, o in zip(prof.param_bytes, prof.grad_bytes, prof.optimizer_bytes, strict=True)
-        ]
+        """Per-block parameter + gradient + optimizer bytes on one device after sharding.
+
+        The estimate's own term, cost_models.memory.sharded_states, applied block by block to the
+        profile's bytes (so a bound built on it is one: zero2 keeps FSDP2's parameters sharded in the
+        torch convention, as the estimate does)."""
+        bpp = self._bpp
+        out = []
+        for p, g, o in zip(prof.param_bytes, prof.grad_bytes, prof.optimizer_bytes, strict=True):
+            # one "parameter" whose bytes are the block's: sharded_states is linear in the count
+            st = memory.sharded_states(1.0, replace(bpp, param=p, grad=g, optimizer=o), sharding=sharding,
+                                       dp=dp, hsdp_shard_size=hsdp, offload=offload)
+            out.append(st.param + st.grad + st.optimizer)
+        return out
 
     def state_lower_bound(self, pp: int, dp: int, tp: int, sharding: str, hsdp: int | None, offload: str) -> float:
         key = (pp, dp, tp, sharding, hsdp, offload)
@@ -157,7 +163,10 @@ class Search(SearchSpace):
         if got is None:
             prof = self.backend.profile(tp, False, 1, self.modes[-1])
             st = self.state_bytes(prof, sharding, hsdp, offload, dp)
-            got = max(sum(st) / pp, max(st))
+            # tied blocks on one rank hold their shared parameters once (cost_models.ranks._tied):
+            # the smaller block of a pair bounds the copy the estimate does not count
+            tied = sum(min(st[a], st[b]) for a, b in self.graph.tied_blocks)
+            got = max((sum(st) - tied) / pp, max(st))
             self._state_lb[key] = got
         return got
 
@@ -280,13 +289,21 @@ class Search(SearchSpace):
             for mb, n_mb in self.micro_batches(pp, dp):
                 for sp in self.sp_options(tp):
                     prof = self.backend.profile(tp, sp, mb, self.modes[0])
-                    lb0 = n_mb * max(sum(prof.time_s) / pp, max(prof.time_s))
+                    lb0 = self.region_bound(prof, pp, n_mb)
                     region = (pp, dp, tp, mb, n_mb, sp)
                     for sched, v in self.schedules(pp, n_mb):
                         lb = max(lb0, self.schedule_bound(prof, region, sched, v))
                         out.append((lb, region, sched, v))
         out.sort(key=lambda r: (r[0], r[1], r[2], r[3]))
         return out
+
+    @staticmethod
+    def region_bound(prof, pp: int, n_mb: int) -> float:
+        """Step-time bound of every point of a (mesh, mb, sp) region, whatever its partition,
+        schedule, sharding or recompute: num_micro_batches x the busiest rank's time per
+        micro-batch, which is at least the average rank's and that of the rank holding the slowest
+        block (`prof` in the fastest mode)."""
+        return n_mb * max(sum(prof.time_s) / pp, max(prof.time_s))
 
     def schedule_bound(self, prof, region: tuple, sched: str, v: int) -> float:
         """Step-time bound of a region's schedule from the memory-free min-max partition's stage
@@ -320,6 +337,9 @@ class Search(SearchSpace):
     def candidates(self, region: tuple, sched: str, v: int) -> Iterator[Knobs]:
         pp, dp, tp, mb, n_mb, sp = region
         for sharding, hsdp, off in self.shardings(dp, pp, tp):
+            if knob_problem(sharding=sharding, offload=off, pp=pp, dp=dp, tp=tp,
+                            precision=self.train.precision, schedule=sched):
+                continue  # e.g. zero_bubble with a resharding FSDP2 (planner.capabilities)
             yield Knobs(
                 pp=pp, dp=dp, tp=tp, sharding=sharding, hsdp_shard_size=hsdp, offload=off,
                 micro_batch_size=mb, num_micro_batches=n_mb, schedule=sched, virtual_stages=v,
