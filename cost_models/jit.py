@@ -1,4 +1,6 @@
-"""numba kernels behind cost_models.kernels (imported only when the kernels are loaded).
+"""numba kernels behind cost_models.kernels (imported only when the kernels are loaded, by
+kernels.warm_up, which also guards numba's import; the machine code is cached in
+kernels.cache_dir(), under the user's cache home).
 
 Each kernel is a line-for-line port of a Python pass that stays in the code base as the reference
 (and as the path used without numba): the same floating-point operations in the same order, the
@@ -16,7 +18,12 @@ timing kernels read; the compile kernels keep -1 as the Python code does.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from cost_models.kernels import use_cache_dir
+
+use_cache_dir()  # before numba decorates anything here: the cache goes under the user's cache home
+
+from numba import njit  # noqa: E402
 
 
 @njit(cache=True, nogil=True)

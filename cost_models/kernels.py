@@ -21,14 +21,29 @@ and caches them, ~5 s). So the kernels are loaded
 
 `AUTOPLAN_JIT=0` in the environment (or numba missing) keeps everything in Python. Either way the
 results are the same, bit for bit (tests/test_cost_kernels.py).
+
+Loading is guarded, as a search must not fail for an optimisation's sake:
+- numba's machine-code cache goes under the user's cache home (`cache_dir`: $AUTOPLAN_CACHE_DIR,
+  else $XDG_CACHE_HOME/autoplan, else ~/.cache/autoplan; then numba/), never beside the installed
+  sources (numba's default, often read-only or shared). NUMBA_CACHE_DIR is set to it before numba
+  is imported, unless the user set NUMBA_CACHE_DIR themselves;
+- numba's import runs `import coverage` (numba.misc.coverage_support); a file named coverage.py
+  in the user's working folder shadows the package and breaks it ("module 'coverage' has no
+  attribute 'types'"). Unless coverage is already imported (then it is the one in use), that
+  import is answered "not installed" while numba loads: the user's file is not run;
+- any other failure to import, compile or load the kernels leaves the Python passes in place with
+  one RuntimeWarning (tests/test_kernel_loading.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import time
+import warnings
 from itertools import chain
+from pathlib import Path
 
 import numpy as np
 
@@ -37,26 +52,71 @@ LOAD_AFTER_S = 0.3  # CPU seconds of Python passes before loading: ~ the measure
 
 ready = False  # kernels loaded (callers check this flag, then call jit.<kernel>)
 jit = None  # the cost_models.jit module once loaded
+failed: str | None = None  # why loading failed (then the Python passes stay; warned once)
 _python_s = 0.0
+
+
+def cache_dir() -> Path:
+    """Where numba caches the kernels' machine code: <autoplan cache home>/numba, the home being
+    $AUTOPLAN_CACHE_DIR, else $XDG_CACHE_HOME/autoplan, else ~/.cache/autoplan."""
+    home = os.environ.get("AUTOPLAN_CACHE_DIR")
+    if not home:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        home = str(Path(xdg) / "autoplan")
+    return Path(home).expanduser() / "numba"
+
+
+def use_cache_dir() -> None:
+    """Point numba's cache at `cache_dir()` (unless NUMBA_CACHE_DIR is the user's own); call before
+    cost_models.jit is imported (numba picks a function's cache place when it is decorated)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir())
+    config = sys.modules.get("numba.core.config")
+    if config is not None:  # numba imported earlier by someone else: re-read the environment
+        config.reload_config()
 
 
 def charge(seconds: float) -> None:
     """Count `seconds` of Python pass time; loads the kernels once the total reaches LOAD_AFTER_S."""
     global _python_s
     _python_s += seconds
-    if _python_s >= LOAD_AFTER_S and AVAILABLE and not ready:
+    if _python_s >= LOAD_AFTER_S and AVAILABLE and not ready and failed is None:
         warm_up()
 
 
 def warm_up() -> float:
     """Load (or, the first time on a machine, compile) the kernels now; returns the CPU seconds it
-    took (0.0 when already loaded or unavailable)."""
-    global ready, jit
-    if ready or not AVAILABLE:
+    took (0.0 when already loaded, unavailable or failed). A failure warns once and leaves the
+    Python passes in place."""
+    global ready, jit, failed
+    if ready or not AVAILABLE or failed is not None:
         return 0.0
     t0 = time.process_time()
-    from cost_models import jit as mod
+    try:
+        mod = _load()
+    except Exception as e:  # anything numba raises: the kernels are an optimisation only
+        failed = f"{type(e).__name__}: {e}"
+        warnings.warn(f"autoplan: the compiled pipeline kernels did not load ({failed}); planning goes on "
+                      f"with the Python passes (same results, slower). AUTOPLAN_JIT=0 skips them.",
+                      RuntimeWarning, stacklevel=2)
+        return time.process_time() - t0
+    jit, ready = mod, True
+    return time.process_time() - t0
 
+
+def _load():
+    """Import cost_models.jit (numba) and run each kernel once on a tiny input (compiles or loads
+    its cached machine code)."""
+    use_cache_dir()
+    shadow = "coverage" not in sys.modules
+    if shadow:  # numba.misc.coverage_support's `import coverage` must not run a user's coverage.py
+        sys.modules["coverage"] = None  # type: ignore[assignment]  # "not installed" for that import
+    try:
+        from cost_models import jit as mod
+    finally:
+        if shadow and sys.modules.get("coverage", 0) is None:
+            del sys.modules["coverage"]
     one = np.zeros(1, dtype=np.int64)
     cnt = np.zeros((1, 3), dtype=np.int64)
     T = np.zeros((1, 4))
@@ -64,8 +124,7 @@ def warm_up() -> float:
     mod.play_rounds(one, one, one, one, one, cnt, cnt, one, T, True, 0, 1, 1, 1, 1, 0, 1e-13)
     ok, order, *_ = mod.compile_order(one, one, one, np.array([0, 1]), one, 1, 1, 1, 1)
     mod.rounds_structure(order, 1, 1, 1)
-    jit, ready = mod, True
-    return time.process_time() - t0
+    return mod
 
 
 def index_array(xs, none: int) -> np.ndarray:
