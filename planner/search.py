@@ -5,7 +5,8 @@ Space (one point = specs.Knobs plus a stage partition):
   constraints.tp_across_nodes; tp divides every TPCandidate.divisor of the graph; pp * v stages
   fit the graph's cut points; dp divides the global batch;
 - sharding none | zero1 | zero2 | zero3 | hsdp(shard size s: 1 < s < dp, s | dp), only none when
-  dp = 1; offload none | cpu (cpu only if train.allow_offload);
+  dp = 1 (the runtime runs no FSDP2 on one replica; planner.space); offload none | cpu (cpu only
+  if train.allow_offload);
 - micro-batch size mb | global_batch / dp, num_micro_batches = global_batch / (dp * mb)
   (> 1 needs train.allow_grad_accumulation or pp > 1);
 - sequence parallelism (tp > 1);
@@ -52,6 +53,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cost_models import memory
+from planner.capabilities import knob_problem
 from planner.partition import ModeCosts, Partition, Partitioner
 from planner.scoring import Backend
 from planner.space import SHARDINGS, SearchSpace

@@ -47,6 +47,52 @@ def test_optimal_under_the_cost_model(case):
     assert backend.calls < count
 
 
+def _small_memory(hw: HardwareSpec, gib: float) -> HardwareSpec:
+    return hw.model_copy(update={"device": hw.device.model_copy(update={"memory_bytes": int(gib * 2**30)})})
+
+
+@pytest.mark.tier1
+@pytest.mark.parametrize("gib", [4, 5])
+def test_memory_bound_free_plan_equals_the_best_pinned(gib):
+    """A 0.8B GPT on 8 devices of 4 or 5 GiB: states alone (13 GB unsharded) decide what fits.
+    The free plan equals the best of an exhaustive grid over every pinned sharding (which also
+    reaches zero1/zero2/zero3 at dp = 1, outside the free space), offload allowed. At 5 GiB the
+    answer is zero3 (unsharded plans do not fit at dp > 1; zero2 is slower)."""
+    g = gpt_graph(vocab=1024, hidden=4096, layers=4, heads=32, seq_len=1024)
+    hw = _small_memory(HardwareSpec.preset("dgx-a100-80gb", devices=8), gib)
+    train = TrainSpec(global_batch_size=16, allow_checkpointing=False, allow_offload=True)
+    best = {}
+    for sharding in ("none", "zero1", "zero2", "zero3", "hsdp"):
+        t, k, _stages, _count = brute_force(g, hw, train, CostModelBackend(g, hw, train), Constraints(sharding=sharding))
+        best[sharding] = (t, k)
+    want_t, want_k = min(best.values(), key=lambda x: x[0])
+    plan = autoplan(None, hw, graph=g, train=train, backend=CostModelBackend(g, hw, train))
+    assert plan.predicted.step_time_s == pytest.approx(want_t, rel=1e-9), (str(plan), str(want_k))
+    if gib == 5:
+        assert plan.data_parallel.sharding == "zero3" and best["zero2"][0] > want_t * 1.01
+        assert best["none"][1].dp == 1  # no unsharded plan fits at dp > 1
+
+
+@pytest.mark.tier1
+def test_the_free_space_offers_sharding_at_dp1_exactly_where_the_runtime_runs_fsdp_there():
+    """planner.space offers only sharding=none at dp = 1 because the runtime runs no FSDP2 there
+    (runtime/data_parallel.py: apply_data_parallel returns the model as it is at dp = 1, and
+    uses_fsdp is False, so training uses autocast): a zero2/zero3 plan at dp = 1 would run as
+    sharding none, not as the cost model's FSDP terms (no autocast weight copy) predict. FSDP2 on
+    a one-rank mesh does work (checked on gloo); when the runtime applies it at dp = 1, this test
+    fails and the space should offer zero2/zero3 (and their offload) at dp = 1 too."""
+    from planner.search import Search
+    from runtime.data_parallel import uses_fsdp
+
+    g = gpt_graph(vocab=1024, hidden=256, layers=4, heads=8, seq_len=128)
+    hw = HardwareSpec.preset("dgx-a100-80gb", devices=8)
+    train = TrainSpec(global_batch_size=16, allow_offload=True)
+    pinned = autoplan(None, hw, graph=g, train=train, constraints=Constraints(dp=1, sharding="zero3"))
+    assert pinned.mesh.dp == 1 and pinned.data_parallel.sharding == "zero3"
+    free_at_dp1 = Search(g, hw, train, None, CostModelBackend(g, hw, train)).shardings(1, 8, 1)
+    assert (free_at_dp1 != [("none", None, "none")]) == uses_fsdp(pinned)
+
+
 @pytest.mark.tier1
 def test_search_pauses_the_collector_and_leaves_no_cyclic_garbage(monkeypatch):
     """Search.run pauses the cyclic garbage collector while it scores (planner/search.py): safe
