@@ -58,6 +58,7 @@ SMALL: dict[str, tuple[str, str, dict]] = {
         dict(_DEC, num_key_value_heads=2, sliding_window=None),
     ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_DEC, num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DEC, num_key_value_heads=2, head_dim=16)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DEC, num_key_value_heads=4, pad_token_id=0)),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(_DEC)),
     "opt": (

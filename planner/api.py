@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from planner.build_plan import build_plan, loss_note
+from planner.capabilities import schedule_problem, sequence_parallel_problem
 from planner.partition import even_partition
 from planner.scoring import Backend, CostModelBackend
 from planner.search import GiB, Scored, Search, SearchResult
@@ -156,6 +157,11 @@ def plan_from_knobs(
     knobs.recompute. Raises SpecError if the knobs are not a valid plan for this graph/hardware.
     """
     hw = HardwareSpec.load(hw)
+    why = schedule_problem(schedule=knobs.schedule, sharding=knobs.sharding, pp=knobs.pp, dp=knobs.dp)
+    if why is None and knobs.sequence_parallel and knobs.tp > 1:
+        why = sequence_parallel_problem(graph)
+    if why:
+        raise SpecError(f"knobs: the runtime cannot run {knobs}: {why}")
     num = knobs.pp * knobs.virtual_stages
     if stages is None:
         if knobs.recompute == "mixed":

@@ -16,6 +16,15 @@ search records the point as rejected, with the runtime's reason, instead of retu
   not executed by this runtime yet"); conv candidates are dropped, so a conv block is replicated
   under tp.
 
+- schedule `zero_bubble` with sharding zero3 or hsdp (pp > 1, dp > 1): runtime/pipeline.py
+  `validate_pipeline` ("zero_bubble splits each backward into input and weight parts, and FSDP2
+  resharding parameters between them trains to wrong numbers"). Measured: pp=2 x dp=2 zero3 drifted
+  from one process by 5e-2 in the loss in three steps (tests/coverage_cases.py); zero2 (FSDP2
+  without resharding after forward) and DDP match, and so do gpipe/1f1b with zero3.
+- sequence parallelism where an attention stays whole under tp (LayerType.unsplit_attention: a
+  fused q/k/v projection split along its features, a hard-coded head count, a module the runtime
+  cannot split): the whole attention would see only its rank's tokens. `sequence_parallel_problem`.
+
 Not a refusal: sharding `none` with tp > 1 or pp > 1 runs as FSDP2 `replicate` instead of DDP
 (runtime/data_parallel.py `_ddp_ok`), which all-reduces the same gradients: same cost, allowed.
 
@@ -30,8 +39,16 @@ from specs import TPCandidate
 NOT_EXECUTABLE_STYLES = frozenset({"conv_out"})
 
 
-def knob_problem(*, sharding: str, offload: str, pp: int, dp: int, tp: int, precision: str) -> str | None:
-    """Why the runtime refuses these knobs (one sentence naming the rule), or None if it runs them."""
+RESHARDING = ("zero3", "hsdp")  # FSDP2 with reshard_after_forward=True (runtime/data_parallel.py)
+
+
+def knob_problem(*, sharding: str, offload: str, pp: int, dp: int, tp: int, precision: str,
+                 schedule: str | None = None) -> str | None:
+    """Why the runtime refuses these knobs (one sentence naming the rule), or None if it runs them.
+    `schedule` None: the rules that do not depend on it."""
+    why = schedule_problem(schedule=schedule, sharding=sharding, pp=pp, dp=dp)
+    if why:
+        return why
     if sharding == "zero1" and dp > 1 and (tp > 1 or pp > 1):
         return (f"zero1 with tp={tp}, pp={pp}: the runtime's ZeroRedundancyOptimizer composes only with "
                 f"plain DDP (runtime/data_parallel.py); zero2 shards optimizer states and gradients there")
@@ -45,3 +62,21 @@ def knob_problem(*, sharding: str, offload: str, pp: int, dp: int, tp: int, prec
 def executable_candidate(cand: TPCandidate) -> bool:
     """True when the runtime can apply every style of this tensor-parallel candidate."""
     return not any(style in NOT_EXECUTABLE_STYLES for style in cand.modules.values())
+
+
+def schedule_problem(*, schedule: str | None, sharding: str, pp: int, dp: int) -> str | None:
+    """Why the runtime refuses this pipeline schedule with this sharding, or None."""
+    if schedule == "zero_bubble" and pp > 1 and dp > 1 and sharding in RESHARDING:
+        return (f"zero_bubble with {sharding}: the split input/weight backward and FSDP2's resharding "
+                f"train to wrong numbers (runtime/pipeline.py); use zero2, 1f1b or interleaved_1f1b")
+    return None
+
+
+def sequence_parallel_problem(graph) -> str | None:
+    """Why sequence parallelism cannot run on this traced graph (an attention left whole under tp
+    would mix only its rank's tokens), or None."""
+    for name in sorted(graph.layer_types):
+        why = graph.layer_types[name].unsplit_attention
+        if why:
+            return f"sequence parallelism needs every attention split by heads; {name}'s is not: {why}"
+    return None

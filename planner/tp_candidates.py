@@ -19,6 +19,21 @@ call_function whose argument is, through views, a get_attr Parameter):
 - Fixed head count: an attention whose q/k/v output is viewed as (.., -1, num_heads, head_dim),
   the -1 off the head axis (OPT), gets no candidate: a colwise split would fold the missing heads
   into another axis instead of giving each rank its local heads (`_fixed_head_view`).
+- Fused projections: a column reaching more than one of the attention's q/k/v operands (one
+  Linear making q, k and v) gets a head split only when its output is first viewed per head with
+  the head axis inferred (`view(B, T, -1, 3 * d)` then split inside each head: Megatron-LM's and
+  GPT-NeoX's layout, where a colwise split keeps whole heads). Split along the feature axis
+  (`.chunk(3)`, `.split([h, kv, kv])`: nanoGPT, GPT-2, Phi-3) a colwise split would hand each
+  rank a slice of q|k|v instead of its heads (silently wrong for chunk, a crash for split sizes),
+  so the attention stays whole (`_fused_problem`).
+- Parameters inside a head-split region (Qwen3's q_norm/k_norm over head_dim): a module whose
+  parameters are all 1-D of the per-head width gets style `head_norm` (replicated weights whose
+  gradient is summed over tp; runtime.tensor_parallel); any other parameter there, or a module
+  the runtime cannot split (colwise/rowwise need an nn.Linear, vocab an nn.Embedding; GPT-2's
+  Conv1D is neither), leaves the attention or MLP whole.
+- An attention left whole under tp is recorded with the reason (`TPAnalysis.unsplit_attention`,
+  LayerType.unsplit_attention): sequence parallelism, which splits the tokens it mixes, is then
+  not offered (planner.capabilities).
 - MultiheadAttention leaf modules (fx keeps them whole): one attention candidate with the
   module's own num_heads.
 
@@ -64,6 +79,7 @@ class TPAnalysis:
     attention_scores: set[fx.Node] = field(default_factory=set)  # the q @ k^T nodes
     num_heads: int | None = None
     num_kv_heads: int | None = None
+    unsplit_attention: str | None = None  # why an attention stays whole under tp
 
 
 def node_kind(n: fx.Node, gm: nn.Module) -> str | None:
@@ -147,7 +163,11 @@ def analyse_block(
     input_dependent: set[fx.Node],
     reaches_output: set[fx.Node],
     batch: int,
+    modules: dict[str, nn.Module] | None = None,
 ) -> TPAnalysis:
+    """TP candidates and per-node splits of one block. `modules` (module path -> module of the
+    original model) lets the analysis offer only styles the runtime can apply to those modules;
+    without it the module types are not checked."""
     members = set(block.nodes)
     res = TPAnalysis()
     pops = {n: p for n in block.nodes if (p := param_op(n, gm, values)) is not None}
@@ -205,11 +225,19 @@ def analyse_block(
             res.attention_scores.add(m1)
             if heads:
                 res.num_heads, res.num_kv_heads = heads, kv
+            why = None
             if _fixed_head_view(cols, reach, gm, values):
-                # No head split offered: the module hard-codes its head count (see _fixed_head_view);
-                # the projections and the attention between them stay replicated.
+                why = "its q/k/v view hard-codes the head count"
+            if why is None:
+                why = _fused_problem(cols, reach, _operands(m1, m2, core), gm, values)
+            head_mods, problem = _head_params(region, gm, values)
+            why = why or problem or _module_problem(cols, rws, pops, modules)
+            if why is not None:
+                # No head split offered; the projections and the attention between them stay
+                # replicated (whole on every tp rank).
                 for n in region | set(cols) | set(rws):
                     res.tp_split[n] = "replicate"
+                res.unsplit_attention = res.unsplit_attention or f"{_where(block, cols, pops)}: {why}"
                 continue
             divisor = math.gcd(heads, kv) if heads and kv else 1
             kind = "attention"
@@ -218,6 +246,9 @@ def analyse_block(
             kind = "gated_mlp" if len(cols) >= 2 else "mlp"
             divisor = math.gcd(*[pops[c].out_features for c in cols])
             split = "column"
+            head_mods = []
+            if _module_problem(cols, rws, pops, modules) is not None:
+                continue  # left replicated: the runtime cannot split these modules
         for n in region:
             res.tp_split[n] = split
         for c in cols:
@@ -226,6 +257,7 @@ def analyse_block(
             res.tp_split[r] = "row"
         mods = {relative_path(block, pops[c].path): "colwise" for c in cols}
         mods.update({relative_path(block, pops[r].path): "rowwise" for r in sorted(rws, key=block.nodes.index)})
+        mods.update({relative_path(block, m): "head_norm" for m in head_mods})
         res.candidates.append(TPCandidate(kind=kind, modules=mods, divisor=max(divisor, 1)))
 
     paired = set(reach) | rows
@@ -233,6 +265,8 @@ def analyse_block(
         p = pops.get(n)
         if p is None or n in paired:
             continue
+        if p.kind != "conv" and _module_problem([n], [], pops, modules, vocab=p.kind == "embedding"):
+            continue  # a style the runtime cannot apply to this module: left replicated
         if p.kind == "embedding" and any(a in input_dependent for a in n.all_input_nodes):
             res.tp_split[n] = "vocab"
             res.candidates.append(TPCandidate(kind="vocab_embedding", divisor=p.out_features,
@@ -264,6 +298,88 @@ def analyse_block(
 
 
 _VIEWS = {"view", "reshape", "_unsafe_view"}
+_SPLITS = {"chunk", "split", "split_with_sizes", "tensor_split", "unbind", "narrow", "getitem",
+           "unsafe_split", "unsafe_chunk", "slice", "select"}
+
+
+def _operands(m1: fx.Node, m2: fx.Node, core: set[fx.Node]) -> list[fx.Node]:
+    """The attention's q, k and v operands: q @ k^T's two inputs and probs @ v's input that is not
+    the probabilities (or a fused kernel's first three arguments)."""
+    if m1 is m2:
+        return [a for a in m1.args[:3] if isinstance(a, fx.Node)]
+    ops = [a for a in m1.args[:2] if isinstance(a, fx.Node)]
+    ops += [a for a in m2.args[:2] if isinstance(a, fx.Node) and a not in core]
+    return ops
+
+
+def _fused_problem(cols, reach, operands: list[fx.Node], gm, values: dict) -> str | None:
+    """Why a fused q/k/v projection cannot be split colwise (see the module docstring), or None."""
+    for c in cols:
+        visited = reach[c][0]
+        if sum(1 for op in operands if op in visited) < 2:
+            continue  # one projection per operand (or a fused k/v pair handled below alike)
+        out = values.get(c)
+        width = out.dim() if isinstance(out, torch.Tensor) else None
+        head_view = False
+        for n in visited:
+            name = target_name(n, gm) if n.op in ("call_function", "call_method") else ""
+            src = values.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+            if not isinstance(src, torch.Tensor):
+                continue
+            if name in _SPLITS and width is not None and src.dim() <= width:
+                return (f"one projection makes q, k and v and is split along its features "
+                        f"({name}); a colwise split would give each rank a slice of q|k|v, not its heads")
+            if name in _VIEWS:
+                shape = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+                shape = list(shape)
+                res = values.get(n)
+                if (isinstance(res, torch.Tensor) and res.dim() == src.dim() + 1 and len(shape) == res.dim()
+                        and isinstance(shape[-2], int) and shape[-2] == -1):
+                    head_view = True
+        if not head_view:
+            return "one projection makes q, k and v without a per-head view whose head axis is inferred"
+    return None
+
+
+def _head_params(region: set[fx.Node], gm, values: dict) -> tuple[list[str], str | None]:
+    """Modules owning parameters inside a head-split region: ([module path], None) when each is
+    a per-head module the runtime replicates with a tp-summed gradient (`head_norm`: all its
+    parameters 1-D of the per-head width, e.g. Qwen3's q_norm over head_dim), else ([], why)."""
+    found: list[str] = []
+    for n in region:
+        for a in n.all_input_nodes:
+            if a.op != "get_attr" or not isinstance(_get_attr(gm, a.target), nn.Parameter):
+                continue  # buffers (causal masks, rotary tables) are not trained
+            t = values.get(a)
+            if not isinstance(t, torch.Tensor):
+                continue
+            out = values.get(n)
+            width = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() else None
+            path = str(a.target).rsplit(".", 1)[0] if "." in str(a.target) else ""
+            if t.dim() != 1 or width is None or t.shape[0] != width or not path:
+                return [], (f"parameter {a.target} {tuple(t.shape)} acts on the head-split tensors and is "
+                            f"not a per-head norm weight")
+            if path not in found:
+                found.append(path)
+    return sorted(found), None
+
+
+def _module_problem(cols, rows, pops: dict, modules: dict | None, *, vocab: bool = False) -> str | None:
+    """Why the runtime cannot apply colwise/rowwise (nn.Linear) or vocab (nn.Embedding) to these
+    ops' modules, or None (also when the module types are unknown)."""
+    if modules is None:
+        return None
+    want = nn.Embedding if vocab else nn.Linear
+    for n in [*cols, *rows]:
+        mod = modules.get(pops[n].path)  # None: a path the tracer names differently; not judged
+        if mod is not None and not isinstance(mod, want):
+            return (f"{pops[n].path} is a {type(mod).__name__}; the runtime's tensor-parallel styles "
+                    f"split only {want.__name__} modules")
+    return None
+
+
+def _where(block: BlockSpec, cols, pops: dict) -> str:
+    return f"{block.name} ({', '.join(relative_path(block, pops[c].path) or block.name for c in cols)})"
 
 
 def _fixed_head_view(cols, reach, gm, values: dict) -> bool:

@@ -211,6 +211,7 @@ def _build(model, gm, traced_by, inputs, batch, name, t0) -> ModelGraph:
     needs_grad = _needs_grad(gm, values)
     reaches_out = _reaches_output(gm, values)
 
+    modules = dict(model.named_modules())  # the TP analysis offers styles these module types take
     sig_to_type: dict[str, str] = {}
     layer_types: dict[str, LayerType] = {}
     blocks: list[Block] = []
@@ -226,7 +227,7 @@ def _build(model, gm, traced_by, inputs, batch, name, t0) -> ModelGraph:
             sig_to_type[sig] = lt_name
             layer_types[lt_name] = _measure_type(
                 lt_name, b, i, gm, fs, values, assign, params, dependent, needs_grad, reaches_out, batch,
-                copy_values)
+                copy_values, modules=modules)
         blocks.append(Block(name=b.name, layer_type=sig_to_type[sig], index=i, modules=list(b.modules)))
 
     tied, tied_bytes = _ties(block_param_sets)
@@ -323,7 +324,7 @@ def _copy_values(gm, fs, inputs, specs, batch, traced_by):
 
 
 def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, dependent,
-                  needs_grad, reaches_out, batch, copy_values=None) -> LayerType:
+                  needs_grad, reaches_out, batch, copy_values=None, *, modules=None) -> LayerType:
     ins, outs = block_io(b, assign, index)
     try:
         m = measure_block(gm, fs, b, values, ins, outs, needs_grad=needs_grad, input_dependent=dependent)
@@ -340,7 +341,8 @@ def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, 
             copy_batch = _COPY_BATCH
         except Exception:
             pass  # keep the copies counted at the example batch
-    tp = analyse_block(b, gm, values, input_dependent=dependent, reaches_output=reaches_out, batch=batch)
+    tp = analyse_block(b, gm, values, input_dependent=dependent, reaches_output=reaches_out, batch=batch,
+                       modules=modules)
     core = replicated = total = 0.0
     for s in m.saved.values():
         total += s.nbytes
@@ -365,6 +367,7 @@ def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, 
         ops=ops,
         tp_candidates=tp.candidates,
         num_heads=tp.num_heads,
+        unsplit_attention=tp.unsplit_attention,
     )
 
 

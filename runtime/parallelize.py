@@ -90,13 +90,19 @@ def validate_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.
     elif example_inputs is None:
         notes.append("model fingerprint not checked (no example_inputs given)")
     else:
-        found = _fingerprints(trace, model, tuple(example_inputs), plan)
-        if fp not in found:
+        graph = _trace_one(trace, model, tuple(example_inputs))
+        if fp != graph.fingerprint:
             raise SpecError(
                 f"model.fingerprint: the plan was made for a model with fingerprint {fp}, this model "
-                f"({plan.model.name}) traces to {found[0]}; re-plan for this model (or set the fingerprint to "
-                f"'*' in a hand-written plan to skip the check)"
+                f"({plan.model.name}) traces to {graph.fingerprint}; re-plan for this model (or set the "
+                f"fingerprint to '*' in a hand-written plan to skip the check)"
             )
+        if plan.mesh.tp > 1 and plan.tensor_parallel.sequence_parallel:
+            from planner.capabilities import sequence_parallel_problem
+
+            why = sequence_parallel_problem(graph)
+            if why:
+                raise SpecError(f"tensor_parallel.sequence_parallel: {why}; set it to false")
     return notes
 
 
@@ -117,12 +123,12 @@ def _materialize(module: nn.Module, device: torch.device, init_fn: Callable[[nn.
             )
 
 
-def _fingerprints(trace, model: nn.Module, inputs: tuple, plan: Plan) -> list[str]:
-    """The fingerprint of `model` traced with `inputs` cut to batch 1 (one trace; the fingerprint
-    does not depend on the batch size, and batch 1 is autoplan's convention, which also keeps
-    torch.export traces, whose graphs bake the batch in, comparable)."""
+def _trace_one(trace, model: nn.Module, inputs: tuple):
+    """`model` traced with `inputs` cut to batch 1 (the fingerprint does not depend on the batch
+    size, and batch 1 is autoplan's convention, which also keeps torch.export traces, whose graphs
+    bake the batch in, comparable)."""
     one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
-    return [trace(model, one).fingerprint]
+    return trace(model, one)
 
 
 class ParallelModel:

@@ -9,7 +9,17 @@ root) to a style. Layouts follow torchtitan's parallelize_llama (Megatron-LM col
 | rowwise   | Linear     | in Shard(-1) -> out Replicate (all-red.) | out Shard(1) (reduce-scatter)     |
 | vocab     | Embedding  | Rowwise: in Replicate -> out Replicate   | out Shard(1) (see below)          |
 | sequence  | norm       | (needs sequence parallel)                | SequenceParallel, Shard(1)        |
+| head_norm | per-head   | SequenceParallel(sequence_dim=0), local  | same                              |
 | replicate | any        | left as is (plain, replicated tensors)   | same                              |
+
+Per-head modules inside a head-split attention (`head_norm`: Qwen3's q_norm/k_norm, an RMSNorm
+over head_dim applied to each rank's local heads) hold one weight shared by all heads. Left plain,
+each rank's gradient covers only its heads and the ranks drift apart. As torchtitan does for
+Qwen3, they run as SequenceParallel: the weight becomes a Replicate DTensor and the local input a
+sharded one, so the weight's gradient is a partial sum that DTensor all-reduces over tp. The
+module normalises along the last axis only, so which other axis is named sharded does not change
+the numbers; dim 0 exists in every layout ((B, T, H, d) or (B, H, T, d)), and the output is
+handed back as the local tensor.
 
 A colwise module whose name matches the loss head (it has no rowwise partner: its output is
 the model's output) returns vocab-sharded logits, Shard(-1) as a DTensor, when
@@ -142,6 +152,13 @@ def _check_style(name: str, mod: nn.Module, style: str, tp: int, sp: bool) -> No
                 f"tensor_parallel.styles[{name}]: vocab size {mod.num_embeddings} is not divisible by tp={tp}; "
                 f"pad the vocabulary to a multiple of {tp}"
             )
+    elif style == "head_norm":
+        params = list(mod.parameters())
+        if not params or any(p.dim() != 1 for p in params):
+            raise SpecError(
+                f"tensor_parallel.styles[{name}]: head_norm needs a module with only 1-D (per-head) "
+                f"parameters, {name} ({kind}) has {[tuple(p.shape) for p in params]}"
+            )
     elif style == "sequence":
         if not sp:
             raise SpecError(f"tensor_parallel.styles[{name}]: style 'sequence' needs tensor_parallel.sequence_parallel: true")
@@ -255,6 +272,8 @@ def apply_tensor_parallel(
                 block_relayout.add(block)
         elif style == "sequence":
             plan_map[name] = SequenceParallel()
+        elif style == "head_norm":
+            plan_map[name] = SequenceParallel(sequence_dim=0, use_local_output=True)
     for block in block_relayout:
         plan_map[block] = PrepareModuleOutput(
             output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True

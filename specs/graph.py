@@ -75,8 +75,9 @@ class TPCandidate(Frozen):
     kind: Literal["mlp", "gated_mlp", "attention", "vocab_embedding", "output_head", "conv"] = Field(
         description="Pattern the split follows."
     )
-    modules: dict[str, Literal["colwise", "rowwise", "vocab", "conv_out", "replicate"]] = Field(
-        description="Module path inside the block -> parallel style."
+    modules: dict[str, Literal["colwise", "rowwise", "vocab", "conv_out", "replicate", "head_norm"]] = Field(
+        description="Module path inside the block -> parallel style (head_norm: a per-head module inside "
+        "a head-split attention, replicated with its gradient summed over tp)."
     )
     divisor: int = Field(gt=0, description="tp must divide this (heads, kv heads, features, channels).")
 
@@ -106,6 +107,12 @@ class LayerType(Frozen):
     ops: list[OpInfo] = Field(default_factory=list)
     tp_candidates: list[TPCandidate] = Field(default_factory=list)
     num_heads: int | None = Field(default=None, description="Attention heads, where the block has attention.")
+    unsplit_attention: str | None = Field(
+        default=None,
+        description="Why the block's attention is not split by heads under tensor parallelism (it then "
+        "runs whole on every tp rank, so sequence parallelism, which splits the tokens it mixes, is not "
+        "offered); None when it is split or the block has none.",
+    )
 
 
 class Block(Frozen):

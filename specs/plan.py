@@ -15,7 +15,7 @@ from specs.io import dump_data, load_data
 from specs.train import Offload, Recompute, Schedule, Sharding, TrainSpec
 
 PLAN_VERSION = 1
-TPStyle = Literal["colwise", "rowwise", "vocab", "conv_out", "replicate", "sequence"]
+TPStyle = Literal["colwise", "rowwise", "vocab", "conv_out", "replicate", "sequence", "head_norm"]
 
 
 class ModelRef(Frozen):

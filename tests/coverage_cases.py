@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from model_coverage import build_hf, build_vision  # noqa: E402
+from structure_models import build_structure  # noqa: E402
 
 from planner import plan_from_knobs, trace  # noqa: E402
 from runtime import parallelize  # noqa: E402
@@ -51,6 +52,23 @@ CASES: dict[str, tuple[str, dict]] = {
     "gpt2-hsdp2x2": ("hf/gpt2", dict(pp=1, dp=4, tp=1, sharding="hsdp", hsdp_shard_size=2)),
     "bert-tp2-dp2": ("hf/bert", dict(pp=1, dp=2, tp=2)),
     "resnet18-hsdp2x2": ("tv/resnet18", dict(pp=1, dp=4, tp=1, sharding="hsdp", hsdp_shard_size=2)),
+    # Structures of real models (tests/structure_models.py), each once silently wrong or a crash.
+    "fused_chunk-tp2-dp2": ("local/fused_chunk", dict(pp=1, dp=2, tp=2)),
+    "fused_split-tp2-dp2": ("local/fused_split", dict(pp=1, dp=2, tp=2)),
+    "fused_gqa-tp2-dp2": ("local/fused_gqa", dict(pp=1, dp=2, tp=2)),
+    "fused_heads-tp2-dp2": ("local/fused_heads", dict(pp=1, dp=2, tp=2)),
+    "fused_chunk-pp2-tp2": ("local/fused_chunk", dict(pp=2, dp=1, tp=2, num_micro_batches=2)),
+    "head_norm-tp2-dp2": ("local/head_norm", dict(pp=1, dp=2, tp=2)),
+    "head_norm-tp2-sp": ("local/head_norm", dict(pp=1, dp=2, tp=2, sequence_parallel=True)),
+    "rotary_shared-pp2-tp2": ("local/rotary_shared", dict(pp=2, dp=1, tp=2, num_micro_batches=2)),
+    "rotary_shared-pp4": ("local/rotary_shared", dict(pp=4, dp=1, tp=1, num_micro_batches=4)),
+    # zero_bubble with zero3/hsdp is refused (planner.capabilities); with zero2 it must match
+    "head_norm-pp2xzero2-zero_bubble": (
+        "local/head_norm",
+        dict(pp=2, dp=2, tp=1, sharding="zero2", schedule="zero_bubble", num_micro_batches=2),
+    ),
+    "qwen3-tp2-dp2": ("hf/qwen3", dict(pp=1, dp=2, tp=2)),
+    "qwen3-tp2-sp": ("hf/qwen3", dict(pp=1, dp=2, tp=2, sequence_parallel=True)),
 }
 
 
@@ -67,12 +85,14 @@ def build(model_name: str, dtype: torch.dtype = torch.float64):
     torch.manual_seed(SEED)
     if kind == "hf":
         model, inputs = build_hf(name, device="cpu", no_dropout=True)
+    elif kind == "local":
+        model, inputs = build_structure(name, num_layers=4)
     else:
         model, inputs = build_vision(name, device="cpu")
     model = model.to(dtype)
     gen = torch.Generator().manual_seed(SEED)
-    if kind == "hf":
-        vocab = 256
+    if kind in ("hf", "local"):
+        vocab = 256 if kind == "hf" else 64
         batches = []
         for _ in range(STEPS):
             t = torch.randint(0, vocab, (BATCH, inputs[0].shape[1]), generator=gen)
@@ -97,7 +117,8 @@ def run_case(label: str) -> dict:
     model, example, batches, kind = build(model_name, dtype)
     graph = trace(model, example, name=model_name)
     hw = HardwareSpec.preset("cpu", devices=dist.get_world_size())
-    k = Knobs(micro_batch_size=BATCH // knobs["dp"], **knobs)
+    nmb = knobs.get("num_micro_batches", 1)
+    k = Knobs(micro_batch_size=BATCH // (knobs["dp"] * nmb), **knobs)
     plan = plan_from_knobs(
         graph, hw, TrainSpec(global_batch_size=BATCH, precision="fp32", optimizer="sgd"), k
     )

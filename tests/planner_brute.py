@@ -83,7 +83,8 @@ def brute_force(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, backend,
                     continue
                 if pins.get("micro_batch_size", mb) != mb or pins.get("num_micro_batches", m) != m:
                     continue
-                for sp in ([False, True] if tp > 1 else [False]):
+                unsplit = any(lt.unsplit_attention for lt in graph.layer_types.values())
+                for sp in ([False, True] if tp > 1 and not unsplit else [False]):
                     if pins.get("sequence_parallel", sp) != sp:
                         continue
                     if pp == 1:
@@ -94,6 +95,8 @@ def brute_force(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, backend,
                     for s, v in scheds:
                         if pp > 1 and not _ok_schedule(s, pp, m):
                             continue
+                        if s == "zero_bubble" and pp > 1 and dp > 1 and sh in ("zero3", "hsdp"):
+                            continue  # FSDP2 resharding breaks the split backward: the runtime refuses it
                         if pins.get("schedule", s) != s or pins.get("virtual_stages", v) != v:
                             continue
                         num = pp * v

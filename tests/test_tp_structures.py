@@ -1,0 +1,130 @@
+"""Tier 1: the tracer and the planner on structures real models have (tests/structure_models.py).
+
+Each of these was once planned and then trained to wrong numbers or crashed (issue 18): a fused
+q/k/v projection split along its features was sharded colwise as if it were one projection,
+per-head norms inside attention kept per-rank gradients, zero_bubble with a resharding FSDP2 drifted.
+The equality runs are tests/coverage_cases.py (tier 3); here: what the tracer offers, what the
+planner returns and what the runtime refuses, without processes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from planner import plan_from_knobs, trace
+from planner.api import autoplan
+from planner.capabilities import knob_problem, schedule_problem, sequence_parallel_problem
+from runtime.pipeline import validate_pipeline
+from specs import Constraints, HardwareSpec, Knobs, SpecError, TrainSpec
+from tests.plan_builders import make_plan
+from tests.structure_models import build_structure
+
+FUSED = ("fused_chunk", "fused_split", "fused_gqa")
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    out = {}
+    for v in (*FUSED, "fused_heads", "head_norm", "rotary_shared"):
+        model, x = build_structure(v)
+        out[v] = trace(model, x, name=v)
+    return out
+
+
+def _layer(graph):
+    (lt,) = [lt for lt in graph.layer_types.values() if lt.module_type == "Layer"]
+    return lt
+
+
+@pytest.mark.tier1
+@pytest.mark.parametrize("variant", FUSED)
+def test_feature_split_fused_qkv_gets_no_head_split(graphs, variant):
+    lt = _layer(graphs[variant])
+    kinds = [c.kind for c in lt.tp_candidates]
+    assert "attention" not in kinds and "mlp" in kinds  # the MLP still splits
+    assert "attn.qkv" in lt.unsplit_attention and "q|k|v" in lt.unsplit_attention
+    assert all(op.tp_split == "replicate" for op in lt.ops if op.kind == "softmax")
+    assert sequence_parallel_problem(graphs[variant]) is not None
+
+
+@pytest.mark.tier1
+def test_per_head_fused_layout_is_split_by_heads(graphs):
+    """view(B, T, -1, 3d) then chunk inside each head (Megatron/GPT-NeoX): colwise keeps whole heads."""
+    lt = _layer(graphs["fused_heads"])
+    (attn,) = [c for c in lt.tp_candidates if c.kind == "attention"]
+    assert attn.modules == {"attn.qkv": "colwise", "attn.o_proj": "rowwise"}
+    assert lt.unsplit_attention is None
+
+
+@pytest.mark.tier1
+def test_per_head_norms_get_their_style(graphs):
+    lt = _layer(graphs["head_norm"])
+    (attn,) = [c for c in lt.tp_candidates if c.kind == "attention"]
+    assert attn.modules["attn.q_norm"] == attn.modules["attn.k_norm"] == "head_norm"
+    assert attn.modules["attn.q_proj"] == "colwise" and attn.modules["attn.o_proj"] == "rowwise"
+    assert sequence_parallel_problem(graphs["head_norm"]) is None
+
+
+@pytest.mark.tier1
+def test_non_linear_projection_is_not_styled():
+    """GPT-2's Conv1D (not an nn.Linear): no colwise/rowwise style the runtime would refuse."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16,
+                                  use_cache=False, attn_implementation="eager", bos_token_id=0,
+                                  eos_token_id=0)
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(cfg)
+    g = trace(model, (torch.zeros(1, 16, dtype=torch.long, device="meta"),), name="gpt2")
+    (block,) = [lt for lt in g.layer_types.values() if "GPT2Block" in lt.module_type]
+    assert block.tp_candidates == []
+    assert "Conv1D" in block.unsplit_attention
+
+
+@pytest.mark.tier1
+@pytest.mark.parametrize("variant", FUSED)
+def test_planner_never_pairs_sequence_parallel_with_a_whole_attention(graphs, variant):
+    g = graphs[variant]
+    hw = HardwareSpec.preset("cpu", devices=4)
+    train = TrainSpec(global_batch_size=8, precision="fp32", optimizer="sgd")
+    plan = autoplan(None, hw, graph=g, train=train, constraints=Constraints(tp=2))
+    assert plan.mesh.tp == 2 and not plan.tensor_parallel.sequence_parallel
+    assert all(not a.knobs.sequence_parallel for a in plan.alternatives)
+    with pytest.raises(SpecError, match="sequence parallelism needs every attention split by heads"):
+        plan_from_knobs(g, hw, train, Knobs(pp=1, dp=2, tp=2, micro_batch_size=4, sequence_parallel=True))
+
+
+@pytest.mark.tier1
+def test_zero_bubble_with_resharding_fsdp_is_refused(graphs):
+    for sharding in ("zero3", "hsdp"):
+        assert schedule_problem(schedule="zero_bubble", sharding=sharding, pp=2, dp=2)
+        assert knob_problem(sharding=sharding, offload="none", pp=2, dp=2, tp=1, precision="fp32",
+                            schedule="zero_bubble")
+    for sharding in ("none", "zero2"):
+        assert schedule_problem(schedule="zero_bubble", sharding=sharding, pp=2, dp=2) is None
+    for sched in ("gpipe", "1f1b", "interleaved_1f1b"):
+        assert schedule_problem(schedule=sched, sharding="zero3", pp=2, dp=2) is None
+    assert schedule_problem(schedule="zero_bubble", sharding="zero3", pp=2, dp=1) is None  # no FSDP at dp=1
+
+    g = graphs["rotary_shared"]
+    hw = HardwareSpec.preset("cpu", devices=4)
+    train = TrainSpec(global_batch_size=8, precision="fp32", optimizer="sgd")
+    with pytest.raises(SpecError, match="zero_bubble with zero3"):
+        plan_from_knobs(g, hw, train, Knobs(pp=2, dp=2, tp=1, sharding="zero3", schedule="zero_bubble",
+                                            micro_batch_size=2, num_micro_batches=2))
+    # the free search on a space where zero3 and zero_bubble are both pinned-in candidates
+    plan = autoplan(None, hw, graph=g, train=train, constraints=Constraints(pp=2, dp=2, sharding="zero3"))
+    assert plan.pipeline.schedule != "zero_bubble"
+    assert all(a.knobs.schedule != "zero_bubble" for a in plan.alternatives)
+
+
+@pytest.mark.tier1
+def test_runtime_refuses_zero_bubble_with_zero3():
+    from planner.models import build_model
+
+    model = build_model("gpt-tiny", device="meta").module
+    plan = make_plan("gpt-tiny", pp=2, dp=2, schedule="zero_bubble", sharding="zero3", num_micro_batches=2)
+    with pytest.raises(SpecError, match="zero_bubble with data_parallel.sharding zero3"):
+        validate_pipeline(model, plan)
+    ok = make_plan("gpt-tiny", pp=2, dp=2, schedule="zero_bubble", sharding="zero2", num_micro_batches=2)
+    validate_pipeline(model, ok)
