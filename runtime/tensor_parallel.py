@@ -30,6 +30,11 @@ embedding is the only parameterised module of its block (Llama) it outputs Shard
 (reduce-scatter); when its block adds more (GPT adds learned positions) it outputs Replicate
 and the block's output is re-laid to Shard(1) (a local slice), so `tok + pos` stays correct.
 
+An embedding inside a merged block ("model.embed_tokens+model.rotary_emb", Hugging Face): the
+model's own code between the block's parts derives position ids, rotary tables and masks from the
+embedding's output length, so under sequence parallelism that output stays Replicate (whole) and
+the next block's first input is re-laid to Shard(1) (a local slice, `PrepareModuleInput`).
+
 Norms under sequence parallel: the residual stream's norms (`residual_norms`: a block's part or
 its direct child, e.g. layers.3.attn_norm, head.norm) run as SequenceParallel whether or not the
 plan names them. Without it a norm would see a plain local (B, T/tp, H) tensor, its weight's
@@ -60,6 +65,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    PrepareModuleInput,
     PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
@@ -182,6 +188,16 @@ def _check_heads(name: str, mod: nn.Module, parent: nn.Module, tp: int) -> None:
         )
 
 
+def _merged_block_after(name: str, block_names: list[str]) -> str | None:
+    """The block after the embedding `name` when the embedding sits in a merged block ("a+b",
+    the tracer's name for sibling modules grouped into one block), else None."""
+    for i, b in enumerate(block_names):
+        parts = b.split("+")
+        if len(parts) > 1 and any(name == p or name.startswith(p + ".") for p in parts):
+            return block_names[i + 1] if i + 1 < len(block_names) else None
+    return None
+
+
 def _block_of(name: str, block_names: list[str]) -> str | None:
     best = None
     for b in block_names:
@@ -258,6 +274,21 @@ def apply_tensor_parallel(
         elif style == "rowwise":
             plan_map[name] = RowwiseParallel(output_layouts=Shard(1)) if sp else RowwiseParallel()
         elif style == "vocab":
+            merged = _merged_block_after(name, block_names) if sp else None
+            if merged is not None:
+                # The embedding shares a merged block ("model.embed_tokens+model.rotary_emb"): code
+                # between the parts reads the sequence length from its output (HF derives position
+                # ids and rotary tables from it), so it stays whole; the next block takes it Shard(1).
+                if merged not in names:
+                    raise SpecError(
+                        f"tensor_parallel.styles[{name}]: with sequence parallel the block after the "
+                        f"embedding's ({merged}) must be in the same pipeline stage"
+                    )
+                plan_map[name] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+                plan_map[merged] = PrepareModuleInput(
+                    input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
+                )
+                continue
             direct = sp and _embedding_alone(model, name, _block_of(name, block_names))
             plan_map[name] = RowwiseParallel(
                 input_layouts=Replicate(), output_layouts=Shard(1) if direct else Replicate()

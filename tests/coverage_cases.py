@@ -69,6 +69,8 @@ CASES: dict[str, tuple[str, dict]] = {
     ),
     "qwen3-tp2-dp2": ("hf/qwen3", dict(pp=1, dp=2, tp=2)),
     "qwen3-tp2-sp": ("hf/qwen3", dict(pp=1, dp=2, tp=2, sequence_parallel=True)),
+    "llama-tp2-sp": ("hf/llama", dict(pp=1, dp=2, tp=2, sequence_parallel=True)),
+    "gpt_neox-tp2-sp": ("hf/gpt_neox", dict(pp=1, dp=2, tp=2, sequence_parallel=True)),
 }
 
 

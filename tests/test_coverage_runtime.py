@@ -15,12 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # OPT (opt-tp2-dp2) used to be here: its attention views q/k/v with the FULL head count, so a
 # colwise split folded heads into the sequence axis; the tracer now offers no head split there
 # (planner.tp_candidates._fixed_head_view) and the plan splits only OPT's MLP, embedding and head.
-EXPECTED_FAIL: dict[str, str] = {
-    # A crash, not a wrong number: HF attention reads the sequence length from its own input
-    # (`input_shape = hidden_states.shape[:-1]`), which is token-split under sequence parallelism.
-    # Needs the attention's input laid out Replicate before q/k/v (torchtitan's PrepareModuleInput).
-    "qwen3-tp2-sp": "HF attention under sequence parallelism reads T from its token-split input",
-}
+EXPECTED_FAIL: dict[str, str] = {}
 TOL = {"float64": (1e-9, 1e-9), "float32": (1e-4, 1e-5)}  # (loss, parameter) absolute
 
 
