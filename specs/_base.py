@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -16,6 +18,37 @@ class Frozen(BaseModel):
 
 class SpecError(ValueError):
     """A user's input (file, string or value) is wrong. The message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class SaneRange:
+    """The values of a number that describe a real machine or job, with the reason for the bounds.
+
+    Generous on purpose (orders of magnitude beyond today's largest systems): they exist to refuse
+    inf, nan, 1e308 and unit mistakes before a cost model or the search runs on them.
+    """
+
+    lo: float
+    hi: float
+    unit: str
+    why: str
+
+    def check(self, value: float, name: str = "") -> float:
+        """`value` if finite and in [lo, hi]; else a ValueError with the range and why.
+
+        With `name` (a validator over several values) the message starts `name: value`; without it
+        (a field validator) pydantic's error already names the field and the value.
+        """
+        if isinstance(value, float) and not math.isfinite(value) or not self.lo <= value <= self.hi:
+            head = f"{name}: {_show(value)} is outside" if name else "must be within"
+            raise ValueError(f"{head} [{_show(self.lo)}, {_show(self.hi)}] {self.unit} ({self.why}); check the value")
+        return value
+
+
+def _show(value: float) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"{value:,}" if abs(value) < 10**30 else f"an integer of {value.bit_length()} bits"
 
 
 def format_validation_error(err: ValidationError, source: str = "") -> str:
@@ -32,10 +65,14 @@ def format_validation_error(err: ValidationError, source: str = "") -> str:
             msg = "unknown key; remove it or check its spelling"
         got = ""
         if kind not in ("missing",) and not isinstance(inp, dict) and inp is not None:
-            text = repr(inp)
+            try:
+                text = repr(inp)
+            except ValueError:  # an int past Python's 4300-digit str() limit
+                text = f"an integer of {inp.bit_length()} bits"
             got = f" (got {text[:60]})"
-        if path == "(top level)" and re.match(r"^[\w.]+: ", msg):
-            path, msg = msg.split(": ", 1)  # model validators already name the field
+        if kind == "value_error" and re.match(r"^[\w.]+: ", msg):  # a model validator named the field
+            head, msg = msg.split(": ", 1)
+            path = head if path == "(top level)" else f"{path}.{head}"
         lines.append(f"{path}: {msg}{got}")
     head = f"{source}: " if source else ""
     if len(lines) == 1:

@@ -7,6 +7,9 @@ Conventions (the cost models rely on them):
   into the network at once (sum of its NICs).
 - `device.memory_bytes` is what the allocator can see on one device (torch's total_memory).
 - Every number in a preset carries its source in `sources`.
+- Every number is finite and within a sane range (`RANGES`): generous bounds, orders of magnitude
+  past today's largest machines, that refuse inf/nan/1e308 and unit mistakes before the cost
+  models or the search see them.
 """
 
 from __future__ import annotations
@@ -17,17 +20,54 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from specs._base import Frozen, SpecError, validate_model
+from specs._base import Frozen, SaneRange, SpecError, validate_model
 from specs.io import load_data
 
 DType = Literal["fp64", "fp32", "tf32", "bf16", "fp16", "fp8"]
 OpKind = Literal["matmul", "attention", "conv", "elementwise", "memory", "other"]
 CollectiveName = Literal["all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "p2p"]
 
+MAX_DEVICES = 2**20
+_BANDWIDTH = SaneRange(1e3, 1e15, "bytes/s", "HBM3e is ~8e12, NVLink 5 ~9e11 per direction; 1e15 is 100x that")
+_SECONDS = SaneRange(0.0, 1.0, "s", "launches and link latencies are microseconds, a WAN round trip ~0.3 s")
+_MEMORY = SaneRange(1, 2**50, "bytes", "1 PiB; the largest accelerators have 288 GB, the largest hosts ~32 TiB")
+RANGES: dict[str, SaneRange] = {
+    "memory_bytes": _MEMORY,
+    # B200 dense fp8 is ~4.5e15 FLOP/s; 1e18 leaves 200x. A 1990s CPU did ~1e8.
+    "peak_flops_per_s": SaneRange(1e6, 1e18, "FLOP/s", "a B200 does ~4.5e15 dense fp8"),
+    "memory_bandwidth_bytes_per_s": _BANDWIDTH,
+    "bandwidth_bytes_per_s": _BANDWIDTH,
+    "pcie_bandwidth_bytes_per_s": _BANDWIDTH,
+    "latency_s": _SECONDS,
+    "kernel_launch_s": _SECONDS,
+    "cpu_adam_params_per_s": SaneRange(1.0, 1e15, "params/s", "measured CPU Adam is ~1e8-1e9"),
+    # 100k-GPU clusters exist; the search over the divisors of 2**20 devices takes ~10 s.
+    "num_nodes": SaneRange(1, MAX_DEVICES, "nodes", "the search plans up to 2**20 devices"),
+    "devices_per_node": SaneRange(1, 4096, "devices", "NVL72 racks have 72; CPU hosts a few hundred cores"),
+    "shared_cores": SaneRange(1, 2**16, "cores", "the largest hosts have a few thousand"),
+    "size": SaneRange(1e-30, 1e30, "FLOPs or bytes", "one kernel's problem size"),
+    "shared_sync_penalty_s": _SECONDS,
+    "pipeline_action_overhead_s": _SECONDS,
+    "forward_s": _SECONDS,
+    "backward_s": _SECONDS,
+    "optimizer_s": _SECONDS,
+}
 
-class DeviceSpec(Frozen):
+
+class _Finite(Frozen):
+    """Base of the hardware specs: inf and nan are refused everywhere (pydantic's allow_inf_nan)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+def _sane(value: float, info: ValidationInfo) -> float:
+    """Field validator: `value` within RANGES[field] (None passes: an unset optional field)."""
+    return value if value is None else RANGES[info.field_name].check(value)
+
+
+class DeviceSpec(_Finite):
     name: str = Field(description="Accelerator model, e.g. 'A100-SXM4-80GB'.")
     memory_bytes: int = Field(gt=0, description="Device memory visible to the allocator, bytes.")
     peak_flops_per_s: dict[DType, float] = Field(
@@ -38,6 +78,8 @@ class DeviceSpec(Frozen):
         default=5e-6, ge=0, description="Floor on the time of one kernel/op (launch + tail), seconds."
     )
 
+    _ranges = field_validator("memory_bytes", "memory_bandwidth_bytes_per_s", "kernel_launch_s")(_sane)
+
     @model_validator(mode="after")
     def _check_flops(self) -> DeviceSpec:
         if not self.peak_flops_per_s:
@@ -45,15 +87,18 @@ class DeviceSpec(Frozen):
         for k, v in self.peak_flops_per_s.items():
             if v <= 0:
                 raise ValueError(f"peak_flops_per_s.{k}: must be > 0 (got {v})")
+            RANGES["peak_flops_per_s"].check(v, f"peak_flops_per_s.{k}")
         return self
 
 
-class LinkSpec(Frozen):
+class LinkSpec(_Finite):
     bandwidth_bytes_per_s: float = Field(gt=0, description="Unidirectional bandwidth, bytes/s.")
     latency_s: float = Field(ge=0, description="Per-message latency (alpha), seconds.")
 
+    _ranges = field_validator("bandwidth_bytes_per_s", "latency_s")(_sane)
 
-class HostSpec(Frozen):
+
+class HostSpec(_Finite):
     memory_bytes: int = Field(gt=0, description="Host (CPU) memory per node, bytes; bounds offload.")
     pcie_bandwidth_bytes_per_s: float = Field(
         gt=0, description="Host<->device bandwidth per device, unidirectional, bytes/s (offload)."
@@ -62,13 +107,17 @@ class HostSpec(Frozen):
         default=1.0e9, gt=0, description="Optimizer-step throughput on the host per device (offload), params/s."
     )
 
+    _ranges = field_validator("memory_bytes", "pcie_bandwidth_bytes_per_s", "cpu_adam_params_per_s")(_sane)
 
-class EfficiencyPoint(Frozen):
+
+class EfficiencyPoint(_Finite):
     size: float = Field(gt=0, description="Problem size: FLOPs for compute kinds, bytes for memory kinds.")
     efficiency: float = Field(gt=0, le=1, description="Achieved fraction of peak at that size.")
 
+    _ranges = field_validator("size")(_sane)
 
-class DTensorOverhead(Frozen):
+
+class DTensorOverhead(_Finite):
     """Host time of running tensor-parallel ops on DTensor parameters instead of plain tensors
     (sharding propagation and dispatch in Python, redistribution bookkeeping, the extra copies
     it makes), measured by `autoplan calibrate` on a CPU host: a block of Linears under
@@ -79,6 +128,8 @@ class DTensorOverhead(Frozen):
     forward_s: float = Field(ge=0, description="Per op and micro-batch in forward, seconds.")
     backward_s: float = Field(ge=0, description="Per op and micro-batch in backward, seconds.")
     optimizer_s: float = Field(default=0.0, ge=0, description="Per op's parameters per optimizer step, seconds.")
+
+    _ranges = field_validator("forward_s", "backward_s", "optimizer_s")(_sane)
 
 
 _SHARED_FIELDS = {"core_efficiency": "shared_core_efficiency", "memory_efficiency": "shared_memory_efficiency",
@@ -109,7 +160,7 @@ def apply_shared_host(data: dict, shared: dict) -> dict:
     return data
 
 
-class HardwareSpec(Frozen):
+class HardwareSpec(_Finite):
     name: str = Field(description="Preset or cluster name.")
     num_nodes: int = Field(gt=0, description="Number of nodes (hosts).")
     devices_per_node: int = Field(gt=0, description="Accelerators (or processes) per node.")
@@ -198,6 +249,20 @@ class HardwareSpec(Frozen):
         if v is None:
             return "math" if info.data.get("device_is_host_cpu") else "flash"
         return v
+
+    _ranges = field_validator(
+        "num_nodes", "devices_per_node", "shared_cores", "shared_sync_penalty_s", "pipeline_action_overhead_s"
+    )(_sane)
+
+    @model_validator(mode="after")
+    def _check_size(self) -> HardwareSpec:
+        if self.num_devices > MAX_DEVICES:
+            raise ValueError(
+                f"num_nodes: num_nodes({self.num_nodes:,}) * devices_per_node({self.devices_per_node}) = "
+                f"{self.num_devices:,} devices, more than the {MAX_DEVICES:,} (2**20) autoplan plans for "
+                f"(the largest clusters have ~2e5); check the counts"
+            )
+        return self
 
     @property
     def num_devices(self) -> int:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from specs._base import Frozen
+from specs._base import Frozen, SaneRange
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw", "adam", "sgd"]
@@ -14,6 +14,15 @@ Sharding = Literal["none", "zero1", "zero2", "zero3", "hsdp"]
 Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"]
 Recompute = Literal["none", "selective", "full"]
 Offload = Literal["none", "cpu"]
+
+
+# The search tries every split of batch / dp into micro-batches and simulates each schedule per
+# micro-batch, so its time grows with the batch: 2**20 samples plan in ~10-20 s (gpt-tiny on the
+# cpu preset, the slowest case). The largest published global batches are ~64k samples (ImageNet
+# with LARS; LLMs use 1k-16k sequences), so 2**20 leaves 16x.
+MAX_GLOBAL_BATCH = 2**20
+_BATCH = SaneRange(1, MAX_GLOBAL_BATCH, "samples per step",
+                   "the search scores every split of it into micro-batches; real batches are <= ~64k")
 
 
 class TrainSpec(Frozen):
@@ -27,6 +36,11 @@ class TrainSpec(Frozen):
     allow_grad_accumulation: bool = Field(default=True, description="May use several micro-batches per step.")
     allow_checkpointing: bool = Field(default=True, description="May recompute activations (selective/full).")
     allow_offload: bool = Field(default=False, description="May offload optimizer states to the host.")
+
+    @field_validator("global_batch_size")
+    @classmethod
+    def _sane_batch(cls, v: int) -> int:
+        return _BATCH.check(v)
 
 
 class Constraints(Frozen):
