@@ -30,6 +30,7 @@ from cost_models import comm
 from cost_models.blocks import Context
 from cost_models.compute import copies_time_s, itemsize
 from cost_models.efficiency import curves_for, memory_efficiency
+from cost_models.engines import ALL_REDUCE_ENGINES, FSDP2_ENGINES, data_parallel_engine
 from cost_models.memory import DDP_BUCKET_BYTES, optimizer_step_bytes_per_param, sharded_states
 from specs import Knobs
 
@@ -169,7 +170,8 @@ def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, shard_n: int, acc
     dt_ov = hw.dtensor_overhead if hw.device_is_host_cpu else None
     adam_tmp = train.optimizer in ("adam", "adamw") and k.offload == "none"
     overlap = hw.comm_overlaps_compute
-    fsdp_dp = dp > 1 and sharding in ("zero2", "zero3", "hsdp")
+    engine = data_parallel_engine(k)  # what the runtime runs (cost_models.engines)
+    fsdp_dp = engine == "fully_shard"
     head_trans = ctx.final_output_bytes * mb * (1 + 2 * 4 / ctx.act_isz) / (tp if last_block_split else 1)
     for _kind, r in kind_rank:  # r: one rank of the kind
         js = rank_stages[r]
@@ -213,13 +215,16 @@ def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, shard_n: int, acc
             # the optimizer's host time per DTensor parameter (specs.DTensorOverhead): the
             # tensor-parallel ops' parameters, or all of them where FSDP2 holds them (its shards
             # are DTensors: zero2 / zero3 / hsdp, and `replicate` for dp with tp or pp)
-            fsdp2 = dp > 1 and (sharding in ("zero2", "zero3", "hsdp") or (sharding == "none" and (tp > 1 or pp > 1)))
+            fsdp2 = engine in FSDP2_ENGINES
             n_dt = sum(st[j][_SUMS].param_ops if fsdp2 else st[j][_SUMS].tp_param_ops for j in js)
             opt_s += n_dt * dt_ov.optimizer_s
         trans = 0.0
-        if sharding in ("none", "zero1"):
-            trans += n_params * bpp.grad  # DDP bucket copies of the gradients
+        if engine in ALL_REDUCE_ENGINES:
+            # DDP's bucket copies of the gradients (FSDP2's replicate: its all-reduce input, alike)
+            trans += n_params * bpp.grad
             trans += n_params * bpp.working  # autocast's bf16 weight copies, saved for backward
+        elif engine == "none":  # dp = 1: no wrapper, no gradient sync, whatever the sharding
+            trans += n_params * bpp.working
         elif sharding == "zero2":
             # FSDP2 without resharding: every local block stays unsharded from forward to backward,
             # and gradients accumulate unsharded until the last micro-batch syncs
@@ -334,7 +339,7 @@ def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
             opt_s = max(hw.device.kernel_launch_s,
                         nbytes / (bw * memory_efficiency(curves_for(hw), nbytes, "elementwise")))
     step_copy = 0.0
-    if dp > 1 and sharding in ("none", "zero1"):
+    if data_parallel_engine(k) in ALL_REDUCE_ENGINES:
         # DDP copies each gradient into its bucket and the reduced bucket back (read + write each
         # way; gradient_as_bucket_view off, PyTorch's default); FSDP2's replicate (tp or pp > 1)
         # copies them into one all-reduce input and out again alike

@@ -1,16 +1,18 @@
-"""Data parallelism with PyTorch's engines, one per `plan.data_parallel.sharding`:
+"""Data parallelism with PyTorch's engines, one per `plan.data_parallel.sharding`. Which engine
+runs a plan is ONE rule, `cost_models.engines.data_parallel_engine`, which the cost model charges
+too (dp = 1: none at all, whatever the sharding):
 
 | sharding | engine                                                                 | shards          |
 |----------|------------------------------------------------------------------------|-----------------|
 | none     | DDP; FSDP2-based `replicate` on the dp mesh when tp > 1 or pp > 1       | nothing         |
 | zero1    | DDP + ZeroRedundancyOptimizer over the dp group (see `build_optimizer`) | optimizer state |
+| zero2    | FSDP2 `fully_shard(reshard_after_forward=False)` per block, then root   | + gradients     |
+| zero3    | FSDP2 `fully_shard(reshard_after_forward=True)` per block, then root    | + parameters    |
+| hsdp     | FSDP2 on the 2-D (dp_replicate, dp_shard) mesh                          | within a group  |
 
 DDP cannot take DTensor parameters (TP), nor several forwards in flight before their backwards
 (a pipeline schedule: its reducer fails "rebuilt parameter indices size is not same"), so
 tp > 1 or pp > 1 with sharding none uses FSDP2's `replicate`, and zero1 refuses them.
-| zero2    | FSDP2 `fully_shard(reshard_after_forward=False)` per block, then root   | + gradients     |
-| zero3    | FSDP2 `fully_shard(reshard_after_forward=True)` per block, then root    | + parameters    |
-| hsdp     | FSDP2 on the 2-D (dp_replicate, dp_shard) mesh                          | within a group  |
 
 offload=cpu adds FSDP2's CPUOffloadPolicy (parameters, gradients and optimizer step on the
 host); it needs an FSDP sharding. Blocks are `plan.model.block_names`; a block holding a
@@ -35,10 +37,9 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from cost_models.engines import DDP_ENGINES, FSDP2_ENGINES, FSDP_SHARDINGS, data_parallel_engine
 from runtime.mesh import Meshes
 from specs import Plan, SpecError
-
-FSDP_SHARDINGS = ("zero2", "zero3", "hsdp")
 
 
 def validate_data_parallel(plan: Plan) -> None:
@@ -59,12 +60,7 @@ def validate_data_parallel(plan: Plan) -> None:
 
 def uses_fsdp(plan: Plan) -> bool:
     """True when gradients/parameters are handled by an FSDP2 engine (fully_shard or replicate)."""
-    s = plan.data_parallel.sharding
-    return plan.mesh.dp > 1 and (s in FSDP_SHARDINGS or (s == "none" and not _ddp_ok(plan)))
-
-
-def _ddp_ok(plan: Plan) -> bool:
-    return plan.mesh.tp == 1 and plan.mesh.pp == 1
+    return data_parallel_engine(plan.knobs()) in FSDP2_ENGINES
 
 
 def _shared_param_ids(blocks: list[nn.Module]) -> set[int]:
@@ -97,12 +93,13 @@ def apply_data_parallel(
     """
     validate_data_parallel(plan)
     dpc = plan.data_parallel
-    if plan.mesh.dp == 1:
+    engine = data_parallel_engine(plan.knobs())
+    if engine == "none":
         return model
     mp_policy = mp_policy or MixedPrecisionPolicy()
-    if dpc.sharding in ("none", "zero1") and _ddp_ok(plan):
+    if engine in DDP_ENGINES:
         return DDP(model, process_group=meshes.dp.get_group(), broadcast_buffers=False)
-    if dpc.sharding == "none":  # DTensor parameters or a pipeline: FSDP2's replicate
+    if engine == "fsdp2_replicate":  # DTensor parameters or a pipeline
         replicate(model, mesh=meshes.dp, mp_policy=mp_policy)
         return model
     # Pinned host memory needs a CUDA driver; on a CPU-only run the policy is kept (a no-op move).
@@ -145,7 +142,7 @@ def build_optimizer(module: nn.Module, meshes: Meshes, plan: Plan, **kwargs) -> 
     """
     cls = _optimizer_class(plan.train.optimizer)
     params = [p for p in module.parameters() if p.requires_grad]
-    if plan.data_parallel.sharding == "zero1" and plan.mesh.dp > 1:
+    if data_parallel_engine(plan.knobs()) == "zero_redundancy":
         if any(isinstance(p, DTensor) for p in params):  # validate_data_parallel refuses tp > 1
             raise SpecError("data_parallel.sharding: zero1 cannot shard DTensor parameters; use zero2")
         return ZeroRedundancyOptimizer(params, optimizer_class=cls, process_group=meshes.dp.get_group(), **kwargs)
