@@ -1,7 +1,9 @@
 """The `autoplan` command line: plan, explain (why-not, picture, html), compare, export, schema, trace.
 
 Thin on purpose: argument parsing and dispatch only; the work is in planner.explain.* and the
-planner itself. Every user error (specs.SpecError and friends) exits with code 2 and one
+planner itself. Files (plans, hardware specs) are data: nothing they name is imported or called;
+only a model REF on the user's own command line (`plan REF`, `trace REF`, `explain --model REF`)
+may name code to import. Every user error (specs.SpecError and friends) exits with code 2 and one
 message on stderr, never a traceback; a part of autoplan that this build lacks exits with 1.
 `--format json` on every command prints machine-readable JSON instead of the rich text.
 """
@@ -59,7 +61,9 @@ def cmd_plan(args) -> int:
     constraints = constraints_from_pins(args.pin or [], **extra)
     autoplan = _need("planner", "autoplan")
     plan = autoplan(args.model, hw, train=train, constraints=constraints)
-    if plan.model.name != args.model:  # the name is how `explain --why-not` rebuilds the model
+    # the name is how `explain --why-not` rebuilds a bundled model (a factory it never imports
+    # from a file: the user passes `--model REF` again)
+    if plan.model.name != args.model:
         plan = plan.model_copy(update={"model": plan.model.model_copy(update={"name": args.model})})
     if args.output:
         plan.to_file(args.output)
@@ -137,9 +141,9 @@ def _why_not(args, plan, out: dict) -> int:
         raise SpecError("--why-not: give one plan file at a time")
     try:
         if files:
-            result = why_not(plan, other=_load_plan(files[0]))
+            result = why_not(plan, other=_load_plan(files[0]), model=args.model)
         else:
-            result = why_not(plan, overrides=parse_assignments(knobs))
+            result = why_not(plan, overrides=parse_assignments(knobs), model=args.model)
     except SpecError as e:
         if "this build has no" in str(e):
             raise Unavailable(str(e)) from None
@@ -262,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KNOB=VALUE|PLAN",
         help="cost of a different choice (tp=4, zero=3, ...) or of another plan file; repeatable",
+    )
+    sp.add_argument(
+        "--model",
+        metavar="REF",
+        help="the plan's model for --why-not when it is not bundled: package.module:factory "
+        "(imported and called; a plan file never names code to import)",
     )
     sp.add_argument("--picture", metavar="OUT.png|OUT.svg", help="draw the pipeline timeline")
     sp.add_argument("--html", metavar="REPORT.html", help="write a self-contained HTML report")

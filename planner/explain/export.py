@@ -53,6 +53,15 @@ class Export:
         }
 
 
+def _header(plan: Plan) -> list[str]:
+    """The comment lines naming the plan, its model and hardware. The names come from the plan
+    file, i.e. from whoever wrote it: control characters are escaped so that a name cannot end
+    the comment and add a line (a command, in the sourced Megatron args file)."""
+    about = f"model {plan.model.name} on {plan.hardware}"
+    safe = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in about)
+    return [f"# autoplan export of: {plan}", f"# {safe}"]
+
+
 def _layer_blocks(plan: Plan) -> int:
     """Transformer layers among the blocks (names like `layers.3`), else all blocks."""
     names = plan.model.block_names
@@ -212,7 +221,7 @@ def to_torchtitan(plan: Plan) -> Export:
             "written as selective"
         )
     sections = {"parallelism": par, "training": training, "activation_checkpoint": ac}
-    lines = [f"# autoplan export of: {plan}", f"# model {plan.model.name} on {plan.hardware}"]
+    lines = _header(plan)
     lines += [f"# NOTE: {n}" for n in notes]
     for name, body in sections.items():
         lines.append(f"\n[{name}]")
@@ -295,7 +304,7 @@ def to_megatron(plan: Plan) -> Export:
     args += {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp32": []}[train.precision]
     # Megatron's "adam" applies decoupled weight decay, i.e. AdamW.
     args += ["--optimizer", "sgd" if train.optimizer == "sgd" else "adam"]
-    lines = [f"# autoplan export of: {plan}", f"# model {plan.model.name} on {plan.hardware}"]
+    lines = _header(plan)
     lines += [f"# NOTE: {n}" for n in notes]
     pairs, i = [], 0
     while i < len(args):

@@ -3,7 +3,9 @@
 `why_not(plan, overrides=..., other=...)` takes either knob changes (`tp=4 zero=3`) or a whole
 other plan. The changed point is completed so it keeps the world size and global batch
 (`knobs.complete_knobs`), then scored by the planner's own model, `planner.plan_from_knobs`
-(the same `cost_models.estimate_step` the search used; nothing here estimates). A whole plan
+(the same `cost_models.estimate_step` the search used; nothing here estimates). Scoring needs the
+traced model: a bundled one by the plan's name, any other only from the user's `--model`
+(`build_graph`; a file never names code to import). A whole plan
 file that carries its own prediction is compared as recorded.
 
 The answer is one of:
@@ -24,19 +26,47 @@ from planner.explain.report import fmt_bytes, fmt_s, term_label
 from specs import Knobs, Plan, SpecError
 
 
-def build_graph(model_ref: str):
-    """Trace the plan's model (bundled name or package.module:factory) with the planner's tracer."""
+class ModelRefused(SpecError):
+    """No model to score on: the plan names one autoplan may not import (the user must pass
+    --model), or the one passed is not the plan's. An error, never a verdict."""
+
+
+def build_graph(plan: Plan, model: str | None = None):
+    """Trace the model a new point is scored on, with the planner's tracer.
+
+    A plan file is data: the model it names is built only when it is a bundled model (a lookup
+    in planner.models, no import). Any other model comes from `model`, which only the user's own
+    command line (`--model package.module:factory`) or code may give; it must trace to the
+    plan's fingerprint.
+    """
+    from planner.models import is_bundled
+
+    if model is None and not is_bundled(plan.model.name):
+        raise ModelRefused(
+            f"the plan's model {plan.model.name[:80]!r} is not a bundled model, and autoplan never "
+            f"imports code a file names; to score a new point, pass the model yourself with "
+            f"--model package.module:factory (code you trust)"
+        )
     try:
         from planner.api import trace_model
     except ImportError:
         raise SpecError(
             "this build has no tracer yet (planner.trace); cannot score a new point"
         ) from None
-    return trace_model(model_ref, None)
+    graph = trace_model(model or plan.model.name, None)
+    want = plan.model.fingerprint
+    if model is not None and want != "*" and graph.fingerprint != want:
+        raise ModelRefused(
+            f"--model {model}: traces to a different model (fingerprint {graph.fingerprint}) than the "
+            f"plan's {plan.model.name[:80]!r} ({want}); pass the model the plan was made for"
+        )
+    return graph
 
 
 def score_knobs(plan: Plan, knobs: Knobs, graph=None) -> Plan:
-    """The planner's own Plan for `knobs` on the plan's model, hardware and training spec."""
+    """The planner's own Plan for `knobs` on the plan's model, hardware and training spec.
+
+    Without `graph`, the plan's model is traced if it is bundled (`build_graph`)."""
     try:
         from planner import plan_from_knobs  # type: ignore[attr-defined]
     except ImportError:
@@ -44,7 +74,7 @@ def score_knobs(plan: Plan, knobs: Knobs, graph=None) -> Plan:
             "this build has no planner.plan_from_knobs yet; cannot score a new point"
         ) from None
     if graph is None:
-        graph = build_graph(plan.model.name)
+        graph = build_graph(plan)
     return plan_from_knobs(graph, plan.hardware, plan.train, knobs)
 
 
@@ -114,9 +144,19 @@ def _fit_reason(other: Plan) -> str:
 
 
 def why_not(
-    plan: Plan, overrides: dict[str, object] | None = None, other: Plan | None = None, graph=None
+    plan: Plan,
+    overrides: dict[str, object] | None = None,
+    other: Plan | None = None,
+    graph=None,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """The counterfactual as data (see the module docstring for the verdicts)."""
+    """The counterfactual as data (see the module docstring for the verdicts).
+
+    Args:
+        graph: the traced model to score new points on; default: traced by `build_graph`.
+        model: a model reference from the user's own command line (`--model`), used instead of
+            the plan's model name, which is only ever looked up among the bundled models.
+    """
     if plan.predicted is None:
         raise SpecError(
             "the plan carries no prediction to compare against; re-plan it with `autoplan plan`"
@@ -147,10 +187,12 @@ def why_not(
             out.update(verdict="same", reason="that is the plan's own choice")
             return out
         try:
+            if graph is None and model is not None:
+                graph = build_graph(plan, model)
             other = score_knobs(plan, knobs, graph)
         except SpecError as e:
             msg = str(e)
-            if "no planner.plan_from_knobs" in msg or "no tracer" in msg:
+            if isinstance(e, ModelRefused) or "no planner.plan_from_knobs" in msg or "no tracer" in msg:
                 raise
             out.update(verdict="invalid", reason=msg)
             return out
@@ -159,6 +201,8 @@ def why_not(
         out["knobs"] = str(other.knobs())
         out["records"] = search_records(plan, other.knobs())
         if other.predicted is None:
+            if graph is None and model is not None:
+                graph = build_graph(plan, model)
             other = score_knobs(plan, other.knobs(), graph)
     pr, po = plan.predicted, other.predicted
     assert po is not None

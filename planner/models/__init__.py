@@ -134,12 +134,20 @@ def list_models() -> list[str]:
     return sorted([*GPT_CONFIGS, *LLAMA_CONFIGS, *MLP_CONFIGS, *TORCHVISION_BUNDLED, *HF_BUNDLED])
 
 
+def is_bundled(ref: str) -> bool:
+    """Whether `ref` names a bundled model: building it is a lookup, it imports no user code."""
+    return ref in list_models()
+
+
 def build_model(
     ref: str, *, batch: int = 1, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> BuiltModel:
-    """Build a bundled model by name, or call `package.module:factory`.
+    """Build a bundled model by name, or import and call `package.module:factory`.
 
-    A factory returns an nn.Module, a (module, example_inputs) pair, or a BuiltModel.
+    A factory returns an nn.Module, a (module, example_inputs) pair, or a BuiltModel. Only pass a
+    `ref` that the user gave on their own command line or in their own code: a factory reference
+    is code to run, so one read from a file (a plan, a hardware spec, a checkpoint) must be
+    checked with `is_bundled` first (planner.explain.whynot.build_graph does).
     """
     if ref in GPT_CONFIGS:
         return _lm(ref, GPT_CONFIGS[ref], batch, device, dtype)
@@ -198,5 +206,5 @@ def _from_factory(ref: str, batch: int, device, dtype) -> BuiltModel:
     return BuiltModel(ref, module, inputs, mse_loss, make_batch, {})
 
 
-__all__ = ["BuiltModel", "build_model", "list_models", "lm_loss", "GPT_CONFIGS", "LLAMA_CONFIGS",
+__all__ = ["BuiltModel", "build_model", "is_bundled", "list_models", "lm_loss", "GPT_CONFIGS", "LLAMA_CONFIGS",
            "MLP_CONFIGS", "Transformer", "TransformerConfig", "MLP", "MLPConfig"]
