@@ -14,7 +14,8 @@ micro-batch on ONE tensor-parallel rank, cached per layer type (repeated blocks 
   sequence parallelism each all-reduce becomes reduce-scatter + all-gather (ring time equal).
   All of it sits on the critical path (exposed). Full recompute repeats the forward ones.
 - memory: parameters per tp rank (split ops / tp, the rest replicated), activation bytes per
-  in-flight micro-batch and the recompute working set (cost_models.memory), boundary bytes.
+  in-flight micro-batch and the recompute working set (cost_models.memory; fused attention as
+  the target's kernels keep it, `layer_saved_bytes`), boundary bytes.
 - FLOPs per tp rank: forward, backward, recompute.
 
 `BlockCosts` sums a stage (first..last) in O(number of layer types) with `stage(first, last)`:
@@ -32,7 +33,12 @@ from operator import attrgetter, sub
 from cost_models import comm, sharedhost
 from cost_models.compute import TP_SPLIT, compute_dtype, itemsize, layer_compute
 from cost_models.fastinit import fast_init
-from cost_models.memory import bytes_per_param, layer_activation_bytes, margin_bytes
+from cost_models.memory import (
+    bytes_per_param,
+    layer_activation_bytes,
+    layer_saved_bytes,
+    margin_bytes,
+)
 from specs import HardwareSpec, LayerType, ModelGraph, SpecError, TrainSpec
 
 
@@ -176,7 +182,7 @@ class Context:
     """Per (graph, hw, train) caches; holds strong references so ids stay valid."""
 
     __slots__ = ("graph", "hw", "train", "costs", "links", "dtype", "act_scale", "par_scale", "bpp",
-                 "split_fraction", "final_output_bytes", "model_flops_per_sample", "stage_cache", "capacity",
+                 "split_fraction", "saved", "final_output_bytes", "model_flops_per_sample", "stage_cache", "capacity",
                  "reserve", "act_isz", "last_splittable", "num_devices", "oversubscribed")
 
     def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec):
@@ -191,6 +197,8 @@ class Context:
         self.par_scale = itemsize(self.dtype) / itemsize(graph.param_dtype)
         self.bpp = bytes_per_param(train.precision, train.optimizer)
         self.split_fraction = {name: _split_fraction(lt) for name, lt in graph.layer_types.items()}
+        # saved activations as the target's attention kernels keep them (cost_models.memory)
+        self.saved = {name: layer_saved_bytes(lt, hw.attention_kernel) for name, lt in graph.layer_types.items()}
         last = graph.layer(graph.num_blocks - 1)
         self.final_output_bytes = last.output_bytes_per_sample * self.act_scale
         self.model_flops_per_sample = graph.fwd_flops_per_sample + graph.bwd_flops_per_sample
@@ -295,9 +303,10 @@ def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompu
     else:
         rec_s, rec_fl = 0.0, 0.0
     s = ctx.act_scale * mb
+    sv = ctx.saved[lt.name]
     act = layer_activation_bytes(
-        lt.saved_bytes_per_sample * s, lt.saved_bytes_attention_core_per_sample * s,
-        lt.saved_bytes_replicated_per_sample * s, lt.input_bytes_per_sample * s,
+        sv.saved * s + sv.fp32 * mb, sv.core * s + sv.fp32 * mb,
+        sv.replicated * s, lt.input_bytes_per_sample * s,
         tp=tp, sequence_parallel=sp, recompute=recompute, splittable=splittable,
     )
     frac = ctx.split_fraction[lt.name] if splittable else 0.0

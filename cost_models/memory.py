@@ -38,7 +38,16 @@ Activations per layer and micro-batch (`layer_activation_bytes`), from the graph
     selective        the same minus the attention core/tp      (with SP: 34 sbh/t)
     full             the layer's input, /tp with SP              (2 sbh, or 2 sbh/t)
 
-Layers without tensor-parallel candidates are not divided. Full (selective) recompute needs one
+Layers without tensor-parallel candidates are not divided.
+
+Fused attention follows the target's kernels (`layer_saved_bytes`): the tracer measures
+`F.scaled_dot_product_attention` on the math path, which keeps the a*s^2 probabilities (and
+dropout mask); on a target whose `attention_kernel` is "flash" (GPU presets: CUDA flash,
+memory-efficient and cuDNN kernels; Dao et al. 2022, FlashAttention, §3.1) the call keeps q, k,
+v, the output and an fp32 log-sum-exp instead (specs.FusedAttentionSaved): Korthikanti's 5as/h
+term is absent and selective recompute of the fused call drops only the log-sum-exp: a GPT layer
+keeps ~34 sbh plus the log-sum-exp (4 a s b bytes), with or without selective recompute. On
+"math" targets (the cpu preset) the measured figures stand, and selective drops the 5as/h term. Full (selective) recompute needs one
 layer's full (attention-core) activations again during its backward: a transient working set.
 
 Transient buffers (cost_models.estimate): the bf16 compute copy of the rank's weights (non-FSDP
@@ -64,7 +73,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specs import SpecError
+from specs import LayerType, SpecError
 
 FRAGMENTATION_FRACTION = 0.10  # estimate, see module docstring
 RESERVE_FRACTION = 0.05  # of device capacity, estimate
@@ -152,6 +161,31 @@ def sharded_states(num_params: float, bpp: BytesPerParam, *, sharding: str, dp: 
     if offload == "cpu":
         o = 0.0
     return StateBytes(p, g, o)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedBytes:
+    """One layer's saved activation bytes per sample on a target: `saved`, `core` and `replicated`
+    at the traced activation dtype (rescale as usual), plus fp32 bytes that no precision rescales
+    (flash's log-sum-exp), in the total and in the core alike."""
+
+    saved: float
+    core: float
+    replicated: float
+    fp32: float = 0.0
+
+
+def layer_saved_bytes(lt: LayerType, attention_kernel: str | None) -> SavedBytes:
+    """Saved bytes of `lt` per sample when its fused attention runs on `attention_kernel`
+    ("flash" or "math"; see the module docstring and specs.FusedAttentionSaved)."""
+    fa = lt.fused_attention
+    saved, core, repl = (lt.saved_bytes_per_sample, lt.saved_bytes_attention_core_per_sample,
+                         lt.saved_bytes_replicated_per_sample)
+    if fa is None or attention_kernel != "flash":
+        return SavedBytes(saved, core, repl)
+    saved = saved - fa.math_bytes_per_sample + fa.flash_bytes_per_sample
+    core = max(0.0, core - fa.math_core_bytes_per_sample) + fa.flash_core_bytes_per_sample
+    return SavedBytes(saved, core, repl, fa.flash_fp32_bytes_per_sample)
 
 
 @dataclass(frozen=True, slots=True)

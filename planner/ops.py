@@ -27,6 +27,14 @@ _register("attention", "scaled_dot_product_attention _scaled_dot_product_attenti
           "_scaled_dot_product_flash_attention _scaled_dot_product_flash_attention_for_cpu "
           "_scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention "
           "MultiheadAttention")
+# Fused attention: one call whose saved tensors depend on the kernel that runs it (the math path
+# keeps the s x s probabilities; flash-family kernels do not). `_scaled_dot_product_attention_math`
+# is the math path by name: the same on every device, so not listed.
+FUSED_ATTENTION_OPS = frozenset(
+    "scaled_dot_product_attention _scaled_dot_product_flash_attention "
+    "_scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_efficient_attention "
+    "_scaled_dot_product_cudnn_attention".split()
+)
 _register("conv", "conv1d conv2d conv3d convolution _convolution conv_transpose1d conv_transpose2d "
           "conv_transpose3d Conv1d Conv2d Conv3d ConvTranspose1d ConvTranspose2d ConvTranspose3d")
 _register("embedding", "embedding Embedding EmbeddingBag embedding_bag")

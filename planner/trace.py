@@ -11,7 +11,11 @@ Pipeline (each step in its own module):
 4. Per layer type, ONE representative block is measured (`measure.measure_block`: FLOPs by
    FlopCounterMode, saved activations by saved-tensor hooks, materialising copies by the same
    dispatch mode) and analysed for tensor parallelism (`tp_candidates.analyse_block`); 96
-   identical GPT-3 layers cost one measurement. Copies go to the op that makes them; a view-like
+   identical GPT-3 layers cost one measurement. Fused attention (`F.scaled_dot_product_attention`)
+   is measured on the math path whatever the device (on a CPU device PyTorch would otherwise pick
+   `_scaled_dot_product_flash_attention_for_cpu`, on meta the math path), and its saved bytes are
+   split out per kernel family (`_fused_attention`), so the cost model follows the target's
+   kernels without re-tracing. Copies go to the op that makes them; a view-like
    node's copies (no OpInfo of its own) to its nearest costed producer (`_copy_owners`). At an
    example batch of 1 copies are counted at batch 2 (`_copy_values`: torch.matmul's batch fold
    is a view at batch 1 only).
@@ -35,17 +39,20 @@ import hashlib
 import io
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
 from planner.blocks import BlockSpec, block_params, block_signature, build_blocks, node_module_path
 from planner.cut_points import dataflow_graph, find_cut_points, input_dependent_nodes
 from planner.measure import FakeState, block_io, measure_block, propagate
-from planner.ops import full_target, op_kind, target_name
+from planner.ops import FUSED_ATTENTION_OPS, full_target, op_kind, target_name
 from planner.tp_candidates import analyse_block, node_kind
 from specs import Block, LayerType, ModelGraph, OpInfo, SpecError
+from specs.graph import FusedAttentionSaved
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
@@ -327,14 +334,15 @@ def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, 
                   needs_grad, reaches_out, batch, copy_values=None, *, modules=None) -> LayerType:
     ins, outs = block_io(b, assign, index)
     try:
-        m = measure_block(gm, fs, b, values, ins, outs, needs_grad=needs_grad, input_dependent=dependent)
+        with sdpa_kernel(SDPBackend.MATH):  # device-independent figures (see the module docstring)
+            m = measure_block(gm, fs, b, values, ins, outs, needs_grad=needs_grad, input_dependent=dependent)
     except Exception as e:
         raise SpecError(f"trace: measuring block {b.name!r} on fake tensors failed: "
                         f"{type(e).__name__}: {_first_line(e)}") from None
     copy_batch = batch
     if copy_values is not None:
         try:
-            with _quiet_torch_logs():
+            with _quiet_torch_logs(), sdpa_kernel(SDPBackend.MATH):
                 m2 = measure_block(gm, fs, b, copy_values, ins, outs, needs_grad=needs_grad,
                                    input_dependent=dependent)
             m.fwd_copies_by_node, m.bwd_copies_by_node = m2.fwd_copies_by_node, m2.bwd_copies_by_node
@@ -343,13 +351,19 @@ def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, 
             pass  # keep the copies counted at the example batch
     tp = analyse_block(b, gm, values, input_dependent=dependent, reaches_output=reaches_out, batch=batch,
                        modules=modules)
+    fused = [n for n in b.nodes if target_name(n, gm) in FUSED_ATTENTION_OPS]
+    fa = _fused_attention(fused, b, gm, values, m, dependent) if fused else None
+    skip = fa.nodes if fa is not None else frozenset()  # their core is fa.math_core
     core = replicated = total = 0.0
     for s in m.saved.values():
         total += s.nbytes
-        if s.producer in tp.attention_core and not (s.internal and s.producer in tp.attention_scores):
+        in_core = s.producer in tp.attention_core and s.producer not in skip
+        if in_core and not (s.internal and s.producer in tp.attention_scores):
             core += s.nbytes  # q @ k^T's own copies of q and k are not scores: selective recompute keeps them
         if s.producer not in b.nodes or tp.tp_split.get(s.producer) in ("sequence", "replicate", "row"):
             replicated += s.nbytes
+    if fa is not None:
+        core += fa.math_core  # fused attention is an attention core too
     ops = _ops(b, gm, values, m, tp, dependent, batch, copy_batch)
     num_params = sum(p.numel() for _, p in params.values())
     return LayerType(
@@ -362,6 +376,7 @@ def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, 
         saved_bytes_per_sample=total / batch,
         saved_bytes_attention_core_per_sample=core / batch,
         saved_bytes_replicated_per_sample=replicated / batch,
+        fused_attention=fa.per_sample(batch) if fa is not None else None,
         input_bytes_per_sample=m.input_bytes / batch,
         output_bytes_per_sample=m.output_bytes / batch,
         ops=ops,
@@ -369,6 +384,102 @@ def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, 
         num_heads=tp.num_heads,
         unsplit_attention=tp.unsplit_attention,
     )
+
+
+@dataclass
+class _FusedAttention:
+    """Saved bytes of a block's fused attention calls at the example batch (see FusedAttentionSaved)."""
+
+    nodes: frozenset
+    math: float = 0.0
+    math_core: float = 0.0
+    flash: float = 0.0
+    flash_fp32: float = 0.0
+    flash_core: float = 0.0
+
+    def per_sample(self, batch: int) -> FusedAttentionSaved:
+        return FusedAttentionSaved(
+            math_bytes_per_sample=self.math / batch, math_core_bytes_per_sample=self.math_core / batch,
+            flash_bytes_per_sample=self.flash / batch, flash_fp32_bytes_per_sample=self.flash_fp32 / batch,
+            flash_core_bytes_per_sample=self.flash_core / batch)
+
+
+_ATTENTION_INPUTS = ("query", "key", "value")
+
+
+def _fused_attention(fused: list[fx.Node], b: BlockSpec, gm, values, m, dependent) -> _FusedAttention:
+    """Split the measured (math-path) saved bytes of fused attention calls by kernel family.
+
+    Per call n, from the saved tensors measured on the math path (each attributed to the node whose
+    output storage it is; the math path's own tensors are `internal` to n):
+      own     = n's internal tensors: bmm-layout copies of q, k, v, the probabilities, the dropout mask
+      out     = n's output as its consumers keep it (saved by reference, or a copy made by view-like
+                nodes after it, e.g. the head merge `transpose(1, 2).reshape(...)`)
+      inputs  = q, k, v (and a batch-dependent attn_mask) whose storage nothing else keeps, each
+                storage once (traced back through view-like nodes to the node that made it)
+    Math path: math = own + out (part of the measured total); selective recompute drops
+    math_core = own - inputs (it re-runs the call from q, k, v, which it keeps).
+    Flash-family kernels keep q, k, v, the output and an fp32 log-sum-exp (batch x heads x queries):
+    flash = inputs + the output (on CUDA the output's layout makes the head merge a view, so its
+    consumers keep the same storage: counted once); flash_fp32 = the log-sum-exp; selective drops
+    the log-sum-exp and, where no consumer keeps the output, the output (flash_core)."""
+    members = set(b.nodes)
+    kept = {s.producer for s in m.saved.values() if not s.internal}  # nodes whose output storage is saved
+    res = _FusedAttention(frozenset(fused))
+    counted: set[fx.Node] = set()
+    for n in fused:
+        after = _view_users(n, members, gm)
+        own = sum(s.nbytes for s in m.saved.values() if s.producer is n and s.internal)
+        out_kept = sum(s.nbytes for s in m.saved.values()
+                       if (s.producer is n and not s.internal) or s.producer in after)
+        args = [n.args[i] if i < len(n.args) else n.kwargs.get(name)
+                for i, name in enumerate(_ATTENTION_INPUTS)]
+        mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node) and mask in dependent:
+            args.append(mask)
+        inputs = 0.0
+        for a in args:
+            if not isinstance(a, fx.Node):
+                continue
+            owner = _storage_owner(a, members, gm)
+            if owner in kept or owner in counted:
+                continue
+            counted.add(owner)
+            inputs += _nbytes(values.get(owner))
+        q = values.get(args[0]) if isinstance(args[0], fx.Node) else None
+        out = _nbytes(values.get(n), first=True)
+        lse = 4.0 * (q.numel() // q.shape[-1]) if isinstance(q, torch.Tensor) and q.dim() else 0.0
+        res.math += own + out_kept
+        res.math_core += max(0.0, own - inputs)
+        res.flash += inputs + out
+        res.flash_fp32 += lse
+        res.flash_core += 0.0 if out_kept else out
+    return res
+
+
+def _view_users(n: fx.Node, members: set, gm) -> set[fx.Node]:
+    """Nodes of the block that read n through view-like nodes only (n itself excluded)."""
+    out: set[fx.Node] = set()
+    stack = [n]
+    while stack:
+        for u in stack.pop().users:
+            if u in members and u not in out and u.op != "output" and op_kind(target_name(u, gm)) is None:
+                out.add(u)
+                stack.append(u)
+    return out
+
+
+def _storage_owner(a: fx.Node, members: set, gm) -> fx.Node:
+    """The node whose output storage `a` views: back through view-like nodes inside the block."""
+    while (a in members and a.op in ("call_function", "call_method") and a.all_input_nodes
+           and op_kind(target_name(a, gm)) is None):
+        a = a.all_input_nodes[0]
+    return a
+
+
+def _nbytes(v, first: bool = False) -> float:
+    ts = [t for t in tree_flatten(v)[0] if isinstance(t, torch.Tensor)]
+    return float(sum(t.numel() * t.element_size() for t in (ts[:1] if first else ts)))
 
 
 # fx targets that ARE a copy: their copies are the op itself, already charged by its bytes.

@@ -82,6 +82,43 @@ class TPCandidate(Frozen):
     divisor: int = Field(gt=0, description="tp must divide this (heads, kv heads, features, channels).")
 
 
+class FusedAttentionSaved(Frozen):
+    """What a layer's fused attention calls (`F.scaled_dot_product_attention`) save for backward,
+    by the kernel that runs them, one sample. The tracer measures the math path (it forces it, so
+    the figures do not depend on the device traced on); flash-family kernels (CUDA flash,
+    memory-efficient, cuDNN) keep q, k, v, the output and an fp32 log-sum-exp instead. Cost models
+    pick by `HardwareSpec.attention_kernel`:
+
+        flash saved = saved_bytes_per_sample - math_bytes + flash_bytes (+ flash_fp32_bytes)
+        flash core  = saved_bytes_attention_core_per_sample - math_core_bytes + flash_core_bytes
+                      (+ flash_fp32_bytes)
+
+    All but `flash_fp32_bytes_per_sample` are at the traced activation dtype (rescaled like every
+    other activation); the log-sum-exp is fp32 whatever the training precision."""
+
+    math_bytes_per_sample: float = Field(
+        ge=0, description="Part of saved_bytes_per_sample that the math path keeps for these calls: its "
+        "own tensors (bmm-layout copies of q, k, v; the a*s^2 probabilities and dropout mask) and the "
+        "output as its consumers keep it.",
+    )
+    math_core_bytes_per_sample: float = Field(
+        ge=0, description="The score part: of math_bytes, what selective recompute drops on the math path "
+        "(its own tensors less q, k, v, which the recompute keeps: the a*s^2 probabilities and dropout "
+        "mask). Included in saved_bytes_attention_core_per_sample.",
+    )
+    flash_bytes_per_sample: float = Field(
+        ge=0, description="What flash kernels keep in place of math_bytes: q, k, v (where nothing else "
+        "keeps them already) and the output (which its consumers' views share).",
+    )
+    flash_fp32_bytes_per_sample: float = Field(
+        ge=0, description="The fp32 log-sum-exp flash kernels keep (batch x heads x queries x 4 bytes).",
+    )
+    flash_core_bytes_per_sample: float = Field(
+        ge=0, description="Of flash_bytes, what selective recompute drops (the output where no consumer "
+        "keeps it); the log-sum-exp is dropped too.",
+    )
+
+
 class LayerType(Frozen):
     name: str = Field(description="Layer-type key; repeated blocks share one.")
     module_type: str = Field(description="Python class of the block module.")
@@ -101,6 +138,10 @@ class LayerType(Frozen):
         default=0, ge=0,
         description="Part of saved bytes that tensor parallelism does not split (norm inputs, "
         "residuals); sequence parallelism does.",
+    )
+    fused_attention: FusedAttentionSaved | None = Field(
+        default=None, description="Saved bytes of fused attention calls by kernel family (None: no fused "
+        "attention in this layer; its saved bytes are the same on every device).",
     )
     input_bytes_per_sample: float = Field(ge=0, description="Bytes entering the block (kept by full recompute).")
     output_bytes_per_sample: float = Field(ge=0, description="Bytes leaving the block (pipeline p2p).")
