@@ -186,9 +186,9 @@ def why_not(
         if knobs == base:
             out.update(verdict="same", reason="that is the plan's own choice")
             return out
+        if graph is None and model is not None:  # the user's own --model: its errors are errors
+            graph = build_graph(plan, model)
         try:
-            if graph is None and model is not None:
-                graph = build_graph(plan, model)
             other = score_knobs(plan, knobs, graph)
         except SpecError as e:
             msg = str(e)
