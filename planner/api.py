@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from planner.build_plan import build_plan, loss_note
-from planner.capabilities import schedule_problem, sequence_parallel_problem
+from planner.capabilities import pipeline_tp_problem, schedule_problem, sequence_parallel_problem
 from planner.partition import even_partition
 from planner.scoring import Backend, CostModelBackend
 from planner.search import GiB, Scored, Search, SearchResult
@@ -160,6 +160,11 @@ def plan_from_knobs(
     why = schedule_problem(schedule=knobs.schedule, sharding=knobs.sharding, pp=knobs.pp, dp=knobs.dp)
     if why is None and knobs.sequence_parallel and knobs.tp > 1:
         why = sequence_parallel_problem(graph)
+    if why is None:
+        why = pipeline_tp_problem(graph, pp=knobs.pp, tp=knobs.tp)
+    if why is None and knobs.micro_batch_size < graph.min_micro_batch_size:
+        why = (f"micro_batch_size {knobs.micro_batch_size} < {graph.min_micro_batch_size}: a BatchNorm would "
+               f"normalise one value per channel, which PyTorch refuses in training")
     if why:
         raise SpecError(f"knobs: the runtime cannot run {knobs}: {why}")
     num = knobs.pp * knobs.virtual_stages

@@ -25,6 +25,12 @@ search records the point as rejected, with the runtime's reason, instead of retu
   fused q/k/v projection split along its features, a hard-coded head count, a module the runtime
   cannot split): the whole attention would see only its rank's tokens. `sequence_parallel_problem`.
 
+- pp > 1 with tp > 1 on a model only torch.export could trace (ModelGraph.traced_by "export",
+  e.g. Hugging Face transformers 5.x): runtime/pipeline_split.py splits such a model with
+  torch.distributed.pipelining's export split, whose stage modules are InterpreterModules with no
+  nn.Linear left, so parallelize_module fails ("RowwiseParallel currently only support nn.Linear
+  and nn.Embedding"). `pipeline_tp_problem`.
+
 Not a refusal: sharding `none` with tp > 1 or pp > 1 runs as FSDP2 `replicate` instead of DDP
 (runtime/data_parallel.py `_ddp_ok`), which all-reduces the same gradients: same cost, allowed.
 
@@ -79,4 +85,13 @@ def sequence_parallel_problem(graph) -> str | None:
         why = graph.layer_types[name].unsplit_attention
         if why:
             return f"sequence parallelism needs every attention split by heads; {name}'s is not: {why}"
+    return None
+
+
+def pipeline_tp_problem(graph, *, pp: int, tp: int) -> str | None:
+    """Why pp x tp cannot run on this traced graph (stages of an export split hold no nn.Linear
+    for tensor parallelism), or None."""
+    if pp > 1 and tp > 1 and graph.traced_by == "export":
+        return (f"pp={pp} with tp={tp}: only torch.export could trace {graph.name}, and the stages of its "
+                f"pipeline split hold no nn.Linear modules for tensor-parallel styles; use pp or tp alone")
     return None

@@ -7,7 +7,12 @@ records rejections through `self.reject`.
 
 from __future__ import annotations
 
-from planner.capabilities import executable_candidate, knob_problem, sequence_parallel_problem
+from planner.capabilities import (
+    executable_candidate,
+    knob_problem,
+    pipeline_tp_problem,
+    sequence_parallel_problem,
+)
 from planner.partition import MODES
 from specs import SpecError
 
@@ -112,6 +117,9 @@ class SearchSpace:
         why = self._tp_divisor_problem(tp)
         if why:
             return (f"tp={tp}", why)
+        why = pipeline_tp_problem(self.graph, pp=pp, tp=tp)
+        if why:
+            return (f"pp={pp} tp={tp}", why)
         if pp > len(self.ends):
             return (f"pp={pp}", f"pp={pp} needs {pp} stages but the graph has {len(self.ends)} "
                     f"places to end a stage ({self.graph.num_blocks} blocks)")
@@ -126,6 +134,8 @@ class SearchSpace:
         per_replica = self.train.global_batch_size // dp
         out = []
         for mb in divisors(per_replica):
+            if mb < self.graph.min_micro_batch_size:
+                continue  # BatchNorm would see one value per channel (ModelGraph.min_micro_batch_size)
             n_mb = per_replica // mb
             if "micro_batch_size" in self.pins and self.pins["micro_batch_size"] != mb:
                 continue

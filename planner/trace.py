@@ -174,11 +174,25 @@ def trace(
     modes = {m: m.training for m in model.modules()}
     model.train()
     try:
-        gm, traced_by = _capture(model, inputs, tuple(leaf_modules))
-        return _build(model, gm, traced_by, inputs, batch, name or type(model).__name__, t0)
+        try:
+            gm, traced_by = _capture(model, inputs, tuple(leaf_modules))
+            return _build(model, gm, traced_by, inputs, batch, name or type(model).__name__, t0)
+        except Exception as e:
+            if batch != 1 or _BN_ONE_SAMPLE not in str(e):
+                raise
+        # BatchNorm in training mode cannot normalise one value per channel (a ResNet's last
+        # 1x1 feature map at batch 1): trace two copies of the sample instead. Everything the
+        # graph records is per sample, and the fingerprint does not depend on the batch.
+        two = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
+        gm, traced_by = _capture(model, two, tuple(leaf_modules))
+        graph = _build(model, gm, traced_by, two, 2, name or type(model).__name__, t0)
+        return graph.model_copy(update={"min_micro_batch_size": 2, "input_shapes": [list(x.shape) for x in inputs]})
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+_BN_ONE_SAMPLE = "Expected more than 1 value per channel when training"
 
 
 @contextlib.contextmanager

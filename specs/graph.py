@@ -181,6 +181,11 @@ class ModelGraph(Frozen):
     num_params: int = Field(ge=0, description="Unique parameters (tied ones counted once).")
     seq_len: int | None = Field(default=None, description="Tokens per sample, for language models.")
     input_shapes: list[list[int]] = Field(default_factory=list, description="Example input shapes.")
+    min_micro_batch_size: int = Field(
+        default=1, ge=1,
+        description="Smallest micro-batch the model trains at: 2 when a BatchNorm in training mode "
+        "would see one value per channel at one sample (PyTorch refuses to normalise it).",
+    )
     input_bytes_per_sample: float = Field(default=0, ge=0)
     blocks: list[Block]
     layer_types: dict[str, LayerType]

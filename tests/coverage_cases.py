@@ -62,6 +62,8 @@ CASES: dict[str, tuple[str, dict]] = {
     "head_norm-tp2-sp": ("local/head_norm", dict(pp=1, dp=2, tp=2, sequence_parallel=True)),
     "rotary_shared-pp2-tp2": ("local/rotary_shared", dict(pp=2, dp=1, tp=2, num_micro_batches=2)),
     "rotary_shared-pp4": ("local/rotary_shared", dict(pp=4, dp=1, tp=1, num_micro_batches=4)),
+    # BatchNorm at micro-batch 1 (per-micro-batch statistics, as gradient accumulation has them)
+    "resnet18-dp4-mb1": ("tv/resnet18", dict(pp=1, dp=4, tp=1, num_micro_batches=2)),
     # zero_bubble with zero3/hsdp is refused (planner.capabilities); with zero2 it must match
     "head_norm-pp2xzero2-zero_bubble": (
         "local/head_norm",
@@ -113,17 +115,29 @@ def build(model_name: str, dtype: torch.dtype = torch.float64):
     return model, example, batches, kind
 
 
+TRAIN = TrainSpec(global_batch_size=BATCH, precision="fp32", optimizer="sgd")
+
+
 def run_case(label: str) -> dict:
     model_name, knobs = CASES[label]
     dtype = torch.float32 if label.endswith("-fp32") else torch.float64
+
+    def make_plan(graph, hw):
+        nmb = knobs.get("num_micro_batches", 1)
+        k = Knobs(micro_batch_size=BATCH // (knobs["dp"] * nmb), **knobs)
+        return plan_from_knobs(graph, hw, TRAIN, k)
+
+    return {"name": label, **compare(model_name, dtype, make_plan)}
+
+
+def compare(model_name: str, dtype: torch.dtype, make_plan) -> dict:
+    """Train `model_name` under `make_plan(graph, hw)` on this process group and alone on rank 0;
+    the losses, the largest differences and the plan (rank 0 has the differences)."""
     model, example, batches, kind = build(model_name, dtype)
     graph = trace(model, example, name=model_name)
     hw = HardwareSpec.preset("cpu", devices=dist.get_world_size())
-    nmb = knobs.get("num_micro_batches", 1)
-    k = Knobs(micro_batch_size=BATCH // (knobs["dp"] * nmb), **knobs)
-    plan = plan_from_knobs(
-        graph, hw, TrainSpec(global_batch_size=BATCH, precision="fp32", optimizer="sgd"), k
-    )
+    plan = make_plan(graph, hw)
+    k = plan.knobs()
     ref_model = copy.deepcopy(model)
     pm = parallelize(
         model, plan, loss_fn=loss64, example_inputs=example, optimizer_kwargs={"lr": LR}
@@ -131,7 +145,6 @@ def run_case(label: str) -> dict:
     losses = [float(pm.train_step(pm.local_batch(x, y))) for x, y in batches]
     full = pm.full_state_dict()
     out = {
-        "name": label,
         "model": model_name,
         "dtype": str(dtype),
         "plan": str(plan.knobs()),
@@ -143,7 +156,7 @@ def run_case(label: str) -> dict:
         opt = torch.optim.SGD(ref_model.parameters(), lr=LR)
         ref_losses = []
         # BatchNorm normalises over each replica's slice: the reference runs the dp slices apart.
-        chunks = k.dp if kind == "tv" else 1
+        chunks = k.dp * k.num_micro_batches if kind == "tv" else 1
         for x, y in batches:
             total = 0.0
             for xc, yc in zip(x.chunk(chunks), y.chunk(chunks), strict=True):

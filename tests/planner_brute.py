@@ -58,6 +58,8 @@ def brute_force(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, backend,
             continue
         if batch % dp or pp > len(ends):
             continue
+        if pp > 1 and tp > 1 and graph.traced_by == "export":
+            continue  # the export split's stages hold no nn.Linear for tensor parallelism
         shardings = [("none", None)]
         if dp > 1:
             shardings += [("zero1", None), ("zero2", None), ("zero3", None)]
@@ -78,6 +80,8 @@ def brute_force(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, backend,
             if off == "cpu" and sh in ("none", "zero1"):
                 continue  # the runtime offloads through FSDP2 only
             for mb in _divisors(batch // dp):
+                if mb < graph.min_micro_batch_size:
+                    continue  # BatchNorm cannot train on one value per channel
                 m = batch // dp // mb
                 if m > 1 and pp == 1 and not train.allow_grad_accumulation:
                     continue

@@ -128,3 +128,49 @@ def test_runtime_refuses_zero_bubble_with_zero3():
         validate_pipeline(model, plan)
     ok = make_plan("gpt-tiny", pp=2, dp=2, schedule="zero_bubble", sharding="zero2", num_micro_batches=2)
     validate_pipeline(model, ok)
+
+
+@pytest.mark.tier1
+def test_batchnorm_net_traces_at_one_sample_and_is_never_planned_at_micro_batch_one():
+    """ResNet-18 on 32x32 images: its last BatchNorm sees a 1x1 map, one value per channel at one
+    sample, which PyTorch refuses to normalise in training. The tracer runs two copies of the sample
+    (per-sample figures and the fingerprint are batch-free) and records the smallest micro-batch."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18()
+    one = trace(model, (torch.zeros(1, 3, 32, 32),), name="r18")
+    four = trace(model, (torch.zeros(4, 3, 32, 32),), name="r18")
+    assert one.min_micro_batch_size == 2 and four.min_micro_batch_size == 1
+    assert one.fingerprint == four.fingerprint and one.input_shapes == [[1, 3, 32, 32]]
+    for b1, b4 in zip(one.blocks, four.blocks, strict=True):
+        lt1, lt4 = one.layer_types[b1.layer_type], four.layer_types[b4.layer_type]
+        assert lt1.fwd_flops_per_sample == lt4.fwd_flops_per_sample
+    hw = HardwareSpec.preset("cpu", devices=2)
+    train = TrainSpec(global_batch_size=4, precision="fp32", optimizer="sgd")
+    plan = autoplan(None, hw, graph=one, train=train)
+    assert plan.pipeline.micro_batch_size >= 2
+    assert all(a.knobs.micro_batch_size >= 2 for a in plan.alternatives)
+    with pytest.raises(SpecError, match="one value per channel"):
+        plan_from_knobs(one, hw, train, Knobs(pp=1, dp=2, tp=1, micro_batch_size=1, num_micro_batches=2))
+
+
+@pytest.mark.tier1
+def test_export_traced_model_gets_no_pipeline_with_tensor_parallelism():
+    """HF Llama traces only by torch.export; its pipeline stages (export split) hold no nn.Linear,
+    so pp x tp would crash in parallelize_module: refused, pp or tp alone still offered."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    pytest.importorskip("transformers")
+    from model_coverage import build_hf
+
+    model, x = build_hf("llama", device="meta")
+    g = trace(model, x[:1] if isinstance(x, torch.Tensor) else (x[0][:1],), name="llama")
+    assert g.traced_by == "export"
+    hw = HardwareSpec.preset("cpu", devices=4)
+    train = TrainSpec(global_batch_size=8, precision="fp32", optimizer="sgd")
+    with pytest.raises(SpecError, match="export"):
+        plan_from_knobs(g, hw, train, Knobs(pp=2, dp=1, tp=2, micro_batch_size=4, num_micro_batches=2))
+    plan = autoplan(None, hw, graph=g, train=train)
+    assert not (plan.mesh.pp > 1 and plan.mesh.tp > 1)
+    assert all(not (a.knobs.pp > 1 and a.knobs.tp > 1) for a in plan.alternatives)
