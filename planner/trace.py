@@ -428,9 +428,10 @@ def _fused_attention(fused: list[fx.Node], b: BlockSpec, gm, values, m, dependen
     output storage it is; the math path's own tensors are `internal` to n):
       own     = n's internal tensors: bmm-layout copies of q, k, v, the probabilities, the dropout mask
       out     = n's output as its consumers keep it (saved by reference, or a copy made by view-like
-                nodes after it, e.g. the head merge `transpose(1, 2).reshape(...)`)
-      inputs  = q, k, v (and a batch-dependent attn_mask) whose storage nothing else keeps, each
-                storage once (traced back through view-like nodes to the node that made it)
+                nodes or `contiguous` after it, e.g. the head merge `transpose(1, 2).reshape(...)`)
+      inputs  = q, k, v (and a batch-dependent attn_mask), each argument once, where nothing else
+                keeps its storage (traced back through view-like nodes to the node that made it;
+                a repeat for grouped-query attention is a copy the kernel keeps at its own size)
     Math path: math = own + out (part of the measured total); selective recompute drops
     math_core = own - inputs (it re-runs the call from q, k, v, which it keeps).
     Flash-family kernels keep q, k, v, the output and an fp32 log-sum-exp (batch x heads x queries):
@@ -440,7 +441,7 @@ def _fused_attention(fused: list[fx.Node], b: BlockSpec, gm, values, m, dependen
     members = set(b.nodes)
     kept = {s.producer for s in m.saved.values() if not s.internal}  # nodes whose output storage is saved
     res = _FusedAttention(frozenset(fused))
-    counted: set[fx.Node] = set()
+    counted: set[fx.Node] = set()  # arguments already charged (q, k, v may be one tensor)
     for n in fused:
         after = _view_users(n, members, gm)
         own = sum(s.nbytes for s in m.saved.values() if s.producer is n and s.internal)
@@ -455,11 +456,10 @@ def _fused_attention(fused: list[fx.Node], b: BlockSpec, gm, values, m, dependen
         for a in args:
             if not isinstance(a, fx.Node):
                 continue
-            owner = _storage_owner(a, members, gm)
-            if owner in kept or owner in counted:
+            if a in counted or any(x in kept for x in _storage_chain(a, members, gm)):
                 continue
-            counted.add(owner)
-            inputs += _nbytes(values.get(owner))
+            counted.add(a)
+            inputs += _nbytes(values.get(a))
         q = values.get(args[0]) if isinstance(args[0], fx.Node) else None
         out = _nbytes(values.get(n), first=True)
         lse = 4.0 * (q.numel() // q.shape[-1]) if isinstance(q, torch.Tensor) and q.dim() else 0.0
@@ -472,23 +472,29 @@ def _fused_attention(fused: list[fx.Node], b: BlockSpec, gm, values, m, dependen
 
 
 def _view_users(n: fx.Node, members: set, gm) -> set[fx.Node]:
-    """Nodes of the block that read n through view-like nodes only (n itself excluded)."""
+    """Nodes of the block that read n through view-like nodes (and `contiguous`: a no-op on the
+    output of a flash kernel, whose layout makes the head merge contiguous) only, n excluded."""
     out: set[fx.Node] = set()
     stack = [n]
     while stack:
         for u in stack.pop().users:
-            if u in members and u not in out and u.op != "output" and op_kind(target_name(u, gm)) is None:
+            name = target_name(u, gm)
+            if (u in members and u not in out and u.op != "output"
+                    and (op_kind(name) is None or name == "contiguous")):
                 out.add(u)
                 stack.append(u)
     return out
 
 
-def _storage_owner(a: fx.Node, members: set, gm) -> fx.Node:
-    """The node whose output storage `a` views: back through view-like nodes inside the block."""
+def _storage_chain(a: fx.Node, members: set, gm) -> list[fx.Node]:
+    """`a` and the nodes it views, back through view-like nodes inside the block to the node that
+    made the storage (a view-like node that had to copy, e.g. reshape after expand, is on it too)."""
+    chain = [a]
     while (a in members and a.op in ("call_function", "call_method") and a.all_input_nodes
            and op_kind(target_name(a, gm)) is None):
         a = a.all_input_nodes[0]
-    return a
+        chain.append(a)
+    return chain
 
 
 def _nbytes(v, first: bool = False) -> float:

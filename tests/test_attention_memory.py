@@ -192,3 +192,30 @@ def test_attention_kernel_by_preset_and_override():
     assert HardwareSpec.model_validate(data).attention_kernel == "math"
     data["attention_kernel"] = "flash"
     assert HardwareSpec.model_validate(data).attention_kernel == "flash"  # stated wins
+
+
+def test_hf_llama_sdpa_grouped_query_attention():
+    """Hugging Face Llama with SDPA (4 heads, 2 kv heads, RoPE, repeat_kv, `transpose(1, 2)
+    .contiguous()` head merge), captured by torch.export. On meta the export keeps the
+    `.contiguous()` that the math layout needs; on a CPU device (flash layout) it drops it: the same
+    figures either way. Flash keeps q (the RoPE output) and the repeated k at (s, h) each, plus the
+    output, which o_proj keeps through the contiguous head merge (so selective drops none of it); the
+    repeated v is kept by reference on both paths (in the rest)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                                   use_cache=False, attn_implementation="sdpa")
+    s, h = 32, 64
+    got = {}
+    for device in ("meta", "cpu"):
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(cfg)
+        g = trace(model, (torch.zeros(2, s, dtype=torch.long, device=device),))
+        assert g.traced_by == "export"
+        got[device] = g.layer(1)
+    fa = got["meta"].fused_attention
+    assert fa == got["cpu"].fused_attention
+    assert fa.flash_bytes_per_sample == 3 * s * h * 4
+    assert fa.flash_core_bytes_per_sample == 0
+    assert fa.flash_fp32_bytes_per_sample == 4 * 4 * s  # heads x queries x fp32
