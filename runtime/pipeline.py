@@ -43,7 +43,10 @@ schedule; DDP only with one stage per rank and no activation checkpointing in it
 `step(inputs, targets) -> loss` returns the loss on EVERY pp rank (broadcast from the rank that
 holds the last stage, a 0-d float64 tensor), so one training loop can log it anywhere. With
 loss_parallel the last stage's micro-batch losses are DTensors; they are made plain (full_tensor,
-a collective over tp in the same order on every tp rank) before the broadcast.
+a collective over tp in the same order on every tp rank) before the broadcast. `eval(inputs,
+targets)` is the same without backward (torch's schedule.eval; the gradients are left as they
+were, see its docstring), and `norm_parameters()` lists the parameters whose gradients make the
+model's global norm (each tied parameter once over the pipeline), for runtime.training's clipping.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from runtime.pipeline_split import (
     split_model,
     validate_split,
 )
+from runtime.training import reshard_fsdp
 from specs import Plan, SpecError
 
 __all__ = [
@@ -291,10 +295,19 @@ class PipelineRunner:
         Returns:
             The mean micro-batch loss (a 0-d float64 tensor, detached) on every pp rank.
         """
+        args, kwargs = self._schedule_args(inputs, targets)
+        self.schedule.step(*args, **kwargs)
+        if self.tied:
+            self.sync_tied_gradients()
+        return self._broadcast_loss(kwargs.get("losses"))
+
+    def _schedule_args(self, inputs, targets) -> tuple[tuple, dict]:
+        """The schedule's positional inputs (first stage only) and its target and loss list (last
+        stage only)."""
         p = self.plan.pipeline
         want = p.micro_batch_size * p.num_micro_batches
         args = inputs if isinstance(inputs, tuple) else (inputs,)
-        kwargs = {}
+        kwargs: dict = {}
         if self.is_first:
             got = args[0].shape[0]
             if got != want:
@@ -306,10 +319,47 @@ class PipelineRunner:
             args = ()
         if self.is_last:
             kwargs["target"] = targets
-            kwargs["losses"] = losses = []
-        self.schedule.step(*args, **kwargs)
-        if self.tied:
-            self.sync_tied_gradients()
+            kwargs["losses"] = []
+        return args, kwargs
+
+    def eval(self, inputs, targets) -> torch.Tensor:
+        """One forward-only pass over the plan's micro-batches (torch's `schedule.eval`, under
+        no_grad): no backward, no gradient touched. Same arguments and return as `step`.
+
+        torch 2.14 touches gradients in eval, measured with an eval between backward and optimizer
+        step: it still ends with the stage's REDUCE_GRAD action, which divides every gradient by
+        n_microbatches (halved at 2 micro-batches), so scale_grads is off for the eval; and the
+        switch from train to eval re-runs the stages' metadata inference, whose cleanup sets the
+        gradients of FSDP2 modules to None, so the gradients are put back after. FSDP2 leaves
+        the root's parameters unsharded after a forward without backward; they are resharded.
+        Each switch between train and eval costs torch one metadata-inference pass (a forward; a
+        forward and backward on the way back to train).
+        """
+        args, kwargs = self._schedule_args(inputs, targets)
+        grads = [(p, p.grad) for mod in self.stage_modules for p in mod.parameters()]
+        scale, self.schedule.scale_grads = self.schedule.scale_grads, False
+        try:
+            with torch.no_grad():
+                self.schedule.eval(*args, **kwargs)
+        finally:
+            self.schedule.scale_grads = scale
+            reshard_fsdp(self.stage_modules)
+            for p, g in grads:
+                p.grad = g
+        return self._broadcast_loss(kwargs.get("losses"))
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters with each tied parameter counted once over the pipeline (its copy
+        on the first stage that holds it): the set whose gradients make the model's global norm."""
+        skip = set()
+        for tp in self.tied:
+            first = min(tp.names)
+            for s, mod in zip(self.stage_indices, self.stage_modules, strict=True):
+                if s in tp.names and s != first:
+                    skip |= {id(p) for n, p in mod.named_parameters() if clean_param_name(n) == tp.names[s]}
+        return [p for p in self.parameters() if id(p) not in skip]
+
+    def _broadcast_loss(self, losses: list | None) -> torch.Tensor:
         if self.is_last:
             # Under loss_parallel each micro-batch loss is a DTensor over the tp mesh:
             # full_tensor() (a collective over tp, whose ranks all hold this last stage and walk
