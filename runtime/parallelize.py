@@ -10,18 +10,32 @@ Sequence (torchtitan's order), with the Plan as the only input:
 micro_batch_size * num_micro_batches samples: without a pipeline it loops over the
 micro-batches (gradient accumulation; DDP's no_sync / FSDP2's gradient sync off between them,
 each micro-batch's loss scaled by 1/num_micro_batches); with one, the pipeline schedule runs
-them. The same user loop serves every plan.
+them. The same user loop serves every plan:
 
-Batch convention: the global batch (plan.train.global_batch_size samples, identical on every
-rank) is cut by `local_batch` into dp contiguous slices, slice i for the replicas with dp rank i.
+    pm = parallelize(model, plan, loss_fn=F.cross_entropy, max_grad_norm=1.0,
+                     optimizer_fn=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                     lr_scheduler_fn=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 100))
+    for x, y in pm.data_loader(dataset):        # this replica's samples only
+        loss = pm.train_step((x, y))            # fwd/bwd, clip by the global norm, step, LR step
+    pm.eval_step((x, y)); pm.export_full_state_dict("model.safetensors")
+
+train_step = forward_backward + clip_grad_norm_ (given max_grad_norm) + optimizer_step, each
+public for loops that need them apart. Batches of any structure (dicts, several tensors) run
+with forward_fn(module, batch) -> loss; the contract is ParallelModel's docstring.
+
+Batch convention: each replica (dp rank) steps on its own batch. `data_loader` reads only that
+replica's samples (DistributedSampler over dp, not the world); `local_batch` cuts a global batch
+held by every rank into dp contiguous slices, slice i for the replicas with dp rank i.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
 
 from runtime.checkpointing import apply_activation_checkpointing
 from runtime.data_parallel import (
@@ -42,6 +57,20 @@ from runtime.data_parallel import (
 from runtime.mesh import Meshes, build_mesh, validate_world
 from runtime.precision import PrecisionSetup, build_precision
 from runtime.tensor_parallel import apply_tensor_parallel, resolve_styles
+from runtime.training import (
+    Batch,
+    ForwardFn,
+    batch_size,
+    build_data_loader,
+    clip_grad_norm_,
+    pair_forward,
+    pipeline_pair,
+    reshard_fsdp,
+    save_state_dict,
+    slice_batch,
+    split_batch,
+    validate_loop_options,
+)
 from specs import Plan, SpecError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -133,19 +162,40 @@ def _trace_one(trace, model: nn.Module, inputs: tuple):
 
 class ParallelModel:
     """A model with a plan applied: the local module(s), optimizer(s) and the step that hides the
-    schedule. Build it with `parallelize`."""
+    schedule. Build it with `parallelize`.
+
+    How a step computes its loss (the batch contract, the same for train_step and eval_step):
+      * `forward_fn(module, micro_batch) -> loss` when given (to the step, else to parallelize):
+        any batch structure (runtime.training: a tensor, or tuples/lists/dicts of them, samples on
+        dim 0), cut into micro-batches of the same structure; e.g. for a Hugging Face model
+        `forward_fn=lambda m, b: m(**b).loss` with a dict batch (input_ids, attention_mask, labels).
+      * otherwise the batch is a pair `(inputs, targets)` and the loss is
+        `loss_fn(module(inputs), targets)` (`module(*inputs)` when inputs is a tuple).
+    Either must return the MEAN loss of its micro-batch. With a pipeline (pp > 1) only the pair
+    form runs: `inputs` enter the first stage, `targets` go to the last stage, where the loss_fn
+    fixed at parallelize computes the loss per micro-batch; a dict batch or forward_fn is refused
+    with a SpecError there (pass `(batch["input_ids"], batch["labels"])`).
+    """
 
     def __init__(self, plan: Plan, meshes: Meshes, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-                 precision: PrecisionSetup, *, loss_fn: LossFn, runner: Any = None, notes: list[str] | None = None):
+                 precision: PrecisionSetup, *, loss_fn: LossFn | None, runner: Any = None,
+                 notes: list[str] | None = None, forward_fn: ForwardFn | None = None,
+                 lr_schedulers: list[Any] | None = None, max_grad_norm: float | None = None,
+                 device: torch.device | None = None):
         self.plan = plan
         self.meshes = meshes
         self.modules = modules
         self.optimizers = optimizers
         self.precision = precision
         self.loss_fn = loss_fn
+        self.forward_fn = forward_fn
         self.runner = runner
         self.notes = notes or []
+        self.lr_schedulers = lr_schedulers or []
+        self.max_grad_norm = max_grad_norm
+        self.device = device or torch.device("cpu")
         self.last_step_time_s = 0.0
+        self.last_grad_norm: torch.Tensor | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -154,61 +204,154 @@ class ParallelModel:
             raise AttributeError("this rank holds several pipeline stages; use .modules")
         return self.modules[0]
 
-    def local_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This replica's slice of a global batch (dim 0)."""
-        dp, rank = self.plan.mesh.dp, self.meshes.dp_rank
-        n = inputs.shape[0]
-        if n % dp:
-            raise SpecError(f"batch: {n} samples cannot be split over dp={dp} replicas")
-        k = n // dp
-        return inputs[rank * k:(rank + 1) * k], targets[rank * k:(rank + 1) * k]
+    @property
+    def dp_rank(self) -> int:
+        """This rank's replica index in 0..dp_size-1 (tp and pp peers share it)."""
+        return self.meshes.dp_rank
 
+    @property
+    def dp_size(self) -> int:
+        """Number of data-parallel replicas (the plan's dp, not the world size)."""
+        return self.plan.mesh.dp
+
+    # ------------------------------------------------------------------ data
+    def local_batch(self, batch: Batch, targets: torch.Tensor | None = None) -> Batch:
+        """This replica's slice (dim 0) of a global batch: `local_batch(batch)` for a batch of any
+        structure, `local_batch(inputs, targets)` -> (inputs, targets) as before. Every rank must
+        hold the whole global batch; at scale read per replica with `data_loader` instead."""
+        if targets is not None:
+            batch = (batch, targets)
+        n = batch_size(batch)
+        if n % self.dp_size:
+            raise SpecError(f"batch: {n} samples cannot be split over dp={self.dp_size} replicas")
+        k = n // self.dp_size
+        return slice_batch(batch, self.dp_rank * k, (self.dp_rank + 1) * k)
+
+    def data_loader(self, dataset: Dataset, batch_size: int | None = None, *, shuffle: bool = True, seed: int = 0,
+                    drop_last: bool = True, **loader_kwargs) -> DataLoader:
+        """A DataLoader over this replica's share of `dataset` (DistributedSampler with the dp rank
+        and dp size of the plan's mesh): each rank reads only its own samples, identical on its tp
+        and pp peers. Call `loader.sampler.set_epoch(epoch)` each epoch.
+
+        Args:
+            dataset: a map-style dataset (IterableDataset: shard it with dp_rank / dp_size).
+            batch_size: samples per step per replica (default: micro_batch_size * num_micro_batches,
+                i.e. global_batch_size / dp).
+            shuffle, seed, drop_last: DistributedSampler's; loader_kwargs go to the DataLoader.
+        """
+        p = self.plan.pipeline
+        bs = batch_size if batch_size is not None else p.micro_batch_size * p.num_micro_batches
+        return build_data_loader(dataset, num_replicas=self.dp_size, rank=self.dp_rank, batch_size=bs,
+                                 shuffle=shuffle, seed=seed, drop_last=drop_last, **loader_kwargs)
+
+    # ------------------------------------------------------------------ steps
     def _loss_ctx(self) -> contextlib.AbstractContextManager:
         tpc = self.plan.tensor_parallel
         return loss_parallel() if self.plan.mesh.tp > 1 and tpc.loss_parallel else contextlib.nullcontext()
 
-    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], loss_fn: LossFn | None = None, *,
-                   sync_loss: bool = True) -> torch.Tensor | None:
-        """One optimizer step on this replica's batch (inputs, targets).
+    def train_step(self, batch: Batch, loss_fn: LossFn | None = None, *, forward_fn: ForwardFn | None = None,
+                   max_grad_norm: float | None = None, sync_loss: bool = True) -> torch.Tensor | None:
+        """One optimizer step on this replica's batch: forward_backward, clipping (when
+        max_grad_norm, here or at parallelize, is set), optimizer_step (which also steps the LR
+        schedulers).
 
+        Args:
+            batch: this replica's batch (class docstring for its contract).
+            loss_fn, forward_fn: override parallelize's for this step (not with a pipeline).
+            max_grad_norm: clip the gradients to this global norm (`clip_grad_norm_`); the norm
+                before clipping is kept in `last_grad_norm`.
+            sync_loss: average the returned loss over the dp replicas.
         Returns:
             The mean loss over the step's micro-batches (averaged over dp replicas when sync_loss),
             detached, on every rank (the pipeline broadcasts it from its last stage).
         """
         t0 = time.perf_counter()
-        inputs, targets = batch
-        loss_fn = loss_fn or self.loss_fn
-        if self.runner is not None:
-            if loss_fn is not self.loss_fn:
-                raise SpecError("train_step: with a pipeline the loss function is fixed at parallelize(loss_fn=...)")
-            with self._loss_ctx():
-                loss = self.runner.step(inputs, targets)
-        else:
-            loss = self._accumulate(inputs, targets, loss_fn)
+        loss = self.forward_backward(batch, loss_fn, forward_fn=forward_fn)
+        max_grad_norm = self.max_grad_norm if max_grad_norm is None else max_grad_norm
+        if max_grad_norm is not None:
+            self.clip_grad_norm_(max_grad_norm)
         self._optimizer_step()
-        if loss is not None:
-            loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
-            loss = loss.detach().to(torch.float64)
-        if sync_loss and self.plan.mesh.dp > 1 and loss is not None:
-            loss = loss.clone()
-            dist.all_reduce(loss, group=self.meshes.dp.get_group())
-            loss /= self.plan.mesh.dp
+        loss = self._reduce_loss(loss, sync_loss)
         self.last_step_time_s = time.perf_counter() - t0
         return loss
 
-    def _accumulate(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    def forward_backward(self, batch: Batch, loss_fn: LossFn | None = None, *,
+                         forward_fn: ForwardFn | None = None) -> torch.Tensor:
+        """Forward and backward over the step's micro-batches, gradients left in place (for a loop
+        that clips or inspects them before `optimizer_step`). Returns this replica's mean loss."""
+        if self.runner is not None:
+            inputs, targets = self._pipeline_batch(batch, loss_fn, forward_fn, "train_step")
+            with self._loss_ctx():
+                return self.runner.step(inputs, targets)
+        return self._accumulate(batch, self._compute_fn(batch, loss_fn, forward_fn), backward=True)
+
+    @torch.no_grad()
+    def eval_step(self, batch: Batch, loss_fn: LossFn | None = None, *, forward_fn: ForwardFn | None = None,
+                  sync_loss: bool = True) -> torch.Tensor:
+        """The loss on `batch` without gradients: no backward, no optimizer, gradients untouched.
+        The modules run in eval mode (dropout off, BatchNorm's running statistics) and return to
+        their mode after. Same batch contract and return as train_step (under a pipeline, the
+        loss on every rank)."""
+        modes = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+        try:
+            if self.runner is not None:
+                inputs, targets = self._pipeline_batch(batch, loss_fn, forward_fn, "eval_step")
+                with self._loss_ctx():
+                    loss = self.runner.eval(inputs, targets)
+            else:
+                loss = self._accumulate(batch, self._compute_fn(batch, loss_fn, forward_fn), backward=False)
+                reshard_fsdp(self.modules)
+        finally:
+            for m, mode in zip(self.modules, modes, strict=True):
+                m.train(mode)
+        return self._reduce_loss(loss, sync_loss)
+
+    def _reduce_loss(self, loss: torch.Tensor | None, sync_loss: bool) -> torch.Tensor | None:
+        if loss is None:
+            return None
+        loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
+        loss = loss.detach().to(torch.float64)
+        if sync_loss and self.plan.mesh.dp > 1:
+            loss = loss.clone()
+            dist.all_reduce(loss, group=self.meshes.dp.get_group())
+            loss /= self.plan.mesh.dp
+        return loss
+
+    def _compute_fn(self, batch: Batch, loss_fn: LossFn | None, forward_fn: ForwardFn | None) -> ForwardFn:
+        """forward_fn(module, micro_batch) -> loss for this step (class docstring: call-level
+        arguments before parallelize's; forward_fn before loss_fn)."""
+        if loss_fn is not None and forward_fn is not None:
+            raise SpecError("train_step: give loss_fn or forward_fn, not both")
+        if forward_fn is None and loss_fn is None:
+            forward_fn, loss_fn = self.forward_fn, self.loss_fn
+        if forward_fn is not None:
+            return forward_fn
+        if loss_fn is None:
+            raise SpecError("train_step: no loss: pass loss_fn or forward_fn (here or to parallelize)")
+        return pair_forward(loss_fn, batch)
+
+    def _pipeline_batch(self, batch: Batch, loss_fn: LossFn | None, forward_fn: ForwardFn | None,
+                        what: str) -> tuple[Any, torch.Tensor]:
+        if loss_fn is not None and loss_fn is not self.loss_fn:
+            raise SpecError(f"{what}: with a pipeline the loss function is fixed at parallelize(loss_fn=...)")
+        uses_forward_fn = forward_fn is not None or self.forward_fn is not None
+        return pipeline_pair(batch, pp=self.plan.mesh.pp, what=what, forward_fn=uses_forward_fn)
+
+    def _accumulate(self, batch: Batch, compute: ForwardFn, *, backward: bool) -> torch.Tensor:
         n_mb = self.plan.pipeline.num_micro_batches
-        if inputs.shape[0] % n_mb:
-            raise SpecError(f"batch: {inputs.shape[0]} samples do not split into num_micro_batches={n_mb}")
+        parts = split_batch(batch, n_mb)
         module = self.module
         scaler = self.precision.scaler
         total = torch.zeros((), dtype=torch.float64)
-        for i, (x, y) in enumerate(zip(inputs.chunk(n_mb), targets.chunk(n_mb), strict=True)):
-            last = i == n_mb - 1
-            with self._sync_ctx(module, last), self._loss_ctx():
+        for i, mb in enumerate(parts):
+            sync = self._sync_ctx(module, i == n_mb - 1) if backward else contextlib.nullcontext()
+            with sync, self._loss_ctx():
                 with self.precision.autocast():
-                    loss = loss_fn(module(x), y) / n_mb
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                    loss = compute(module, mb) / n_mb
+                if backward:
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
             loss = loss.detach()
             total = total + (loss.full_tensor() if isinstance(loss, DTensor) else loss).to(torch.float64)
         return total
@@ -219,6 +362,30 @@ class ParallelModel:
         if self.plan.data_parallel.sharding == "zero2" and hasattr(module, "set_requires_gradient_sync"):
             module.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the gradients in place to a global norm of max_norm, over the whole model: every
+        DTensor/FSDP2 shard, tp rank and pipeline stage (runtime.training.clip_grad_norm_; a tied
+        weight counts once). A collective: call it on every rank between forward_backward and
+        optimizer_step (train_step does, given max_grad_norm). fp16: unscales the gradients first.
+
+        Returns:
+            The total norm before clipping (0-d float64, the same on every rank).
+        """
+        if self.precision.scaler is not None:
+            for opt in self.optimizers:
+                self.precision.scaler.unscale_(opt)
+        all_params = [p for m in self.modules for p in m.parameters()]
+        norm_params = self.runner.norm_parameters() if self.runner is not None else all_params
+        pp_group = self.meshes.pp.get_group() if self.runner is not None else None
+        self.last_grad_norm = clip_grad_norm_(norm_params, all_params, max_norm, norm_type, pp_group=pp_group,
+                                              device=self.device)
+        return self.last_grad_norm
+
+    def optimizer_step(self) -> None:
+        """Step every optimizer (through the fp16 scaler), zero the gradients, step the LR
+        schedulers once."""
+        self._optimizer_step()
 
     def _optimizer_step(self) -> None:
         scaler = self.precision.scaler
@@ -231,11 +398,17 @@ class ParallelModel:
             scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        for sched in self.lr_schedulers:
+            sched.step()
 
+    # ------------------------------------------------------------------ state
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) parameters of the whole model by their original names, on every rank.
         A collective (gathers over dp/tp, and over pp with a pipeline); meant for tests and export
         of small models."""
+        return self._gather_full_state_dict(to_all=True)
+
+    def _gather_full_state_dict(self, *, to_all: bool) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for m in self.modules:
             sd = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True))
@@ -244,21 +417,56 @@ class ParallelModel:
             from runtime.pipeline_split import clean_param_name
 
             out = {clean_param_name(k): v for k, v in out.items()}
+            group = self.meshes.pp.get_group()
             parts: list[dict | None] = [None] * self.plan.mesh.pp
-            dist.all_gather_object(parts, out, group=self.meshes.pp.get_group())
-            out = {k: v for part in parts for k, v in part.items()}
+            if to_all:
+                dist.all_gather_object(parts, out, group=group)
+            else:
+                dist.gather_object(out, parts if self.meshes.pp_rank == 0 else None, group=group, group_dst=0)
+            out = {k: v for part in parts if part is not None for k, v in part.items()}
         return out
+
+    def export_full_state_dict(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+        """Write the trained model as one plain state dict for use outside autoplan: safetensors
+        when `path` ends in `.safetensors`, torch.save otherwise; rank 0 writes, every rank returns
+        after the file is complete (or raises the writer's error).
+
+        Names are the original model's, as `model.state_dict()` has them (persistent buffers
+        included); a tied weight appears under each of its names with equal values, so
+        `model.load_state_dict(torch.load(path))` (or safetensors.torch.load_file) takes it with
+        strict=True. A collective over every rank. Each stage is gathered whole on its ranks (fine
+        for models that fit one host; at scale save with DCP, runtime.checkpoint).
+
+        Args:
+            path: the file to write.
+            dtype: cast floating-point tensors to this dtype (e.g. torch.bfloat16).
+        """
+        state = self._gather_full_state_dict(to_all=False)
+        error = [None]
+        if dist.get_rank() == 0:
+            try:
+                save_state_dict(state, path, dtype=dtype)
+            except Exception as e:  # noqa: BLE001 - every rank raises it below
+                error = [f"{type(e).__name__}: {e}"]
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise RuntimeError(f"export_full_state_dict: rank 0 could not write {path}: {error[0]}")
+        return Path(path)
 
 
 def parallelize(
     model: nn.Module,
     plan: Plan,
     *,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None = None,
+    forward_fn: ForwardFn | None = None,
     example_inputs: Sequence[torch.Tensor] | None = None,
     device: str | torch.device | None = None,
     init_fn: Callable[[nn.Module], None] | None = None,
     optimizer_kwargs: dict[str, Any] | None = None,
+    optimizer_fn: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    lr_scheduler_fn: Callable[[torch.optim.Optimizer], Any] | None = None,
+    max_grad_norm: float | None = None,
 ) -> ParallelModel:
     """Apply `plan` to `model` on this rank. Needs an initialised process group (torchrun).
 
@@ -266,11 +474,21 @@ def parallelize(
         model: the full model, on a real device (every rank with the same weights) or on the meta
             device (materialised per shard after sharding with `init_fn` or `model.init_weights()`).
         plan: the plan; its mesh must match the world size.
-        loss_fn: loss(outputs, targets) -> scalar (mean over the batch).
+        loss_fn: loss(outputs, targets) -> scalar (mean over the batch), for (inputs, targets)
+            batches; required with a pipeline (pp > 1).
+        forward_fn: forward_fn(module, batch) -> scalar mean loss, for batches of any structure
+            (dicts, several tensors); pp = 1 only. Give loss_fn or forward_fn.
         example_inputs: inputs with the model's shapes (for the fingerprint and pipeline split).
         device: where parameters live (default: cuda:LOCAL if available, else cpu).
         init_fn: initialises a materialised meta model (default: its init_weights()).
-        optimizer_kwargs: optimizer keyword arguments (lr, weight_decay, ...).
+        optimizer_kwargs: keyword arguments of the plan's optimizer (plan.train.optimizer: lr,
+            weight_decay, ...), the default.
+        optimizer_fn: builds the optimizer instead: optimizer_fn(params) -> any torch.optim
+            optimizer, called once per local stage module with its trainable parameters (DTensor
+            shards under FSDP2/TP). Not with zero1, whose ZeroRedundancyOptimizer builds it.
+        lr_scheduler_fn: lr_scheduler_fn(optimizer) -> scheduler, one per optimizer, stepped once
+            per optimizer step.
+        max_grad_norm: clip gradients to this global norm at every train_step (default: no clip).
 
     Returns:
         The ParallelModel; train with `.train_step(pm.local_batch(x, y))`.
@@ -278,6 +496,8 @@ def parallelize(
     validate_world(plan, dist.get_world_size())  # before any collective
     validate_data_parallel(plan)
     notes = validate_model(model, plan, example_inputs)
+    validate_loop_options(plan, loss_fn=loss_fn, forward_fn=forward_fn, optimizer_fn=optimizer_fn,
+                          optimizer_kwargs=optimizer_kwargs)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
@@ -309,9 +529,19 @@ def parallelize(
             runner.sync_tied_parameters()  # copies of a tied weight start from the first stage's values
     else:
         modules = [apply(model)]
-    opt_kwargs = dict(optimizer_kwargs or {})
-    optimizers = [build_optimizer(m, meshes, plan, **opt_kwargs) for m in modules]
-    return ParallelModel(plan, meshes, modules, optimizers, precision, loss_fn=loss_fn, runner=runner, notes=notes)
+    optimizers = [_build_optimizer(m, meshes, plan, optimizer_fn, optimizer_kwargs) for m in modules]
+    schedulers = [lr_scheduler_fn(opt) for opt in optimizers] if lr_scheduler_fn is not None else []
+    return ParallelModel(plan, meshes, modules, optimizers, precision, loss_fn=loss_fn, runner=runner, notes=notes,
+                         forward_fn=forward_fn, lr_schedulers=schedulers, max_grad_norm=max_grad_norm, device=device)
+
+
+def _build_optimizer(module: nn.Module, meshes: Meshes, plan: Plan, optimizer_fn, optimizer_kwargs):
+    if optimizer_fn is None:
+        return build_optimizer(module, meshes, plan, **dict(optimizer_kwargs or {}))
+    opt = optimizer_fn([p for p in module.parameters() if p.requires_grad])
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise SpecError(f"parallelize: optimizer_fn returned a {type(opt).__name__}, not a torch.optim.Optimizer")
+    return opt
 
 
 def _build_pipeline(model, plan, meshes, loss_fn, example_inputs, device, apply_fn):
