@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	-$(PY) -c "from cost_models import kernels; kernels.main()"  # numba's cache, so no plan compiles
 	touch $(STAMP)
 
 venv: $(STAMP)

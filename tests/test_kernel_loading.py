@@ -132,3 +132,51 @@ def test_numba_caches_the_kernels_there(tmp_path):
     path = Path(out.stdout.strip().splitlines()[-1]).resolve()
     assert path.is_relative_to((tmp_path / "home" / "numba").resolve())
     assert not path.is_relative_to(PACKAGE)
+
+
+@pytest.mark.tier1
+def test_a_search_never_compiles_it_builds_the_cache_in_the_background(monkeypatch, tmp_path):
+    """No multi-second compile on a user's first plan: with no cached machine code, `charge` keeps
+    the Python passes and starts one background build; with a cache, it loads the kernels."""
+    monkeypatch.setenv("AUTOPLAN_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.delenv("AUTOPLAN_JIT_BUILD", raising=False)
+    for name, value in (("ready", False), ("failed", None), ("_python_s", 0.0), ("_build_started", False),
+                        ("AVAILABLE", True)):
+        monkeypatch.setattr(kernels, name, value)
+    started, loaded = [], []
+    monkeypatch.setattr(kernels.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
+    monkeypatch.setattr(kernels, "warm_up", lambda: loaded.append(1) or 0.0)
+    assert not kernels.cache_ready()
+    kernels.charge(kernels.LOAD_AFTER_S / 2)
+    assert started == [] and loaded == []  # below the break-even point: nothing
+    kernels.charge(kernels.LOAD_AFTER_S)
+    kernels.charge(kernels.LOAD_AFTER_S)
+    assert len(started) == 1 and "kernels.main()" in started[0][-1] and loaded == []
+    assert not kernels.ready  # this process stays in Python
+
+    monkeypatch.setattr(kernels, "_build_started", False)
+    monkeypatch.setattr(kernels, "cache_ready", lambda: True)
+    kernels.charge(kernels.LOAD_AFTER_S)
+    assert loaded == [1] and len(started) == 1
+
+    monkeypatch.setattr(kernels, "_build_started", False)
+    monkeypatch.setattr(kernels, "cache_ready", lambda: False)
+    monkeypatch.setenv("AUTOPLAN_JIT_BUILD", "0")
+    kernels.charge(kernels.LOAD_AFTER_S)
+    assert len(started) == 1  # the background build is off
+
+
+@pytest.mark.tier1
+@needs_numba
+def test_cache_ready_sees_the_built_cache(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NUMBA_CACHE_DIR")}
+    env["AUTOPLAN_CACHE_DIR"] = str(tmp_path)
+    check = "from cost_models import kernels; print(kernels.cache_ready())"
+    before = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert before.stdout.strip() == "False"
+    build = subprocess.run([sys.executable, "-c", "from cost_models import kernels; kernels.main()"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0 and "ready" in build.stdout, build.stdout + build.stderr[-2000:]
+    after = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert after.stdout.strip() == "True"
