@@ -168,9 +168,10 @@ def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, shard_n: int, acc
     uniq = []
     # what every kind below reads of the setting
     dt_ov = hw.dtensor_overhead if hw.device_is_host_cpu else None
-    adam_tmp = train.optimizer in ("adam", "adamw") and k.offload == "none"
-    overlap = hw.comm_overlaps_compute
     engine = data_parallel_engine(k)  # what the runtime runs (cost_models.engines)
+    offload = k.offload if engine == "fully_shard" else "none"  # the runtime offloads through FSDP2 only
+    adam_tmp = train.optimizer in ("adam", "adamw") and offload == "none"
+    overlap = hw.comm_overlaps_compute
     fsdp_dp = engine == "fully_shard"
     head_trans = ctx.final_output_bytes * mb * (1 + 2 * 4 / ctx.act_isz) / (tp if last_block_split else 1)
     for _kind, r in kind_rank:  # r: one rank of the kind
@@ -287,7 +288,10 @@ def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
     optimizer step, offload, whether the all-reduce total/last apply)."""
     hw, bpp = ctx.hw, ctx.bpp
     dp, tp, sharding = k.dp, k.tp, k.sharding
-    states = sharded_states(n_params, bpp, sharding=sharding, dp=dp, hsdp_shard_size=shard_n, offload=k.offload)
+    engine = data_parallel_engine(k)
+    # the runtime offloads through FSDP2 only: at dp = 1 (no engine) nothing leaves the device
+    offload = k.offload if engine == "fully_shard" else "none"
+    states = sharded_states(n_params, bpp, sharding=sharding, dp=dp, hsdp_shard_size=shard_n, offload=offload)
     opt_div = {"zero1": dp, "zero2": dp, "zero3": dp, "hsdp": shard_n}.get(sharding, 1)
     opt_params = n_params / opt_div
     grad_bytes = n_params * bpp.grad
@@ -322,7 +326,7 @@ def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
                 fixed_vol = comm.all_reduce_volume_bytes(grad_bytes / shard_n, dp // shard_n)
                 exposes = True
     opt_s = off_s = 0.0
-    if k.offload == "cpu":
+    if offload == "cpu":
         pcie = hw.host.pcie_bandwidth_bytes_per_s
         off_s = opt_params * (bpp.grad + bpp.param) / pcie + opt_params / hw.host.cpu_adam_params_per_s
     elif hw.device_is_host_cpu:
@@ -339,7 +343,7 @@ def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
             opt_s = max(hw.device.kernel_launch_s,
                         nbytes / (bw * memory_efficiency(curves_for(hw), nbytes, "elementwise")))
     step_copy = 0.0
-    if data_parallel_engine(k) in ALL_REDUCE_ENGINES:
+    if engine in ALL_REDUCE_ENGINES:
         # DDP copies each gradient into its bucket and the reduced bucket back (read + write each
         # way; gradient_as_bucket_view off, PyTorch's default); FSDP2's replicate (tp or pp > 1)
         # copies them into one all-reduce input and out again alike

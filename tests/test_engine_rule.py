@@ -86,3 +86,16 @@ def test_dp1_with_model_parallelism_is_engine_free_for_every_sharding(graph, kw)
     grad = bytes_per_param("bf16", "adamw").grad
     rank_params = graph.num_params / (kw.get("tp", 1) * kw.get("pp", 1))
     assert a.memory_bytes["transient"] < rank_params * grad  # not even one gradient copy
+
+
+def test_dp1_offload_is_not_charged_where_the_runtime_does_not_offload(graph):
+    """The runtime offloads through FSDP2 only; at dp = 1 it wraps nothing, so offload=cpu moves no
+    optimizer state off the device and costs no transfer: the same estimate as without it."""
+    hw = HardwareSpec.preset("dgx-a100-80gb", devices=1)
+    tr = TrainSpec(global_batch_size=8, precision="bf16")
+    stages = [(0, graph.num_blocks - 1, "none")]
+    on, off = (estimate_knobs(graph, Knobs(pp=1, dp=1, tp=1, sharding="zero3", offload=o, micro_batch_size=1,
+                                           num_micro_batches=8), stages, hw, tr) for o in ("cpu", "none"))
+    assert on.memory_bytes == off.memory_bytes
+    assert on.step_time_s == off.step_time_s
+    assert on.time_breakdown_s["offload_s"] == 0.0
