@@ -318,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     import pydantic
 
     args = build_parser().parse_args(argv)
+    # A model REF the user types (`autoplan plan mymodel:build`) is found in the current folder, as
+    # `python -m` and torchrun find it; REFs read from files are never imported (module docstring).
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         return int(args.fn(args) or 0)
     except SpecError as e:

@@ -327,3 +327,24 @@ def test_plan_command_end_to_end(capsys, tmp_path):
     assert (
         code == 0 and d["plan"]["mesh"]["pp"] == 2 and d["explain"]["predicted"]["step_time_s"] > 0
     )
+
+
+@pytest.mark.tier1
+def test_console_script_finds_a_model_module_in_the_current_folder(tmp_path):
+    """`autoplan plan mymodel:build` from the folder holding mymodel.py, without PYTHONPATH=."""
+    script = Path(sys.executable).with_name("autoplan")
+    if not script.exists():
+        pytest.skip("the autoplan console script is not installed in this environment")
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n"
+        "from torch import nn\n\n"
+        "def build():\n"
+        "    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n"
+        "    return model, (torch.zeros(2, 8),)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(script), "plan", "mymodel:build", "--hw", "cpu:2", "--batch", "4",
+                          "--format", "json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["plan"]["mesh"]["dp"] in (1, 2)
