@@ -92,6 +92,9 @@ def _cases() -> list[Case]:
         Case("clip-pp2-tp2-sp-lossparallel-gpt", "gpt-tiny",
              dict(pp=2, tp=2, num_micro_batches=2, sequence_parallel=True, loss_parallel=True, **gpt), export=True),
         Case("clip-pp2-tp2-llama", "llama-tiny", dict(pp=2, tp=2, num_micro_batches=2, schedule="gpipe", **llama)),
+        # two stages per rank (0, 2 and 1, 3): the tied embedding/head copies sit on stages 0 and 3
+        Case("clip-pp2-dp2-zero2-interleaved-gpt", "gpt-tiny",
+             dict(pp=2, dp=2, num_micro_batches=2, sharding="zero2", schedule="interleaved_1f1b", virtual_stages=2)),
         Case("dict-tp2-dp2-zero2-accum-gpt", "gpt-tiny",
              dict(dp=2, tp=2, sharding="zero2", num_micro_batches=2, **gpt), kind="dict"),
         Case("loader-dp2-tp2-zero3-llama", "llama-tiny", dict(dp=2, tp=2, sharding="zero3", **llama), kind="loader"),
