@@ -6,11 +6,21 @@ Commit protocol (a kill at any instant leaves the last good checkpoint intact):
   1. rank 0 removes a leftover `step_N.tmp/` of a crashed attempt; barrier;
   2. every rank writes its shards into `step_N.tmp/` (DCP writes `.metadata` last, files fsynced);
   3. barrier: every shard is on disk;
-  4. rank 0 writes `step_N.tmp/COMMITTED` (JSON: step, world size, plan), fsyncs it, then
-     `os.replace(step_N.tmp, step_N)` (an atomic rename) and fsyncs DIR; barrier.
+  4. every rank hashes the files it wrote (DCP names rank r's `__r_*.distcp`; rank 0 also takes
+     `.metadata` and anything else); rank 0 gathers the sizes and sha256 digests into
+     `MANIFEST.json` and fsyncs it;
+  5. rank 0 writes `step_N.tmp/COMMITTED` (JSON: step, world size, plan, the manifest's sha256),
+     fsyncs it, then `os.replace(step_N.tmp, step_N)` (an atomic rename) and fsyncs DIR; barrier.
 `latest_checkpoint` only returns directories named `step_N` that hold `COMMITTED`, so a
 `.tmp`, a directory without the marker, or a half-deleted one is never resumed from. A
-`before_commit` hook (between 3 and 4) lets tests kill a rank in the worst place.
+`before_commit` hook (between 4 and 5) lets tests kill a rank in the worst place.
+
+Integrity (silent corruption: flipped bits, truncation, an edited `.metadata`): before a load,
+`agreed_problems` checks the marker, the manifest's digest and every listed file's size and
+sha256 (the files split over the ranks, the findings all-gathered, so every rank reaches the
+same verdict and falls back the same way); `select_resume_checkpoint` walks from the newest
+committed checkpoint to older ones until one is intact. Checkpoints written before manifests
+existed (a marker without `manifest_sha256`) load unverified, and the caller says so.
 
 Contents: model and optimizer state from `get_state_dict` (sharded DTensors are stored by
 shard and re-shard on load, so a checkpoint loads under another plan), the training position
@@ -30,13 +40,16 @@ can hold any weights.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import pickle
 import re
 import shutil
+import stat
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,7 +67,10 @@ from runtime.parallelize import ParallelModel
 from specs import SpecError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_RANK_FILE = re.compile(r"^__(\d+)_")
 COMMITTED = "COMMITTED"
+MANIFEST = "MANIFEST.json"
+_MAX_SMALL_FILE_BYTES = 16 * 2**20  # marker and manifest: a few KiB in practice; refuse absurd ones
 
 
 # ------------------------------------------------------------------ safe reading
@@ -171,6 +187,175 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# ------------------------------------------------------------------ integrity
+def file_digest(path: str | os.PathLike) -> dict:
+    """{"bytes": size, "sha256": hex digest} of a regular file (a FIFO or device is refused, never read)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not block
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return {"bytes": st.st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def owned_files(directory: str | os.PathLike, rank: int, world_size: int) -> list[Path]:
+    """The files of a freshly written checkpoint that `rank` hashes: DCP's FileSystemWriter names
+    rank r's data files `__r_N.distcp`; rank 0 takes every other file (`.metadata`)."""
+    out = []
+    for p in sorted(Path(directory).iterdir()):
+        if p.name in (COMMITTED, MANIFEST) or not p.is_file():
+            continue
+        m = _RANK_FILE.match(p.name)
+        owner = int(m.group(1)) if m and int(m.group(1)) < world_size else 0
+        if owner == rank:
+            out.append(p)
+    return out
+
+
+def write_manifest(directory: str | os.PathLike, digests: dict[str, dict]) -> str:
+    """Write `MANIFEST.json` ({file name: {"bytes", "sha256"}}), fsynced. Returns its own sha256,
+    which the commit marker records (so an edited manifest is caught too)."""
+    data = json.dumps({"format": 1, "files": dict(sorted(digests.items()))}, indent=1).encode()
+    with open(Path(directory) / MANIFEST, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Verdict:
+    """What verify_checkpoint found. `checksummed` is False for a checkpoint written before
+    manifests existed (nothing to verify against)."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    checksummed: bool = True
+    files_checked: int = 0
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems
+
+    def summary(self, limit: int = 3) -> str:
+        more = f" (and {len(self.problems) - limit} more)" if len(self.problems) > limit else ""
+        return "; ".join(self.problems[:limit]) + more
+
+
+def _read_small(path: Path) -> bytes:
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_SMALL_FILE_BYTES:
+        raise ValueError(f"not a regular file of at most {_MAX_SMALL_FILE_BYTES} bytes")
+    return path.read_bytes()
+
+
+def _manifest_files(raw: bytes) -> dict[str, dict]:
+    doc = json.loads(raw)
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict):
+        raise ValueError("no 'files' table")
+    for name, entry in files.items():
+        if name != Path(name).name or name in ("", ".", ".."):  # a plain name inside the checkpoint only
+            raise ValueError(f"file name {name!r} is not a plain file name")
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                and isinstance(entry.get("sha256"), str)):
+            raise ValueError(f"entry {name!r} is not {{bytes, sha256}}")
+    return files
+
+
+def verify_checkpoint(path: str | os.PathLike, *, part: tuple[int, int] = (0, 1)) -> Verdict:
+    """Check a checkpoint's files against its manifest (sizes and sha256) and the manifest against
+    the commit marker. Pure (no process group).
+
+    Args:
+        part: (i, n): hash only every n-th listed file from the i-th (ranks split the work);
+            the marker and the manifest are checked in every part.
+    """
+    path = Path(path)
+    v = Verdict(path)
+    try:
+        marker = json.loads(_read_small(path / COMMITTED))
+        if not isinstance(marker, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        v.problems.append(f"{path / COMMITTED}: missing (the checkpoint was never completely written)")
+        return v
+    except (OSError, ValueError) as e:
+        v.problems.append(f"{path / COMMITTED}: damaged ({e})")
+        return v
+    want = marker.get("manifest_sha256")
+    if want is None:
+        v.checksummed = False
+        return v
+    try:
+        raw = _read_small(path / MANIFEST)
+    except (OSError, ValueError) as e:
+        v.problems.append(f"{path / MANIFEST}: unreadable ({type(e).__name__}: {e})")
+        return v
+    if hashlib.sha256(raw).hexdigest() != want:
+        v.problems.append(f"{path / MANIFEST}: sha256 differs from the one its {COMMITTED} marker records "
+                          f"(the manifest was changed)")
+        return v
+    try:
+        files = _manifest_files(raw)
+    except ValueError as e:
+        v.problems.append(f"{path / MANIFEST}: not a checkpoint manifest ({e})")
+        return v
+    if ".metadata" not in files:
+        v.problems.append(f"{path / MANIFEST}: lists no .metadata")
+    i, n = part
+    for name in sorted(files)[i::n]:
+        p, expected = path / name, files[name]
+        try:
+            got = file_digest(p)
+        except FileNotFoundError:
+            v.problems.append(f"{p}: missing")
+            continue
+        except OSError as e:
+            v.problems.append(f"{p}: unreadable ({type(e).__name__}: {e.strerror or e})")
+            continue
+        v.files_checked += 1
+        if got["bytes"] != expected["bytes"]:
+            v.problems.append(f"{p}: {got['bytes']} bytes, the manifest says {expected['bytes']} "
+                              f"(truncated or extended)")
+        elif got["sha256"] != expected["sha256"]:
+            v.problems.append(f"{p}: sha256 differs from the manifest (same size: bytes changed in place)")
+    return v
+
+
+def agreed_verdict(path: str | os.PathLike) -> Verdict:
+    """verify_checkpoint with the files split over the ranks and the findings all-gathered: every
+    rank returns the same verdict. A collective (plain verify_checkpoint without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return verify_checkpoint(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = verify_checkpoint(path, part=(rank, world))
+    every: list = [None] * world
+    dist.all_gather_object(every, (mine.problems, mine.checksummed, mine.files_checked))
+    problems: list[str] = []
+    for found, _, _ in every:
+        problems.extend(p for p in found if p not in problems)
+    return Verdict(Path(path), problems, all(c for _, c, _ in every), sum(k for _, _, k in every))
+
+
+def select_resume_checkpoint(directory: str | os.PathLike) -> tuple[Verdict | None, list[Verdict]]:
+    """The newest committed checkpoint under `directory` whose files are intact (None if none is),
+    and the verdicts of the newer ones rejected on the way. A collective: rank 0's listing is
+    broadcast so every rank checks the same candidates and makes the same choice."""
+    candidates = [p for _, p in committed_checkpoints(directory)]
+    if dist.is_available() and dist.is_initialized():
+        box = [candidates]
+        dist.broadcast_object_list(box, src=0)
+        candidates = box[0]
+    rejected = []
+    for p in reversed(candidates):
+        v = agreed_verdict(p)
+        if v.intact:
+            return v, rejected
+        rejected.append(v)
+    return None, rejected
+
+
 def _commit(tmp: Path, final: Path, info: dict) -> None:
     marker = tmp / COMMITTED
     with open(marker, "w") as f:
@@ -209,22 +394,37 @@ def save_checkpoint(pm: ParallelModel, directory: str | os.PathLike, *, step: in
     dist.barrier()
     dcp.save(state, storage_writer=FileSystemWriter(str(tmp)))
     dist.barrier()
+    world = dist.get_world_size()
+    mine = {p.name: file_digest(p) for p in owned_files(tmp, rank, world)}
+    every: list | None = [None] * world if rank == 0 else None
+    dist.gather_object(mine, every, dst=0)
+    if rank == 0:
+        manifest_sha256 = write_manifest(tmp, {k: v for d in every for k, v in d.items()})
     if before_commit is not None:
         before_commit()
     if rank == 0:
-        _commit(tmp, final, {"step": step, "data_position": data_position,
-                             "world_size": dist.get_world_size(), "plan": str(pm.plan)})
+        _commit(tmp, final, {"step": step, "data_position": data_position, "world_size": world,
+                             "plan": str(pm.plan), "manifest_sha256": manifest_sha256})
     dist.barrier()
     return final
 
 
-def load_checkpoint(pm: ParallelModel, path: str | os.PathLike) -> dict[str, int]:
-    """Load a checkpoint into `pm` (any plan; DCP re-shards). Returns {"step", "data_position"}."""
+def load_checkpoint(pm: ParallelModel, path: str | os.PathLike, *, verify: bool = True) -> dict[str, int]:
+    """Load a checkpoint into `pm` (any plan; DCP re-shards). Returns {"step", "data_position"}.
+
+    Args:
+        verify: check every file against the manifest first (agreed_verdict, a collective) and
+            refuse a damaged checkpoint naming its files; False when the caller just did.
+    """
     path = Path(path)
     if not (path / COMMITTED).is_file():
         raise SpecError(f"checkpoint: {path} has no {COMMITTED} marker: it was never completely written; "
                         f"resume from an older one (runtime.checkpoint.latest_checkpoint picks the newest "
                         f"complete one)")
+    if verify:
+        verdict = agreed_verdict(path)
+        if not verdict.intact:
+            raise SpecError(f"checkpoint: {path} is damaged: {verdict.summary()}")
     stored = read_metadata(path).state_dict_metadata
     model_sd, optim_sd, parts = _app_state(pm)
     missing = sorted(f"model.{k}" for k in model_sd if f"model.{k}" not in stored)
@@ -258,12 +458,20 @@ def _dcp_load(state: dict, path: Path, planner: SafeLoadPlanner, **kwargs) -> No
     """dcp.load with the safe reader and planner; our SpecErrors come out unwrapped."""
     try:
         dcp.load(state, storage_reader=SafeReader(str(path)), planner=planner, **kwargs)
-    except CheckpointException as e:
-        for err in getattr(e, "failures", {}).values():
-            err = err[0] if isinstance(err, tuple) else err  # torch wraps (exception, stack)
+    except CheckpointException as e:  # raised on every rank, with every rank's failure
+        errors = [err[0] if isinstance(err, tuple) else err  # torch wraps (exception, stack)
+                  for _, err in sorted(getattr(e, "failures", {}).items())]
+        for err in errors:
             if isinstance(err, SpecError):
                 raise SpecError(str(err)) from None
-        raise
+        first = errors[0] if errors else e
+        why = (str(first).strip().splitlines() or [""])[0][:200]
+        raise SpecError(f"checkpoint: {path} cannot be read ({type(first).__name__}: {why}); "
+                        f"it is truncated or damaged") from None
+    except (OSError, RuntimeError, ValueError, EOFError) as e:  # without a process group: raised as is
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SpecError(f"checkpoint: {path} cannot be read ({type(e).__name__}: {why}); "
+                        f"it is truncated or damaged") from None
 
 
 def _tied_aliases(pm: ParallelModel, local_optim_state: dict, stored: dict) -> dict[str, str]:
@@ -299,12 +507,17 @@ def _tied_groups_in(pm: ParallelModel) -> list[list[str]]:
     return out
 
 
-def load_full_state(path: str | os.PathLike) -> dict[str, torch.Tensor | object]:
+def load_full_state(path: str | os.PathLike, *, verify: bool = True) -> dict[str, torch.Tensor | object]:
     """Every entry of a checkpoint as plain (unsharded) values, keyed by flat name; no process group.
 
     For comparing checkpoints saved under different plans (the same training state has the same
-    keys and values whatever the sharding)."""
+    keys and values whatever the sharding). A checkpoint whose files fail verify_checkpoint is
+    refused (SpecError naming the files) unless verify=False."""
     path = Path(path)
+    if verify:
+        verdict = verify_checkpoint(path)
+        if not verdict.intact:
+            raise SpecError(f"checkpoint: {path} is damaged: {verdict.summary()}")
     md = read_metadata(path)
     state: dict = {}
     for key, meta in md.state_dict_metadata.items():

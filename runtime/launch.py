@@ -20,7 +20,20 @@ global batch), step_time_s, peak_memory_bytes (CUDA: max allocated; CPU: the pro
 RSS), and `attempt` (torchrun's TORCHELASTIC_RESTART_COUNT), so a log shows which steps ran
 in which attempt. The plan and world size are checked before the process group is created.
 
-Faults: checkpoints are committed atomically (runtime/checkpoint.py). Under `torchrun
+Faults: checkpoints are committed atomically and carry a sha256 per file (runtime/checkpoint.py).
+Resuming (--resume, or a restarted attempt) verifies the newest committed checkpoint on every
+rank (the files split over the ranks, the verdict agreed) and falls back to the newest intact
+one, naming the damaged files; with none intact (or a damaged --resume-from) the job stops with
+one line. A non-finite loss or gradient norm (NonFiniteGuard: one all-reduced flag per step,
+checked before the optimizer applies the step) stops the run with one line naming the step, exit
+code 3, before anything is saved; --skip-nonfinite skips such steps instead (gradients dropped,
+no optimizer step; counted in the log and reported at the end). Before the process group
+exists: --resume needs a directory holding a committed checkpoint, --checkpoint-dir must be
+writable, --log-file must open. A dataset that runs out ends with one line (exit 2); SIGINT
+(Ctrl-C, which torchrun forwards) ends the job with one line per node and exit 130, no traceback
+from the workers. Under torchrun
+each worker dies with its launcher (Linux PR_SET_PDEATHSIG; elsewhere a thread watching the
+parent pid), so a SIGKILLed torchrun leaves no worker training. Under `torchrun
 --max-restarts R` a restarted attempt (TORCHELASTIC_RESTART_COUNT > 0) resumes from the newest
 committed checkpoint in --checkpoint-dir by itself, so at most --checkpoint-every steps are
 redone and none are lost. The group's timeout (--timeout-s) bounds how long a rank waits for a
@@ -29,28 +42,41 @@ timeout and the likely cause (no barrier at teardown then, which would wait agai
 Fault injection for tests, first attempt only: --fault-kill-at-step S (rank --fault-rank
 SIGKILLs itself before step S), --fault-kill-in-save S (rank 0 SIGKILLs itself after the
 shards of step S's checkpoint are written, before the commit), --fault-hang-at-step S (rank
---fault-rank sleeps forever before step S).
+--fault-rank sleeps forever before step S), --fault-nan-at-step S (rank --fault-rank's loss of
+step S becomes NaN).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import importlib
 import itertools
 import json
+import math
 import os
 import resource
 import signal
+import socket
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from planner.models import build_model
-from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from runtime.checkpoint import (
+    agreed_verdict,
+    committed_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    select_resume_checkpoint,
+)
 from runtime.mesh import validate_world
 from runtime.parallelize import parallelize
 from specs import Plan, SpecError
@@ -74,10 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--meta-init", action="store_true", help="build on the meta device, materialise shards only")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout (a dead peer fails the job)")
     ap.add_argument("--log-file", default=None, help="append per-step JSON lines here (rank 0)")
+    ap.add_argument("--skip-nonfinite", action="store_true",
+                    help="skip a step whose loss or gradient norm is not finite (default: stop the run)")
     fault = ap.add_argument_group("fault injection (tests; first torchrun attempt only)")
     fault.add_argument("--fault-kill-at-step", type=int, default=None, metavar="S")
     fault.add_argument("--fault-kill-in-save", type=int, default=None, metavar="S")
     fault.add_argument("--fault-hang-at-step", type=int, default=None, metavar="S")
+    fault.add_argument("--fault-nan-at-step", type=int, default=None, metavar="S")
     fault.add_argument("--fault-rank", type=int, default=1, help="rank that kills itself / hangs")
     args = ap.parse_args(argv)
     for name in ("steps", "checkpoint_every"):
@@ -92,6 +121,133 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 class PeerFailure(RuntimeError):
     """A collective failed: a peer rank died, hung past the timeout, or the network broke."""
+
+
+class AgreedStop(SpecError):
+    """Every rank stops with this same message, decided by a collective (a damaged checkpoint
+    found by agreed_verdict): local rank 0 prints it, once per node, before any rank exits."""
+
+    printed = False
+
+
+class NonFiniteStep(Exception):  # noqa: N818 - a stop, not an error of ours
+    """Every rank agreed that a step's loss or gradient norm is not finite (exit code 3); printed
+    like AgreedStop."""
+
+    printed = False
+
+
+class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt
+    """SIGINT arrived (Ctrl-C; torchrun forwards it to its workers); carries where training was
+    for the one line printed. SIGTERM keeps its default: torchrun sends it to the survivors of a
+    failed worker, whose own line is the one that matters."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.where = ""
+
+
+def _on_sigint(signum, frame) -> None:
+    """First SIGINT: unwind with Interrupted; later ones are ignored so the unwinding (and its
+    one line) is not interrupted again."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _die_with_launcher() -> None:
+    """Make this worker end when its parent (torchrun's agent) dies, even by SIGKILL, so no
+    orphan keeps training and writing checkpoints. Linux: prctl(PR_SET_PDEATHSIG, SIGKILL);
+    elsewhere a daemon thread polls os.getppid() once a second."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0:  # 1 = PR_SET_PDEATHSIG (linux/prctl.h)
+                if os.getppid() != parent:  # the launcher died before the call
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
+
+
+def _local_rank_zero() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def _say(line: str) -> None:
+    """A line every rank would print alike: printed once per node."""
+    if _local_rank_zero():
+        print(line, file=sys.stderr, flush=True)
+
+
+class NonFiniteGuard:
+    """Catches a step whose loss or gradients are not finite before the optimizer applies it.
+
+    The loss function is wrapped to record, per micro-batch and without a device sync, whether this
+    rank's loss was finite. Each optimizer's `step` is wrapped: its first call in a training step
+    adds the local gradient shards' squared norms (float64), all-reduces (MAX) the two flags over
+    the world, so every rank reaches the same verdict, and then either steps as usual or drops the
+    gradients and does not step. Under a loss scaler (fp16) the scaler already skips overflowing
+    steps; `install` is then not called and only the returned loss is checked.
+    """
+
+    def __init__(self, device: torch.device, *, nan_at_step: int | None = None):
+        self.device = device
+        self.nan_at_step = nan_at_step
+        self.step = 0
+        self.verdict: str | None = None  # "loss" | "gradient norm" | None
+        self._decided = False
+        self._bad_loss: torch.Tensor | None = None
+        self._params: list[torch.Tensor] = []
+
+    def watch_loss(self, loss_fn):
+        def watched(outputs, targets):
+            loss = loss_fn(outputs, targets)
+            if self.nan_at_step == self.step:
+                loss = loss * float("nan")
+            local = loss.to_local() if isinstance(loss, DTensor) else loss
+            bad = ~torch.isfinite(local.detach()).all()
+            self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+            return loss
+        return watched
+
+    def install(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        for opt in optimizers:
+            self._params.extend(p for g in opt.param_groups for p in g["params"])
+            opt.step = self._guarded(opt, opt.step)
+
+    def begin_step(self, step: int) -> None:
+        self.step, self.verdict, self._decided, self._bad_loss = step, None, False, None
+
+    def _decide(self) -> None:
+        norms = [torch.linalg.vector_norm(g.to_local() if isinstance(g, DTensor) else g).to(torch.float64)
+                 for p in self._params if (g := p.grad) is not None]
+        sumsq = torch.stack(norms).square().sum() if norms else torch.zeros((), dtype=torch.float64)
+        bad_loss = self._bad_loss if self._bad_loss is not None else torch.zeros((), dtype=torch.bool)
+        flags = torch.stack([bad_loss.to(self.device, torch.float32),
+                             (~torch.isfinite(sumsq)).to(self.device, torch.float32)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        loss_flag, grad_flag = flags.tolist()
+        self.verdict = "loss" if loss_flag else "gradient norm" if grad_flag else None
+        self._decided = True
+
+    def _guarded(self, opt: torch.optim.Optimizer, step):
+        def guarded_step(*args, **kwargs):
+            if not self._decided:
+                self._decide()
+            if self.verdict is None:
+                return step(*args, **kwargs)
+            opt.zero_grad(set_to_none=True)  # the step is not applied
+            return None
+        return guarded_step
 
 
 def _attempt() -> int:
@@ -151,23 +307,76 @@ def _init_process_group(backend: str, timeout: timedelta) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
+def _check_writable_dir(path: str, flag: str) -> None:
+    d = Path(path)
+    try:
+        if d.exists() and not d.is_dir():
+            raise NotADirectoryError(20, "exists and is not a directory")
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SpecError(f"{flag} {path}: cannot write checkpoints there ({type(e).__name__}: "
+                        f"{e.strerror or e})") from None
+
+
+def _check_launch(args) -> None:
+    """What can be checked before any process group exists (and before training starts)."""
+    if args.resume and not args.checkpoint_dir:
+        raise SpecError("--resume needs --checkpoint-dir")
+    if args.resume and not committed_checkpoints(args.checkpoint_dir):
+        d = Path(args.checkpoint_dir)
+        what = ("does not exist" if not d.exists() else "is not a directory" if not d.is_dir()
+                else "holds no committed checkpoint (no step_N directory with a COMMITTED marker)")
+        raise SpecError(f"--resume: --checkpoint-dir {d} {what}; nothing to resume from "
+                        f"(leave out --resume to start at step 0)")
+    if args.resume_from and not (Path(args.resume_from) / "COMMITTED").is_file():
+        raise SpecError(f"--resume-from {args.resume_from}: not a committed checkpoint (no COMMITTED marker)")
+    if args.checkpoint_dir:
+        _check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+
+
+def _open_log(args):
+    """Rank 0's log file, opened before training so a bad path fails first."""
+    if not args.log_file or os.environ.get("RANK", "0") != "0":
+        return None
+    try:
+        return open(args.log_file, "a")  # noqa: SIM115 - closed by main
+    except OSError as e:
+        raise SpecError(f"--log-file {args.log_file}: cannot open it for appending ({type(e).__name__}: "
+                        f"{e.strerror or e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = Plan.from_file(args.plan)
     validate_world(plan, int(os.environ.get("WORLD_SIZE", "1")))  # before the process group exists
-    if args.resume and not args.checkpoint_dir:
-        raise SpecError("--resume needs --checkpoint-dir")
-    if args.resume_from and not (Path(args.resume_from) / "COMMITTED").is_file():
-        raise SpecError(f"--resume-from {args.resume_from}: not a committed checkpoint (no COMMITTED marker)")
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    _init_process_group("nccl" if cuda else "gloo", timedelta(seconds=args.timeout_s))
+    _check_launch(args)
+    log = _open_log(args)
+    try:
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        _init_process_group("nccl" if cuda else "gloo", timedelta(seconds=args.timeout_s))
+        return _run(args, plan, log)
+    finally:
+        if log:
+            log.close()
+
+
+def _run(args, plan: Plan, log) -> int:
     clean = False
     try:
-        rc = _train(args, plan)
+        rc = _train(args, plan, log)
         clean = True
         return rc
+    except (AgreedStop, NonFiniteStep) as e:  # every rank is here, by one agreed verdict
+        _say(f"runtime.launch: error: {e}")
+        e.printed = True
+        with contextlib.suppress(Exception):
+            dist.barrier()  # no rank exits (and gets the others killed by torchrun) before the line is out
+        raise
     except SpecError:
         raise
     except Exception as e:  # a collective failed: say what and why, once, without a traceback
@@ -185,7 +394,40 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
 
 
-def _train(args, plan: Plan) -> int:
+def _choose_checkpoint(args) -> Path | None:
+    """The checkpoint to load, verified on every rank with one agreed verdict (a collective)."""
+    if args.resume_from:
+        verdict = agreed_verdict(args.resume_from)
+        if not verdict.intact:
+            raise AgreedStop(f"--resume-from {args.resume_from}: the checkpoint is damaged: {verdict.summary()}")
+    elif args.checkpoint_dir and (args.resume or _attempt() > 0):
+        verdict, rejected = select_resume_checkpoint(args.checkpoint_dir)
+        if verdict is None and rejected:
+            damaged = "; ".join(f"{v.path.name}: {v.summary(1)}" for v in rejected[:3])
+            raise AgreedStop(f"--checkpoint-dir {args.checkpoint_dir}: no intact checkpoint to resume from, "
+                             f"all {len(rejected)} committed ones are damaged ({damaged})")
+        for v in rejected:
+            _say(f"runtime.launch: checkpoint {v.path} is damaged, not loaded: {v.summary()}")
+        if verdict is not None and rejected:
+            _say(f"runtime.launch: falling back to the newest intact checkpoint, {verdict.path}")
+    else:
+        return None
+    if verdict is None:  # a restarted attempt before the first save
+        return None
+    if not verdict.checksummed:
+        _say(f"runtime.launch: note: {verdict.path} has no checksums (written before manifests); loaded unverified")
+    return verdict.path
+
+
+def _next_batch(args, data, step: int, data_pos: int):
+    try:
+        return next(data)
+    except StopIteration:
+        raise SpecError(f"--data {args.data}: the dataset ran out after {data_pos} batches; step {step} of "
+                        f"--steps {args.steps} needs another (ask for fewer steps or a longer dataset)") from None
+
+
+def _train(args, plan: Plan, log) -> int:
     rank = dist.get_rank()
     torch.manual_seed(args.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -195,14 +437,16 @@ def _train(args, plan: Plan) -> int:
     example = built.example_inputs
     if args.meta_init:
         example = tuple(torch.zeros(x.shape, dtype=x.dtype) for x in example)
-    pm = parallelize(built.module, plan, loss_fn=built.loss_fn, example_inputs=example, device=device,
-                     optimizer_kwargs={"lr": args.lr})
+    nan_at = args.fault_nan_at_step if not _attempt() and rank == args.fault_rank else None
+    guard = NonFiniteGuard(device, nan_at_step=nan_at)
+    pm = parallelize(built.module, plan, loss_fn=guard.watch_loss(built.loss_fn), example_inputs=example,
+                     device=device, optimizer_kwargs={"lr": args.lr})
+    if pm.precision.scaler is None:  # a scaler skips overflowing steps itself
+        guard.install(pm.optimizers)
     start, data_pos = 0, 0
-    ckpt = Path(args.resume_from) if args.resume_from else None
-    if ckpt is None and args.checkpoint_dir and (args.resume or _attempt() > 0):
-        ckpt = latest_checkpoint(args.checkpoint_dir)
+    ckpt = _choose_checkpoint(args)
     if ckpt is not None:
-        pos = load_checkpoint(pm, ckpt)
+        pos = load_checkpoint(pm, ckpt, verify=False)
         start, data_pos = pos["step"], pos["data_position"]
         if rank == 0:
             print(f"resumed from {ckpt} at step {start} (attempt {_attempt()})", flush=True)
@@ -210,50 +454,82 @@ def _train(args, plan: Plan) -> int:
         print(f"plan: {plan}  world={dist.get_world_size()}  model={args.model}", flush=True)
         for note in pm.notes:
             print(f"note: {note}", flush=True)
-    log = open(args.log_file, "a") if args.log_file and rank == 0 else None
     data = _data_iter(args, batch, built, data_pos)
     saved = start if ckpt is not None and not args.resume_from else None
+    last_saved = ckpt
+    skipped: list[int] = []
 
     def before_commit(step: int):
         if args.fault_kill_in_save == step and not _attempt() and rank == 0:
             return lambda: _kill_self(f"after writing checkpoint step {step}, before its commit")
         return None
 
-    for step in range(start, args.steps):
-        _inject_step_faults(args, step + 1)
-        x, y = next(data)
-        data_pos += 1
-        x, y = (t.to(device) for t in (x, y))
-        if x.is_floating_point():
-            x = x.to(_DTYPES[args.dtype])
-        if y.is_floating_point():
-            y = y.to(_DTYPES[args.dtype])
-        loss = pm.train_step(pm.local_batch(x, y))
-        rec = {"step": step + 1, "loss": float(loss), "step_time_s": round(pm.last_step_time_s, 6),
-               "peak_memory_bytes": _peak_memory_bytes(device), "attempt": _attempt()}
-        if rank == 0:
-            print(json.dumps(rec), flush=True)
-            if log:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-        every = args.checkpoint_every
-        if args.checkpoint_dir and ((every and (step + 1) % every == 0) or step + 1 == args.steps):
-            save_checkpoint(pm, args.checkpoint_dir, step=step + 1, data_position=data_pos,
-                            before_commit=before_commit(step + 1))
-            saved = step + 1
-    if args.checkpoint_dir and saved != args.steps:  # e.g. loaded from elsewhere: save under this plan
-        save_checkpoint(pm, args.checkpoint_dir, step=args.steps, data_position=data_pos)
-    if log:
-        log.close()
+    step = start
+    try:
+        for step in range(start, args.steps):
+            _inject_step_faults(args, step + 1)
+            x, y = _next_batch(args, data, step + 1, data_pos)
+            data_pos += 1
+            x, y = (t.to(device) for t in (x, y))
+            if x.is_floating_point():
+                x = x.to(_DTYPES[args.dtype])
+            if y.is_floating_point():
+                y = y.to(_DTYPES[args.dtype])
+            guard.begin_step(step + 1)
+            loss = pm.train_step(pm.local_batch(x, y))
+            value = float(loss)
+            what = guard.verdict or (None if math.isfinite(value) else "loss")
+            if what is not None and (not args.skip_nonfinite or guard.verdict is None):
+                applied = "" if guard.verdict else " (the optimizer had applied it: no flag was raised before)"
+                raise NonFiniteStep(
+                    f"step {step + 1}: non-finite {what} ({'' if what == 'loss' else 'loss '}{value}){applied}; "
+                    f"stopped before saving anything "
+                    f"of it (last checkpoint: {last_saved or 'none'}). Pass --skip-nonfinite to skip such steps")
+            rec = {"step": step + 1, "loss": value if what is None else None,
+                   "step_time_s": round(pm.last_step_time_s, 6),
+                   "peak_memory_bytes": _peak_memory_bytes(device), "attempt": _attempt()}
+            if what is not None:
+                skipped.append(step + 1)
+                rec["skipped"] = f"non-finite {what}"
+                _say(f"runtime.launch: step {step + 1}: non-finite {what}: step skipped (--skip-nonfinite; "
+                     f"{len(skipped)} skipped so far)")
+            if rank == 0:
+                print(json.dumps(rec), flush=True)
+                if log:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+            every = args.checkpoint_every
+            if args.checkpoint_dir and ((every and (step + 1) % every == 0) or step + 1 == args.steps):
+                last_saved = save_checkpoint(pm, args.checkpoint_dir, step=step + 1, data_position=data_pos,
+                                             before_commit=before_commit(step + 1))
+                saved = step + 1
+        if args.checkpoint_dir and saved != args.steps:  # e.g. loaded from elsewhere: save under this plan
+            last_saved = save_checkpoint(pm, args.checkpoint_dir, step=args.steps, data_position=data_pos)
+    except Interrupted as e:
+        e.where = f"during step {step + 1} (last checkpoint: {last_saved or 'none'})"
+        raise
+    if skipped:
+        _say(f"runtime.launch: skipped {len(skipped)} step(s) with a non-finite loss or gradient norm: {skipped}")
     return 0
 
 
+def _exit(line: str | None, code: int) -> None:
+    if line is not None:
+        print(f"runtime.launch: {line}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: end with it
+        _die_with_launcher()
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         sys.exit(main())
+    except (AgreedStop, NonFiniteStep) as e:  # printed once per node by _run where it could
+        _exit(None if e.printed else f"error: {e}", 2 if isinstance(e, AgreedStop) else 3)
     except SpecError as e:  # the user's mistake: one clear line, no traceback
-        print(f"runtime.launch: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(f"error: {e}", 2)
     except PeerFailure as e:  # a fault, not a mistake: exit 1 so torchrun may restart the job
-        print(f"runtime.launch: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _exit(f"error: {e}", 1)
+    except Interrupted as e:  # one line per node, not a traceback per rank
+        _exit(f"interrupted by {e} {e.where}".rstrip() if _local_rank_zero() else None, 128 + e.signum)

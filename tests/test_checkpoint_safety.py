@@ -5,11 +5,18 @@
 - a commit over an existing step replaces it without a window where neither exists;
 - a crafted `.metadata` or non-tensor entry that would run code under torch's default DCP
   loader (shown here: it does run) is refused by runtime.checkpoint's loaders, and nothing runs;
-- runtime.launch's own argument checks fail before any process group, with one message.
+- every file carries a sha256 in MANIFEST.json (its own digest in the COMMITTED marker): flipped
+  bytes (same size), truncation, an edited `.metadata` or manifest, a damaged marker, a missing or
+  unreadable (FIFO) shard are each detected and the file named, and a damaged checkpoint is refused
+  with one line (a manifest naming a path outside the checkpoint is refused, never read);
+- runtime.launch's own argument checks (including --resume without a checkpoint, an unwritable
+  --checkpoint-dir, a --log-file in a missing folder) fail before any process group, with one message.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import warnings
@@ -20,13 +27,18 @@ import torch.distributed.checkpoint as dcp
 
 from runtime.checkpoint import (
     COMMITTED,
+    MANIFEST,
     SafeReader,
     _commit,
     committed_checkpoints,
+    file_digest,
     latest_checkpoint,
     load_full_state,
+    owned_files,
     read_metadata,
     state_difference,
+    verify_checkpoint,
+    write_manifest,
 )
 from specs import SpecError
 from tests.runtime_plans import make_plan
@@ -41,6 +53,14 @@ def _save(path, state) -> None:
 def _committed(path, state):
     _save(path, state)
     (path / COMMITTED).write_text("{}")
+    return path
+
+
+def _sealed(path, state):
+    """A committed checkpoint with a manifest, as save_checkpoint writes it (one rank)."""
+    _save(path, state)
+    digest = write_manifest(path, {p.name: file_digest(p) for p in owned_files(path, 0, 1)})
+    (path / COMMITTED).write_text(json.dumps({"step": 1, "manifest_sha256": digest}))
     return path
 
 
@@ -142,3 +162,134 @@ def test_launch_argument_errors_before_any_process_group(tmp_path, monkeypatch, 
         main([str(plan), "--model", "gpt-tiny", *[a.replace("{tmp}", str(tmp_path)) for a in extra]])
     assert needle in str(err.value) and "\n" not in str(err.value)
     assert not dist.is_initialized()
+
+
+_STATE = {"w": torch.arange(64, dtype=torch.float64).reshape(8, 8), "b": torch.ones(5), "lr": 0.1}
+
+
+def _shard(path):
+    return next(p for p in sorted(path.iterdir()) if p.name.endswith(".distcp"))
+
+
+def _flip(p, at=None):
+    data = bytearray(p.read_bytes())
+    i = len(data) // 2 if at is None else at
+    data[i] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _truncate(p):
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _fifo(p):
+    p.unlink()
+    os.mkfifo(p)
+
+
+def _edit_manifest(path):
+    doc = json.loads((path / MANIFEST).read_text())
+    name = next(iter(doc["files"]))
+    doc["files"][name]["sha256"] = "0" * 64
+    (path / MANIFEST).write_text(json.dumps(doc))
+
+
+_CORRUPTIONS = {
+    "flipped shard bytes": (lambda path: _flip(_shard(path)), lambda path: _shard(path).name,
+                            "sha256 differs from the manifest (same size"),
+    "truncated shard": (lambda path: _truncate(_shard(path)), lambda path: _shard(path).name, "truncated or extended"),
+    "extended shard": (lambda path: _shard(path).open("ab").write(b"x"), lambda path: _shard(path).name,
+                       "truncated or extended"),
+    "flipped metadata": (lambda path: _flip(path / ".metadata"), lambda path: ".metadata", "sha256 differs"),
+    "truncated metadata": (lambda path: _truncate(path / ".metadata"), lambda path: ".metadata", "truncated"),
+    "missing shard": (lambda path: _shard(path).unlink(), lambda path: "__0_0.distcp", "missing"),
+    "shard replaced by a FIFO": (lambda path: _fifo(_shard(path)), lambda path: _shard(path).name, "unreadable"),
+    "edited manifest": (_edit_manifest, lambda path: MANIFEST, "differs from the one its COMMITTED marker records"),
+    "damaged marker": (lambda path: (path / COMMITTED).write_text("{not json"), lambda path: COMMITTED, "damaged"),
+}
+
+
+def test_intact_checkpoint_verifies(tmp_path):
+    path = _sealed(tmp_path / "step_00000001", _STATE)
+    files = json.loads((path / MANIFEST).read_text())["files"]
+    assert ".metadata" in files and any(n.endswith(".distcp") for n in files)
+    v = verify_checkpoint(path)
+    assert v.intact and v.checksummed and v.files_checked == len(files), v
+    parts = [verify_checkpoint(path, part=(i, 2)) for i in range(2)]
+    assert sum(p.files_checked for p in parts) == len(files)
+    assert torch.equal(load_full_state(path)["w"], _STATE["w"])
+
+
+@pytest.mark.parametrize("kind", sorted(_CORRUPTIONS))
+def test_every_corruption_is_detected_and_named(tmp_path, kind):
+    damage, name, needle = _CORRUPTIONS[kind]
+    path = _sealed(tmp_path / "step_00000001", _STATE)
+    damaged = name(path)
+    damage(path)
+    v = verify_checkpoint(path)
+    assert not v.intact, kind
+    assert any(str(path / damaged) in p and needle in p for p in v.problems), v.problems
+    with pytest.raises(SpecError) as err:
+        load_full_state(path)
+    msg = str(err.value)
+    assert f"{path} is damaged" in msg and damaged in msg and "\n" not in msg
+
+
+def test_parts_split_the_files_and_find_the_same_damage(tmp_path):
+    path = _sealed(tmp_path / "step_00000001", _STATE)
+    _flip(_shard(path))
+    _flip(path / ".metadata", at=3)
+    parts = [verify_checkpoint(path, part=(i, 2)) for i in range(2)]
+    assert sorted(p for v in parts for p in v.problems) == sorted(verify_checkpoint(path).problems)
+    assert len(verify_checkpoint(path).problems) == 2
+
+
+def test_manifest_naming_a_path_outside_is_refused_unread(tmp_path):
+    path = _sealed(tmp_path / "step_00000001", _STATE)
+    outside = tmp_path / "elsewhere"
+    outside.write_bytes(b"secret")
+    data = json.dumps({"format": 1, "files": {"../elsewhere": file_digest(outside)}}).encode()
+    (path / MANIFEST).write_bytes(data)
+    (path / COMMITTED).write_text(json.dumps({"manifest_sha256": hashlib.sha256(data).hexdigest()}))
+    v = verify_checkpoint(path)
+    assert v.problems == [f"{path / MANIFEST}: not a checkpoint manifest (file name '../elsewhere' is not a "
+                          f"plain file name)"]
+
+
+def test_checkpoint_without_manifest_loads_unverified_and_truncation_is_one_line(tmp_path):
+    path = _committed(tmp_path / "step_00000001", _STATE)  # written before manifests existed
+    v = verify_checkpoint(path)
+    assert v.intact and not v.checksummed
+    _truncate(_shard(path))
+    with pytest.raises(SpecError) as err:  # was: PytorchStreamReader's raw traceback
+        load_full_state(path)
+    assert "cannot be read" in str(err.value) and "truncated or damaged" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--resume", "--checkpoint-dir", "{tmp}/mistyped"],
+     "--checkpoint-dir {tmp}/mistyped does not exist; nothing to resume from"),
+    (["--resume", "--checkpoint-dir", "{tmp}/empty"], "holds no committed checkpoint"),
+    (["--checkpoint-dir", "{tmp}/afile/ck"], "--checkpoint-dir {tmp}/afile/ck: cannot write checkpoints there"),
+    (["--checkpoint-dir", "{tmp}/afile"], "exists and is not a directory"),
+    (["--log-file", "{tmp}/missing/log.jsonl"], "--log-file {tmp}/missing/log.jsonl: cannot open it for appending "
+                                                "(FileNotFoundError"),
+])
+def test_launch_faults_fail_before_training(tmp_path, monkeypatch, extra, needle):
+    import torch.distributed as dist
+
+    from runtime.launch import main
+
+    plan = tmp_path / "plan.yaml"
+    make_plan("gpt-tiny").to_file(plan)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "step_00000002.tmp").mkdir()  # uncommitted: not a checkpoint
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SpecError) as err:
+        main([str(plan), "--model", "gpt-tiny", *[a.replace("{tmp}", str(tmp_path)) for a in extra]])
+    assert needle.replace("{tmp}", str(tmp_path)) in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not dist.is_initialized()
+    assert not (tmp_path / "mistyped").exists()
