@@ -10,6 +10,7 @@ checkpoint every EVERY steps, and is compared with an uninterrupted run of the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -148,3 +149,128 @@ def run_hang(tmp: Path, timeout_s: float = 10.0) -> FaultRun:
     proc = torchrun(2, [str(plans["zero3x2"]), *COMMON, "--steps", "4", "--fault-hang-at-step", "2",
                         "--timeout-s", str(timeout_s), "--log-file", str(log)], check=False, timeout_s=180)
     return FaultRun("hang", proc.returncode, time.perf_counter() - t0, read_log(log), tmp, proc.stderr)
+
+
+# ------------------------------------------------------------------ integrity and launch faults (issue 20)
+def damage(path: Path, how: str) -> Path:
+    """Damage one file of checkpoint `path` in place; returns the file. how: "flip" (bytes of
+    rank 1's shard inverted, same size), "truncate" (rank 0's shard cut to half), "metadata"
+    (bytes of .metadata inverted, same size)."""
+    target = path / {"flip": "__1_0.distcp", "truncate": "__0_0.distcp", "metadata": ".metadata"}[how]
+    data = bytearray(target.read_bytes())
+    if how == "truncate":
+        target.write_bytes(bytes(data[: len(data) // 2]))
+        return target
+    mid = len(data) // 2
+    for i in range(mid, mid + 8):
+        data[i] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return target
+
+
+def copy_checkpoints(run: FaultRun, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run.checkpoint_dir, dst)
+    return dst
+
+
+def run_resume(tmp: Path, name: str, plan: Path, ck: Path, extra: list[str] | None = None) -> FaultRun:
+    """--resume from `ck` (damaged by the caller) and train to STEPS."""
+    log = tmp / f"{name}.jsonl"
+    t0 = time.perf_counter()
+    proc = torchrun(2, [str(plan), *COMMON, "--steps", str(STEPS), "--checkpoint-dir", str(ck), "--checkpoint-every",
+                        str(EVERY), "--resume", "--log-file", str(log), *(extra or [])], check=False)
+    return FaultRun(name, proc.returncode, time.perf_counter() - t0, read_log(log), ck, proc.stderr,
+                    {0: [r["step"] for r in read_log(log)]})
+
+
+def run_integrity_scenarios(tmp: Path, straight: FaultRun) -> dict:
+    """Two resumes from copies of the uninterrupted run's checkpoints (steps 2, 4, 6):
+    "fallback": step 6 with flipped bytes in rank 1's shard, step 4 with rank 0's shard truncated:
+      both must be named and the run must resume from step 2 and end as the uninterrupted run;
+    "none-intact": the .metadata of all three flipped: one line, exit non-zero, nothing trained.
+    Returns {name: (FaultRun, [damaged files])}."""
+    plans = write_plans(tmp)
+    out = {}
+    ck = copy_checkpoints(straight, tmp / "fallback-ck")
+    files = [damage(ck / "step_00000006", "flip"), damage(ck / "step_00000004", "truncate")]
+    out["fallback"] = (run_resume(tmp, "fallback", plans["zero3x2"], ck), files)
+    ck = copy_checkpoints(straight, tmp / "none-intact-ck")
+    files = [damage(ck / f"step_{s:08d}", "metadata") for s in (2, 4, 6)]
+    out["none-intact"] = (run_resume(tmp, "none-intact", plans["zero3x2"], ck), files)
+    return out
+
+
+def run_nonfinite(tmp: Path) -> dict:
+    """NaN loss injected on rank 1: at step 5 (stops; checkpoints 2 and 4 only), and at step 3
+    with --skip-nonfinite (skipped, the run goes on to step 6)."""
+    plans = write_plans(tmp)
+    return {"nan-stop": run_training(tmp, "nan-stop", plans["zero3x2"], ["--fault-nan-at-step", "5"]),
+            "nan-skip": run_training(tmp, "nan-skip", plans["zero3x2"],
+                                     ["--fault-nan-at-step", "3", "--skip-nonfinite"])}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def run_signalled_launcher(tmp: Path, sig: int, name: str, wait_s: float = 20.0) -> dict:
+    """Start a long 2-process run, wait for its first logged step, send `sig` to the torchrun
+    process, and watch its workers for `wait_s` s. Returns {"workers", "alive" (still alive
+    after wait_s), "gone_after_s", "steps_before", "steps_after" (logged steps then and 5 s
+    later), "stderr", "returncode"}."""
+    import signal as _signal
+
+    plans = write_plans(tmp)
+    log = tmp / f"{name}.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--monitor-interval=0.2", "-m", "runtime.launch", str(plans["zero3x2"]), *COMMON,
+           "--steps", "1000000", "--log-file", str(log)]
+    err = tmp / f"{name}.stderr"
+    workers: list[int] = []
+    with open(err, "w") as ferr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                                stdout=subprocess.DEVNULL, stderr=ferr, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not read_log(log) and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+            workers = _children(proc.pid)
+            steps_before = len(read_log(log))
+            t0 = time.monotonic()
+            proc.send_signal(sig)
+            if sig == _signal.SIGKILL:
+                proc.wait()
+            while any(_alive(w) for w in workers) and time.monotonic() - t0 < wait_s:
+                time.sleep(0.1)
+            gone_after = time.monotonic() - t0
+            alive = [w for w in workers if _alive(w)]
+            n_then = len(read_log(log))
+            time.sleep(2.0 if not alive else 5.0)
+            steps_after = len(read_log(log)) - n_then
+            rc = proc.wait(timeout=60)
+        finally:
+            for w in _children(proc.pid) + [w for w in workers if _alive(w)]:
+                with contextlib.suppress(OSError):
+                    os.kill(w, _signal.SIGKILL)
+            if proc.poll() is None:
+                proc.kill()
+    return {"workers": workers, "alive": alive, "gone_after_s": gone_after, "steps_before": steps_before,
+            "steps_after": steps_after, "stderr": err.read_text(), "returncode": rc}
