@@ -32,7 +32,8 @@ search records the point as rejected, with the runtime's reason, instead of retu
   and nn.Embedding"). `pipeline_tp_problem`.
 
 Not a refusal: sharding `none` with tp > 1 or pp > 1 runs as FSDP2 `replicate` instead of DDP
-(runtime/data_parallel.py `_ddp_ok`), which all-reduces the same gradients: same cost, allowed.
+(`cost_models.engines.data_parallel_engine`, applied by runtime/data_parallel.py), which
+all-reduces the same gradients: same cost, allowed.
 
 `knob_problem` is the one place the search asks; `executable_candidate` is the one place
 planner.build_plan and the tp-degree checks ask.
