@@ -29,12 +29,17 @@ Fallback: a model torch.fx cannot trace (Hugging Face transformers 5.x, data-dep
 flow) is split by torch.distributed.pipelining.pipeline() (torch.export, same split points, shapes
 fixed at the micro-batch size; torch copies shared parameters per stage, listed the same way).
 Its stage modules are InterpreterModules: checkpointing and FSDP apply, module-type-based tensor
-parallelism does not.
+parallelism does not. torch's split feeds a value read by several later stages (HF models compute
+the rotary cos/sin tables and the causal mask once, before the first layer) straight from its
+producer to each reader; `_thread_skipping_values` rewires the stages so that such a value is
+passed through the stages in between, as in the fx split, and `_check_neighbour_inputs` verifies
+the result.
 """
 
 from __future__ import annotations
 
 import difflib
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -192,6 +197,7 @@ def _split_with_export(model: nn.Module, plan: Plan, example_inputs: tuple, fx_e
             f"the plan has {num_stages}; a stage's first block is not called where block_names say"
         )
     index = {get_submod_name(i): i for i in range(num_stages)}
+    _thread_skipping_values(pipe.split_gm, index, type(model).__name__)
     _check_neighbour_inputs(pipe.split_gm.graph, index, type(model).__name__)
     tied = []
     for mapping in pipe.replicated_params:
@@ -202,6 +208,120 @@ def _split_with_export(model: nn.Module, plan: Plan, example_inputs: tuple, fx_e
     for mod in stage_modules:
         _drop_unused_parameters(mod)
     return SplitModel(stage_modules, tied)
+
+
+def _thread_skipping_values(split_gm: torch.fx.GraphModule, index: dict[str, int], model_name: str) -> None:
+    """Make each export stage talk only to its neighbours, as the fx split does.
+
+    torch's split graph calls stage s with values from any earlier stage (HF models compute the
+    rotary cos/sin tables, the causal mask and the position ids once, before the first layer,
+    and every layer reads them). Let L[c] be the values crossing cut c (produced at stage <= c,
+    read by a stage > c), in graph order, and L[-1] the model inputs. Stage s is rewritten to take
+    exactly L[s-1] as inputs (a value it does not read is an unused placeholder) and return
+    exactly L[s] (a value it only carries is its own input, returned as is); the last stage keeps
+    its output. The split graph is rebuilt to call the stages that way, so it still computes the
+    model (also through torch's Pipe) and `_check_neighbour_inputs` can verify the contract on
+    it. Edits the graphs in place."""
+    graph = split_gm.graph
+    calls: list[torch.fx.Node] = sorted(
+        (n for n in graph.nodes if n.op == "call_module" and n.target in index), key=lambda n: index[n.target])
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    out_node = next(n for n in graph.nodes if n.op == "output")
+
+    def refuse(why: str) -> SpecError:
+        return SpecError(f"pipeline: torch.export's split of {model_name} {why}; the pipeline cannot carry it "
+                         f"stage to stage (make the model fx-traceable, or use fewer stages)")
+
+    # Every value between stages is a model input, a stage call (one output) or getitem(stage, i).
+    producer: dict[torch.fx.Node, int] = {n: -1 for n in inputs}
+    for n in graph.nodes:
+        if n.op == "call_module" and n.target in index:
+            producer[n] = index[n.target]
+            if n.kwargs or len(n.all_input_nodes) != len(n.args):
+                raise refuse(f"calls stage {index[n.target]} with keyword or constant arguments")
+        elif n.op == "call_function" and n.target is operator.getitem and n.args[0] in calls:
+            producer[n] = index[n.args[0].target]
+        elif n.op not in ("placeholder", "output"):
+            raise refuse(f"computes {n.name!r} ({n.op} {n.target}) between stages")
+    num_stages = len(calls)
+    last_use: dict[torch.fx.Node, int] = {}
+    for s, call in enumerate(calls):
+        for v in call.all_input_nodes:
+            last_use[v] = max(last_use.get(v, -1), s)
+    for v in out_node.all_input_nodes:
+        if producer[v] != num_stages - 1:
+            raise refuse(f"returns {v.name!r} from stage {producer[v]}, not from the last stage")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    crossing = [inputs] + [
+        sorted((v for v, last in last_use.items() if producer[v] <= c < last), key=order.__getitem__)
+        for c in range(num_stages - 1)
+    ]  # crossing[s]: the inputs of stage s
+
+    for s, call in enumerate(calls):
+        _rewire_stage(getattr(split_gm, call.target), call, crossing[s],
+                      crossing[s + 1] if s + 1 < num_stages else None, producer, refuse)
+
+    new = torch.fx.Graph()
+    env = {v: new.placeholder(v.target) for v in inputs}  # value -> its node after the latest stage
+    for s, call in enumerate(calls):
+        node = new.call_module(call.target, tuple(env[v] for v in crossing[s]))
+        if s + 1 < num_stages:
+            outs = crossing[s + 1]
+            env.update({outs[0]: node} if len(outs) == 1 else
+                       {v: new.call_function(operator.getitem, (node, k)) for k, v in enumerate(outs)})
+        else:  # the last stage's output is unchanged: map its own getitems
+            env[call] = node
+            for user in call.users:
+                if user in producer:
+                    env[user] = new.call_function(operator.getitem, (node, user.args[1]))
+    new.output(torch.fx.graph.map_arg(out_node.args[0], env.__getitem__))
+    # Replace the nodes, not the Graph object: torch's Pipe runs split_gm through an Interpreter
+    # that holds the graph it was built with.
+    for n in reversed(list(graph.nodes)):
+        graph.erase_node(n)
+    graph.output(graph.graph_copy(new, {}))
+    graph.lint()
+    split_gm.recompile()
+
+
+def _rewire_stage(stage: torch.fx.GraphModule, call: torch.fx.Node, ins: list[torch.fx.Node],
+                  outs: list[torch.fx.Node] | None, producer: dict[torch.fx.Node, int], refuse) -> None:
+    """Stage `call` of the split graph: make its placeholders `ins` and its output `outs` (values
+    of the split graph; None keeps the output), see `_thread_skipping_values`."""
+    if not isinstance(stage, torch.fx.GraphModule):
+        raise refuse(f"made {call.target} a {type(stage).__name__}, not a GraphModule")
+    g = stage.graph
+    old = [n for n in g.nodes if n.op == "placeholder"]
+    if len(old) != len(call.args):
+        raise refuse(f"calls {call.target} with {len(call.args)} values for {len(old)} inputs")
+    first = next(iter(g.nodes))
+    local: dict[torch.fx.Node, torch.fx.Node] = {}  # split-graph value -> node in this stage
+    with g.inserting_before(first):  # in order, before everything: placeholder order is arg order
+        for v in ins:
+            local[v] = g.placeholder(v.name)  # the target is the argument's name: unique per stage
+    for ph, v in zip(old, call.args, strict=True):
+        ph.replace_all_uses_with(local[v])
+        g.erase_node(ph)
+    if outs is not None:
+        out_node = next(n for n in g.nodes if n.op == "output")
+        result = out_node.args[0]
+        here = producer[call]
+        with g.inserting_before(out_node):
+            for v in outs:
+                if producer[v] != here:
+                    continue  # carried: local[v] is its placeholder
+                if v is call:
+                    if isinstance(result, (tuple, list)):
+                        raise refuse(f"passes the whole output tuple of {call.target} on as one value")
+                    local[v] = result
+                elif isinstance(result, (tuple, list)):
+                    local[v] = result[v.args[1]]
+                else:
+                    local[v] = g.call_function(operator.getitem, (result, v.args[1]))
+        new_out = [local[v] for v in outs]
+        out_node.args = (new_out[0] if len(new_out) == 1 else tuple(new_out),)
+    g.lint()
+    stage.recompile()
 
 
 def _drop_unused_parameters(stage: nn.Module) -> None:
@@ -220,8 +340,8 @@ def _drop_unused_parameters(stage: nn.Module) -> None:
 
 
 def _check_neighbour_inputs(graph: torch.fx.Graph, index: dict[str, int], model_name: str) -> None:
-    """PipelineStage only receives from the previous stage; torch.export's split sends a value
-    used by several later stages (e.g. an attention mask) straight to each of them."""
+    """PipelineStage only receives from the previous stage: check that the split graph feeds each
+    stage s > 0 with stage s-1's outputs only (`_thread_skipping_values` arranges it)."""
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in index:
             continue

@@ -10,7 +10,7 @@ from torch import nn
 
 from planner.models import build_model
 from runtime.pipeline import build_pipeline, local_stage_indices, validate_pipeline
-from runtime.pipeline_split import clean_param_name, split_model
+from runtime.pipeline_split import SplitModel, clean_param_name, split_model
 from specs import SpecError, Stage
 from tests.plan_builders import block_names_of, make_plan
 
@@ -216,3 +216,97 @@ def test_export_fallback_for_a_model_fx_cannot_trace():
     # torch's stale copy of the tied head weight in stage 0 is gone; every parameter is used once.
     assert "m.lm_head.weight" not in dict(split.stage_modules[0].named_parameters())
     assert "forward" not in vars(model.m.transformer.h[1])  # the split point's patch is undone
+
+
+def _stage_io_counts(gm: torch.fx.GraphModule) -> tuple[int, int]:
+    """(inputs, outputs) of a stage module: its placeholders and the length of its output tuple."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return sum(n.op == "placeholder" for n in gm.graph.nodes), len(out) if isinstance(out, (tuple, list)) else 1
+
+
+def test_export_split_carries_rotary_tables_through_every_stage():
+    """HF Llama computes the rotary cos/sin and the causal mask once; torch's split feeds them from
+    stage 0 to every stage, which PipelineStage cannot run; the rewired split passes them along."""
+    pytest.importorskip("transformers")
+    from torch.distributed.pipelining import SplitPoint, pipeline
+    from torch.distributed.pipelining._IR import get_submod_name
+
+    from runtime.pipeline_split import _check_neighbour_inputs, _thread_skipping_values
+    from tests.hf_models import build_hf
+
+    torch.manual_seed(0)
+    model, names = build_hf("hf_llama")
+    model.eval()
+    x = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    want = model(x)
+    spec = {f"m.model.layers.{i}": SplitPoint.BEGINNING for i in (1, 2, 3)}
+    pipe = pipeline(model, (x,), split_spec=spec)
+    index = {get_submod_name(i): i for i in range(4)}
+    with pytest.raises(SpecError, match="feeds stage 2 with .* from stage 0, not from stage 1"):
+        _check_neighbour_inputs(pipe.split_gm.graph, index, "Wrap")  # torch's own split
+    _thread_skipping_values(pipe.split_gm, index, "Wrap")
+    _check_neighbour_inputs(pipe.split_gm.graph, index, "Wrap")
+    counts = [_stage_io_counts(pipe.get_stage_module(i)) for i in range(4)]
+    assert counts[0][0] == 1 and counts[-1][1] == 1  # tokens in, logits out
+    for (_, outs), (ins, _) in zip(counts[:-1], counts[1:], strict=True):
+        assert ins == outs  # stage s takes exactly stage s-1's outputs
+    assert counts[1] == (4, 4)  # hidden, cos, sin, mask in; carried on to stage 2
+    torch.testing.assert_close(pipe(x)[0], want, rtol=0, atol=0)  # runs the rebuilt split graph
+    stages = [pipe.get_stage_module(i) for i in range(4)]
+    torch.testing.assert_close(_run_stages(SplitModel(stages), x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("family", "pp"), [("hf_qwen3", 3), ("hf_gpt2", 3)])
+def test_export_split_of_hf_models_composes_to_the_model(family, pp):
+    pytest.importorskip("transformers")
+    from tests.hf_models import build_hf
+
+    torch.manual_seed(0)
+    model, names = build_hf(family)
+    model.eval()
+    x = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    want = model(x)
+    full = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    plan = make_plan(family, pp=pp, micro_batch_size=2, num_micro_batches=pp, model=model, block_names=names)
+    split = split_model(model, plan, (x,))
+    torch.testing.assert_close(_run_stages(split, x), want, rtol=0, atol=0)
+    counts = [_stage_io_counts(m) for m in split.stage_modules]
+    assert all(ins == outs for (_, outs), (ins, _) in zip(counts[:-1], counts[1:], strict=True)), counts
+    seen = [n for m in split.stage_modules for n, _ in m.named_parameters()]
+    assert len(seen) == len(set(seen)) and set(seen) == full  # each parameter in one stage
+    if family == "hf_gpt2":  # wte and lm_head tied: a copy in the last stage, summed by the runtime
+        assert [t.names for t in split.tied] == [{0: "m.transformer.wte.weight", pp - 1: "m.lm_head.weight"}]
+    else:
+        assert split.tied == []
+
+
+def test_export_split_carries_a_model_input_and_a_gradient():
+    """A model input read only by the last stage and an activation that skips two stages (with a
+    gradient) are passed through; the stages' gradients equal the model's."""
+
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = (nn.Linear(4, 4) for _ in range(4))
+
+        def forward(self, x, y):
+            h = self.a(x) + torch.zeros(x.shape[0], 4, dtype=x.dtype)  # a traced size: fx fails
+            return self.d(self.c(self.b(h)) + h) * y
+
+    model = Skip().double()
+    plan = make_plan("skip", pp=4, micro_batch_size=2, num_micro_batches=4, model=model,
+                     block_names=["a", "b", "c", "d"])
+    x, y = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    want = model(x, y)
+    want.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    split = split_model(model, plan, (x, y))
+    counts = [_stage_io_counts(m) for m in split.stage_modules]
+    assert counts == [(2, 2), (2, 3), (3, 2), (2, 1)], counts  # y rides to stage 3, h to stage 2
+    got = _run_stages(split, x, y)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.sum().backward()
+    for m in split.stage_modules:
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=0)
