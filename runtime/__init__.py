@@ -15,7 +15,10 @@ Fault tolerance: add `--max-restarts N` to torchrun and `--checkpoint-dir D --ch
 to runtime.launch; a restarted attempt resumes from the newest committed checkpoint by itself
 (at most K steps redone), `--timeout-s` bounds the wait for a dead or hung peer, and a
 checkpoint loads under any other plan (runtime/checkpoint.py: commit protocol, trust boundary).
-Python: `pm = runtime.parallelize(model, plan, loss_fn=...)`, then `pm.train_step(pm.local_batch(x, y))`.
+Python: `pm = runtime.parallelize(model, plan, loss_fn=..., optimizer_fn=..., lr_scheduler_fn=...,
+max_grad_norm=...)`, then `for batch in pm.data_loader(dataset): pm.train_step(batch)`;
+`pm.eval_step(batch)`, `pm.export_full_state_dict("model.safetensors")` (README: "Bring your own
+model and loop", executed by tests/test_readme_byom.py).
 """
 
 from runtime.parallelize import ParallelModel, parallelize, validate_model
