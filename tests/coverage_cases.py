@@ -12,13 +12,9 @@ and the largest parameter difference after the last step (tests/test_coverage_ru
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import sys
-import traceback
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,6 +30,7 @@ from structure_models import build_structure  # noqa: E402
 from planner import plan_from_knobs, trace  # noqa: E402
 from runtime import parallelize  # noqa: E402
 from specs import HardwareSpec, Knobs, TrainSpec  # noqa: E402
+from tests.case_runner import finish, run_cases, start  # noqa: E402
 
 STEPS = 3
 SEED = 7
@@ -180,34 +177,8 @@ def compare(model_name: str, dtype: torch.dtype, make_plan) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--only", default="")
-    args = ap.parse_args()
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    only = [x for x in args.only.split(",") if x] or list(CASES)
-    results = []
-    for label in only:
-        try:
-            results.append(run_case(label))
-        except Exception as e:  # one broken case must not hide the others
-            print(
-                f"[rank {dist.get_rank()}] case {label} failed:\n{traceback.format_exc()}",
-                file=sys.stderr,
-            )
-            results.append(
-                {
-                    "name": label,
-                    "error": f"{type(e).__name__}: {e}"[:1000],
-                    "traceback": traceback.format_exc()[-3000:],
-                }
-            )
-        dist.barrier()
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    args = start()
+    finish(run_cases([c for c in CASES if not args.only or c in args.only], run_case), args.out)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,10 @@ see that sharding is real). tests/test_runtime_dist.py launches this and asserts
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import sys
-import traceback
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from planner.models import build_model, lm_loss  # noqa: E402
 from runtime import parallelize  # noqa: E402
+from tests.case_runner import finish, run_cases, start  # noqa: E402
 from tests.runtime_plans import make_plan  # noqa: E402
 
 STEPS = 3
@@ -233,29 +230,11 @@ def run_case(case: Case) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--only", default="")
-    args = ap.parse_args()
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    args = start()
     world = dist.get_world_size()
-    only = set(filter(None, args.only.split(",")))
-    results = []
-    for case in _cases():
-        if case.world != world or (only and case.name not in only):
-            continue
-        try:
-            results.append(run_case(case))
-        except Exception as e:  # record and go on: one broken case must not hide the others
-            print(f"[rank {dist.get_rank()}] case {case.name} failed:\n{traceback.format_exc()}", file=sys.stderr)
-            results.append({"name": case.name, "world": world, "error": f"{type(e).__name__}: {e}",
-                            "traceback": traceback.format_exc()[-3000:]})
-        dist.barrier()
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    names = [c.name for c in _cases() if c.world == world and (not args.only or c.name in args.only)]
+    by_name = {c.name: c for c in _cases()}
+    finish(run_cases(names, lambda n: run_case(by_name[n])), args.out)
 
 
 if __name__ == "__main__":

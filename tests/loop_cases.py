@@ -15,15 +15,10 @@ pattern).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import sys
-import time
-import traceback
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from planner.models import build_model  # noqa: E402
 from runtime import parallelize  # noqa: E402
 from specs import SpecError  # noqa: E402
+from tests.case_runner import finish, run_cases, start  # noqa: E402
 from tests.runtime_plans import make_plan  # noqa: E402
 
 WORLD = 4
@@ -295,32 +291,12 @@ def run_case(case: Case, tmpdir: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--only", default="")
-    args = ap.parse_args()
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    args = start()
     if dist.get_world_size() != WORLD:
         raise SystemExit(f"loop_cases.py runs on {WORLD} processes")
-    only = set(filter(None, args.only.split(",")))
     tmpdir = os.path.dirname(os.path.abspath(args.out))
-    results = []
-    for case in _cases():
-        if only and case.name not in only:
-            continue
-        t0 = time.perf_counter()
-        try:
-            results.append(run_case(case, tmpdir) | {"wall_s": round(time.perf_counter() - t0, 2)})
-        except Exception as e:  # record and go on: one broken case must not hide the others
-            print(f"[rank {dist.get_rank()}] case {case.name} failed:\n{traceback.format_exc()}", file=sys.stderr)
-            results.append({"name": case.name, "error": f"{type(e).__name__}: {e}",
-                            "traceback": traceback.format_exc()[-3000:]})
-        dist.barrier()
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    cases = {c.name: c for c in _cases() if not args.only or c.name in args.only}
+    finish(run_cases(cases, lambda n: run_case(cases[n], tmpdir)), args.out)
 
 
 if __name__ == "__main__":
