@@ -29,8 +29,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 MODELS = ("gpt", "llama", "mlp", "resnet18")
-HF_BLOCKS = (["m.transformer.wte+m.transformer.wpe+m.transformer.drop"]
-             + [f"m.transformer.h.{i}" for i in range(4)] + ["m.transformer.ln_f+m.lm_head"])
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 STEPS = 3
 
@@ -66,9 +64,15 @@ def cases(world: int) -> list[Case]:
                         virtual_stages=2, resync_tied=True))
         # Hugging Face GPT-2 (tied wte/lm_head): torch.fx fails, torch.export splits it.
         out.append(Case("pp2-1f1b-export-hf_gpt2", "hf_gpt2", pp=2))
-        # 4 stages: export sends the attention mask from stage 0 to stages 2 and 3 directly.
-        out.append(Case("bad-export_skip-hf_gpt2", "hf_gpt2", pp=2, schedule="interleaved_1f1b",
-                        virtual_stages=2, bad="export_skip"))
+        # 4 stages: export's split sends the attention mask (GPT-2) and the rotary cos/sin and
+        # mask (Llama) from stage 0 to every later stage; pipeline_split carries them through.
+        out.append(Case("pp2-interleaved_1f1b-v2-export-hf_gpt2", "hf_gpt2", pp=2,
+                        schedule="interleaved_1f1b", virtual_stages=2))
+        out.append(Case("pp2-interleaved_1f1b-v2-export-hf_llama", "hf_llama", pp=2,
+                        schedule="interleaved_1f1b", virtual_stages=2))
+        # An activation with a gradient carried over two stages, a model input carried to the last.
+        out.append(Case("pp2-interleaved_1f1b-v2-export-skip", "export_skip", pp=2,
+                        schedule="interleaved_1f1b", virtual_stages=2))
         out.append(Case("bad-unknown_block", "gpt", pp=2, bad="unknown_block"))
         out.append(Case("bad-uncovered", "gpt", pp=2, bad="uncovered"))
     if world == 4:
@@ -87,10 +91,25 @@ def cases(world: int) -> list[Case]:
                         virtual_stages=2, bad="ddp_interleaved"))
         out.append(Case("pp2xdp2-gpipe-ckpt-fsdp-gpt", "gpt", pp=2, dp=2, schedule="gpipe",
                         checkpoint=True, dp_engine="fsdp"))
+        out.append(Case("pp4-1f1b-export-hf_llama", "hf_llama", pp=4))
     return out
 
 
 # ---------------------------------------------------------------------------- models and data
+class ExportSkip(torch.nn.Module):
+    """Blocks a, b, c, d; h = a(x) is read again after c and x after d. torch.fx cannot trace it
+    (a tensor built from a traced size), so torch.export splits it and the pipeline carries h
+    (with its gradient) through stage 1 and x through stages 1 and 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        h = self.a(x) + torch.zeros(x.shape[0], 8, dtype=x.dtype)
+        return self.d(torch.tanh(self.c(torch.tanh(self.b(h)))) + h) * x
+
+
 def build(model: str):
     """(module, loss_fn, make_batch, block class to checkpoint); >= 8 blocks for pp4 x v2."""
     from planner.models import GPT_CONFIGS, LLAMA_CONFIGS, MLP, MLPConfig, Transformer
@@ -118,29 +137,29 @@ def build(model: str):
                     torch.randn(b, cfg.out_features, generator=gen, dtype=torch.float64))
 
         from planner.models.mlp import MLPBlock as block
-    elif model == "hf_gpt2":
+    elif model == "export_skip":
+        m = ExportSkip().double()
+        loss = torch.nn.functional.mse_loss
+
+        def make_batch(b, gen):
+            return (torch.randn(b, 8, generator=gen, dtype=torch.float64),
+                    torch.randn(b, 8, generator=gen, dtype=torch.float64))
+
+        block = torch.nn.Linear
+    elif model.startswith("hf_"):
         import transformers
 
-        cfg = transformers.GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=128, n_positions=32,
-                                      use_cache=False, bos_token_id=0, eos_token_id=0,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        from tests.hf_models import SEQ, VOCAB, build_hf
 
-        class Wrap(torch.nn.Module):  # logits only: the schedule's loss needs a tensor output
-            def __init__(self):
-                super().__init__()
-                self.m = transformers.GPT2LMHeadModel(cfg)
-
-            def forward(self, x):
-                return self.m(input_ids=x, use_cache=False).logits
-
-        m = Wrap().double()
+        m, _ = build_hf(model)
         loss = _bm("gpt-tiny", device="meta").loss_fn
 
         def make_batch(b, gen):
-            t = torch.randint(0, 128, (b, 32), generator=gen)
+            t = torch.randint(0, VOCAB, (b, SEQ), generator=gen)
             return t, t
 
-        block = transformers.models.gpt2.modeling_gpt2.GPT2Block
+        block = (transformers.models.gpt2.modeling_gpt2.GPT2Block if model == "hf_gpt2"
+                 else transformers.models.llama.modeling_llama.LlamaDecoderLayer)
     else:
         import torchvision
 
@@ -217,13 +236,15 @@ def run_case(case: Case, world_rank: int) -> dict:
     from runtime.pipeline import build_pipeline
     from runtime.pipeline_split import clean_param_name
     from specs import SpecError, Stage
+    from tests.hf_models import block_names as hf_block_names
     from tests.plan_builders import make_plan
 
     m, loss_fn, make_batch, block = build(case.model)
     plan = make_plan(case.model, pp=case.pp, dp=case.dp, schedule=case.schedule,
                      virtual_stages=case.virtual_stages, micro_batch_size=case.micro_batch_size,
                      num_micro_batches=case.num_micro_batches, model=m,
-                     block_names=HF_BLOCKS if case.model == "hf_gpt2" else None,
+                     block_names=(hf_block_names(case.model) if case.model.startswith("hf_")
+                                  else ["a", "b", "c", "d"] if case.model == "export_skip" else None),
                      recompute="full" if case.checkpoint else "none")
     mesh = init_device_mesh("cpu", (case.pp, case.dp), mesh_dim_names=("pp", "dp"))
     if case.bad:

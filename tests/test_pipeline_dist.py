@@ -1,4 +1,5 @@
-"""Tier 3: every pipeline schedule on 2 and 4 stages (plus PP x DP and checkpointing) matches one
+"""Tier 3: every pipeline schedule on 2 and 4 stages (plus PP x DP, checkpointing, and Hugging Face
+models split by torch.export with their rotary tables and masks carried stage to stage) matches one
 process. One torchrun launch per world size runs all cases of tests/dist_pipeline_cases.py; each
 case is asserted here separately."""
 
@@ -58,6 +59,8 @@ def _check(case, rec):
     assert rec["param_diff"] < TOL, rec
     if case.model in ("gpt", "hf_gpt2"):
         assert all(r["tied"] for r in ranks), "gpt ties embed.tok.weight and head.lm_head.weight"
+    if case.model == "hf_llama":
+        assert not any(r["tied"] for r in ranks), "the small Llama config unties embed_tokens and lm_head"
     if case.checkpoint:
         # Each local block's attention runs forward twice per micro-batch (forward +
         # recomputation in backward); without checkpointing it would be once (plus one
