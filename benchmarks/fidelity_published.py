@@ -73,14 +73,14 @@ LLAMA3_405B = TransformerConfig(hidden=16384, num_layers=126, num_heads=128, num
 # ----------------------------------------------------------------------------------- FLOP formulas
 def megatron_hw_flops(cfg: TransformerConfig, batch: int) -> float:
     """Narayanan et al. 2021 Eq. 3 (full recompute: 4 passes): 96 B s l h^2 (1 + s/6h + V/16lh)."""
-    b, s, l, h, v = batch, cfg.seq_len, cfg.num_layers, cfg.hidden, cfg.vocab_size
-    return 96 * b * s * l * h**2 * (1 + s / (6 * h) + v / (16 * l * h))
+    b, s, n_l, h, v = batch, cfg.seq_len, cfg.num_layers, cfg.hidden, cfg.vocab_size
+    return 96 * b * s * n_l * h**2 * (1 + s / (6 * h) + v / (16 * n_l * h))
 
 
 def megatron_model_flops(cfg: TransformerConfig, batch: int) -> float:
     """Korthikanti et al. 2022 Eq. 7 (model FLOPs, no recompute): 72 B l s h^2 (1 + s/6h + V/12hl)."""
-    b, s, l, h, v = batch, cfg.seq_len, cfg.num_layers, cfg.hidden, cfg.vocab_size
-    return 72 * b * l * s * h**2 * (1 + s / (6 * h) + v / (12 * h * l))
+    b, s, n_l, h, v = batch, cfg.seq_len, cfg.num_layers, cfg.hidden, cfg.vocab_size
+    return 72 * b * n_l * s * h**2 * (1 + s / (6 * h) + v / (12 * h * n_l))
 
 
 def llama_params_no_embedding(cfg: TransformerConfig) -> int:
