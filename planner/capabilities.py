@@ -23,7 +23,9 @@ search records the point as rejected, with the runtime's reason, instead of retu
   without resharding after forward) and DDP match, and so do gpipe/1f1b with zero3.
 - sequence parallelism where an attention stays whole under tp (LayerType.unsplit_attention: a
   fused q/k/v projection split along its features, a hard-coded head count, a module the runtime
-  cannot split): the whole attention would see only its rank's tokens. `sequence_parallel_problem`.
+  cannot split): the whole attention would see only its rank's tokens; or where a parameterised op
+  no style covers would get the token-split stream (Mixtral's router and experts: "aten.mm.default
+  got mixed torch.Tensor and DTensor", benchmarks/planned_runnable.py). `sequence_parallel_problem`.
 
 - pp > 1 with tp > 1 on a model only torch.export could trace (ModelGraph.traced_by "export",
   e.g. Hugging Face transformers 5.x): runtime/pipeline_split.py splits such a model with
@@ -86,6 +88,14 @@ def sequence_parallel_problem(graph) -> str | None:
         why = graph.layer_types[name].unsplit_attention
         if why:
             return f"sequence parallelism needs every attention split by heads; {name}'s is not: {why}"
+    for name in sorted(graph.layer_types):
+        for op in graph.layer_types[name].ops:
+            # a parameterised op no tp style covers (a MoE router, experts held as 3-D weights): its
+            # module would get the token-split stream, mixing DTensor and plain tensors (a crash) or
+            # summing only its rank's tokens into its gradient; embeddings are re-laid by the runtime
+            if op.param_bytes > 0 and op.tp_split == "replicate" and op.kind != "embedding":
+                return (f"sequence parallelism needs every parameterised op split by tp or token-wise; "
+                        f"{name}'s {op.name} ({op.target}) keeps whole parameters")
     return None
 
 

@@ -173,9 +173,9 @@ def _split_with_export(model: nn.Module, plan: Plan, example_inputs: tuple, fx_e
     from torch.distributed.pipelining._IR import get_submod_name
 
     mb = plan.pipeline.micro_batch_size
-    inputs = tuple(x[:mb] if isinstance(x, torch.Tensor) and x.dim() else x for x in example_inputs)
-    if any(isinstance(x, torch.Tensor) and x.dim() and x.shape[0] != mb for x in inputs):
-        raise SpecError(f"pipeline: example_inputs need at least micro_batch_size({mb}) samples to export the model")
+    # export bakes the batch into the stages' shapes: the example cut (or, fewer samples, repeated:
+    # autoplan's convention is a batch-1 example) to the micro-batch size
+    inputs = tuple(_at_batch(x, mb) if isinstance(x, torch.Tensor) and x.dim() else x for x in example_inputs)
     names = plan.model.block_names
     spec = {block_parts(names[st.first])[0]: SplitPoint.BEGINNING for st in plan.pipeline.stages[1:]}
     patched = [model.get_submodule(n) for n in spec]
@@ -322,6 +322,14 @@ def _rewire_stage(stage: torch.fx.GraphModule, call: torch.fx.Node, ins: list[to
         out_node.args = (new_out[0] if len(new_out) == 1 else tuple(new_out),)
     g.lint()
     stage.recompile()
+
+
+def _at_batch(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`x` with exactly n samples on dim 0: its first n, or its samples repeated."""
+    if x.shape[0] >= n:
+        return x[:n]
+    reps = -(-n // x.shape[0])
+    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n]
 
 
 def _drop_unused_parameters(stage: nn.Module) -> None:

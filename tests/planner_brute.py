@@ -87,7 +87,9 @@ def brute_force(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, backend,
                     continue
                 if pins.get("micro_batch_size", mb) != mb or pins.get("num_micro_batches", m) != m:
                     continue
-                unsplit = any(lt.unsplit_attention for lt in graph.layer_types.values())
+                unsplit = any(lt.unsplit_attention for lt in graph.layer_types.values()) or any(
+                    op.param_bytes > 0 and op.tp_split == "replicate" and op.kind != "embedding"
+                    for lt in graph.layer_types.values() for op in lt.ops)
                 for sp in ([False, True] if tp > 1 and not unsplit else [False]):
                     if pins.get("sequence_parallel", sp) != sp:
                         continue

@@ -174,3 +174,23 @@ def test_export_traced_model_gets_no_pipeline_with_tensor_parallelism():
     plan = autoplan(None, hw, graph=g, train=train)
     assert not (plan.mesh.pp > 1 and plan.mesh.tp > 1)
     assert all(not (a.knobs.pp > 1 and a.knobs.tp > 1) for a in plan.alternatives)
+
+
+@pytest.mark.tier1
+def test_sequence_parallelism_needs_every_parameterised_op_covered():
+    """Mixtral's router (a Linear no tp style covers) and its experts would get the token-split
+    stream under sequence parallelism: it crashed ('mixed torch.Tensor and DTensor',
+    benchmarks/planned_runnable.py --scale-from dgx-h100-80gb:64); refused, while Llama keeps sp."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    pytest.importorskip("transformers")
+    from model_coverage import build_hf
+
+    problems = {}
+    for fam in ("mixtral", "llama"):
+        model, x = build_hf(fam, device="meta")
+        problems[fam] = sequence_parallel_problem(trace(model, (x[0][:1],), name=fam))
+    assert problems["mixtral"] and "keeps whole parameters" in problems["mixtral"]
+    assert problems["llama"] is None
