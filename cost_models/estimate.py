@@ -278,7 +278,9 @@ def _details(graph: ModelGraph, ctx, hw: HardwareSpec, k: Knobs, lay, sim, total
     rb = sim.busiest_rank
     R, P = lay.ranks[rb], lay.ranks[rp]
     idle = max(0.0, T_pipe - sim.busy_s[rb])
-    pp_exp = min(idle, lay.crit_p2p)
+    # the p2p on the critical path that this rank waits for, at most its own p2p time (the per-axis
+    # row is per device: exposed <= time; the rest of the wait is bubble)
+    pp_exp = min(idle, lay.crit_p2p, m * R.pp_t)
     dpe, dpt, dpv = cols.kind_of(posts_u)[rp]
     breakdown = {
         "compute_forward_s": m * R.f_c, "compute_backward_s": m * R.b_c + P.step_copy_s, "recompute_s": m * R.rec,

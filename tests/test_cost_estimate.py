@@ -159,3 +159,21 @@ def test_more_bandwidth_never_slower_step(graph, factor, sh, pp, tp, sched):
     a = estimate_knobs(graph, kn, stages_for(graph, pp), base, tr)
     b = estimate_knobs(graph, kn, stages_for(graph, pp), fast, tr)
     assert b.step_time_s <= a.step_time_s * (1 + 1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(pp=st.sampled_from([2, 4]), tp=st.sampled_from([1, 2]), m=st.sampled_from([1, 2, 4, 8]),
+       sched=st.sampled_from(["1f1b", "gpipe", "zero_bubble"]), sh=st.sampled_from(["none", "zero2", "zero3"]))
+def test_exposed_communication_never_exceeds_its_time(graph, pp, tp, m, sched, sh):
+    """The per-axis rows are per device: exposed <= time on every axis (the pp row once reported the
+    whole critical path's p2p as exposed: 0.116 s exposed of 0.040 s for GPT-3 175B at pp=16,
+    benchmarks/fidelity_published.py). The breakdown still sums to the step time."""
+    if sched == "1f1b" and m < pp:
+        return
+    hw = HardwareSpec.preset("dgx-a100-80gb", nodes=2)
+    dp = 16 // (pp * tp)
+    kn = Knobs(pp=pp, dp=dp, tp=tp, sharding=sh, num_micro_batches=m, schedule=sched)
+    est = estimate_knobs(graph, kn, stages_for(graph, pp), hw, TrainSpec(global_batch_size=dp * m))
+    for axis, c in est.comm.items():
+        assert c.exposed_s <= c.time_s * (1 + 1e-9) + 1e-15, (axis, c)
+    assert sum(est.time_breakdown_s.values()) == pytest.approx(est.step_time_s)
