@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from planner.build_plan import build_plan, loss_note
-from planner.capabilities import pipeline_tp_problem, schedule_problem, sequence_parallel_problem
+from planner.capabilities import knob_problem, pipeline_tp_problem, sequence_parallel_problem
 from planner.partition import even_partition
 from planner.scoring import Backend, CostModelBackend
 from planner.search import GiB, Scored, Search, SearchResult
@@ -154,10 +154,12 @@ def plan_from_knobs(
 
     `stages`: (first, last, recompute) per virtual stage; when None, blocks are split into
     pp * virtual_stages stages of (nearly) equal block counts at the graph's cut points, all with
-    knobs.recompute. Raises SpecError if the knobs are not a valid plan for this graph/hardware.
+    knobs.recompute. Raises SpecError if the knobs are not a valid plan for this graph/hardware, or
+    one the runtime would refuse (planner.capabilities: the rules the search applies).
     """
     hw = HardwareSpec.load(hw)
-    why = schedule_problem(schedule=knobs.schedule, sharding=knobs.sharding, pp=knobs.pp, dp=knobs.dp)
+    why = knob_problem(sharding=knobs.sharding, offload=knobs.offload, pp=knobs.pp, dp=knobs.dp, tp=knobs.tp,
+                       precision=train.precision, schedule=knobs.schedule)
     if why is None and knobs.sequence_parallel and knobs.tp > 1:
         why = sequence_parallel_problem(graph)
     if why is None:
