@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N [--max-restarts R] -m runtime.launch PLAN --model REF [--steps K
         --lr 3e-4 --seed 0 --checkpoint-dir D --checkpoint-every K --resume --resume-from CKPT
-        --data pkg.mod:fn --log-file F --timeout-s T]
+        --data pkg.mod:fn --log-file F --timeout-s T --skip-nonfinite]
 
 Multi-node: the same command on every node with `--nnodes M --node-rank I --rdzv-backend c10d
 --rdzv-endpoint HOST0:PORT` (see runtime/__init__.py); the plan's pp*dp*tp = M * N.

@@ -191,6 +191,7 @@ def run_integrity_scenarios(tmp: Path, straight: FaultRun) -> dict:
       both must be named and the run must resume from step 2 and end as the uninterrupted run;
     "none-intact": the .metadata of all three flipped: one line, exit non-zero, nothing trained.
     Returns {name: (FaultRun, [damaged files])}."""
+    tmp.mkdir(parents=True, exist_ok=True)
     plans = write_plans(tmp)
     out = {}
     ck = copy_checkpoints(straight, tmp / "fallback-ck")
@@ -205,6 +206,7 @@ def run_integrity_scenarios(tmp: Path, straight: FaultRun) -> dict:
 def run_nonfinite(tmp: Path) -> dict:
     """NaN loss injected on rank 1: at step 5 (stops; checkpoints 2 and 4 only), and at step 3
     with --skip-nonfinite (skipped, the run goes on to step 6)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     plans = write_plans(tmp)
     return {"nan-stop": run_training(tmp, "nan-stop", plans["zero3x2"], ["--fault-nan-at-step", "5"]),
             "nan-skip": run_training(tmp, "nan-skip", plans["zero3x2"],
@@ -238,6 +240,7 @@ def run_signalled_launcher(tmp: Path, sig: int, name: str, wait_s: float = 20.0)
     later), "stderr", "returncode"}."""
     import signal as _signal
 
+    tmp.mkdir(parents=True, exist_ok=True)
     plans = write_plans(tmp)
     log = tmp / f"{name}.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
