@@ -196,6 +196,7 @@ class ParallelModel:
         self.device = device or torch.device("cpu")
         self.last_step_time_s = 0.0
         self.last_grad_norm: torch.Tensor | None = None
+        self.param_aliases: dict[str, str] = {}  # set by parallelize: extra name -> first name
 
     @property
     def module(self) -> nn.Module:
@@ -424,6 +425,13 @@ class ParallelModel:
             else:
                 dist.gather_object(out, parts if self.meshes.pp_rank == 0 else None, group=group, group_dst=0)
             out = {k: v for part in parts if part is not None for k, v in part.items()}
+        # every name the model gives a parameter, as its own state_dict has them (a pipeline
+        # split keeps one name per parameter)
+        for alias, name in self.param_aliases.items():
+            if alias not in out and name in out:
+                out[alias] = out[name]
+            elif name not in out and alias in out:
+                out[name] = out[alias]
         return out
 
     def export_full_state_dict(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
@@ -520,6 +528,7 @@ def parallelize(
             _materialize(stage, device, init_fn)
         return stage
 
+    aliases = _param_aliases(model)  # before the split: stage modules keep one name per parameter
     runner = None
     if plan.mesh.pp > 1:
         runner = _build_pipeline(model, plan, meshes, loss_fn, example_inputs, device,
@@ -531,8 +540,23 @@ def parallelize(
         modules = [apply(model)]
     optimizers = [_build_optimizer(m, meshes, plan, optimizer_fn, optimizer_kwargs) for m in modules]
     schedulers = [lr_scheduler_fn(opt) for opt in optimizers] if lr_scheduler_fn is not None else []
-    return ParallelModel(plan, meshes, modules, optimizers, precision, loss_fn=loss_fn, runner=runner, notes=notes,
-                         forward_fn=forward_fn, lr_schedulers=schedulers, max_grad_norm=max_grad_norm, device=device)
+    pm = ParallelModel(plan, meshes, modules, optimizers, precision, loss_fn=loss_fn, runner=runner, notes=notes,
+                       forward_fn=forward_fn, lr_schedulers=schedulers, max_grad_norm=max_grad_norm, device=device)
+    pm.param_aliases = aliases
+    return pm
+
+
+def _param_aliases(model: nn.Module) -> dict[str, str]:
+    """Second and later names of a parameter registered under several names (HF BERT's
+    cls.predictions.bias is cls.predictions.decoder.bias) -> its first name."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
 
 
 def _build_optimizer(module: nn.Module, meshes: Meshes, plan: Plan, optimizer_fn, optimizer_kwargs):

@@ -67,6 +67,8 @@ CASES: dict[str, tuple[str, dict]] = {
         dict(pp=2, dp=2, tp=1, sharding="zero2", schedule="zero_bubble", num_micro_batches=2),
     ),
     "qwen3-tp2-dp2": ("hf/qwen3", dict(pp=1, dp=2, tp=2)),
+    # BERT registers one bias under two names; the export split keeps one (full_state_dict restores both)
+    "bert-pp2-dp2": ("hf/bert", dict(pp=2, dp=2, tp=1, num_micro_batches=2)),
     "qwen3-tp2-sp": ("hf/qwen3", dict(pp=1, dp=2, tp=2, sequence_parallel=True)),
     "llama-tp2-sp": ("hf/llama", dict(pp=1, dp=2, tp=2, sequence_parallel=True)),
     "gpt_neox-tp2-sp": ("hf/gpt_neox", dict(pp=1, dp=2, tp=2, sequence_parallel=True)),
