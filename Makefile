@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not tier3 and not slow" -q tests
+	$(PY) -m pytest -m "not tier3 and not slow" -q -n 2 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check specs cost_models planner runtime tests

@@ -65,6 +65,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from runtime.parallelize import ParallelModel
 from specs import SpecError
+from specs.io import parse_text
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _RANK_FILE = re.compile(r"^__(\d+)_")
@@ -249,8 +250,14 @@ def _read_small(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def _bounded_json(raw: bytes, source: str):
+    """JSON within specs.io's bounds (size, nesting depth, value count, integer size): a crafted
+    marker or manifest gives a ValueError (SpecError), never a RecursionError."""
+    return parse_text(raw.decode("utf-8"), source, json_only=True)
+
+
 def _manifest_files(raw: bytes) -> dict[str, dict]:
-    doc = json.loads(raw)
+    doc = _bounded_json(raw, MANIFEST)
     files = doc.get("files") if isinstance(doc, dict) else None
     if not isinstance(files, dict):
         raise ValueError("no 'files' table")
@@ -274,7 +281,7 @@ def verify_checkpoint(path: str | os.PathLike, *, part: tuple[int, int] = (0, 1)
     path = Path(path)
     v = Verdict(path)
     try:
-        marker = json.loads(_read_small(path / COMMITTED))
+        marker = _bounded_json(_read_small(path / COMMITTED), str(path / COMMITTED))
         if not isinstance(marker, dict):
             raise ValueError("not a JSON object")
     except FileNotFoundError:

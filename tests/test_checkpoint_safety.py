@@ -293,3 +293,12 @@ def test_launch_faults_fail_before_training(tmp_path, monkeypatch, extra, needle
     assert needle.replace("{tmp}", str(tmp_path)) in str(err.value) and "\n" not in str(err.value), str(err.value)
     assert not dist.is_initialized()
     assert not (tmp_path / "mistyped").exists()
+
+
+def test_a_deeply_nested_commit_marker_is_damage_not_a_recursion_error(tmp_path):
+    """The marker and manifest are parsed within specs.io's bounds (depth, size, values)."""
+    from runtime.checkpoint import COMMITTED, verify_checkpoint
+
+    (tmp_path / COMMITTED).write_text("[" * 100_000 + "]" * 100_000)
+    v = verify_checkpoint(tmp_path)
+    assert v.problems and "nested more than" in v.problems[0]
