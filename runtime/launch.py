@@ -7,7 +7,8 @@
 Multi-node: the same command on every node with `--nnodes M --node-rank I --rdzv-backend c10d
 --rdzv-endpoint HOST0:PORT` (see runtime/__init__.py); the plan's pp*dp*tp = M * N.
 
-REF is a bundled model name or `package.module:factory` (planner.models.build_model). Data:
+REF is a bundled model name or `package.module:factory` returning (module, example_inputs, loss_fn) or a
+planner.models.BuiltModel (planner.models.build_model; without a loss it is refused). Data:
 synthetic batches from the model's make_batch, batch k drawn from a generator seeded with
 seed + k (so the data position is the step), or `--data pkg.mod:fn`, where
 `fn(batch_size=, seed=)` yields (inputs, targets) global batches; on resume the first
@@ -434,6 +435,12 @@ def _train(args, plan: Plan, log) -> int:
     batch = plan.train.global_batch_size
     built = build_model(args.model, batch=batch, device="meta" if args.meta_init else "cpu",
                         dtype=_DTYPES[args.dtype])
+    if built.loss_fn is None:
+        raise SpecError(
+            f"--model {args.model}: the factory returned (module, example_inputs) and no loss; to train, "
+            f"return (module, example_inputs, loss_fn) with loss_fn(outputs, targets) -> the mean loss, or a "
+            f"planner.models.BuiltModel (batches: --data package.module:function, else synthetic (x, x))"
+        )
     example = built.example_inputs
     if args.meta_init:
         example = tuple(torch.zeros(x.shape, dtype=x.dtype) for x in example)

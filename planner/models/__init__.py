@@ -39,7 +39,7 @@ class BuiltModel:
     name: str
     module: nn.Module
     example_inputs: tuple[torch.Tensor, ...]
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None  # None: the factory gave none
     make_batch: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -185,9 +185,15 @@ def _from_factory(ref: str, batch: int, device, dtype) -> BuiltModel:
                         f"fix the factory (it is called with no arguments)") from None
     if isinstance(out, BuiltModel):
         return out
-    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], nn.Module):
-        module, inputs = out
+    loss_fn = None
+    if isinstance(out, tuple) and len(out) in (2, 3) and isinstance(out[0], nn.Module):
+        module, inputs = out[:2]
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        if len(out) == 3:
+            loss_fn = out[2]
+            if not callable(loss_fn):
+                raise SpecError(f"model {ref!r}: the factory's third value must be loss_fn(outputs, targets) -> "
+                                f"the mean loss, got {type(loss_fn).__name__}")
     elif isinstance(out, nn.Module):
         raise SpecError(
             f"model {ref!r}: the factory returned a module without example inputs; return "
@@ -203,7 +209,9 @@ def _from_factory(ref: str, batch: int, device, dtype) -> BuiltModel:
               else torch.randint(0, 2, (b, *x.shape[1:]), generator=gen) for x in inputs]
         return xs[0], xs[0]
 
-    return BuiltModel(ref, module, inputs, mse_loss, make_batch, {})
+    # no loss given: planning needs none; runtime.launch refuses to train without one (it once
+    # trained an LM on mse_loss(output, inputs), which failed as a peer rank's death)
+    return BuiltModel(ref, module, inputs, loss_fn, make_batch, {})
 
 
 __all__ = ["BuiltModel", "build_model", "is_bundled", "list_models", "lm_loss", "GPT_CONFIGS", "LLAMA_CONFIGS",
