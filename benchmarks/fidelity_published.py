@@ -431,29 +431,12 @@ class Predictor:
 
 
 # ----------------------------------------------------------------------------------- statistics
-def ranks(xs: list[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    r = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            r[order[k]] = (i + j) / 2
-        i = j + 1
-    return r
-
-
 def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rho: Pearson correlation of the ranks (ties averaged); nan below 3 points."""
-    if len(a) < 3:
-        return math.nan
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
-    return cov / math.sqrt(va * vb) if va and vb else math.nan
+    """Spearman's rho (benchmarks/fidelity.py's: Pearson correlation of tie-averaged ranks); nan
+    below 3 points."""
+    from benchmarks.fidelity import spearman as rho
+
+    return rho(a, b) if len(a) >= 3 else math.nan
 
 
 def percentile(xs: list[float], q: float) -> float:

@@ -30,6 +30,7 @@ from specs import HardwareSpec, Plan, SpecError, TrainSpec
 from specs.io import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, load_data
 from tests.explain_sample import big_plan, small_plan
 from tests.runtime_plans import make_plan
+from tests.test_bad_inputs_props import _paths  # every (path) to a value in nested data
 
 BILLION_LAUGHS = "\n".join(
     ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
@@ -258,15 +259,6 @@ TEXT_INSERTS = st.sampled_from([
     "9" * 5000, "0x" + "f" * 5000, ".inf", ".nan", "\x00", "\t", ": ", "- ", "\n", "<<: *a\n",
     "!!binary aGk=", "2020-13-45", "1e999", "\ufeff", "'", '"', "#",
 ])
-
-
-def _paths(d, prefix=()):
-    out = []
-    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else ()
-    for k, v in items:
-        out.append((*prefix, k))
-        out.extend(_paths(v, (*prefix, k)))
-    return out
 
 
 @st.composite
