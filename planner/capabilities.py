@@ -27,8 +27,8 @@ search records the point as rejected, with the runtime's reason, instead of retu
   no style covers would get the token-split stream (Mixtral's router and experts: "aten.mm.default
   got mixed torch.Tensor and DTensor", benchmarks/planned_runnable.py). `sequence_parallel_problem`.
 
-- pp > 1 with tp > 1 on a model only torch.export could trace (ModelGraph.traced_by "export",
-  e.g. Hugging Face transformers 5.x): runtime/pipeline_split.py splits such a model with
+- pp > 1 with tp > 1 on a model torch.fx cannot trace even with its blocks kept whole
+  (ModelGraph.pipeline_split "export", e.g. Hugging Face transformers 5.x): runtime/pipeline_split.py splits such a model with
   torch.distributed.pipelining's export split, whose stage modules are InterpreterModules with no
   nn.Linear left, so parallelize_module fails ("RowwiseParallel currently only support nn.Linear
   and nn.Embedding"). `pipeline_tp_problem`.
@@ -102,7 +102,8 @@ def sequence_parallel_problem(graph) -> str | None:
 def pipeline_tp_problem(graph, *, pp: int, tp: int) -> str | None:
     """Why pp x tp cannot run on this traced graph (stages of an export split hold no nn.Linear
     for tensor parallelism), or None."""
-    if pp > 1 and tp > 1 and graph.traced_by == "export":
-        return (f"pp={pp} with tp={tp}: only torch.export could trace {graph.name}, and the stages of its "
-                f"pipeline split hold no nn.Linear modules for tensor-parallel styles; use pp or tp alone")
+    if pp > 1 and tp > 1 and (graph.pipeline_split or graph.traced_by) == "export":
+        return (f"pp={pp} with tp={tp}: {graph.name} is split into pipeline stages by torch.export (torch.fx "
+                f"cannot trace it even with its blocks kept whole), and those stages hold no nn.Linear modules "
+                f"for tensor-parallel styles; use pp or tp alone")
     return None

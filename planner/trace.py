@@ -284,8 +284,29 @@ def _build(model, gm, traced_by, inputs, batch, name, t0) -> ModelGraph:
         cut_points=cuts,
         tied_blocks=tied,
         tied_param_bytes=tied_bytes,
+        pipeline_split="fx" if traced_by == "fx" or _fx_with_block_leaves(model, specs) else "export",
         trace_time_s=time.perf_counter() - t0,
     )
+
+
+def _fx_with_block_leaves(model: nn.Module, specs) -> bool:
+    """Whether torch.fx traces `model` with every block module kept whole, as the runtime's
+    pipeline split does first (runtime/pipeline_split.py `_tracer`): code inside a block that fx
+    cannot trace (sliced buffers, HF masks) does not matter then, and the stages keep the original
+    nn.Linear modules that tensor parallelism needs."""
+    mods = dict(model.named_modules())
+    leaves = {mods[m] for b in specs for m in b.modules if m in mods and mods[m] is not model}
+
+    class _BlockTracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return m in leaves or super().is_leaf_module(m, qualname)
+
+    try:
+        with _quiet_torch_logs():
+            _BlockTracer().trace(model)
+    except Exception:  # fx raises many types: any of them means the export split
+        return False
+    return True
 
 
 def _unique(base: str, taken: dict) -> str:

@@ -181,6 +181,12 @@ class ModelGraph(Frozen):
     num_params: int = Field(ge=0, description="Unique parameters (tied ones counted once).")
     seq_len: int | None = Field(default=None, description="Tokens per sample, for language models.")
     input_shapes: list[list[int]] = Field(default_factory=list, description="Example input shapes.")
+    pipeline_split: Literal["fx", "export"] | None = Field(
+        default=None,
+        description="How a pipeline splits this model (runtime/pipeline_split.py): 'fx' when torch.fx "
+        "traces it with its blocks kept whole (stages keep the original modules), 'export' otherwise "
+        "(stage modules hold no nn.Linear for tensor parallelism); None: as traced_by.",
+    )
     min_micro_batch_size: int = Field(
         default=1, ge=1,
         description="Smallest micro-batch the model trains at: 2 when a BatchNorm in training mode "

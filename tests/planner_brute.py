@@ -58,7 +58,7 @@ def brute_force(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, backend,
             continue
         if batch % dp or pp > len(ends):
             continue
-        if pp > 1 and tp > 1 and graph.traced_by == "export":
+        if pp > 1 and tp > 1 and (graph.pipeline_split or graph.traced_by) == "export":
             continue  # the export split's stages hold no nn.Linear for tensor parallelism
         shardings = [("none", None)]
         if dp > 1:

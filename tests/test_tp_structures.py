@@ -14,7 +14,12 @@ import torch
 
 from planner import plan_from_knobs, trace
 from planner.api import autoplan
-from planner.capabilities import knob_problem, schedule_problem, sequence_parallel_problem
+from planner.capabilities import (
+    knob_problem,
+    pipeline_tp_problem,
+    schedule_problem,
+    sequence_parallel_problem,
+)
 from runtime.pipeline import validate_pipeline
 from specs import Constraints, HardwareSpec, Knobs, SpecError, TrainSpec
 from tests.plan_builders import make_plan
@@ -166,7 +171,13 @@ def test_export_traced_model_gets_no_pipeline_with_tensor_parallelism():
 
     model, x = build_hf("llama", device="meta")
     g = trace(model, x[:1] if isinstance(x, torch.Tensor) else (x[0][:1],), name="llama")
-    assert g.traced_by == "export"
+    assert g.traced_by == "export" and g.pipeline_split == "export"
+    # a model only export traces whole, but fx traces with its blocks kept whole (as the runtime's
+    # split does): its stages keep their nn.Linear, so pp x tp is offered
+    (rotary, x2) = build_structure("rotary_shared")
+    g2 = trace(rotary, x2, name="rotary_shared")
+    assert g2.traced_by == "export" and g2.pipeline_split == "fx"
+    assert pipeline_tp_problem(g2, pp=2, tp=2) is None and pipeline_tp_problem(g, pp=2, tp=2)
     hw = HardwareSpec.preset("cpu", devices=4)
     train = TrainSpec(global_batch_size=8, precision="fp32", optimizer="sgd")
     with pytest.raises(SpecError, match="export"):
