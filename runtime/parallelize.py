@@ -106,7 +106,11 @@ def validate_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.
             f"was the plan made for another model?"
         )
     if plan.mesh.tp > 1:
-        resolve_styles(model, plan)
+        resolved = resolve_styles(model, plan)
+        if not any(style != "replicate" for style in resolved.values()):
+            notes.append(f"tensor_parallel.styles split nothing: with tp={plan.mesh.tp} every module runs whole on "
+                         f"each of the {plan.mesh.tp} tp ranks (the same work {plan.mesh.tp} times, no speed-up); "
+                         f"re-plan with autoplan or name colwise/rowwise styles")
     if plan.mesh.pp > 1:
         from runtime.pipeline import validate_pipeline
 

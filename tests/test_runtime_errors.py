@@ -105,3 +105,16 @@ def test_launch_refuses_world_mismatch_before_any_collective(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "needs pp(1) * dp(2) * tp(1) = 2 processes, but 1 were launched" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_tp_plan_without_styles_is_noted():
+    """A plan with tp > 1 whose styles split nothing runs replicated: the runtime says so."""
+    from planner.models import build_model
+    from runtime.parallelize import validate_model
+    from tests.runtime_plans import make_plan
+
+    model = build_model("gpt-tiny", device="meta").module
+    plan = make_plan("gpt-tiny", dp=1, tp=2, tp_styles="gpt")
+    bare = plan.model_copy(update={"tensor_parallel": plan.tensor_parallel.model_copy(update={"styles": {}})})
+    assert any("split nothing" in n for n in validate_model(model, bare))
+    assert not any("split nothing" in n for n in validate_model(model, plan))
