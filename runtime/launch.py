@@ -30,7 +30,9 @@ checked before the optimizer applies the step) stops the run with one line namin
 code 3, before anything is saved; --skip-nonfinite skips such steps instead (gradients dropped,
 no optimizer step; counted in the log and reported at the end). Before the process group
 exists: --resume needs a directory holding a committed checkpoint, --checkpoint-dir must be
-writable, --log-file must open. A dataset that runs out ends with one line (exit 2); SIGINT
+writable, --log-file must open (specs.launch_args: the options and these checks, shared with
+`autoplan run`, which makes them before it starts torchrun). A dataset that runs out or raises
+ends with one line (exit 2); SIGINT
 (Ctrl-C, which torchrun forwards) ends the job with one line per node and exit 130, no traceback
 from the workers. Under torchrun
 each worker dies with its launcher (Linux PR_SET_PDEATHSIG; elsewhere a thread watching the
@@ -59,7 +61,6 @@ import math
 import os
 import resource
 import signal
-import socket
 import sys
 import threading
 import time
@@ -73,7 +74,6 @@ from torch.distributed.tensor import DTensor
 from planner.models import build_model
 from runtime.checkpoint import (
     agreed_verdict,
-    committed_checkpoints,
     load_checkpoint,
     save_checkpoint,
     select_resume_checkpoint,
@@ -81,28 +81,23 @@ from runtime.checkpoint import (
 from runtime.mesh import validate_world
 from runtime.parallelize import parallelize
 from specs import Plan, SpecError
+from specs.launch_args import (
+    DTYPES,
+    add_launch_arguments,
+    missing_loss_error,
+    open_log_file,
+    validate_launch_args,
+    validate_launch_paths,
+)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+assert tuple(_DTYPES) == DTYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """runtime.launch's options: specs.launch_args's (shared with `autoplan run`) plus fault injection."""
     ap = argparse.ArgumentParser(prog="runtime.launch", description="Train a model under a Plan (run with torchrun).")
-    ap.add_argument("plan", help="plan file (YAML or JSON)")
-    ap.add_argument("--model", required=True, help="bundled model name or package.module:factory")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="parameter dtype")
-    ap.add_argument("--data", default=None, help="dataset factory package.module:fn(batch_size=, seed=)")
-    ap.add_argument("--checkpoint-dir", default=None)
-    ap.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
-    ap.add_argument("--resume-from", default=None, help="continue from this checkpoint (a step_N directory)")
-    ap.add_argument("--meta-init", action="store_true", help="build on the meta device, materialise shards only")
-    ap.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout (a dead peer fails the job)")
-    ap.add_argument("--log-file", default=None, help="append per-step JSON lines here (rank 0)")
-    ap.add_argument("--skip-nonfinite", action="store_true",
-                    help="skip a step whose loss or gradient norm is not finite (default: stop the run)")
+    add_launch_arguments(ap)
     fault = ap.add_argument_group("fault injection (tests; first torchrun attempt only)")
     fault.add_argument("--fault-kill-at-step", type=int, default=None, metavar="S")
     fault.add_argument("--fault-kill-in-save", type=int, default=None, metavar="S")
@@ -110,13 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fault.add_argument("--fault-nan-at-step", type=int, default=None, metavar="S")
     fault.add_argument("--fault-rank", type=int, default=1, help="rank that kills itself / hangs")
     args = ap.parse_args(argv)
-    for name in ("steps", "checkpoint_every"):
-        if getattr(args, name) < 0:
-            raise SpecError(f"--{name.replace('_', '-')}: must be >= 0 (got {getattr(args, name)})")
-    if args.timeout_s <= 0:
-        raise SpecError(f"--timeout-s: must be > 0 seconds (got {args.timeout_s})")
-    if args.checkpoint_every and not args.checkpoint_dir:
-        raise SpecError("--checkpoint-every needs --checkpoint-dir")
+    validate_launch_args(args)
     return args
 
 
@@ -279,7 +268,11 @@ def _data_iter(args, batch_size: int, built, start: int):
             fn = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as e:
             raise SpecError(f"--data {args.data}: cannot load the dataset factory: {e}") from None
-        return itertools.islice(iter(fn(batch_size=batch_size, seed=args.seed)), start, None)
+        try:
+            batches = iter(fn(batch_size=batch_size, seed=args.seed))
+        except Exception as e:  # the user's factory failed: one line, not a traceback per rank
+            raise SpecError(f"--data {args.data}: the dataset factory raised {_first_line(e)}") from None
+        return itertools.islice(batches, start, None)
 
     def synthetic():
         for k in itertools.count(start):
@@ -308,45 +301,17 @@ def _init_process_group(backend: str, timeout: timedelta) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
-def _check_writable_dir(path: str, flag: str) -> None:
-    d = Path(path)
-    try:
-        if d.exists() and not d.is_dir():
-            raise NotADirectoryError(20, "exists and is not a directory")
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".write-probe-{socket.gethostname()}-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise SpecError(f"{flag} {path}: cannot write checkpoints there ({type(e).__name__}: "
-                        f"{e.strerror or e})") from None
-
-
 def _check_launch(args) -> None:
-    """What can be checked before any process group exists (and before training starts)."""
-    if args.resume and not args.checkpoint_dir:
-        raise SpecError("--resume needs --checkpoint-dir")
-    if args.resume and not committed_checkpoints(args.checkpoint_dir):
-        d = Path(args.checkpoint_dir)
-        what = ("does not exist" if not d.exists() else "is not a directory" if not d.is_dir()
-                else "holds no committed checkpoint (no step_N directory with a COMMITTED marker)")
-        raise SpecError(f"--resume: --checkpoint-dir {d} {what}; nothing to resume from "
-                        f"(leave out --resume to start at step 0)")
-    if args.resume_from and not (Path(args.resume_from) / "COMMITTED").is_file():
-        raise SpecError(f"--resume-from {args.resume_from}: not a committed checkpoint (no COMMITTED marker)")
-    if args.checkpoint_dir:
-        _check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+    """What can be checked before any process group exists (and before training starts): the same
+    checks `autoplan run` makes before it starts torchrun (specs.launch_args)."""
+    validate_launch_paths(args)
 
 
 def _open_log(args):
     """Rank 0's log file, opened before training so a bad path fails first."""
     if not args.log_file or os.environ.get("RANK", "0") != "0":
         return None
-    try:
-        return open(args.log_file, "a")  # noqa: SIM115 - closed by main
-    except OSError as e:
-        raise SpecError(f"--log-file {args.log_file}: cannot open it for appending ({type(e).__name__}: "
-                        f"{e.strerror or e})") from None
+    return open_log_file(args.log_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -426,6 +391,14 @@ def _next_batch(args, data, step: int, data_pos: int):
     except StopIteration:
         raise SpecError(f"--data {args.data}: the dataset ran out after {data_pos} batches; step {step} of "
                         f"--steps {args.steps} needs another (ask for fewer steps or a longer dataset)") from None
+    except Exception as e:  # the user's dataset failed: one line on every rank, not a traceback each
+        raise SpecError(f"--data {args.data}: the dataset raised {_first_line(e)} reading batch {data_pos + 1} "
+                        f"(step {step}); fix the dataset factory") from None
+
+
+def _first_line(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _train(args, plan: Plan, log) -> int:
@@ -436,11 +409,7 @@ def _train(args, plan: Plan, log) -> int:
     built = build_model(args.model, batch=batch, device="meta" if args.meta_init else "cpu",
                         dtype=_DTYPES[args.dtype])
     if built.loss_fn is None:
-        raise SpecError(
-            f"--model {args.model}: the factory returned (module, example_inputs) and no loss; to train, "
-            f"return (module, example_inputs, loss_fn) with loss_fn(outputs, targets) -> the mean loss, or a "
-            f"planner.models.BuiltModel (batches: --data package.module:function, else synthetic (x, x))"
-        )
+        raise missing_loss_error(args.model)
     example = built.example_inputs
     if args.meta_init:
         example = tuple(torch.zeros(x.shape, dtype=x.dtype) for x in example)
