@@ -177,3 +177,18 @@ def test_exposed_communication_never_exceeds_its_time(graph, pp, tp, m, sched, s
     for axis, c in est.comm.items():
         assert c.exposed_s <= c.time_s * (1 + 1e-9) + 1e-15, (axis, c)
     assert sum(est.time_breakdown_s.values()) == pytest.approx(est.step_time_s)
+
+
+def test_zero2_in_a_pipeline_gathers_once_per_step(graph):
+    """torch's pipeline stages keep FSDP2 blocks unsharded from the first forward to the last
+    backward, so zero2 (no resharding after forward) gathers once per step however many
+    micro-batches run; zero3 (resharded after each forward) gathers every micro-batch."""
+    hw = HardwareSpec.preset("dgx-a100-80gb", nodes=2)
+    dp_comm = {}
+    for sh in ("zero2", "zero3"):
+        for m in (2, 8):
+            kn = Knobs(pp=2, dp=8, tp=1, sharding=sh, num_micro_batches=m, schedule="1f1b")
+            est = estimate_knobs(graph, kn, stages_for(graph, 2), hw, TrainSpec(global_batch_size=8 * m))
+            dp_comm[sh, m] = est.time_breakdown_s["dp_comm_s"]
+    assert dp_comm["zero2", 8] == pytest.approx(dp_comm["zero2", 2], rel=1e-9)
+    assert dp_comm["zero3", 8] > 3 * dp_comm["zero3", 2] / 2
