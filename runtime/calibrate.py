@@ -1,7 +1,16 @@
 """`autoplan calibrate`: measure this machine and write a specs.HardwareSpec.
 
     autoplan calibrate [--nproc N] [-o myhw.yaml] [--preset-form] [--quick]
+    autoplan calibrate --local [--nproc N]     (this host, for `--hw local`; ~30 s, cached)
     python -m runtime.calibrate ...            (the same, without the CLI)
+
+`--local` is the quick host calibration behind `HardwareSpec.preset("local")`: the sizes of
+`Sizes.host()` (the small end of every curve, where a small model's ops live, the collectives
+up to 4 MiB and the full shared-host concurrency figures), written in preset form to
+specs.hardware.local_spec_path() (<cache home>/hosts/<host key>.yaml, the key naming the CPU
+model, cores, torch version and GPU). It does not time the engines' overheads (DTensor, the
+pipelining engine: ~15 s): it takes the bundled cpu preset's and scales them by this host's
+per-op time over the preset host's (`scaled_engine_overheads`), and says so in `sources`.
 
 What goes where (the microbenchmarks are in runtime.calibrate_bench):
 - `device.peak_flops_per_s[dtype]`: the best matmul FLOP/s over the sizes measured (each size's
@@ -56,6 +65,7 @@ import os
 import platform
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +75,8 @@ from runtime import calibrate_bench as bench
 from runtime.calibrate_fit import RING, fit_alpha_beta, fit_link, model_time_s  # noqa: F401 (re-exported)
 from specs import HardwareSpec, SpecError
 from specs._base import validate_model
-from specs.hardware import apply_shared_host
-from specs.io import dump_data
+from specs.hardware import LOCAL_PRESET, apply_shared_host, host_key, local_spec_path
+from specs.io import dump_data, load_data
 
 PRESET_HEADER = """\
 # This kind of machine: one host, N processes (gloo) sharing its cores and memory.
@@ -81,7 +91,12 @@ PRESET_HEADER = """\
 # the compute cores.
 """
 
-# (steps(n), bus factor(n)) for each collective: see the module docstring.
+LOCAL_HEADER = """\
+# This host, as `HardwareSpec.preset("local", devices=N)` / `--hw local:N` sees it: written by
+# `autoplan calibrate --local` (runtime/calibrate.py, the quick host calibration), in the form of
+# specs/presets/cpu.yaml (whose header explains the fields). Delete this file to re-measure.
+"""
+
 # ------------------------------------------------------------------------------- pure helpers
 def efficiency_curve(rows: list[tuple[float, float]], peak: float) -> list[dict[str, float]]:
     """[(size, achieved)] -> sorted [{size, efficiency}] with efficiency = achieved / peak in (0, 1]."""
@@ -117,6 +132,22 @@ def core_efficiency(aggregate: float, alone: float, cores: int, nproc: int) -> f
 
 def _sig(x: float) -> float:
     return float(f"{x:.4g}")
+
+
+def scaled_engine_overheads(launch_s: float, preset: dict[str, Any]) -> dict[str, Any]:
+    """The bundled cpu preset's engine overheads (DTensor per op, pipelining per action) scaled
+    to a host whose tiny op takes `launch_s`: both are Python dispatch on the host, which runs
+    at the speed a tiny op shows. The ratio is clamped to [0.25, 4] (a disturbed timing of a
+    1-microsecond op must not scale them tenfold). Returns the measurement fields `measure`
+    would have filled ("dtensor", "pipeline_action_s") and "engine_overheads_scaled" (the ratio
+    and the preset host's key, for `sources`)."""
+    ratio = min(4.0, max(0.25, launch_s / preset["device"]["kernel_launch_s"]))
+    dt = preset["dtensor_overhead"]
+    return {
+        "dtensor": {k: dt[k] * ratio for k in ("forward_s", "backward_s", "optimizer_s")},
+        "pipeline_action_s": preset["pipeline_action_overhead_s"] * ratio,
+        "engine_overheads_scaled": {"ratio": ratio, "from": preset.get("sources", {}).get("host_key", "?")},
+    }
 
 
 def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> dict[str, Any]:
@@ -245,11 +276,21 @@ def build_spec_data(m: dict[str, Any], *, nproc: int, date: str, host: str) -> d
     if not gpu and "dtensor" in m:
         dt = m["dtensor"]
         data["dtensor_overhead"] = {k: _sig(dt[k]) for k in ("forward_s", "backward_s", "optimizer_s")}
+    if not gpu and "dtensor" in m and "ops" in m["dtensor"]:
+        dt = m["dtensor"]
         data["sources"]["dtensor_overhead"] = (
             f"{where}: a block of {dt['ops']} tensor-parallel Linears (Colwise/RowwiseParallel) on a one-rank "
             f"mesh against the same block plain (runtime/calibrate_dtensor.py): forward, forward + backward at "
             f"{len(dt['rows'])} sizes and the AdamW step; per op"
         )
+    scaled = m.get("engine_overheads_scaled")
+    if not gpu and scaled:
+        text = (
+            f"not measured (autoplan calibrate --local): the bundled cpu preset's (host {scaled['from']}) x "
+            f"{scaled['ratio']:.3g}, this host's tiny-op time over that host's (runtime.calibrate."
+            f"scaled_engine_overheads); `autoplan calibrate --preset-form` measures it"
+        )
+        data["sources"]["dtensor_overhead"] = data["sources"]["pipeline_action_overhead_s"] = text
     if not gpu:
         data["sources"]["comm_overlaps_compute"] = (
             "gloo on a CPU host runs collectives (copies, reductions, TCP loopback) on the same cores as "
@@ -369,7 +410,7 @@ def measure(nproc: int, sizes: bench.Sizes, device_type: str, progress=None) -> 
         tick("launch floor")
         m["adam_params_per_s"] = bench.measure_adam(sizes)
         tick("cpu adam")
-        if device.type == "cpu":  # a GPU's host dispatch runs ahead of its kernels: not charged there
+        if device.type == "cpu" and sizes.engine_overheads:  # a GPU's host dispatch runs ahead of its kernels
             from runtime.calibrate_dtensor import measure_dtensor
 
             m["dtensor"] = measure_dtensor(sizes)
@@ -470,8 +511,12 @@ def run(
     device_type: str | None = None,
     show_progress: bool = True,
     measurements: str | os.PathLike | None = None,
+    local: bool = False,
 ) -> dict[str, Any]:
-    """Measure, build the spec data, validate it as a HardwareSpec, write it; returns the data."""
+    """Measure, build the spec data, validate it as a HardwareSpec, write it; returns the data.
+
+    `local`: the quick host calibration (module docstring): Sizes.host(), preset form named
+    "local", written to specs.hardware.local_spec_path() unless `output` says elsewhere."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if device_type is None:
@@ -480,7 +525,12 @@ def run(
         nproc = torch.cuda.device_count() if device_type == "cuda" else 4
     if nproc < 1:
         raise SpecError(f"--nproc: must be >= 1 (got {nproc})")
-    sizes = bench.Sizes.quick() if quick else bench.Sizes()
+    if local:
+        preset_form = True
+        output = output if output is not None else local_spec_path()
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+    sizes = bench.Sizes.quick() if quick else bench.Sizes.host() if local else bench.Sizes()
+    load_before, pressure_before = _load(), _cpu_pressure()
     t0 = time.perf_counter()
     with Progress(
         TextColumn("{task.description:<28}"),
@@ -491,6 +541,9 @@ def run(
         transient=False,
     ) as progress:
         m = measure(nproc, sizes, device_type, progress)
+    if not sizes.engine_overheads and device_type == "cpu":
+        bundled = load_data(Path(str(resources.files("specs") / "presets" / "cpu.yaml")))
+        m.update(scaled_engine_overheads(m["launch_s"], bundled))
     date = _dt.date.today().isoformat()
     data = build_spec_data(
         m,
@@ -498,6 +551,12 @@ def run(
         date=date,
         host=f"{platform.node() or 'host'}, {platform.processor() or platform.machine()}",
     )
+    if local:
+        data["name"] = LOCAL_PRESET
+        data["sources"] = {"host_key": host_key(), **data["sources"],
+                           "host_load": f"1-minute load average {load_before:.2f} before, {_load():.2f} after, on "
+                           f"{m['cores']} cores; CPU pressure (PSI some avg10) {pressure_before} before (other "
+                           f"work running during a calibration slows what it measures)"}
     plain = shared_host_scale(data, nproc)
     validate_model(HardwareSpec, plain, "calibrate output")  # raises SpecError if anything is off
     out = data if preset_form else plain
@@ -505,13 +564,34 @@ def run(
         dump_data(out, output)
         if preset_form and not str(output).endswith(".json"):
             text = Path(output).read_text(encoding="utf-8")
-            Path(output).write_text(PRESET_HEADER + text, encoding="utf-8")
+            header = LOCAL_HEADER if local else PRESET_HEADER
+            Path(output).write_text(header + text, encoding="utf-8")
     if output is not None or measurements is not None:
         dump_data(m, measurements or _measurements_path(output))
     out = dict(out)
     out["_elapsed_s"] = time.perf_counter() - t0
     out["_measurements"] = m
     return out
+
+
+def _load() -> float:
+    """The host's 1-minute load average (0 where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
+
+
+def _cpu_pressure() -> float | None:
+    """Share of the last 10 s in which some runnable task waited for a CPU (Linux PSI,
+    /proc/pressure/cpu 'some avg10', in [0, 1]); None where the kernel does not report it. Unlike
+    the load average it does not count tasks blocked on I/O."""
+    try:
+        with open("/proc/pressure/cpu", encoding="utf-8") as f:
+            first = f.readline().split()
+        return float(dict(kv.split("=") for kv in first[1:])["avg10"]) / 100.0
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _measurements_path(output: str | os.PathLike) -> Path:
@@ -562,9 +642,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu", action="store_true", help="calibrate the CPU even when a GPU is present"
     )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="quick calibration of this host (~30 s) for `--hw local`, cached under the user's cache "
+        "directory (-o: elsewhere)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.local:
+        return calibrate_local(args.nproc, args.output, device_type="cpu" if args.cpu else None)
     data = run(
         args.nproc,
         args.output,
@@ -578,6 +666,29 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}")
     if args.output or args.measurements:
         print(f"raw measurements: {args.measurements or _measurements_path(args.output)}")
+    return 0
+
+
+def calibrate_local(
+    nproc: int | None = None, output: str | os.PathLike | None = None, *, device_type: str | None = None
+) -> int:
+    """`autoplan calibrate --local`: one line before (what, how long), one after (where, how long)."""
+    path = Path(output) if output is not None else local_spec_path()
+    print(f"calibrating this host ({host_key()}) for --hw {LOCAL_PRESET}: about half a minute, once; "
+          f"cached in {path}", flush=True)
+    pressure = _cpu_pressure()
+    busy = (f"tasks waited for a CPU {pressure:.0%} of the last 10 s" if pressure is not None and pressure > 0.3
+            else f"1-minute load average {_load():.1f} on {bench.cpu_count()} cores"
+            if pressure is None and _load() > 0.5 * bench.cpu_count() else None)
+    if busy:
+        print(f"note: the host is busy ({busy}); the calibration measures it as busy. Rerun "
+              f"`autoplan calibrate --local` when it is quiet to refresh it", flush=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    run(nproc, path, local=True, device_type=device_type, show_progress=False,
+        measurements=path.with_suffix(".measurements.json"))
+    # the collective workers' CPU time is theirs, not this process's: wall time is the figure
+    print(f"calibrated this host in {time.perf_counter() - t0:.1f} s "
+          f"({time.process_time() - c0:.1f} s CPU in this process): {path}", flush=True)
     return 0
 
 

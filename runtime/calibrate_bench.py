@@ -94,6 +94,9 @@ class Sizes:
     # attention lengths added; the tensor cores need n >= 4096 or so to reach their best rate
     matmul_n_gpu: tuple[int, ...] = (4096, 8192)
     attention_t_gpu: tuple[int, ...] = (2048, 4096)
+    # CPU: measure the engines' host overheads (DTensor, pipelining: ~15 s of the run); without,
+    # runtime.calibrate scales the bundled preset's by this host's per-op time
+    engine_overheads: bool = True
 
     @staticmethod
     def quick() -> Sizes:
@@ -109,6 +112,29 @@ class Sizes:
             flush_bytes=8 * 2**20,
             matmul_n_gpu=(),
             attention_t_gpu=(),
+        )
+
+    @staticmethod
+    def host() -> Sizes:
+        """`autoplan calibrate --local`: what a small model's prediction on this host depends on,
+        in about half a minute on 2 cores. The small end of every curve (a tiny GPT's GEMMs are
+        ~1-4 MFLOP, its activations ~32 KiB: per-op host time dominates), shorter batches, the
+        collectives up to 4 MiB, the full concurrency figures (core and memory efficiency, sync
+        penalty: the shared-host terms of a 4-process step); the engines' overheads scaled, not
+        measured (`engine_overheads`). Large GEMMs stop at n = 1024 (the peak ~5% under n = 2048's)."""
+        return Sizes(
+            matmul_n={"fp32": (32, 64, 128, 256, 512, 1024), "fp64": (256,), "bf16": (64, 256, 1024),
+                      "fp16": (256,)},
+            attention_t=(32, 64, 128, 256),
+            conv_hw=(8, 16),
+            memory_bytes=(2**12, 2**16, 2**20, 2**24, 2**27),
+            elementwise_bytes=(2**12, 2**16, 2**20, 2**24),
+            collective_bytes=(2**12, 2**16, 2**20, 2**22),
+            min_time_s=0.02,
+            collective_min_time_s=0.03,
+            matmul_n_gpu=(4096,),
+            attention_t_gpu=(2048,),
+            engine_overheads=False,
         )
 
     def matmul_sizes(self, name: str, device_type: str) -> tuple[int, ...]:
@@ -362,6 +388,7 @@ def collective_worker(
         res["shared_host_matmul_flops_per_s"] = _concurrent_matmul(rank, world, device, sizes)
         if device.type == "cpu":
             res["sync_penalty_s"] = _sync_penalty(world, device, sizes)
+        if device.type == "cpu" and sizes.engine_overheads:
             from runtime.calibrate_pipeline import pipeline_action_overhead
 
             res["pipeline_action_s"] = pipeline_action_overhead(rank, world)

@@ -10,13 +10,23 @@ Conventions (the cost models rely on them):
 - Every number is finite and within a sane range (`RANGES`): generous bounds, orders of magnitude
   past today's largest machines, that refuse inf/nan/1e308 and unit mistakes before the cost
   models or the search see them.
+
+This host: the bundled `cpu` preset describes the host it was calibrated on (its
+`sources.host_key`). `HardwareSpec.preset("local")` (`--hw local:4`) is this host's own
+calibration instead: the preset-form YAML that `autoplan calibrate --local` (runtime/calibrate.py,
+about half a minute) writes to `local_spec_path()`, <cache home>/hosts/<host_key()>.yaml, the
+key naming the CPU model, core count, torch version and GPU (the things a calibration depends
+on). This module only reads that file: measuring is the runtime's (`python -m planner.demo`
+runs the calibration when the file is missing). `foreign_host_note` says when a plan for the
+`cpu` preset describes another host.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import re
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Literal
 
@@ -160,6 +170,101 @@ def apply_shared_host(data: dict, shared: dict) -> dict:
     return data
 
 
+# ------------------------------------------------------------------------------- this host
+LOCAL_PRESET = "local"
+
+
+def cache_home() -> Path:
+    """autoplan's cache directory: $AUTOPLAN_CACHE_DIR, else $XDG_CACHE_HOME/autoplan, else
+    ~/.cache/autoplan (cost_models.kernels keeps its compiled kernels under the same home)."""
+    home = os.environ.get("AUTOPLAN_CACHE_DIR")
+    if not home:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        home = str(Path(xdg) / "autoplan")
+    return Path(home).expanduser()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def format_host_key(cpu_model: str, cores: int, torch_version: str, gpu_name: str | None = None) -> str:
+    """The cache key of a host: 'intel-r-xeon-r-processor-6.167.1-2cores-torch2.14.1' (+ '-' GPU)."""
+    key = f"{_slug(cpu_model)}-{cores}cores-torch{_slug(torch_version)}"
+    return f"{key}-{_slug(gpu_name)}" if gpu_name else key
+
+
+def detect_host() -> dict[str, str | int | None]:
+    """This host's calibration-relevant facts, read without importing torch: the CPU model
+    (/proc/cpuinfo's model name with family.model.stepping, which tells apart the CPUs a VM
+    names only 'Intel(R) Xeon(R) Processor'; else platform.processor()), the cores this
+    process may use, torch's installed version, and the first NVIDIA GPU's model (the driver's
+    /proc/driver/nvidia/gpus/*/information; None without one)."""
+    import platform
+
+    cpu_model, ids = "", {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                k, v = k.strip(), v.strip()
+                if k == "" and cpu_model:
+                    break  # the first processor's block is enough
+                if k == "model name":
+                    cpu_model = v
+                elif k in ("cpu family", "model", "stepping"):
+                    ids[k] = v
+    except OSError:
+        pass
+    if cpu_model and len(ids) == 3:
+        cpu_model += f" {ids['cpu family']}.{ids['model']}.{ids['stepping']}"
+    cpu_model = cpu_model or platform.processor() or platform.machine() or "unknown-cpu"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "none"
+    gpu = None
+    for info in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):
+        try:
+            with open(info, encoding="utf-8", errors="replace") as f:
+                gpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("Model:")), None)
+        except OSError:
+            continue
+        if gpu:
+            break
+    return {"cpu_model": cpu_model, "cores": cores, "torch_version": torch_version, "gpu_name": gpu}
+
+
+def host_key() -> str:
+    """This host's cache key (`format_host_key` of `detect_host`)."""
+    return format_host_key(**detect_host())
+
+
+def local_spec_path(key: str | None = None) -> Path:
+    """Where this host's calibration (preset form) is cached: <cache home>/hosts/<key>.yaml."""
+    return cache_home() / "hosts" / f"{key or host_key()}.yaml"
+
+
+def foreign_host_note(hw: HardwareSpec, key: str | None = None) -> str | None:
+    """One plain sentence when `hw` is a preset calibrated on another host than this one (its
+    sources.host_key differs from `key`, this host's by default); None otherwise."""
+    theirs = hw.sources.get("host_key")
+    if not theirs or hw.name == LOCAL_PRESET:
+        return None
+    mine = key or host_key()
+    if theirs == mine:
+        return None
+    return (
+        f"note: the {hw.name!r} preset was calibrated on another host ({theirs}), so its predictions "
+        f"describe that host, not this one ({mine}); for this host's, plan with --hw {LOCAL_PRESET}:N "
+        f"(once: `autoplan calibrate --local`, about half a minute)"
+    )
+
+
 class HardwareSpec(_Finite):
     name: str = Field(description="Preset or cluster name.")
     num_nodes: int = Field(gt=0, description="Number of nodes (hosts).")
@@ -285,11 +390,24 @@ class HardwareSpec(_Finite):
         `devices` smaller than one node gives a single partial node (e.g. 4 of 8 GPUs).
         For the `cpu` preset, `devices` is the number of processes on this host: they share its
         cores and memory, so per-process peak FLOP/s and memory are divided among them.
+        `local` is this host's cached calibration (see the module docstring), scaled the same way.
         """
         names = cls.preset_names()
-        if name not in names:
-            raise SpecError(f"unknown hardware preset {name!r}; known presets: {', '.join(names)}")
-        data = load_data(Path(str(resources.files("specs") / "presets" / f"{name}.yaml")))
+        if name == LOCAL_PRESET:
+            path = local_spec_path()
+            if not path.exists():
+                raise SpecError(
+                    f"hardware preset {LOCAL_PRESET!r}: this host ({path.stem}) is not calibrated yet; run "
+                    f"`autoplan calibrate --local` once (about half a minute; writes {path})"
+                )
+            data = load_data(path)
+        elif name not in names:
+            raise SpecError(
+                f"unknown hardware preset {name!r}; known presets: {', '.join(names)}, and "
+                f"{LOCAL_PRESET!r} (this host, once `autoplan calibrate --local` has measured it)"
+            )
+        else:
+            data = load_data(Path(str(resources.files("specs") / "presets" / f"{name}.yaml")))
         shared = data.pop("shared_host", None)
         per_node = int(data["devices_per_node"])
         if nodes is not None and devices is not None:
