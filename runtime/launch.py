@@ -415,7 +415,12 @@ def _train(args, plan: Plan, log) -> int:
         example = tuple(torch.zeros(x.shape, dtype=x.dtype) for x in example)
     nan_at = args.fault_nan_at_step if not _attempt() and rank == args.fault_rank else None
     guard = NonFiniteGuard(device, nan_at_step=nan_at)
-    pm = parallelize(built.module, plan, loss_fn=guard.watch_loss(built.loss_fn), example_inputs=example,
+    # Under a pipeline torch's schedule also calls the loss while it sets its stages up, on outputs
+    # of uninitialised buffers (stage.py _backward_metadata_inference): a NaN that is no step's. The
+    # guard then judges by the gradients (a non-finite loss gives non-finite gradients) and the
+    # step's returned loss (--fault-nan-at-step, which injects through the watch, is pp = 1 only).
+    loss_fn = guard.watch_loss(built.loss_fn) if plan.mesh.pp == 1 else built.loss_fn
+    pm = parallelize(built.module, plan, loss_fn=loss_fn, example_inputs=example,
                      device=device, optimizer_kwargs={"lr": args.lr})
     if pm.precision.scaler is None:  # a scaler skips overflowing steps itself
         guard.install(pm.optimizers)
