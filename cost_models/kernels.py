@@ -68,11 +68,9 @@ _python_s = 0.0
 def cache_dir() -> Path:
     """Where numba caches the kernels' machine code: <autoplan cache home>/numba, the home being
     $AUTOPLAN_CACHE_DIR, else $XDG_CACHE_HOME/autoplan, else ~/.cache/autoplan."""
-    home = os.environ.get("AUTOPLAN_CACHE_DIR")
-    if not home:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        home = str(Path(xdg) / "autoplan")
-    return Path(home).expanduser() / "numba"
+    from specs.hardware import cache_home
+
+    return cache_home() / "numba"
 
 
 def use_cache_dir() -> None:

@@ -55,6 +55,11 @@ def cmd_plan(args) -> int:
     from specs._base import validate_model
 
     hw = HardwareSpec.load(args.hw)
+    from specs.hardware import foreign_host_note
+
+    note = foreign_host_note(hw)  # a preset calibrated on another host than this one: say so
+    if note:
+        print(f"autoplan plan: {note}", file=sys.stderr)
     train_fields: dict[str, Any] = {"precision": args.precision, "optimizer": args.optimizer}
     if args.batch is not None:
         train_fields["global_batch_size"] = args.batch

@@ -162,3 +162,12 @@ def test_quick_calibration_of_this_host_writes_a_spec_that_loads(cache, capsys):
     from tests.test_calibrate import _check_sane
 
     _check_sane(hw, 4)
+
+
+def test_autoplan_plan_says_when_the_preset_describes_another_host(monkeypatch, capsys):
+    from planner.cli import main
+
+    monkeypatch.setattr(hwmod, "host_key", lambda: "amd-epyc-9654-96cores-torch2.12.0")
+    assert main(["plan", "gpt-tiny", "--hw", "cpu:2", "--batch", "4", "--format", "json"]) == 0
+    err = capsys.readouterr().err
+    assert "calibrated on another host" in err and "--hw local" in err
