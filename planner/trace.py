@@ -14,7 +14,7 @@ Pipeline (each step in its own module):
    identical GPT-3 layers cost one measurement. Fused attention (`F.scaled_dot_product_attention`)
    is measured on the math path whatever the device (on a CPU device PyTorch would otherwise pick
    `_scaled_dot_product_flash_attention_for_cpu`, on meta the math path), and its saved bytes are
-   split out per kernel family (`_fused_attention`), so the cost model follows the target's
+   split out per kernel family (planner.attention_bytes), so the cost model follows the target's
    kernels without re-tracing. Copies go to the op that makes them; a view-like
    node's copies (no OpInfo of its own) to its nearest costed producer (`_copy_owners`). At an
    example batch of 1 copies are counted at batch 2 (`_copy_values`: torch.matmul's batch fold
@@ -39,20 +39,19 @@ import hashlib
 import io
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
+from planner.attention_bytes import fused_attention_bytes
 from planner.blocks import BlockSpec, block_params, block_signature, build_blocks, node_module_path
 from planner.cut_points import dataflow_graph, find_cut_points, input_dependent_nodes
 from planner.measure import FakeState, block_io, measure_block, propagate
 from planner.ops import FUSED_ATTENTION_OPS, full_target, op_kind, target_name
 from planner.tp_candidates import analyse_block, node_kind
 from specs import Block, LayerType, ModelGraph, OpInfo, SpecError
-from specs.graph import FusedAttentionSaved
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
@@ -387,7 +386,7 @@ def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, 
     tp = analyse_block(b, gm, values, input_dependent=dependent, reaches_output=reaches_out, batch=batch,
                        modules=modules)
     fused = [n for n in b.nodes if target_name(n, gm) in FUSED_ATTENTION_OPS]
-    fa = _fused_attention(fused, b, gm, values, m, dependent) if fused else None
+    fa = fused_attention_bytes(fused, b, gm, values, m, dependent) if fused else None
     skip = fa.nodes if fa is not None else frozenset()  # their core is fa.math_core
     core = replicated = total = 0.0
     for s in m.saved.values():
@@ -419,108 +418,6 @@ def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, 
         num_heads=tp.num_heads,
         unsplit_attention=tp.unsplit_attention,
     )
-
-
-@dataclass
-class _FusedAttention:
-    """Saved bytes of a block's fused attention calls at the example batch (see FusedAttentionSaved)."""
-
-    nodes: frozenset
-    math: float = 0.0
-    math_core: float = 0.0
-    flash: float = 0.0
-    flash_fp32: float = 0.0
-    flash_core: float = 0.0
-
-    def per_sample(self, batch: int) -> FusedAttentionSaved:
-        return FusedAttentionSaved(
-            math_bytes_per_sample=self.math / batch, math_core_bytes_per_sample=self.math_core / batch,
-            flash_bytes_per_sample=self.flash / batch, flash_fp32_bytes_per_sample=self.flash_fp32 / batch,
-            flash_core_bytes_per_sample=self.flash_core / batch)
-
-
-_ATTENTION_INPUTS = ("query", "key", "value")
-
-
-def _fused_attention(fused: list[fx.Node], b: BlockSpec, gm, values, m, dependent) -> _FusedAttention:
-    """Split the measured (math-path) saved bytes of fused attention calls by kernel family.
-
-    Per call n, from the saved tensors measured on the math path (each attributed to the node whose
-    output storage it is; the math path's own tensors are `internal` to n):
-      own     = n's internal tensors: bmm-layout copies of q, k, v, the probabilities, the dropout mask
-      out     = n's output as its consumers keep it (saved by reference, or a copy made by view-like
-                nodes or `contiguous` after it, e.g. the head merge `transpose(1, 2).reshape(...)`)
-      inputs  = q, k, v (and a batch-dependent attn_mask), each argument once, where nothing else
-                keeps its storage (traced back through view-like nodes to the node that made it;
-                a repeat for grouped-query attention is a copy the kernel keeps at its own size)
-    Math path: math = own + out (part of the measured total); selective recompute drops
-    math_core = own - inputs (it re-runs the call from q, k, v, which it keeps).
-    Flash-family kernels keep q, k, v, the output and an fp32 log-sum-exp (batch x heads x queries):
-    flash = inputs + the output (on CUDA the output's layout makes the head merge a view, so its
-    consumers keep the same storage: counted once); flash_fp32 = the log-sum-exp; selective drops
-    the log-sum-exp and, where no consumer keeps the output, the output (flash_core)."""
-    members = set(b.nodes)
-    kept = {s.producer for s in m.saved.values() if not s.internal}  # nodes whose output storage is saved
-    res = _FusedAttention(frozenset(fused))
-    counted: set[fx.Node] = set()  # arguments already charged (q, k, v may be one tensor)
-    for n in fused:
-        after = _view_users(n, members, gm)
-        own = sum(s.nbytes for s in m.saved.values() if s.producer is n and s.internal)
-        out_kept = sum(s.nbytes for s in m.saved.values()
-                       if (s.producer is n and not s.internal) or s.producer in after)
-        args = [n.args[i] if i < len(n.args) else n.kwargs.get(name)
-                for i, name in enumerate(_ATTENTION_INPUTS)]
-        mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
-        if isinstance(mask, fx.Node) and mask in dependent:
-            args.append(mask)
-        inputs = 0.0
-        for a in args:
-            if not isinstance(a, fx.Node):
-                continue
-            if a in counted or any(x in kept for x in _storage_chain(a, members, gm)):
-                continue
-            counted.add(a)
-            inputs += _nbytes(values.get(a))
-        q = values.get(args[0]) if isinstance(args[0], fx.Node) else None
-        out = _nbytes(values.get(n), first=True)
-        lse = 4.0 * (q.numel() // q.shape[-1]) if isinstance(q, torch.Tensor) and q.dim() else 0.0
-        res.math += own + out_kept
-        res.math_core += max(0.0, own - inputs)
-        res.flash += inputs + out
-        res.flash_fp32 += lse
-        res.flash_core += 0.0 if out_kept else out
-    return res
-
-
-def _view_users(n: fx.Node, members: set, gm) -> set[fx.Node]:
-    """Nodes of the block that read n through view-like nodes (and `contiguous`: a no-op on the
-    output of a flash kernel, whose layout makes the head merge contiguous) only, n excluded."""
-    out: set[fx.Node] = set()
-    stack = [n]
-    while stack:
-        for u in stack.pop().users:
-            name = target_name(u, gm)
-            if (u in members and u not in out and u.op != "output"
-                    and (op_kind(name) is None or name == "contiguous")):
-                out.add(u)
-                stack.append(u)
-    return out
-
-
-def _storage_chain(a: fx.Node, members: set, gm) -> list[fx.Node]:
-    """`a` and the nodes it views, back through view-like nodes inside the block to the node that
-    made the storage (a view-like node that had to copy, e.g. reshape after expand, is on it too)."""
-    chain = [a]
-    while (a in members and a.op in ("call_function", "call_method") and a.all_input_nodes
-           and op_kind(target_name(a, gm)) is None):
-        a = a.all_input_nodes[0]
-        chain.append(a)
-    return chain
-
-
-def _nbytes(v, first: bool = False) -> float:
-    ts = [t for t in tree_flatten(v)[0] if isinstance(t, torch.Tensor)]
-    return float(sum(t.numel() * t.element_size() for t in (ts[:1] if first else ts)))
 
 
 # fx targets that ARE a copy: their copies are the op itself, already charged by its bytes.

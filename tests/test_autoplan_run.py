@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from planner import cli
+from planner import cli, run_cmd
 from specs import Plan
 from tests.runtime_plans import make_plan
 
@@ -66,7 +66,7 @@ def trap(monkeypatch):
     def no_popen(*a, **k):
         raise AssertionError(f"a process was started: {a}")
 
-    monkeypatch.setattr(cli, "_start_torchrun", fake_torchrun)
+    monkeypatch.setattr(run_cmd, "_start_torchrun", fake_torchrun)
     monkeypatch.setattr(subprocess, "Popen", no_popen)
     return started
 
@@ -240,7 +240,7 @@ def _filtered(text: str, rc: int) -> tuple[str, int]:
     import io
 
     out = io.StringIO()
-    f = cli._TorchrunStderr(out)
+    f = run_cmd._TorchrunStderr(out)
     for line in text.splitlines(keepends=True):
         f.feed(line)
     code = f.finish(rc)
