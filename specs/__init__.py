@@ -11,6 +11,7 @@ from specs.hardware import (
     HostSpec,
     LinkSpec,
 )
+from specs.mesh_dims import MeshDims
 from specs.plan import (
     PLAN_VERSION,
     Alternative,
@@ -33,6 +34,6 @@ from specs.train import Constraints, TrainSpec
 __all__ = [
     "PLAN_VERSION", "Alternative", "AxisComm", "Block", "Constraints", "CutPoint", "DataParallel",
     "DeviceSpec", "DTensorOverhead", "EfficiencyPoint", "HardwareSpec", "HostSpec", "Knobs", "LayerType", "LinkSpec",
-    "Mesh", "ModelGraph", "ModelRef", "OpInfo", "Pipeline", "Plan", "Prediction", "Rejection",
+    "Mesh", "MeshDims", "ModelGraph", "ModelRef", "OpInfo", "Pipeline", "Plan", "Prediction", "Rejection",
     "SearchStats", "SpecError", "Stage", "StageTimes", "TPCandidate", "TensorParallel", "TrainSpec",
 ]

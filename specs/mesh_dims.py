@@ -1,0 +1,121 @@
+"""MeshDims: the parallel axes of a plan as one value (sizes, order, strides, which link each crosses).
+
+The device mesh is laid out outermost first as
+
+    pp  x  dp_replicate  x  dp_shard  x  tp
+
+so tp is innermost: the ranks of one tp group are consecutive (global rank = ((pp_i * R +
+rep_i) * S + shard_i) * tp + tp_i, R = dp_replicate, S = dp_shard) and stay inside a node when
+tp <= devices per node. The data-parallel axis dp = dp_replicate x dp_shard is split by what the
+data-parallel engine does with it: DDP / ZeRO-1 replicate over all of it (dp_shard = 1), ZeRO-2 /
+ZeRO-3 shard over all of it (dp_replicate = 1), HSDP shards within groups of `hsdp_shard_size`
+and replicates across them. This is torchtitan's `ParallelDims` order.
+
+Everything that needs a group's size or the rank distance between its members reads it here:
+the cost model (which link a collective crosses), the search, the explainer's mesh table and
+the runtime's DeviceMesh (runtime/mesh.py). A new axis is one field here plus its place in
+`AXES`.
+
+Groups (`group(name)`): "tp", "dp_shard", "dp_replicate", "dp" (the two together), "pp"; a
+group of size n and stride d holds ranks r, r + d, ..., r + (n - 1) d.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+from specs._base import SpecError
+
+# outermost first
+AXES = ("pp", "dp_replicate", "dp_shard", "tp")
+# groups made of several adjacent axes
+COMPOSITE = {"dp": ("dp_replicate", "dp_shard")}
+
+
+@dataclass(frozen=True, slots=True)
+class MeshDims:
+    """Sizes of the mesh axes (see the module docstring). `hsdp`: the data-parallel axis is
+    two mesh dimensions at run time (HSDP's replicate x shard), else one named "dp"."""
+
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    hsdp: bool = False
+
+    def __post_init__(self) -> None:
+        for name in AXES:
+            size = getattr(self, name)
+            if not isinstance(size, int) or size < 1:
+                raise SpecError(f"mesh.{name}: {size!r} is not a positive integer")
+
+    @classmethod
+    def of(cls, *, pp: int, dp: int, tp: int, sharding: str = "none", hsdp_shard_size: int | None = None) -> MeshDims:
+        """The mesh of a plan's knobs: dp split by the sharding (module docstring)."""
+        if sharding == "hsdp":
+            shard = hsdp_shard_size or dp
+            if shard < 1 or dp % shard:
+                raise SpecError(f"hsdp_shard_size: {shard} must divide dp ({dp}); pick a divisor of dp")
+            return cls(pp=pp, dp_replicate=dp // shard, dp_shard=shard, tp=tp, hsdp=True)
+        if sharding in ("zero2", "zero3"):
+            return cls(pp=pp, dp_replicate=1, dp_shard=dp, tp=tp)
+        return cls(pp=pp, dp_replicate=dp, dp_shard=1, tp=tp)
+
+    @classmethod
+    def from_knobs(cls, knobs) -> MeshDims:
+        """specs.Knobs (or anything with pp, dp, tp, sharding, hsdp_shard_size) -> MeshDims."""
+        return cls.of(pp=knobs.pp, dp=knobs.dp, tp=knobs.tp, sharding=knobs.sharding,
+                      hsdp_shard_size=knobs.hsdp_shard_size)
+
+    @classmethod
+    def from_plan(cls, plan) -> MeshDims:
+        m, d = plan.mesh, plan.data_parallel
+        return cls.of(pp=m.pp, dp=m.dp, tp=m.tp, sharding=d.sharding, hsdp_shard_size=d.hsdp_shard_size)
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return prod(getattr(self, a) for a in AXES)
+
+    def size(self, group: str) -> int:
+        """Ranks in one group of `group` (an axis or a composite such as "dp")."""
+        return prod(getattr(self, a) for a in self._axes(group))
+
+    def stride(self, group: str) -> int:
+        """Rank distance between neighbours of one group: the product of the axes inside it."""
+        innermost = self._axes(group)[-1]
+        return prod(getattr(self, a) for a in AXES[AXES.index(innermost) + 1:])
+
+    def group(self, group: str) -> tuple[int, int]:
+        """(size, stride) of `group`."""
+        return self.size(group), self.stride(group)
+
+    def first_group(self, group: str) -> list[int]:
+        """The global ranks of the group that holds rank 0."""
+        n, d = self.group(group)
+        return [k * d for k in range(n)]
+
+    def nodes_spanned(self, group: str, devices_per_node: int) -> int:
+        """Nodes the group holding rank 0 spans (1: it stays on one node's link)."""
+        return len({r // devices_per_node for r in self.first_group(group)})
+
+    def crosses_nodes(self, group: str, devices_per_node: int) -> bool:
+        return self.nodes_spanned(group, devices_per_node) > 1
+
+    def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """(sizes, names) of the runtime's DeviceMesh, outermost first: the data-parallel axis as
+        two dimensions under HSDP, one ("dp") otherwise."""
+        if self.hsdp:
+            return (self.pp, self.dp_replicate, self.dp_shard, self.tp), ("pp", "dp_replicate", "dp_shard", "tp")
+        return (self.pp, self.dp, self.tp), ("pp", "dp", "tp")
+
+    def _axes(self, group: str) -> tuple[str, ...]:
+        if group in AXES:
+            return (group,)
+        if group in COMPOSITE:
+            return COMPOSITE[group]
+        raise SpecError(f"mesh group {group!r}: not one of {', '.join((*AXES, *COMPOSITE))}")
