@@ -26,6 +26,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check specs cost_models planner runtime tests
+	$(VENV)/bin/mypy specs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

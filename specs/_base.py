@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -18,6 +18,11 @@ class Frozen(BaseModel):
 
 class SpecError(ValueError):
     """A user's input (file, string or value) is wrong. The message says what and how to fix it."""
+
+
+# an int stays an int through SaneRange.check (a batch size, a device count)
+Number = TypeVar("Number", int, float)
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class SaneRange:
     unit: str
     why: str
 
-    def check(self, value: float, name: str = "") -> float:
+    def check(self, value: Number, name: str = "") -> Number:
         """`value` if finite and in [lo, hi]; else a ValueError with the range and why.
 
         With `name` (a validator over several values) the message starts `name: value`; without it
@@ -80,7 +85,7 @@ def format_validation_error(err: ValidationError, source: str = "") -> str:
     return head + f"{len(lines)} problems:\n  " + "\n  ".join(lines)
 
 
-def validate_model(cls: type[BaseModel], data: Any, source: str = "") -> Any:
+def validate_model(cls: type[ModelT], data: Any, source: str = "") -> ModelT:
     """cls.model_validate(data), turning pydantic's error into a SpecError with field paths."""
     try:
         return cls.model_validate(data)

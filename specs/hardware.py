@@ -28,7 +28,7 @@ import os
 import re
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypedDict
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -72,8 +72,9 @@ class _Finite(Frozen):
     model_config = ConfigDict(allow_inf_nan=False)
 
 
-def _sane(value: float, info: ValidationInfo) -> float:
+def _sane(value: float | None, info: ValidationInfo) -> float | None:
     """Field validator: `value` within RANGES[field] (None passes: an unset optional field)."""
+    assert info.field_name is not None  # pydantic names the field of a field validator
     return value if value is None else RANGES[info.field_name].check(value)
 
 
@@ -146,7 +147,7 @@ _SHARED_FIELDS = {"core_efficiency": "shared_core_efficiency", "memory_efficienc
                   "sync_penalty_s": "shared_sync_penalty_s"}
 
 
-def apply_shared_host(data: dict, shared: dict) -> dict:
+def apply_shared_host(data: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
     """Preset data with a `shared_host` section (the cpu preset) -> HardwareSpec data for its
     devices_per_node processes on one host: they share its cores and memory, so per-process peak
     FLOP/s, memory bandwidth and host optimizer rate are x min(1, cores / N), memory is the usable
@@ -194,7 +195,16 @@ def format_host_key(cpu_model: str, cores: int, torch_version: str, gpu_name: st
     return f"{key}-{_slug(gpu_name)}" if gpu_name else key
 
 
-def detect_host() -> dict[str, str | int | None]:
+class HostFacts(TypedDict):
+    """What `detect_host` reads: the arguments of `format_host_key`."""
+
+    cpu_model: str
+    cores: int
+    torch_version: str
+    gpu_name: str | None
+
+
+def detect_host() -> HostFacts:
     """This host's calibration-relevant facts, read without importing torch: the CPU model
     (/proc/cpuinfo's model name with family.model.stepping, which tells apart the CPUs a VM
     names only 'Intel(R) Xeon(R) Processor'; else platform.processor()), the cores this
@@ -236,7 +246,7 @@ def detect_host() -> dict[str, str | int | None]:
             continue
         if gpu:
             break
-    return {"cpu_model": cpu_model, "cores": cores, "torch_version": torch_version, "gpu_name": gpu}
+    return HostFacts(cpu_model=cpu_model, cores=cores, torch_version=torch_version, gpu_name=gpu)
 
 
 def host_key() -> str:
@@ -350,7 +360,7 @@ class HardwareSpec(_Finite):
 
     @field_validator("attention_kernel", mode="before")
     @classmethod
-    def _default_attention_kernel(cls, v, info: ValidationInfo):
+    def _default_attention_kernel(cls, v: object, info: ValidationInfo) -> object:
         if v is None:
             return "math" if info.data.get("device_is_host_cpu") else "flash"
         return v
@@ -435,11 +445,11 @@ class HardwareSpec(_Finite):
         return validate_model(cls, data, f"preset {name}")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> HardwareSpec:
+    def from_file(cls, path: str | os.PathLike[str]) -> HardwareSpec:
         return validate_model(cls, load_data(path), str(path))
 
     @classmethod
-    def load(cls, ref: str | os.PathLike | HardwareSpec) -> HardwareSpec:
+    def load(cls, ref: str | os.PathLike[str] | HardwareSpec) -> HardwareSpec:
         """A spec from a preset string (`dgx-a100-80gb`, `dgx-a100-80gb:16` = 16 devices,
         `dgx-a100-80gb:2n` = 2 nodes) or from a YAML/JSON file."""
         if isinstance(ref, HardwareSpec):
@@ -460,7 +470,7 @@ class HardwareSpec(_Finite):
             return cls.preset(name, nodes=int(count))
         return cls.preset(name, devices=int(count))
 
-    def to_file(self, path: str | os.PathLike) -> None:
+    def to_file(self, path: str | os.PathLike[str]) -> None:
         from specs.io import dump_data
 
         dump_data(self.model_dump(mode="json"), path)

@@ -42,7 +42,7 @@ MAX_INT = 2**63 - 1
 _YAML_LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def load_data(path: str | os.PathLike) -> Any:
+def load_data(path: str | os.PathLike[str]) -> Any:
     """Read a YAML or JSON file with safe, bounded loaders. Errors name the file and the line."""
     p = Path(path)
     if not p.exists():
@@ -179,7 +179,7 @@ def _bad_number(source: str, err: Exception) -> str:
     return f"{source}: a value that cannot be converted ({first[:120]}); check the file"
 
 
-def dump_data(data: Any, path: str | os.PathLike) -> None:
+def dump_data(data: Any, path: str | os.PathLike[str]) -> None:
     """Write JSON for *.json, YAML otherwise; atomically (write a temp file, then rename)."""
     p = Path(path)
     if p.suffix.lower() == ".json":

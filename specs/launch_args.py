@@ -23,7 +23,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from specs._base import SpecError
 
@@ -146,7 +146,7 @@ def validate_launch_args(args: argparse.Namespace) -> None:
         raise SpecError("--resume needs --checkpoint-dir")
 
 
-def has_committed_checkpoint(directory: str | os.PathLike) -> bool:
+def has_committed_checkpoint(directory: str | os.PathLike[str]) -> bool:
     """Whether `directory` holds a committed checkpoint (a step_N folder with a COMMITTED marker)."""
     d = Path(directory)
     return d.is_dir() and any(
@@ -196,7 +196,7 @@ def _check_writable_dir(path: str, flag: str) -> None:
         ) from None
 
 
-def open_log_file(path: str):
+def open_log_file(path: str) -> TextIO:
     """`path` opened for appending (the caller closes it), or SpecError saying why it cannot be."""
     try:
         return open(path, "a")  # noqa: SIM115 - the caller closes it

@@ -24,13 +24,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+from typing import TYPE_CHECKING, Protocol
 
 from specs._base import SpecError
+
+if TYPE_CHECKING:
+    from specs.plan import Plan
 
 # outermost first
 AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 # groups made of several adjacent axes
 COMPOSITE = {"dp": ("dp_replicate", "dp_shard")}
+
+
+class MeshKnobs(Protocol):
+    """What `MeshDims.from_knobs` reads: specs.Knobs, or any value with these attributes."""
+
+    @property
+    def pp(self) -> int: ...
+    @property
+    def dp(self) -> int: ...
+    @property
+    def tp(self) -> int: ...
+    @property
+    def sharding(self) -> str: ...
+    @property
+    def hsdp_shard_size(self) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +82,13 @@ class MeshDims:
         return cls(pp=pp, dp_replicate=dp, dp_shard=1, tp=tp)
 
     @classmethod
-    def from_knobs(cls, knobs) -> MeshDims:
+    def from_knobs(cls, knobs: MeshKnobs) -> MeshDims:
         """specs.Knobs (or anything with pp, dp, tp, sharding, hsdp_shard_size) -> MeshDims."""
         return cls.of(pp=knobs.pp, dp=knobs.dp, tp=knobs.tp, sharding=knobs.sharding,
                       hsdp_shard_size=knobs.hsdp_shard_size)
 
     @classmethod
-    def from_plan(cls, plan) -> MeshDims:
+    def from_plan(cls, plan: Plan) -> MeshDims:
         m, d = plan.mesh, plan.data_parallel
         return cls.of(pp=m.pp, dp=m.dp, tp=m.tp, sharding=d.sharding, hsdp_shard_size=d.hsdp_shard_size)
 

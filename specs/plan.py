@@ -5,7 +5,7 @@ search's records. Plain data: round-trips JSON/YAML exactly, prints as one line,
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -132,7 +132,7 @@ class Knobs(Frozen):
         zero = {"none": "0", "zero1": "1", "zero2": "2", "zero3": "3", "hsdp": "hsdp"}[self.sharding]
         if self.sharding == "hsdp" and self.hsdp_shard_size:
             zero = f"hsdp({self.hsdp_shard_size})"
-        sched = self.schedule
+        sched: str = self.schedule
         if self.virtual_stages > 1:
             sched = f"{sched}(v={self.virtual_stages})"
         parts = [f"dp={self.dp}", f"tp={self.tp}", f"pp={self.pp}", f"zero={zero}"]
@@ -272,11 +272,11 @@ class Plan(Frozen):
         return line
 
     # ------------------------------------------------------------------ IO
-    def to_file(self, path: str | os.PathLike) -> None:
+    def to_file(self, path: str | os.PathLike[str]) -> None:
         dump_data(self.model_dump(mode="json"), path)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> Plan:
+    def from_file(cls, path: str | os.PathLike[str]) -> Plan:
         data = load_data(path)
         if not isinstance(data, dict):
             raise SpecError(f"{path}: a plan file must be a mapping (got {type(data).__name__}); is it corrupted?")
@@ -288,5 +288,5 @@ class Plan(Frozen):
         return validate_model(cls, data, str(path))
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "plan") -> Plan:
+    def from_dict(cls, data: dict[str, Any], source: str = "plan") -> Plan:
         return validate_model(cls, data, source)
