@@ -31,7 +31,6 @@ held by every rank into dp contiguous slices, slice i for the replicas with dp r
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +46,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
+from planner.capabilities import sequence_parallel_problem
+from planner.trace import trace
 from runtime.checkpointing import apply_activation_checkpointing
 from runtime.data_parallel import (
     apply_data_parallel,
@@ -55,6 +56,7 @@ from runtime.data_parallel import (
     validate_data_parallel,
 )
 from runtime.mesh import Meshes, build_mesh, validate_world
+from runtime.pipeline import build_pipeline, validate_pipeline
 from runtime.precision import PrecisionSetup, build_precision
 from runtime.tensor_parallel import apply_tensor_parallel, resolve_styles
 from runtime.training import (
@@ -71,18 +73,10 @@ from runtime.training import (
     split_batch,
     validate_loop_options,
 )
-from specs import Plan, SpecError
+from specs import ModelGraph, Plan, SpecError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 UNCHECKED_FINGERPRINT = "*"
-
-
-def _planner_trace():
-    try:
-        from planner import trace  # being written alongside; guarded until it lands
-    except ImportError:
-        return None
-    return trace
 
 
 def validate_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor] | None = None) -> list[str]:
@@ -112,18 +106,14 @@ def validate_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.
                          f"each of the {plan.mesh.tp} tp ranks (the same work {plan.mesh.tp} times, no speed-up); "
                          f"re-plan with autoplan or name colwise/rowwise styles")
     if plan.mesh.pp > 1:
-        from runtime.pipeline import validate_pipeline
-
         validate_pipeline(model, plan)
     fp = plan.model.fingerprint
     if fp == UNCHECKED_FINGERPRINT:
         notes.append("model fingerprint not checked (plan says '*')")
-    elif (trace := _planner_trace()) is None:
-        notes.append("model fingerprint not checked (planner.trace is not available)")
     elif example_inputs is None:
         notes.append("model fingerprint not checked (no example_inputs given)")
     else:
-        graph = _trace_one(trace, model, tuple(example_inputs))
+        graph = _trace_batch_one(model, tuple(example_inputs))
         if fp != graph.fingerprint:
             raise SpecError(
                 f"model.fingerprint: the plan was made for a model with fingerprint {fp}, this model "
@@ -131,8 +121,6 @@ def validate_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.
                 f"fingerprint to '*' in a hand-written plan to skip the check)"
             )
         if plan.mesh.tp > 1 and plan.tensor_parallel.sequence_parallel:
-            from planner.capabilities import sequence_parallel_problem
-
             why = sequence_parallel_problem(graph)
             if why:
                 raise SpecError(f"tensor_parallel.sequence_parallel: {why}; set it to false")
@@ -156,7 +144,7 @@ def _materialize(module: nn.Module, device: torch.device, init_fn: Callable[[nn.
             )
 
 
-def _trace_one(trace, model: nn.Module, inputs: tuple):
+def _trace_batch_one(model: nn.Module, inputs: tuple[Any, ...]) -> ModelGraph:
     """`model` traced with `inputs` cut to batch 1 (the fingerprint does not depend on the batch
     size, and batch 1 is autoplan's convention, which also keeps torch.export traces, whose graphs
     bake the batch in, comparable)."""
@@ -573,14 +561,7 @@ def _build_optimizer(module: nn.Module, meshes: Meshes, plan: Plan, optimizer_fn
 
 
 def _build_pipeline(model, plan, meshes, loss_fn, example_inputs, device, apply_fn):
-    try:
-        from runtime.pipeline import build_pipeline
-    except ImportError as e:
-        raise SpecError(f"mesh.pp: pipeline parallelism needs runtime.pipeline, which failed to import: {e}") from None
     if example_inputs is None:
         raise SpecError("parallelize: a pipeline (pp > 1) needs example_inputs to shape its stages")
-    params = inspect.signature(build_pipeline).parameters
-    kwargs = dict(loss_fn=loss_fn, example_inputs=tuple(example_inputs), device=device)
-    if "apply_fn" not in params:
-        raise SpecError("runtime.pipeline.build_pipeline takes no apply_fn; cannot compose TP/FSDP with stages")
-    return build_pipeline(model, plan, meshes.pp, apply_fn=apply_fn, **kwargs)
+    return build_pipeline(model, plan, meshes.pp, apply_fn=apply_fn, loss_fn=loss_fn,
+                          example_inputs=tuple(example_inputs), device=device)

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from cost_models import build_schedule, simulate
 from specs import Plan, SpecError
 
 
@@ -79,17 +80,6 @@ def plan_timeline(plan: Plan) -> tuple[list[Entry], str | None]:
         return [], "no pipeline (pp=1): every rank runs the whole model"
     if pr is None or not pr.stage_times:
         return [], "the plan records no per-stage times (predicted.stage_times is empty)"
-    try:
-        from cost_models import build_schedule, simulate  # type: ignore[attr-defined]
-    except ImportError:
-        try:
-            from cost_models.schedules import build_schedule
-            from cost_models.simulator import simulate
-        except ImportError:
-            return (
-                [],
-                "this build's cost_models has no schedule simulator (build_schedule/simulate)",
-            )
     p = plan.pipeline
     schedule = build_schedule(p.schedule, plan.mesh.pp, p.num_micro_batches, p.virtual_stages)
     result = simulate(schedule, list(pr.stage_times))

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from planner.api import plan_from_knobs, trace_model
 from planner.explain.knobs import complete_knobs, parse_assignment
 from planner.explain.report import fmt_bytes, fmt_s, term_label
+from planner.models import is_bundled
 from specs import Knobs, Plan, SpecError
 
 
@@ -39,20 +41,12 @@ def build_graph(plan: Plan, model: str | None = None):
     command line (`--model package.module:factory`) or code may give; it must trace to the
     plan's fingerprint.
     """
-    from planner.models import is_bundled
-
     if model is None and not is_bundled(plan.model.name):
         raise ModelRefused(
             f"the plan's model {plan.model.name[:80]!r} is not a bundled model, and autoplan never "
             f"imports code a file names; to score a new point, pass the model yourself with "
             f"--model package.module:factory (code you trust)"
         )
-    try:
-        from planner.api import trace_model
-    except ImportError:
-        raise SpecError(
-            "this build has no tracer yet (planner.trace); cannot score a new point"
-        ) from None
     graph = trace_model(model or plan.model.name, None)
     want = plan.model.fingerprint
     if model is not None and want != "*" and graph.fingerprint != want:
@@ -67,12 +61,6 @@ def score_knobs(plan: Plan, knobs: Knobs, graph=None) -> Plan:
     """The planner's own Plan for `knobs` on the plan's model, hardware and training spec.
 
     Without `graph`, the plan's model is traced if it is bundled (`build_graph`)."""
-    try:
-        from planner import plan_from_knobs  # type: ignore[attr-defined]
-    except ImportError:
-        raise SpecError(
-            "this build has no planner.plan_from_knobs yet; cannot score a new point"
-        ) from None
     if graph is None:
         graph = build_graph(plan)
     return plan_from_knobs(graph, plan.hardware, plan.train, knobs)
