@@ -1,5 +1,8 @@
 """DESIGN.md: imports point one way (specs <- cost_models <- planner <- runtime) and only
-runtime/ imports torch.distributed. Walks every module's imports with ast."""
+runtime/ imports torch.distributed. Walks every module's imports with ast: import statements at
+any depth, and dynamic imports of a name the code spells out (`importlib.import_module("x")`,
+`__import__("x")`, `runpy.run_module("x")`, also through an alias or an f-string of constants).
+A module name computed at run time (a user's `--model pkg.mod:fn`) is the user's, not ours."""
 
 import ast
 from pathlib import Path
@@ -17,6 +20,33 @@ ALLOWED = {
 }
 
 
+# functions that import the module named by their first argument
+DYNAMIC_IMPORTERS = {"import_module", "__import__", "run_module"}
+
+
+def _constant_str(node: ast.expr) -> str | None:
+    """The value of a string the code spells out: a literal, "a" + "b", or an f-string of literals."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _constant_str(node.left), _constant_str(node.right)
+        return None if left is None or right is None else left + right
+    if isinstance(node, ast.JoinedStr):
+        parts = [_constant_str(v) for v in node.values]
+        return None if None in parts else "".join(p for p in parts if p is not None)
+    return None
+
+
+def _dynamic_import(node: ast.Call) -> str | None:
+    """The module a call such as `importlib.import_module("runtime.mesh")` imports, if spelled out."""
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    if name not in DYNAMIC_IMPORTERS:
+        return None
+    module = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "name"), None)
+    return None if module is None else _constant_str(module)
+
+
 def _imports(path: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     out = []
@@ -27,6 +57,8 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             out.append((node.lineno, node.module))
             # `from torch import distributed`
             out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+        elif isinstance(node, ast.Call) and (module := _dynamic_import(node)):
+            out.append((node.lineno, module))
     return out
 
 
@@ -62,6 +94,28 @@ def test_layering_check_catches_a_violation(tmp_path):
     assert len(found) == 3, found
     assert any("only runtime/" in f for f in found)
     assert any("cost_models may import only" in f for f in found)
+
+
+def test_layering_check_catches_dynamic_imports(tmp_path):
+    for pkg in ORDER:
+        (tmp_path / pkg).mkdir()
+    (tmp_path / "planner" / "cli.py").write_text(
+        "import importlib\n"
+        "import importlib as il\n"
+        "from importlib import import_module\n"
+        "def run():\n"
+        "    importlib.import_module('runtime.launch')\n"          # line 5
+        "    __import__('importlib').import_module('runtime')\n"  # 6: the old cli.py trick
+        "    il.import_module(name='runtime.' + 'calibrate')\n"   # 7
+        "    import_module(f'runtime.mesh')\n"                    # 8
+        "    __import__('torch.distributed')\n"                   # 9
+        "    importlib.import_module(user_module)\n"              # a name the user gives: fine
+        "    __import__('importlib').import_module('planner.models')\n"  # planner itself: fine
+    )
+    found = violations(tmp_path)
+    lines = sorted(int(f.split(":")[1].split()[0]) for f in found)
+    assert lines == [5, 6, 7, 8, 9], found
+    assert any("runtime.calibrate" in f for f in found) and any("only runtime/" in f for f in found)
 
 
 @pytest.mark.parametrize("pkg", ["specs"])
