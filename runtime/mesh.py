@@ -1,8 +1,8 @@
 """The device mesh of a plan, and the checks that must pass before any collective runs.
 
-Mesh layout (DESIGN.md): axes ("pp", "dp", "tp") in that order, so tp is innermost: the ranks
-of one tp group are consecutive (global rank = (pp_i * dp + dp_i) * tp + tp_i) and stay
-inside a node when tp <= devices per node. With `sharding: hsdp` the dp axis is split into
+Mesh layout: specs.MeshDims's, the one the cost model and the explainer read. Axes ("pp", "dp",
+"tp") in that order, so tp is innermost: the ranks of one tp group are consecutive and stay
+inside a node when tp <= devices per node. With `sharding: hsdp` the dp axis is two dimensions,
 ("dp_replicate", "dp_shard"), shard innermost: replicas = dp / hsdp_shard_size.
 
 `validate_world` is pure (it raises specs.SpecError); `build_mesh` creates the process groups.
@@ -15,17 +15,12 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from specs import Plan, SpecError
+from specs import MeshDims, Plan, SpecError
 
 
 def mesh_shape(plan: Plan) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """(sizes, axis names) of the plan's mesh, outermost first."""
-    m, dpc = plan.mesh, plan.data_parallel
-    if dpc.sharding == "hsdp":
-        shard = dpc.hsdp_shard_size
-        assert shard is not None and m.dp % shard == 0  # Plan validation guarantees it
-        return (m.pp, m.dp // shard, shard, m.tp), ("pp", "dp_replicate", "dp_shard", "tp")
-    return (m.pp, m.dp, m.tp), ("pp", "dp", "tp")
+    return MeshDims.from_plan(plan).mesh_shape()
 
 
 def validate_world(plan: Plan, world_size: int) -> None:
@@ -65,9 +60,10 @@ class Meshes:
 def build_mesh(plan: Plan, device_type: str = "cpu") -> Meshes:
     """Create the DeviceMesh (and its process groups) for the plan. Checks the world size first."""
     validate_world(plan, dist.get_world_size())
-    sizes, names = mesh_shape(plan)
+    dims = MeshDims.from_plan(plan)
+    sizes, names = dims.mesh_shape()
     world = init_device_mesh(device_type, sizes, mesh_dim_names=names)
-    if plan.data_parallel.sharding == "hsdp":
+    if dims.hsdp:
         fsdp = world["dp_replicate", "dp_shard"]
         dp = fsdp._flatten("dp")
     else:

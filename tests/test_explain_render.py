@@ -53,6 +53,25 @@ def test_mesh_axes_links_follow_the_layout():
     assert small["pp"]["spans_nodes"] is False and small["tp"]["link"].startswith("none")
 
 
+def test_hsdp_shows_the_two_parts_of_dp():
+    from planner.explain.html import render_html
+    from specs import Plan
+
+    data = big_plan().model_dump(mode="json")
+    data["data_parallel"].update(sharding="hsdp", hsdp_shard_size=4)
+    plan = Plan.from_dict(data)
+    axes = {a["axis"]: a for a in mesh_axes(plan)}
+    # dp=16 at stride 8 (tp=8): shard groups of 4 (stride 8, 4 nodes), 4 replicas (stride 32)
+    assert [a["axis"] for a in mesh_axes(plan)] == ["tp", "dp", "dp_shard", "dp_replicate", "pp"]
+    assert axes["dp_shard"]["part_of"] == axes["dp_replicate"]["part_of"] == "dp"
+    assert axes["dp_shard"]["first_group"] == [0, 8, 16, 24] and axes["dp_replicate"]["stride"] == 32
+    assert axes["dp"]["part_of"] is None and axes["dp"]["num_nodes_spanned"] == 16
+    text = _render(plan)
+    assert "dp_shard=4  rank stride 8, spans 4 nodes" in text
+    assert "dp_replicate=4  rank stride 32, spans 4 nodes" in text
+    assert "<ul><li><b>dp_shard=4</b>" in render_html(plan)
+
+
 def test_explanation_shows_the_recorded_numbers():
     plan = big_plan()
     text = _render(plan)

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from specs import Plan, SpecError
+from specs import MeshDims, Plan, SpecError
 
 TARGETS = ("deepspeed", "torchtitan", "megatron")
 ZERO_STAGE = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "hsdp": 3}
@@ -149,25 +149,20 @@ def to_torchtitan(plan: Plan) -> Export:
     k, train = plan.knobs(), plan.train
     notes: list[str] = []
     par: dict[str, Any] = {}
-    if k.sharding == "none":
-        par["data_parallel_replicate_degree"], par["data_parallel_shard_degree"] = k.dp, 1
-    elif k.sharding == "hsdp":
-        size = k.hsdp_shard_size or k.dp
-        par["data_parallel_replicate_degree"], par["data_parallel_shard_degree"] = (
-            k.dp // size,
-            size,
+    # torchtitan has FSDP2 only: zero1 is written as zero2's FSDP (noted below)
+    dims = MeshDims.of(pp=k.pp, dp=k.dp, tp=k.tp, hsdp_shard_size=k.hsdp_shard_size,
+                       sharding="zero2" if k.sharding == "zero1" else k.sharding)
+    par["data_parallel_replicate_degree"] = dims.dp_replicate
+    par["data_parallel_shard_degree"] = dims.dp_shard
+    if k.sharding in ("zero1", "zero2"):
+        par["fsdp_reshard_after_forward"] = "never"
+        notes.append(
+            f"sharding {k.sharding}: torchtitan has FSDP2 only; written as FSDP with "
+            f"reshard_after_forward=never (parameters stay gathered between forward and "
+            f"backward, close to ZeRO-2; parameters are still sharded at rest)"
         )
-    else:
-        par["data_parallel_replicate_degree"], par["data_parallel_shard_degree"] = 1, k.dp
-        if k.sharding in ("zero1", "zero2"):
-            par["fsdp_reshard_after_forward"] = "never"
-            notes.append(
-                f"sharding {k.sharding}: torchtitan has FSDP2 only; written as FSDP with "
-                f"reshard_after_forward=never (parameters stay gathered between forward and "
-                f"backward, close to ZeRO-2; parameters are still sharded at rest)"
-            )
-        else:
-            par["fsdp_reshard_after_forward"] = "default"
+    elif k.sharding == "zero3":
+        par["fsdp_reshard_after_forward"] = "default"
     par["tensor_parallel_degree"] = k.tp
     par["enable_async_tensor_parallel"] = False
     if k.tp > 1:

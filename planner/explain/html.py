@@ -153,6 +153,16 @@ def _table(
     return "".join(out)
 
 
+def _axis_item(a: dict, nested: str = "") -> str:
+    """One mesh axis as a list item (`nested`: the list of its parts, HSDP's dp)."""
+    bandwidth = f" ({fmt_rate(a['bandwidth_bytes_per_s'])})" if a["bandwidth_bytes_per_s"] else ""
+    where = f"spans {a['num_nodes_spanned']} nodes" if a["spans_nodes"] else "inside one node"
+    return (
+        f"<li><b>{a['axis']}={a['degree']}</b>: rank stride {a['stride']}, {where} "
+        f"&rarr; {_e(a['link'])}{_e(bandwidth)}{nested}</li>"
+    )
+
+
 def render_html(plan: Plan, title: str | None = None, top_k: int = 20) -> str:
     """The report as one HTML string."""
     d = explain_data(plan, top_k=top_k)
@@ -166,15 +176,10 @@ def render_html(plan: Plan, title: str | None = None, top_k: int = 20) -> str:
     # layout
     items = []
     for a in d["mesh"]:
-        if a["degree"] > 1:
-            bw = f" ({fmt_rate(a['bandwidth_bytes_per_s'])})" if a["bandwidth_bytes_per_s"] else ""
-            where = (
-                f"spans {a['num_nodes_spanned']} nodes" if a["spans_nodes"] else "inside one node"
-            )
-            items.append(
-                f"<li><b>{a['axis']}={a['degree']}</b>: rank stride {a['stride']}, {where} "
-                f"&rarr; {_e(a['link'])}{_e(bw)}</li>"
-            )
+        if a["degree"] > 1 and a["part_of"] is None:
+            parts = [_axis_item(p) for p in d["mesh"] if p["part_of"] == a["axis"] and p["degree"] > 1]
+            nested = f"<ul>{''.join(parts)}</ul>" if parts else ""  # HSDP: dp's two parts
+            items.append(_axis_item(a, nested))
     stage_rows = [
         [
             (s["stage"], s["stage"]),

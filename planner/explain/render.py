@@ -45,6 +45,13 @@ def _section(console: Console, title: str) -> None:
     console.print(Text(title, style="bold underline"))
 
 
+def _axis_line(a: dict) -> str:
+    """`dp=16  rank stride 8, spans 16 nodes -> InfiniBand across nodes (25 GB/s)`."""
+    where = f"spans {a['num_nodes_spanned']} nodes" if a["spans_nodes"] else "inside one node"
+    bandwidth = f" ({fmt_rate(a['bandwidth_bytes_per_s'])})" if a["bandwidth_bytes_per_s"] else ""
+    return f"{a['axis']}={a['degree']}  rank stride {a['stride']}, {where} -> {a['link']}{bandwidth}"
+
+
 def plan_tree(d: dict) -> Tree:
     axes = {a["axis"]: a for a in d["mesh"]}
     world = d["num_devices"]
@@ -58,9 +65,10 @@ def plan_tree(d: dict) -> Tree:
         if a["degree"] == 1:
             mesh.add(Text(f"{axis}=1  (not used)", style="dim"))
             continue
-        where = f"spans {a['num_nodes_spanned']} nodes" if a["spans_nodes"] else "inside one node"
-        bw = f" ({fmt_rate(a['bandwidth_bytes_per_s'])})" if a["bandwidth_bytes_per_s"] else ""
-        mesh.add(f"{axis}={a['degree']}  rank stride {a['stride']}, {where} -> {a['link']}{bw}")
+        node = mesh.add(_axis_line(a))
+        for part in d["mesh"]:  # HSDP: dp_shard and dp_replicate under dp
+            if part["part_of"] == axis and part["degree"] > 1:
+                node.add(_axis_line(part))
     dp = d["data_parallel"]
     sh = dp["sharding"]
     what = {

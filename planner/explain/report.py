@@ -3,9 +3,9 @@
 Everything here is read from the planner's own records in the Plan (`predicted` — the cost
 model's StepEstimate as stored — `alternatives`, `rejected`, `search`); nothing is re-estimated.
 The only derived facts are layout ones that follow from the mesh and the hardware by
-arithmetic: which ranks form a group on each mesh axis (ranks are laid out pp-major, tp
-innermost: rank = (pp_i * dp + dp_i) * tp + tp_i), whether a group spans nodes, and hence which
-link its collectives use.
+arithmetic, read from `specs.MeshDims` (the layout the runtime's DeviceMesh has: pp outermost, tp
+innermost, dp split into dp_replicate x dp_shard under HSDP): which ranks form a group on each
+mesh axis, whether a group spans nodes, and hence which link its collectives use.
 
 `explain_data(plan) -> dict` is JSON-serialisable (`autoplan explain --format json`).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from specs import Knobs, Plan
+from specs import Knobs, MeshDims, Plan
 
 # Friendly names of the cost model's time-breakdown keys; unknown keys are shown as they are.
 TERM_LABELS = {
@@ -55,34 +55,39 @@ def _link_names(plan: Plan) -> tuple[str, str]:
 
 
 def mesh_axes(plan: Plan) -> list[dict[str, Any]]:
-    """Per mesh axis: degree, rank stride, the first group's ranks, nodes spanned, link used."""
-    m, hw = plan.mesh, plan.hardware
-    per_node = hw.devices_per_node
+    """Per mesh axis: degree, rank stride, the first group's ranks (up to 8), nodes spanned, link.
+
+    Rows tp, dp, pp; under HSDP dp's two parts follow the dp row, `part_of: "dp"` (dp_shard inside
+    dp_replicate). Every other row has `part_of: None`.
+    """
+    dims = MeshDims.from_plan(plan)
+    hw = plan.hardware
     intra, inter = _link_names(plan)
-    strides = {"tp": 1, "dp": m.tp, "pp": m.tp * m.dp}
+    groups: list[tuple[str, str | None]] = [("tp", None), ("dp", None)]
+    if dims.hsdp:
+        groups += [("dp_shard", "dp"), ("dp_replicate", "dp")]
+    groups.append(("pp", None))
     out = []
-    for axis in ("tp", "dp", "pp"):
-        degree = getattr(m, axis)
-        stride = strides[axis]
-        ranks = [k * stride for k in range(degree)]
-        nodes = sorted({r // per_node for r in ranks})
-        spans = len(nodes) > 1
+    for group, part_of in groups:
+        degree = dims.size(group)
+        num_nodes = dims.nodes_spanned(group, hw.devices_per_node)
         if degree == 1:
-            link, bw = "none (degree 1)", 0.0
-        elif spans:
-            link, bw = inter, hw.inter_node.bandwidth_bytes_per_s
+            link, bandwidth = "none (degree 1)", 0.0
+        elif num_nodes > 1:
+            link, bandwidth = inter, hw.inter_node.bandwidth_bytes_per_s
         else:
-            link, bw = intra, hw.intra_node.bandwidth_bytes_per_s
+            link, bandwidth = intra, hw.intra_node.bandwidth_bytes_per_s
         out.append(
             {
-                "axis": axis,
+                "axis": group,
+                "part_of": part_of,
                 "degree": degree,
-                "stride": stride,
-                "first_group": ranks[:8],
-                "num_nodes_spanned": len(nodes),
-                "spans_nodes": spans,
+                "stride": dims.stride(group),
+                "first_group": dims.first_group(group)[:8],
+                "num_nodes_spanned": num_nodes,
+                "spans_nodes": num_nodes > 1,
                 "link": link,
-                "bandwidth_bytes_per_s": bw,
+                "bandwidth_bytes_per_s": bandwidth,
             }
         )
     return out
