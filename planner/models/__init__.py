@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from planner.models.mlp import MLP, MLP_CONFIGS, MLPConfig
-from planner.models.transformer import GPT_CONFIGS, LLAMA_CONFIGS, Transformer, TransformerConfig
+from planner.models.transformer import (
+    GPT_CONFIGS,
+    LLAMA_CONFIGS,
+    MOE_CONFIGS,
+    Transformer,
+    TransformerConfig,
+)
 from specs import SpecError
 
 
@@ -131,7 +137,7 @@ def _hf(name: str, batch: int, device, dtype) -> BuiltModel:
 
 
 def list_models() -> list[str]:
-    return sorted([*GPT_CONFIGS, *LLAMA_CONFIGS, *MLP_CONFIGS, *TORCHVISION_BUNDLED, *HF_BUNDLED])
+    return sorted([*GPT_CONFIGS, *LLAMA_CONFIGS, *MOE_CONFIGS, *MLP_CONFIGS, *TORCHVISION_BUNDLED, *HF_BUNDLED])
 
 
 def is_bundled(ref: str) -> bool:
@@ -153,6 +159,8 @@ def build_model(
         return _lm(ref, GPT_CONFIGS[ref], batch, device, dtype)
     if ref in LLAMA_CONFIGS:
         return _lm(ref, LLAMA_CONFIGS[ref], batch, device, dtype)
+    if ref in MOE_CONFIGS:
+        return _lm(ref, MOE_CONFIGS[ref], batch, device, dtype)
     if ref in MLP_CONFIGS:
         return _mlp(ref, MLP_CONFIGS[ref], batch, device, dtype)
     if ref in TORCHVISION_BUNDLED:
@@ -215,4 +223,4 @@ def _from_factory(ref: str, batch: int, device, dtype) -> BuiltModel:
 
 
 __all__ = ["BuiltModel", "build_model", "is_bundled", "list_models", "lm_loss", "GPT_CONFIGS", "LLAMA_CONFIGS",
-           "MLP_CONFIGS", "Transformer", "TransformerConfig", "MLP", "MLPConfig"]
+           "MOE_CONFIGS", "MLP_CONFIGS", "Transformer", "TransformerConfig", "MLP", "MLPConfig"]

@@ -9,6 +9,9 @@ Written for the planner and the runtime alike:
   `init_weights()` (the runtime calls it after sharding).
 
 Structure (the tracer's blocks): `embed` -> `layers.0 .. layers.{L-1}` -> `head`.
+
+With `num_experts > 0` each layer's MLP is a mixture of experts (planner.models.moe: router,
+top-k, grouped experts; dropless), still at `layers.i.mlp`; MOE_CONFIGS names the bundled ones.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from planner.models.moe import GroupedExperts, MoE
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class TransformerConfig:
     bias: bool = True
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    num_experts: int = 0  # > 0: each layer's MLP is a mixture of this many experts (planner.models.moe)
+    top_k: int = 2  # experts per token when num_experts > 0
 
     @property
     def head_dim(self) -> int:
@@ -147,7 +154,7 @@ class TransformerBlock(nn.Module):
         self.attn_norm = _norm(cfg)
         self.attn = Attention(cfg)
         self.mlp_norm = _norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg.hidden, cfg.ffn, cfg.num_experts, cfg.top_k, cfg.style) if cfg.num_experts else MLP(cfg)
         self.resid_dropout1 = nn.Dropout(cfg.dropout)
         self.resid_dropout2 = nn.Dropout(cfg.dropout)
 
@@ -218,6 +225,11 @@ class Transformer(nn.Module):
                 _normal_(mod.weight, std, gen)
             elif isinstance(mod, (nn.LayerNorm, RMSNorm)):
                 mod.reset_parameters()
+            elif isinstance(mod, GroupedExperts):
+                for w in (mod.w1, mod.w3):
+                    if w is not None:
+                        _normal_(w, std, gen)
+                _normal_(mod.w2, resid_std, gen)
         self._reset_buffers()
 
     def _reset_buffers(self) -> None:
@@ -271,4 +283,13 @@ LLAMA_CONFIGS: dict[str, TransformerConfig] = {
                                     ffn_hidden=28672, seq_len=8192, **_LLAMA),
     "llama3-405b": TransformerConfig(vocab_size=128256, hidden=16384, num_layers=126, num_heads=128,
                                      num_kv_heads=8, ffn_hidden=53248, seq_len=8192, **_LLAMA),
+}
+
+# Mixture-of-experts transformers (planner.models.moe). moe-llama-tiny has Mixtral's structure
+# (RMSNorm, RoPE, grouped-query attention, SwiGLU experts, top-2 with renormalised weights).
+MOE_CONFIGS: dict[str, TransformerConfig] = {
+    "moe-gpt-tiny": TransformerConfig(vocab_size=128, hidden=64, num_layers=2, num_heads=4, seq_len=32,
+                                      ffn_hidden=128, num_experts=4, top_k=2),
+    "moe-llama-tiny": TransformerConfig(vocab_size=128, hidden=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                        ffn_hidden=128, seq_len=32, num_experts=4, top_k=2, **_LLAMA),
 }
