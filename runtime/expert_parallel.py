@@ -1,0 +1,196 @@
+"""Expert parallelism (EP) for mixture-of-experts layers: each rank of an EP group holds
+num_experts / ep of every MoE layer's experts, and the routed token rows travel to their expert's
+rank and back with all-to-all (torch.distributed._functional_collectives.all_to_all_single_autograd,
+which has a backward: the reverse all-to-all of the gradients). Works on gloo (CPU) and NCCL.
+
+What it applies to: `planner.models.moe.GroupedExperts` modules (the bundled MoE transformers,
+`TransformerConfig(num_experts=...)`), whose forward takes the routed rows already grouped by
+expert and the per-expert counts. The router, top-k, sort and combine stay on each rank
+(data-parallel like any other parameter); only the expert computation is moved.
+
+One MoE layer's forward on EP rank r (E experts, E_l = E / ep local ones):
+    1. counts (E,) -> all-to-all -> recv (ep, E_l): rows each source rank sends to my experts
+    2. rows -> all_to_all_single_autograd(send splits = counts summed per destination rank)
+    3. regroup the received rows from (source, expert) order to (expert, source) order
+    4. local experts on their rows (counts recv.sum(0)); weights are DTensors Shard(0) on the EP
+       mesh, used through to_local()
+    5. undo 3, reverse all-to-all: every row returns to its token's rank, in its original order.
+The routing is dropless (no capacity), so each token meets the same experts and weights as in
+one process: the forward equals one process up to float summation order.
+
+Composition with data parallelism (torchtitan's: EP borrows its ranks from data parallelism).
+Let D ranks each train on a different slice of the global batch (the plan's dp), and ep divide D.
+The mesh is (expert_dp = D / ep, ep), ep innermost; `dp` is the two flattened (all D ranks).
+  * Non-expert parameters (embeddings, attention, norms, router, head) are data-parallel over all
+    D ranks with the runtime's engine (FSDP2 fully_shard / replicate over `dp`): gradient =
+    (1/D) * sum over the D ranks of d(local mean loss)/dW, the gradient of the global mean loss.
+  * An expert shard's local gradient after backward already sums the contributions of the tokens
+    of the ep ranks of its EP group (the all-to-all's backward brings them home), each scaled by
+    its own rank's 1/local batch. Its D / ep copies (one per EP group) hold the same experts, so
+    the expert gradient must be (1/D) * sum over the expert_dp copies, not FSDP's plain mean over
+    them ((ep/D) * sum, every token counted ep times). So the expert weights' gradients are scaled
+    by 1/ep inside autograd (`GroupedExperts.grad_scale`), and each GroupedExperts gets its own
+    FSDP2 `fully_shard` over the `expert_dp` mesh with its default mean: (ep/D) * sum(local/ep).
+    Also when D == ep (expert_dp of one rank: no reduction, local/ep = local/D).
+    Not FSDP2's `set_gradient_divide_factor(D)` (torchtitan's way): in torch 2.14 a one-rank
+    FSDP2 group reducing in float64 or float16 divides twice (pre/post-divide factors and the
+    single-rank copy's own division; fsdp/_fully_shard/_fsdp_collectives.py), measured here as
+    expert gradients of half their value at ep = dp = 2.
+  * Therefore apply EP BEFORE data parallelism: the experts then belong to their own FSDP2 group
+    and the block/root `fully_shard` over `dp` leaves them out (FSDP2 skips parameters an inner
+    fully_shard manages). DDP cannot hold the DTensor expert weights: with EP, sharding none must
+    use FSDP2's `replicate` (as runtime.data_parallel does for tp > 1).
+  * The losses the runtime returns are dp-averaged as before.
+So a step equals one process training on the global batch (tests/ep_cases.py checks it in
+float64 on gloo: ep=2 on 2 ranks, ep=2 x expert_dp=2 on 4).
+
+Future plan field: `mesh.ep` (a divisor of dp and of every MoE layer's num_experts). The runtime's
+hook: build `ExpertMeshes` from the plan's dp ranks (runtime.mesh), call `apply_expert_parallel`
+between tensor parallelism and `apply_data_parallel`, and pick FSDP2 `replicate` instead of DDP
+when ep > 1. EP x TP: tensor parallelism on the attention, experts whole on each tp rank
+(`build_expert_meshes(tp=...)`). Not yet: experts split over tp, EP x PP, Hugging Face MoE
+modules (their experts route internally; they would need their forward split like
+GroupedExperts'), a load-balancing loss, capacity-limited routing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+
+from planner.models.moe import GroupedExperts
+from specs import SpecError
+
+
+@dataclass(frozen=True)
+class ExpertMeshes:
+    """The meshes EP needs, over the D data-parallel ranks: `ep` (innermost, consecutive ranks),
+    `expert_dp` (the copies of one expert shard), and `dp` (all D ranks, flattened)."""
+
+    world: DeviceMesh
+    ep: DeviceMesh
+    expert_dp: DeviceMesh
+    dp: DeviceMesh
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp.size()
+
+
+def validate_expert_parallel(num_experts: int, ep: int, dp: int) -> None:
+    """Raise SpecError when ep cannot split `num_experts` experts over `dp` data-parallel ranks. Pure."""
+    if ep < 1 or dp % ep:
+        raise SpecError(f"mesh.ep: ep={ep} must divide dp={dp} (EP groups are made of data-parallel ranks)")
+    if num_experts % ep:
+        raise SpecError(f"mesh.ep: ep={ep} must divide the MoE layers' num_experts={num_experts} "
+                        f"(each EP rank holds num_experts / ep experts)")
+
+
+def build_expert_meshes(dp: int, ep: int, tp: int = 1, device_type: str = "cpu") -> ExpertMeshes:
+    """The (expert_dp, ep, tp) mesh: the runtime's (dp, tp) layout (global rank = dp_i * tp + tp_i,
+    runtime.mesh) with dp split as dp_i = expert_dp_i * ep + ep_i. pp = 1 for now.
+
+    With tp > 1 the experts are whole on each tp rank (the tokens entering an MoE layer are the same
+    on the tp ranks of a dp replica, so each runs the same routing; EP groups join the ranks of one
+    tp index)."""
+    if dp * tp != dist.get_world_size():
+        raise SpecError(f"mesh.ep: expert parallelism runs with pp = 1 for now: dp({dp}) * tp({tp}) must be the "
+                        f"world size {dist.get_world_size()}")
+    if ep < 1 or dp % ep:
+        raise SpecError(f"mesh.ep: ep={ep} must divide dp={dp}")
+    world = init_device_mesh(device_type, (dp // ep, ep, tp), mesh_dim_names=("expert_dp", "ep", "tp"))
+    return ExpertMeshes(world=world, ep=world["ep"], expert_dp=world["expert_dp"],
+                        dp=world["expert_dp", "ep"]._flatten("dp"))
+
+
+class _Dispatch:
+    """The all-to-all around one GroupedExperts: forward pre-hook (dispatch) and forward hook
+    (combine). State passes from one to the other on this object (one forward at a time per
+    module; a recomputation under activation checkpointing repeats both)."""
+
+    def __init__(self, mesh: DeviceMesh, num_experts: int):
+        self.group = mesh.get_group()
+        self.ep = mesh.size()
+        self.local = num_experts // self.ep
+        self.num_experts = num_experts
+        self._state: tuple[list[int], list[int], torch.Tensor] | None = None
+
+    def dispatch(self, module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        routed, counts = inputs
+        if counts.shape != (self.num_experts,):
+            raise ValueError(f"expert parallel: counts of shape {tuple(counts.shape)}, expected ({self.num_experts},)")
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts.contiguous(), group=self.group)
+        recv = recv.view(self.ep, self.local)  # [source rank, local expert]
+        send_splits = counts.view(self.ep, self.local).sum(1).tolist()
+        recv_splits = recv.sum(1).tolist()
+        rows = all_to_all_single_autograd(routed.contiguous(), recv_splits, send_splits, self.group)
+        order = _by_expert_order(recv, rows.device)
+        self._state = (send_splits, recv_splits, order)
+        return rows[order], recv.sum(0)
+
+    def combine(self, module: nn.Module, out: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        assert self._state is not None, "combine without dispatch"
+        send_splits, recv_splits, order = self._state
+        self._state = None
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return all_to_all_single_autograd(out[inverse].contiguous(), send_splits, recv_splits, self.group)
+
+
+def _by_expert_order(recv: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Row indices that regroup rows laid out [source][expert] (counts `recv`, (ep, E_l)) into
+    [expert][source], so each local expert's rows are contiguous."""
+    ep, local = recv.shape
+    sizes = recv.reshape(-1).tolist()
+    starts = [0]
+    for s in sizes[:-1]:
+        starts.append(starts[-1] + s)
+    parts = [torch.arange(starts[s * local + e], starts[s * local + e] + sizes[s * local + e], device=device)
+             for e in range(local) for s in range(ep)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def apply_expert_parallel(model: nn.Module, meshes: ExpertMeshes, *, reshard_after_forward: bool = True,
+                          mp_policy: MixedPrecisionPolicy | None = None) -> list[str]:
+    """Shard every GroupedExperts of `model` over `meshes.ep` and give each its own FSDP2 group
+    over `meshes.expert_dp`, with its weights' gradients scaled by 1/ep (module docstring). Call it
+    before the data parallelism of the rest of the model, on every rank, with the model's
+    parameters identical on all ranks (rank 0's are distributed).
+
+    Args:
+        model: the model (parameters materialised).
+        meshes: from `build_expert_meshes`.
+        reshard_after_forward: FSDP2's, for the experts' group (False: zero2-like).
+        mp_policy: FSDP2 mixed precision for the experts (None: their own dtype).
+    Returns:
+        The names of the expert modules sharded.
+    """
+    ep = meshes.ep.size()
+    names = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, GroupedExperts):
+            continue
+        validate_expert_parallel(mod.num_experts, ep, meshes.dp_size)
+        hooks = _Dispatch(meshes.ep, mod.num_experts)
+
+        def shard(_name: str, m: nn.Module, mesh: DeviceMesh) -> None:
+            for pname, p in list(m.named_parameters(recurse=False)):
+                m.register_parameter(pname, nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])))
+
+        distribute_module(mod, meshes.ep, shard, input_fn=hooks.dispatch, output_fn=hooks.combine)
+        fully_shard(mod, mesh=meshes.expert_dp, reshard_after_forward=reshard_after_forward,
+                    mp_policy=mp_policy or MixedPrecisionPolicy())
+        mod.grad_scale = 1.0 / ep
+        names.append(name)
+    if not names:
+        raise SpecError(f"mesh.ep: {type(model).__name__} has no GroupedExperts module to shard "
+                        f"(expert parallelism applies to planner.models.moe layers)")
+    return names

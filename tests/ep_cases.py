@@ -1,0 +1,147 @@
+"""Expert parallelism (runtime.expert_parallel) on the bundled MoE transformers, against one process,
+all cases inside ONE torchrun process group per world size:
+
+    torchrun --standalone --nproc-per-node N tests/ep_cases.py --out results.json [--only a,b]
+
+Each case builds the tiny MoE model in float64 (same seed on every rank), applies EP over an
+(expert_dp, ep) mesh, then the runtime's data parallelism over all ranks (runtime.parallelize with
+a dp = world plan, FSDP2), trains STEPS steps of SGD, and compares the losses and the gathered
+parameters with an identical copy trained alone on rank 0 on the whole global batch.
+
+The "cp-probe" case records what torch's context_parallel does on CPU/gloo: the error it raises
+(test_context_parallel_does_not_run_on_cpu says why). tests/test_expert_parallel.py launches this
+and asserts per case.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from planner.models import build_model  # noqa: E402
+from runtime import parallelize  # noqa: E402
+from runtime.expert_parallel import apply_expert_parallel, build_expert_meshes  # noqa: E402
+from tests.case_runner import finish, run_cases, start  # noqa: E402
+from tests.runtime_plans import make_plan  # noqa: E402
+
+STEPS = 3
+SEED = 1234
+LR = 0.1
+BATCH = 8
+
+
+@dataclass(frozen=True)
+class EPCase:
+    name: str
+    world: int
+    model: str
+    ep: int
+    sharding: str  # the non-expert parameters' FSDP2 sharding over all ranks (zero2 | zero3)
+    num_micro_batches: int = 1
+    tp: int = 1  # tensor parallel attention (experts whole on each tp rank)
+
+
+CASES = [
+    EPCase("ep2-zero2-moe-gpt", 2, "moe-gpt-tiny", ep=2, sharding="zero2"),
+    EPCase("ep2-zero3-moe-llama", 2, "moe-llama-tiny", ep=2, sharding="zero3"),
+    EPCase("ep2-dp2-zero3-moe-gpt", 4, "moe-gpt-tiny", ep=2, sharding="zero3"),
+    EPCase("ep2-dp2-zero2-accum-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero2", num_micro_batches=2),
+    EPCase("ep4-zero3-moe-llama", 4, "moe-llama-tiny", ep=4, sharding="zero3"),
+    EPCase("ep2-tp2-zero3-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero3", tp=2),
+]
+
+ATTENTION_TP = {"layers.*.attn.q_proj": "colwise", "layers.*.attn.k_proj": "colwise",
+                "layers.*.attn.v_proj": "colwise", "layers.*.attn.o_proj": "rowwise"}
+
+
+def loss64(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, -2), tokens.flatten())
+
+
+def run_ep_case(case: EPCase) -> dict:
+    torch.manual_seed(SEED)
+    built = build_model(case.model, batch=BATCH, dtype=torch.float64)
+    model = built.module
+    ref_model = copy.deepcopy(model)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(SEED)
+    batches = [built.make_batch(BATCH, gen) for _ in range(STEPS)]
+
+    world = dist.get_world_size()
+    dp = world // case.tp
+    meshes = build_expert_meshes(dp=dp, ep=case.ep, tp=case.tp)
+    sharded = apply_expert_parallel(model, meshes, reshard_after_forward=case.sharding == "zero3")
+    plan = make_plan(case.model, global_batch_size=BATCH, dp=dp, tp=case.tp, sharding=case.sharding,
+                     num_micro_batches=case.num_micro_batches, optimizer="sgd")
+    if case.tp > 1:
+        data = plan.model_dump(mode="json")
+        data["tensor_parallel"]["styles"] = ATTENTION_TP
+        plan = type(plan).from_dict(data)
+    pm = parallelize(model, plan, loss_fn=loss64, example_inputs=built.example_inputs, optimizer_kwargs={"lr": LR})
+    losses = [float(pm.train_step(pm.local_batch(x, y))) for x, y in batches]
+    w1 = dict(pm.module.named_parameters())[f"{sharded[0]}.w1"]
+    local_experts = w1.to_local().shape[0]
+    full = pm.full_state_dict()
+    out = {"name": case.name, "world": world, "losses": losses, "sharded": sharded, "local_experts": local_experts,
+           "num_experts": ref_model.cfg.num_experts, "notes": pm.notes}
+    if dist.get_rank() == 0:
+        opt = torch.optim.SGD(ref_model.parameters(), lr=LR)
+        ref_losses = []
+        for x, y in batches:
+            loss = loss64(ref_model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            ref_losses.append(loss.item())
+        ref = {n: p.detach() for n, p in ref_model.named_parameters()}
+        out["missing_params"] = [n for n in ref if n not in full]
+        out["ref_losses"] = ref_losses
+        out["loss_diff"] = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
+        out["param_diff"] = max((full[n].double() - ref[n].double()).abs().max().item() for n in ref if n in full)
+        out["expert_param_diff"] = max((full[n].double() - ref[n].double()).abs().max().item()
+                                       for n in ref if n in full and ".experts." in n)
+        out["param_change"] = max((ref[n] - init[n]).abs().max().item() for n in ref)
+    return out
+
+
+def run_cp_probe() -> dict:
+    """torch's context_parallel on F.scaled_dot_product_attention(is_causal=True), float64 on CPU:
+    the error it raises (or the max |diff| against one process if it ever runs)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+    torch.manual_seed(SEED)
+    q, k, v = (torch.randn(2, 2, 8 * world, 8, dtype=torch.float64) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    qc, kc, vc = (t.clone() for t in (q, k, v))
+    try:
+        with context_parallel(mesh, buffers=[qc, kc, vc], buffer_seq_dims=[2, 2, 2], no_restore_buffers={qc, kc, vc}):
+            out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True)
+    except Exception as e:  # the finding this case records
+        return {"name": "cp-probe", "cp_error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+    from torch.distributed.tensor.experimental._attention import context_parallel_unshard
+
+    (full,) = context_parallel_unshard(mesh, [out], [2])
+    return {"name": "cp-probe", "cp_max_diff": (full - ref).abs().max().item()}
+
+
+def main() -> None:
+    args = start()
+    world = dist.get_world_size()
+    by_name = {c.name: c for c in CASES if c.world == world}
+    names = [n for n in [*by_name, "cp-probe"] if not args.only or n in args.only]
+    finish(run_cases(names, lambda n: run_cp_probe() if n == "cp-probe" else run_ep_case(by_name[n])), args.out)
+
+
+if __name__ == "__main__":
+    main()

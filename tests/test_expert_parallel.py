@@ -1,0 +1,63 @@
+"""Tier 3: expert parallelism (runtime.expert_parallel) trains the bundled MoE transformers like one
+process (CPU, gloo, float64), and torch's context parallelism does not run on CPU (a recorded
+finding: the test fails, telling to add CP, the day it does).
+
+One torchrun per world size (2, 4) runs that size's cases from tests/ep_cases.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.ep_cases import CASES
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-12  # float64; measured ~1e-15 for the losses, ~1e-17 for the parameters
+_RESULTS: dict[int, dict[str, dict]] = {}
+
+
+def run_world(world: int, tmp: Path) -> dict[str, dict]:
+    if world not in _RESULTS:
+        out = tmp / f"ep{world}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               str(ROOT / "tests" / "ep_cases.py"), "--out", str(out)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not out.exists():
+            pytest.fail(f"torchrun ({world} procs) failed, rc={proc.returncode}:\n{proc.stderr[-4000:]}")
+        _RESULTS[world] = {r["name"]: r for r in json.loads(out.read_text())}
+    return _RESULTS[world]
+
+
+@pytest.mark.tier3
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=pytest.mark.xdist_group(f"ep{c.world}"))
+                                  for c in CASES])
+def test_expert_parallel_matches_one_process(case, tmp_path_factory):
+    r = run_world(case.world, tmp_path_factory.mktemp(f"ep{case.world}"))[case.name]
+    assert "error" not in r, r.get("traceback", r.get("error"))
+    assert r["missing_params"] == []
+    assert r["param_change"] > 1e-3, "training did not move the parameters"
+    assert r["loss_diff"] <= TOL * max(1.0, max(r["ref_losses"])), (r["losses"], r["ref_losses"])
+    assert r["param_diff"] <= TOL, f"max |param - reference| = {r['param_diff']:.3g}"
+    # sharding is real: each rank computes num_experts / ep experts (FSDP2 may split them further)
+    assert r["local_experts"] <= r["num_experts"] // case.ep
+    assert not any("split nothing" in n for n in r["notes"]), r["notes"]  # tp really splits the attention
+
+
+@pytest.mark.tier3
+@pytest.mark.xdist_group("ep2")
+def test_context_parallel_does_not_run_on_cpu(tmp_path_factory):
+    """torch 2.14's context_parallel replaces SDPA's CUDA kernels only (flash, efficient, cudnn):
+    on CPU, SDPA dispatches to aten._scaled_dot_product_flash_attention_for_cpu, which has neither
+    a DTensor sharding strategy nor a ring-attention handler. Runtime CP needs a GPU machine."""
+    r = run_world(2, tmp_path_factory.mktemp("ep2"))["cp-probe"]
+    assert "error" not in r, r.get("traceback", r.get("error"))
+    assert "cp_error" in r, (f"context_parallel now runs on CPU/gloo (max |diff| {r.get('cp_max_diff')}): "
+                             f"add runtime/context_parallel.py and its equality cases")
+    assert "_scaled_dot_product_flash_attention_for_cpu" in r["cp_error"], r["cp_error"]
