@@ -16,14 +16,12 @@
    cache directory (specs.hardware.local_spec_path). `--hw cpu` plans with the shipped `cpu`
    preset instead, and says so when that preset was calibrated on another host.
 
-Each part says what it runs; a part whose piece of autoplan is not in this build is skipped
-with the reason, and the demo exits non-zero if a part fails.
+Each part says what it runs, and the demo exits non-zero if a part fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -40,17 +38,6 @@ from specs import HardwareSpec, SpecError, TrainSpec
 from specs.hardware import LOCAL_PRESET, foreign_host_note, host_key, local_spec_path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Skip(Exception):
-    """This part needs a piece of autoplan that the build lacks."""
-
-
-def _runtime_installed() -> None:
-    """The runtime runs in torchrun's processes (planner/ never imports it); say so plainly when
-    this installation lacks it."""
-    if importlib.util.find_spec("runtime") is None:
-        raise Skip("the runtime package is not installed")
 
 
 def part_big(con, args) -> None:
@@ -72,7 +59,6 @@ def part_trace(con, args) -> None:
 
 
 def part_tiny(con, args) -> None:
-    _runtime_installed()
     hw = this_host(con, args.nproc, args.hw)
     train = TrainSpec(global_batch_size=16, precision="fp32")
     plan = autoplan(args.model, hw, train=train)
@@ -218,22 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=None)
     args = p.parse_args(argv)
     con = make_console(width=args.width)
-    failed, skipped = [], []
-    for key in args.only or list(PARTS):
+    failed = []
+    keys = args.only or list(PARTS)
+    for key in keys:
         title, fn = PARTS[key]
         con.print(Rule(title))
         try:
             fn(con, args)
-        except Skip as e:
-            skipped.append(key)
-            con.print(f"(skipped: {e})", style="yellow")
         except (SpecError, RuntimeError, subprocess.TimeoutExpired) as e:
             failed.append(key)
             con.print(f"FAILED: {e}", style="bold red", markup=False)
     con.print(Rule())
     con.print(
-        f"demo: {len(PARTS) - len(failed) - len(skipped)} parts ran"
-        + (f", skipped {', '.join(skipped)}" if skipped else "")
+        f"demo: {len(keys) - len(failed)} of {len(keys)} parts ran"
         + (f", FAILED {', '.join(failed)}" if failed else "")
     )
     return 1 if failed else 0

@@ -38,18 +38,6 @@ def test_report_run_without_steps_fails(tmp_path):
         demo.report_run(Console(file=io.StringIO()), small_plan(), log)
 
 
-def test_parts_skip_with_a_reason_when_a_piece_is_missing(monkeypatch):
-    con = Console(width=100, file=io.StringIO(), highlight=False)
-    monkeypatch.setattr(demo, "make_console", lambda width=None: con)
-
-    def missing(con, args):
-        raise demo.Skip("runtime.launch is not in this build yet")
-
-    monkeypatch.setitem(demo.PARTS, "tiny", ("3. tiny", missing))
-    assert demo.main(["--only", "tiny"]) == 0
-    assert "skipped: runtime.launch is not in this build yet" in con.file.getvalue()
-
-
 def _console() -> Console:
     return Console(width=200, file=io.StringIO(), highlight=False)
 
