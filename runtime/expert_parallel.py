@@ -5,8 +5,12 @@ which has a backward: the reverse all-to-all of the gradients). Works on gloo (C
 
 What it applies to: `planner.models.moe.GroupedExperts` modules (the bundled MoE transformers,
 `TransformerConfig(num_experts=...)`), whose forward takes the routed rows already grouped by
-expert and the per-expert counts. The router, top-k, sort and combine stay on each rank
-(data-parallel like any other parameter); only the expert computation is moved.
+expert and the per-expert counts: the all-to-alls run as distribute_module's input/output hooks
+around it. Hugging Face transformers 5 experts modules in their plain layout (`is_hf_experts`:
+Mixtral, Qwen2-MoE, Qwen3-MoE) route inside their forward; theirs is replaced by
+`_hf_experts_forward` (sort by expert, send, SwiGLU per local expert, receive, weight, sum). The
+router, top-k, sort and combine stay on each rank (data-parallel like any other parameter); only
+the expert computation is moved.
 
 One MoE layer's forward on EP rank r (E experts, E_l = E / ep local ones):
     1. counts (E,) -> all-to-all -> recv (ep, E_l): rows each source rank sends to my experts
@@ -29,7 +33,8 @@ The mesh is (expert_dp = D / ep, ep), ep innermost; `dp` is the two flattened (a
     its own rank's 1/local batch. Its D / ep copies (one per EP group) hold the same experts, so
     the expert gradient must be (1/D) * sum over the expert_dp copies, not FSDP's plain mean over
     them ((ep/D) * sum, every token counted ep times). So the expert weights' gradients are scaled
-    by 1/ep inside autograd (`GroupedExperts.grad_scale`), and each GroupedExperts gets its own
+    by 1/ep inside autograd (`GroupedExperts.grad_scale`; `ep_grad_scale` on a Hugging Face
+    experts module), and each experts module gets its own
     FSDP2 `fully_shard` over the `expert_dp` mesh with its default mean: (ep/D) * sum(local/ep).
     Also when D == ep (expert_dp of one rank: no reduction, local/ep = local/D).
     Not FSDP2's `set_gradient_divide_factor(D)` (torchtitan's way): in torch 2.14 a one-rank
@@ -38,34 +43,37 @@ The mesh is (expert_dp = D / ep, ep), ep innermost; `dp` is the two flattened (a
     expert gradients of half their value at ep = dp = 2.
   * Therefore apply EP BEFORE data parallelism: the experts then belong to their own FSDP2 group
     and the block/root `fully_shard` over `dp` leaves them out (FSDP2 skips parameters an inner
-    fully_shard manages). DDP cannot hold the DTensor expert weights: with EP, sharding none must
-    use FSDP2's `replicate` (as runtime.data_parallel does for tp > 1).
+    fully_shard manages). DDP cannot hold the DTensor expert weights: with EP, sharding none needs
+    FSDP2's `replicate` (as runtime.data_parallel does for tp > 1; not tested with EP yet).
   * The losses the runtime returns are dp-averaged as before.
 So a step equals one process training on the global batch (tests/ep_cases.py checks it in
-float64 on gloo: ep=2 on 2 ranks, ep=2 x expert_dp=2 on 4).
+float64 on gloo: ep=2 on 2 ranks, ep=2 x expert_dp=2, ep=4 and ep=2 x tp=2 on 4, on the bundled
+MoE transformers and on Hugging Face Mixtral and Qwen3-MoE built from configs).
 
 Future plan field: `mesh.ep` (a divisor of dp and of every MoE layer's num_experts). The runtime's
 hook: build `ExpertMeshes` from the plan's dp ranks (runtime.mesh), call `apply_expert_parallel`
 between tensor parallelism and `apply_data_parallel`, and pick FSDP2 `replicate` instead of DDP
 when ep > 1. EP x TP: tensor parallelism on the attention, experts whole on each tp rank
-(`build_expert_meshes(tp=...)`). Not yet: experts split over tp, EP x PP, Hugging Face MoE
-modules (their experts route internally; they would need their forward split like
-GroupedExperts'), a load-balancing loss, capacity-limited routing.
+(`build_expert_meshes(tp=...)`). Not yet: experts split over tp, EP x PP (the pipeline split
+of a model whose experts carry hooks is untested), Qwen2-MoE's shared expert is data-parallel
+like any dense MLP, no load-balancing loss, no capacity-limited routing.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 
-from planner.models.moe import GroupedExperts
+from planner.models.moe import GroupedExperts, local_expert_weight, sort_by_expert
 from specs import SpecError
 
 
@@ -111,9 +119,10 @@ def build_expert_meshes(dp: int, ep: int, tp: int = 1, device_type: str = "cpu")
 
 
 class _Dispatch:
-    """The all-to-all around one GroupedExperts: forward pre-hook (dispatch) and forward hook
-    (combine). State passes from one to the other on this object (one forward at a time per
-    module; a recomputation under activation checkpointing repeats both)."""
+    """The all-to-all around one experts module: `send` (the rows to their experts' ranks) and
+    `receive` (back). State passes from one to the other on this object (one forward at a time
+    per module; a recomputation under activation checkpointing repeats both). For GroupedExperts
+    they run as distribute_module's input and output hooks."""
 
     def __init__(self, mesh: DeviceMesh, num_experts: int):
         self.group = mesh.get_group()
@@ -123,7 +132,14 @@ class _Dispatch:
         self._state: tuple[list[int], list[int], torch.Tensor] | None = None
 
     def dispatch(self, module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
-        routed, counts = inputs
+        return self.send(*inputs)
+
+    def combine(self, module: nn.Module, out: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        return self.receive(out)
+
+    def send(self, routed: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows grouped by global expert (counts (E,)) -> this rank's experts' rows grouped by
+        local expert, and their counts (E_l,)."""
         if counts.shape != (self.num_experts,):
             raise ValueError(f"expert parallel: counts of shape {tuple(counts.shape)}, expected ({self.num_experts},)")
         recv = torch.empty_like(counts)
@@ -136,8 +152,9 @@ class _Dispatch:
         self._state = (send_splits, recv_splits, order)
         return rows[order], recv.sum(0)
 
-    def combine(self, module: nn.Module, out: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-        assert self._state is not None, "combine without dispatch"
+    def receive(self, out: torch.Tensor) -> torch.Tensor:
+        """The local experts' output rows -> this rank's rows, in the order `send` took them."""
+        assert self._state is not None, "receive without send"
         send_splits, recv_splits, order = self._state
         self._state = None
         inverse = torch.empty_like(order)
@@ -158,12 +175,46 @@ def _by_expert_order(recv: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
+def is_hf_experts(mod: nn.Module) -> bool:
+    """A Hugging Face transformers 5 experts module in its plain layout (MixtralExperts,
+    Qwen2MoeExperts, Qwen3MoeExperts): stacked `gate_up_proj` (E, 2F, D) [gate; up] and `down_proj`
+    (E, D, F), no bias, called as experts(hidden (N, D), top_k_index (N, k), top_k_weights (N, k))."""
+    gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+    return (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3
+            and hasattr(mod, "num_experts") and hasattr(mod, "act_fn") and getattr(mod, "is_concatenated", True)
+            and not getattr(mod, "is_transposed", False) and not getattr(mod, "has_bias", False)
+            and getattr(mod, "has_gate", True))
+
+
+def _hf_experts_forward(mod: nn.Module, dispatch: _Dispatch, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+    """A Hugging Face experts module's forward (its eager one: SwiGLU-style act(gate) * up, then
+    down, weighted, summed per token) with its rows sent to their experts' EP ranks and back."""
+    k = top_k_index.shape[-1]
+    routed, counts, slot = sort_by_expert(hidden, top_k_index, mod.num_experts)
+    rows, local_counts = dispatch.send(routed, counts)
+    gate_up = local_expert_weight(mod.gate_up_proj, mod.ep_grad_scale)
+    down = local_expert_weight(mod.down_proj, mod.ep_grad_scale)
+    outs = []
+    for i, x in enumerate(rows.split(local_counts.tolist())):
+        gate, up = F.linear(x, gate_up[i]).chunk(2, dim=-1)
+        outs.append(F.linear(mod.act_fn(gate) * up, down[i]))
+    y = dispatch.receive(torch.cat(outs)) * top_k_weights.reshape(-1, 1)[slot]
+    return torch.zeros_like(hidden).index_add(0, slot // k, y.to(hidden.dtype))
+
+
+def _shard_dim0(_name: str, m: nn.Module, mesh: DeviceMesh) -> None:
+    for pname, p in list(m.named_parameters(recurse=False)):
+        m.register_parameter(pname, nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])))
+
+
 def apply_expert_parallel(model: nn.Module, meshes: ExpertMeshes, *, reshard_after_forward: bool = True,
                           mp_policy: MixedPrecisionPolicy | None = None) -> list[str]:
-    """Shard every GroupedExperts of `model` over `meshes.ep` and give each its own FSDP2 group
-    over `meshes.expert_dp`, with its weights' gradients scaled by 1/ep (module docstring). Call it
-    before the data parallelism of the rest of the model, on every rank, with the model's
-    parameters identical on all ranks (rank 0's are distributed).
+    """Shard every experts module of `model` (GroupedExperts; Hugging Face experts, `is_hf_experts`)
+    over `meshes.ep` and give each its own FSDP2 group over `meshes.expert_dp`, with its weights'
+    gradients scaled by 1/ep (module docstring). Call it before the data parallelism of the rest of
+    the model, on every rank, with the model's parameters identical on all ranks (rank 0's are
+    distributed). A Hugging Face experts module's forward is replaced by `_hf_experts_forward`.
 
     Args:
         model: the model (parameters materialised).
@@ -176,21 +227,22 @@ def apply_expert_parallel(model: nn.Module, meshes: ExpertMeshes, *, reshard_aft
     ep = meshes.ep.size()
     names = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, GroupedExperts):
+        hf = is_hf_experts(mod)
+        if not (hf or isinstance(mod, GroupedExperts)):
             continue
         validate_expert_parallel(mod.num_experts, ep, meshes.dp_size)
-        hooks = _Dispatch(meshes.ep, mod.num_experts)
-
-        def shard(_name: str, m: nn.Module, mesh: DeviceMesh) -> None:
-            for pname, p in list(m.named_parameters(recurse=False)):
-                m.register_parameter(pname, nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])))
-
-        distribute_module(mod, meshes.ep, shard, input_fn=hooks.dispatch, output_fn=hooks.combine)
+        dispatch = _Dispatch(meshes.ep, mod.num_experts)
+        if hf:
+            distribute_module(mod, meshes.ep, _shard_dim0)
+            mod.ep_grad_scale = 1.0 / ep
+            mod.forward = functools.partial(_hf_experts_forward, mod, dispatch)
+        else:
+            distribute_module(mod, meshes.ep, _shard_dim0, input_fn=dispatch.dispatch, output_fn=dispatch.combine)
+            mod.grad_scale = 1.0 / ep
         fully_shard(mod, mesh=meshes.expert_dp, reshard_after_forward=reshard_after_forward,
                     mp_policy=mp_policy or MixedPrecisionPolicy())
-        mod.grad_scale = 1.0 / ep
         names.append(name)
     if not names:
-        raise SpecError(f"mesh.ep: {type(model).__name__} has no GroupedExperts module to shard "
-                        f"(expert parallelism applies to planner.models.moe layers)")
+        raise SpecError(f"mesh.ep: {type(model).__name__} has no experts module to shard (expert parallelism "
+                        f"applies to planner.models.moe.GroupedExperts and Hugging Face MoE experts)")
     return names

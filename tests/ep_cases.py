@@ -56,42 +56,84 @@ CASES = [
     EPCase("ep2-dp2-zero2-accum-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero2", num_micro_batches=2),
     EPCase("ep4-zero3-moe-llama", 4, "moe-llama-tiny", ep=4, sharding="zero3"),
     EPCase("ep2-tp2-zero3-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero3", tp=2),
+    # Hugging Face MoE models from small configs (their experts' forward replaced by the EP one)
+    EPCase("ep2-zero3-hf-mixtral", 2, "hf/mixtral", ep=2, sharding="zero3"),
+    EPCase("ep2-dp2-zero2-hf-qwen3_moe", 4, "hf/qwen3_moe", ep=2, sharding="zero2"),
 ]
+
+# Hugging Face configs: 2 layers, hidden 64, 4 experts, top-2; eager attention and experts (the
+# default grouped_mm experts have no float64 kernel), no KV cache.
+HF_MOE = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=64, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                       norm_topk_prob=True, head_dim=16)),
+}
+HF_SEQ = 16
+
+
+def build_hf_moe(family: str):
+    """(model, batches, block names) of a tiny Hugging Face MoE model in float64."""
+    import transformers
+
+    cfg_cls, model_cls, kwargs = HF_MOE[family]
+    cfg = getattr(transformers, cfg_cls)(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, bos_token_id=0, eos_token_id=0, use_cache=False, attn_implementation="eager",
+        experts_implementation="eager", **kwargs)
+    model = getattr(transformers, model_cls)(cfg).double()
+    gen = torch.Generator().manual_seed(SEED)
+    batches = []
+    for _ in range(STEPS):
+        t = torch.randint(0, cfg.vocab_size, (BATCH, HF_SEQ), generator=gen)
+        batches.append((t, t))
+    blocks = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(cfg.num_hidden_layers)), "model.norm+lm_head"]
+    return model, batches, blocks
 
 ATTENTION_TP = {"layers.*.attn.q_proj": "colwise", "layers.*.attn.k_proj": "colwise",
                 "layers.*.attn.v_proj": "colwise", "layers.*.attn.o_proj": "rowwise"}
 
 
-def loss64(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def loss64(out, tokens: torch.Tensor) -> torch.Tensor:
+    logits = out.logits if hasattr(out, "logits") else out
     return F.cross_entropy(logits.flatten(0, -2), tokens.flatten())
 
 
 def run_ep_case(case: EPCase) -> dict:
     torch.manual_seed(SEED)
-    built = build_model(case.model, batch=BATCH, dtype=torch.float64)
-    model = built.module
+    plan_kwargs: dict = {}
+    if case.model.startswith("hf/"):
+        model, batches, blocks = build_hf_moe(case.model.removeprefix("hf/"))
+        plan_kwargs = dict(model=model, block_names=blocks)
+        num_experts = model.config.num_local_experts if hasattr(model.config, "num_local_experts") \
+            else model.config.num_experts
+    else:
+        built = build_model(case.model, batch=BATCH, dtype=torch.float64)
+        model = built.module
+        gen = torch.Generator().manual_seed(SEED)
+        batches = [built.make_batch(BATCH, gen) for _ in range(STEPS)]
+        num_experts = model.cfg.num_experts
     ref_model = copy.deepcopy(model)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
-    gen = torch.Generator().manual_seed(SEED)
-    batches = [built.make_batch(BATCH, gen) for _ in range(STEPS)]
 
     world = dist.get_world_size()
     dp = world // case.tp
     meshes = build_expert_meshes(dp=dp, ep=case.ep, tp=case.tp)
     sharded = apply_expert_parallel(model, meshes, reshard_after_forward=case.sharding == "zero3")
     plan = make_plan(case.model, global_batch_size=BATCH, dp=dp, tp=case.tp, sharding=case.sharding,
-                     num_micro_batches=case.num_micro_batches, optimizer="sgd")
+                     num_micro_batches=case.num_micro_batches, optimizer="sgd", **plan_kwargs)
     if case.tp > 1:
         data = plan.model_dump(mode="json")
         data["tensor_parallel"]["styles"] = ATTENTION_TP
         plan = type(plan).from_dict(data)
-    pm = parallelize(model, plan, loss_fn=loss64, example_inputs=built.example_inputs, optimizer_kwargs={"lr": LR})
+    pm = parallelize(model, plan, loss_fn=loss64, optimizer_kwargs={"lr": LR})
     losses = [float(pm.train_step(pm.local_batch(x, y))) for x, y in batches]
-    w1 = dict(pm.module.named_parameters())[f"{sharded[0]}.w1"]
-    local_experts = w1.to_local().shape[0]
+    expert_params = dict(pm.module.get_submodule(sharded[0]).named_parameters())
+    local_experts = next(iter(expert_params.values())).to_local().shape[0]
     full = pm.full_state_dict()
     out = {"name": case.name, "world": world, "losses": losses, "sharded": sharded, "local_experts": local_experts,
-           "num_experts": ref_model.cfg.num_experts, "notes": pm.notes}
+           "num_experts": num_experts, "notes": pm.notes}
     if dist.get_rank() == 0:
         opt = torch.optim.SGD(ref_model.parameters(), lr=LR)
         ref_losses = []
@@ -107,7 +149,7 @@ def run_ep_case(case: EPCase) -> dict:
         out["loss_diff"] = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
         out["param_diff"] = max((full[n].double() - ref[n].double()).abs().max().item() for n in ref if n in full)
         out["expert_param_diff"] = max((full[n].double() - ref[n].double()).abs().max().item()
-                                       for n in ref if n in full and ".experts." in n)
+                                       for n in ref if n in full and ".experts" in n)
         out["param_change"] = max((ref[n] - init[n]).abs().max().item() for n in ref)
     return out
 

@@ -53,7 +53,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def _local(w: torch.Tensor | None, grad_scale: float) -> torch.Tensor | None:
+def local_expert_weight(w: torch.Tensor | None, grad_scale: float = 1.0) -> torch.Tensor | None:
     """An expert-parallel DTensor weight's local experts (with autograd); a plain tensor as is;
     its gradient scaled by grad_scale."""
     if w is None:
@@ -93,7 +93,7 @@ def expert_mlp(routed: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2:
     w1/w3 (E, F, D), w2 (E, D, F); w3 None: GELU MLP, else SwiGLU. Expert-parallel DTensor
     weights contribute their local experts (counts then has the local experts' length); the
     weights' gradients are multiplied by grad_scale."""
-    w1, w2, w3 = (_local(w, grad_scale) for w in (w1, w2, w3))
+    w1, w2, w3 = (local_expert_weight(w, grad_scale) for w in (w1, w2, w3))
     num_experts = w1.shape[0]
     if grouped_mm_supported(routed, w1):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
