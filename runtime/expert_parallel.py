@@ -47,16 +47,19 @@ The mesh is (expert_dp = D / ep, ep), ep innermost; `dp` is the two flattened (a
     FSDP2's `replicate` (as runtime.data_parallel does for tp > 1; not tested with EP yet).
   * The losses the runtime returns are dp-averaged as before.
 So a step equals one process training on the global batch (tests/ep_cases.py checks it in
-float64 on gloo: ep=2 on 2 ranks, ep=2 x expert_dp=2, ep=4 and ep=2 x tp=2 on 4, on the bundled
+float64 on gloo: ep=2 on 2 ranks, ep=2 x expert_dp=2, ep=4, ep=2 x tp=2 and ep=2 x pp=2 (1f1b, two
+micro-batches) on 4, on the bundled
 MoE transformers and on Hugging Face Mixtral and Qwen3-MoE built from configs).
 
 Future plan field: `mesh.ep` (a divisor of dp and of every MoE layer's num_experts). The runtime's
 hook: build `ExpertMeshes` from the plan's dp ranks (runtime.mesh), call `apply_expert_parallel`
 between tensor parallelism and `apply_data_parallel`, and pick FSDP2 `replicate` instead of DDP
 when ep > 1. EP x TP: tensor parallelism on the attention, experts whole on each tp rank
-(`build_expert_meshes(tp=...)`). Not yet: experts split over tp, EP x PP (the pipeline split
-of a model whose experts carry hooks is untested), Qwen2-MoE's shared expert is data-parallel
-like any dense MLP, no load-balancing loss, no capacity-limited routing.
+(`build_expert_meshes(tp=...)`). EP x PP: EP applied to the whole model before parallelize's
+pipeline split, which keeps the block modules (hooks and DTensor experts included) and runs
+several micro-batches' forwards before their backwards (each forward's send/receive pair is
+self-contained, the backward needs no state). Not yet: experts split over tp, Qwen2-MoE's shared
+expert is data-parallel like any dense MLP, no load-balancing loss, no capacity-limited routing.
 """
 
 from __future__ import annotations
@@ -101,19 +104,19 @@ def validate_expert_parallel(num_experts: int, ep: int, dp: int) -> None:
                         f"(each EP rank holds num_experts / ep experts)")
 
 
-def build_expert_meshes(dp: int, ep: int, tp: int = 1, device_type: str = "cpu") -> ExpertMeshes:
-    """The (expert_dp, ep, tp) mesh: the runtime's (dp, tp) layout (global rank = dp_i * tp + tp_i,
-    runtime.mesh) with dp split as dp_i = expert_dp_i * ep + ep_i. pp = 1 for now.
+def build_expert_meshes(dp: int, ep: int, tp: int = 1, pp: int = 1, device_type: str = "cpu") -> ExpertMeshes:
+    """The (pp, expert_dp, ep, tp) mesh: the runtime's (pp, dp, tp) layout (global rank =
+    (pp_i * dp + dp_i) * tp + tp_i, runtime.mesh) with dp split as dp_i = expert_dp_i * ep + ep_i;
+    the views are this rank's (its pp stage's, its tp index's).
 
     With tp > 1 the experts are whole on each tp rank (the tokens entering an MoE layer are the same
     on the tp ranks of a dp replica, so each runs the same routing; EP groups join the ranks of one
-    tp index)."""
-    if dp * tp != dist.get_world_size():
-        raise SpecError(f"mesh.ep: expert parallelism runs with pp = 1 for now: dp({dp}) * tp({tp}) must be the "
-                        f"world size {dist.get_world_size()}")
+    tp index). With pp > 1 each stage's experts are sharded over that stage's ranks."""
+    if pp * dp * tp != dist.get_world_size():
+        raise SpecError(f"mesh.ep: pp({pp}) * dp({dp}) * tp({tp}) must be the world size {dist.get_world_size()}")
     if ep < 1 or dp % ep:
         raise SpecError(f"mesh.ep: ep={ep} must divide dp={dp}")
-    world = init_device_mesh(device_type, (dp // ep, ep, tp), mesh_dim_names=("expert_dp", "ep", "tp"))
+    world = init_device_mesh(device_type, (pp, dp // ep, ep, tp), mesh_dim_names=("pp", "expert_dp", "ep", "tp"))
     return ExpertMeshes(world=world, ep=world["ep"], expert_dp=world["expert_dp"],
                         dp=world["expert_dp", "ep"]._flatten("dp"))
 

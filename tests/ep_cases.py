@@ -47,6 +47,8 @@ class EPCase:
     sharding: str  # the non-expert parameters' FSDP2 sharding over all ranks (zero2 | zero3)
     num_micro_batches: int = 1
     tp: int = 1  # tensor parallel attention (experts whole on each tp rank)
+    pp: int = 1  # pipeline stages (each stage's experts sharded over its ranks)
+    schedule: str = "gpipe"
 
 
 CASES = [
@@ -56,6 +58,8 @@ CASES = [
     EPCase("ep2-dp2-zero2-accum-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero2", num_micro_batches=2),
     EPCase("ep4-zero3-moe-llama", 4, "moe-llama-tiny", ep=4, sharding="zero3"),
     EPCase("ep2-tp2-zero3-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero3", tp=2),
+    EPCase("ep2-pp2-zero3-1f1b-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero3", pp=2, num_micro_batches=2,
+           schedule="1f1b"),
     # Hugging Face MoE models from small configs (their experts' forward replaced by the EP one)
     EPCase("ep2-zero3-hf-mixtral", 2, "hf/mixtral", ep=2, sharding="zero3"),
     EPCase("ep2-dp2-zero2-hf-qwen3_moe", 4, "hf/qwen3_moe", ep=2, sharding="zero2"),
@@ -118,19 +122,20 @@ def run_ep_case(case: EPCase) -> dict:
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     world = dist.get_world_size()
-    dp = world // case.tp
-    meshes = build_expert_meshes(dp=dp, ep=case.ep, tp=case.tp)
+    dp = world // (case.tp * case.pp)
+    meshes = build_expert_meshes(dp=dp, ep=case.ep, tp=case.tp, pp=case.pp)
     sharded = apply_expert_parallel(model, meshes, reshard_after_forward=case.sharding == "zero3")
-    plan = make_plan(case.model, global_batch_size=BATCH, dp=dp, tp=case.tp, sharding=case.sharding,
+    plan = make_plan(case.model, global_batch_size=BATCH, dp=dp, tp=case.tp, pp=case.pp, schedule=case.schedule,
+                     sharding=case.sharding,
                      num_micro_batches=case.num_micro_batches, optimizer="sgd", **plan_kwargs)
     if case.tp > 1:
         data = plan.model_dump(mode="json")
         data["tensor_parallel"]["styles"] = ATTENTION_TP
         plan = type(plan).from_dict(data)
-    pm = parallelize(model, plan, loss_fn=loss64, optimizer_kwargs={"lr": LR})
+    pm = parallelize(model, plan, loss_fn=loss64, example_inputs=(batches[0][0],), optimizer_kwargs={"lr": LR})
     losses = [float(pm.train_step(pm.local_batch(x, y))) for x, y in batches]
-    expert_params = dict(pm.module.get_submodule(sharded[0]).named_parameters())
-    local_experts = next(iter(expert_params.values())).to_local().shape[0]
+    expert_w = next(p for m in pm.modules for n, p in m.named_parameters() if ".experts." in n)
+    local_experts = expert_w.to_local().shape[0]
     full = pm.full_state_dict()
     out = {"name": case.name, "world": world, "losses": losses, "sharded": sharded, "local_experts": local_experts,
            "num_experts": num_experts, "notes": pm.notes}
