@@ -221,8 +221,8 @@ class Search(SearchSpace):
     @staticmethod
     def with_recompute(k: Knobs, stages) -> Knobs:
         modes = {s[2] for s in stages}
-        rec = modes.pop() if len(modes) == 1 else "mixed"
-        return k if k.recompute == rec else k.model_copy(update={"recompute": rec})
+        recompute = modes.pop() if len(modes) == 1 else "mixed"
+        return k if k.recompute == recompute else k.model_copy(update={"recompute": recompute})
 
     def evaluate(self, k: Knobs, prune: bool = False) -> Scored | str | None:
         """Partition + score one knob point; retries the partition when the model says it overflows.
@@ -235,12 +235,12 @@ class Search(SearchSpace):
             part = self.partition(k, budget)
             if part is None:
                 break
-            kk = self.with_recompute(k, part.stages)
-            if prune and self._beaten(k, self.point_bound(kk, part.stages)):
+            partitioned_knobs = self.with_recompute(k, part.stages)
+            if prune and self._beaten(k, self.point_bound(partitioned_knobs, part.stages)):
                 return None
             if last is None:
                 self.scored += 1  # one configuration, however many partitions it takes
-            s = self.score(kk, part.stages)
+            s = self.score(partitioned_knobs, part.stages)
             self._note_closest(s)
             if s.fits:
                 return s
@@ -420,13 +420,13 @@ class Search(SearchSpace):
             # 2) score the memory-free partition: if it fits, it is this point's answer; if not,
             #    its step time bounds (heuristically) what recompute or rebalancing can reach.
             #    The backend's exact bound for the point (no simulation) may rule it out first.
-            kk = self.with_recompute(k, free.stages)
-            if self._beaten(k, self.point_bound(kk, free.stages)):
+            partitioned_knobs = self.with_recompute(k, free.stages)
+            if self._beaten(k, self.point_bound(partitioned_knobs, free.stages)):
                 self.reject(f"{mesh_name} bound", f"step-time lower bound of its partition (stage times, "
                             f"pipeline warm-up and drain, data-parallel sync) is no better than the "
                             f"{self.c.top_k + 1} best found")
                 continue
-            s_free = self.score(kk, free.stages)
+            s_free = self.score(partitioned_knobs, free.stages)
             self._note_closest(s_free)
             if s_free.fits:
                 self.scored += 1

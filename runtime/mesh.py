@@ -25,12 +25,12 @@ def mesh_shape(plan: Plan) -> tuple[tuple[int, ...], tuple[str, ...]]:
 
 def validate_world(plan: Plan, world_size: int) -> None:
     """Raise SpecError when the launched world size is not the plan's pp * dp * tp."""
-    m = plan.mesh
-    if m.world_size != world_size:
+    mesh = plan.mesh
+    if mesh.world_size != world_size:
         raise SpecError(
-            f"world size: the plan needs pp({m.pp}) * dp({m.dp}) * tp({m.tp}) = {m.world_size} "
-            f"processes, but {world_size} were launched; run torchrun with --nproc-per-node "
-            f"(times --nnodes) = {m.world_size}, or re-plan for {world_size} devices"
+            f"world size: the plan needs pp({mesh.pp}) * dp({mesh.dp}) * tp({mesh.tp}) = "
+            f"{mesh.world_size} processes, but {world_size} were launched; run torchrun with --nproc-per-node "
+            f"(times --nnodes) = {mesh.world_size}, or re-plan for {world_size} devices"
         )
 
 

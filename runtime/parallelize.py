@@ -107,16 +107,16 @@ def validate_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.
                          f"re-plan with autoplan or name colwise/rowwise styles")
     if plan.mesh.pp > 1:
         validate_pipeline(model, plan)
-    fp = plan.model.fingerprint
-    if fp == UNCHECKED_FINGERPRINT:
+    fingerprint = plan.model.fingerprint
+    if fingerprint == UNCHECKED_FINGERPRINT:
         notes.append("model fingerprint not checked (plan says '*')")
     elif example_inputs is None:
         notes.append("model fingerprint not checked (no example_inputs given)")
     else:
         graph = _trace_batch_one(model, tuple(example_inputs))
-        if fp != graph.fingerprint:
+        if fingerprint != graph.fingerprint:
             raise SpecError(
-                f"model.fingerprint: the plan was made for a model with fingerprint {fp}, this model "
+                f"model.fingerprint: the plan was made for a model with fingerprint {fingerprint}, this model "
                 f"({plan.model.name}) traces to {graph.fingerprint}; re-plan for this model (or set the "
                 f"fingerprint to '*' in a hand-written plan to skip the check)"
             )
@@ -214,11 +214,11 @@ class ParallelModel:
         hold the whole global batch; at scale read per replica with `data_loader` instead."""
         if targets is not None:
             batch = (batch, targets)
-        n = batch_size(batch)
-        if n % self.dp_size:
-            raise SpecError(f"batch: {n} samples cannot be split over dp={self.dp_size} replicas")
-        k = n // self.dp_size
-        return slice_batch(batch, self.dp_rank * k, (self.dp_rank + 1) * k)
+        num_samples = batch_size(batch)
+        if num_samples % self.dp_size:
+            raise SpecError(f"batch: {num_samples} samples cannot be split over dp={self.dp_size} replicas")
+        per_replica = num_samples // self.dp_size
+        return slice_batch(batch, self.dp_rank * per_replica, (self.dp_rank + 1) * per_replica)
 
     def data_loader(self, dataset: Dataset, batch_size: int | None = None, *, shuffle: bool = True, seed: int = 0,
                     drop_last: bool = True, **loader_kwargs) -> DataLoader:
@@ -232,9 +232,10 @@ class ParallelModel:
                 i.e. global_batch_size / dp).
             shuffle, seed, drop_last: DistributedSampler's; loader_kwargs go to the DataLoader.
         """
-        p = self.plan.pipeline
-        bs = batch_size if batch_size is not None else p.micro_batch_size * p.num_micro_batches
-        return build_data_loader(dataset, num_replicas=self.dp_size, rank=self.dp_rank, batch_size=bs,
+        pipeline = self.plan.pipeline
+        if batch_size is None:
+            batch_size = pipeline.micro_batch_size * pipeline.num_micro_batches
+        return build_data_loader(dataset, num_replicas=self.dp_size, rank=self.dp_rank, batch_size=batch_size,
                                  shuffle=shuffle, seed=seed, drop_last=drop_last, **loader_kwargs)
 
     # ------------------------------------------------------------------ steps
@@ -403,9 +404,9 @@ class ParallelModel:
 
     def _gather_full_state_dict(self, *, to_all: bool) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for m in self.modules:
-            sd = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True))
-            out.update({k: v.detach().cpu() for k, v in sd.items()})
+        for module in self.modules:
+            state_dict = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+            out.update({name: tensor.detach().cpu() for name, tensor in state_dict.items()})
         if self.runner is not None:
             from runtime.pipeline_split import clean_param_name
 

@@ -1,15 +1,16 @@
-"""MeshDims: the parallel axes of a plan as one value (sizes, order, strides, which link each crosses).
+"""MeshDims: a plan's parallel axes as one value (sizes, order, strides, which link each crosses).
 
 The device mesh is laid out outermost first as
 
     pp  x  dp_replicate  x  dp_shard  x  tp
 
-so tp is innermost: the ranks of one tp group are consecutive (global rank = ((pp_i * R +
-rep_i) * S + shard_i) * tp + tp_i, R = dp_replicate, S = dp_shard) and stay inside a node when
-tp <= devices per node. The data-parallel axis dp = dp_replicate x dp_shard is split by what the
-data-parallel engine does with it: DDP / ZeRO-1 replicate over all of it (dp_shard = 1), ZeRO-2 /
-ZeRO-3 shard over all of it (dp_replicate = 1), HSDP shards within groups of `hsdp_shard_size`
-and replicates across them. This is torchtitan's `ParallelDims` order.
+so tp is innermost: the ranks of one tp group are consecutive (global rank =
+((pp_i * dp_replicate + replicate_i) * dp_shard + shard_i) * tp + tp_i) and stay inside a node
+when tp <= devices per node. The data-parallel axis dp = dp_replicate x dp_shard is split by
+what the data-parallel engine does with it: DDP / ZeRO-1 replicate over all of it
+(dp_shard = 1), ZeRO-2 / ZeRO-3 shard over all of it (dp_replicate = 1), HSDP shards within
+groups of `hsdp_shard_size` and replicates across them. This is torchtitan's `ParallelDims`
+order.
 
 Everything that needs a group's size or the rank distance between its members reads it here:
 the cost model (which link a collective crosses), the search, the explainer's mesh table and
@@ -70,12 +71,22 @@ class MeshDims:
                 raise SpecError(f"mesh.{name}: {size!r} is not a positive integer")
 
     @classmethod
-    def of(cls, *, pp: int, dp: int, tp: int, sharding: str = "none", hsdp_shard_size: int | None = None) -> MeshDims:
+    def of(
+        cls,
+        *,
+        pp: int,
+        dp: int,
+        tp: int,
+        sharding: str = "none",
+        hsdp_shard_size: int | None = None,
+    ) -> MeshDims:
         """The mesh of a plan's knobs: dp split by the sharding (module docstring)."""
         if sharding == "hsdp":
             shard = hsdp_shard_size or dp
             if shard < 1 or dp % shard:
-                raise SpecError(f"hsdp_shard_size: {shard} must divide dp ({dp}); pick a divisor of dp")
+                raise SpecError(
+                    f"hsdp_shard_size: {shard} must divide dp ({dp}); pick a divisor of dp"
+                )
             return cls(pp=pp, dp_replicate=dp // shard, dp_shard=shard, tp=tp, hsdp=True)
         if sharding in ("zero2", "zero3"):
             return cls(pp=pp, dp_replicate=1, dp_shard=dp, tp=tp)
@@ -84,13 +95,24 @@ class MeshDims:
     @classmethod
     def from_knobs(cls, knobs: MeshKnobs) -> MeshDims:
         """specs.Knobs (or anything with pp, dp, tp, sharding, hsdp_shard_size) -> MeshDims."""
-        return cls.of(pp=knobs.pp, dp=knobs.dp, tp=knobs.tp, sharding=knobs.sharding,
-                      hsdp_shard_size=knobs.hsdp_shard_size)
+        return cls.of(
+            pp=knobs.pp,
+            dp=knobs.dp,
+            tp=knobs.tp,
+            sharding=knobs.sharding,
+            hsdp_shard_size=knobs.hsdp_shard_size,
+        )
 
     @classmethod
     def from_plan(cls, plan: Plan) -> MeshDims:
-        m, d = plan.mesh, plan.data_parallel
-        return cls.of(pp=m.pp, dp=m.dp, tp=m.tp, sharding=d.sharding, hsdp_shard_size=d.hsdp_shard_size)
+        mesh, data_parallel = plan.mesh, plan.data_parallel
+        return cls.of(
+            pp=mesh.pp,
+            dp=mesh.dp,
+            tp=mesh.tp,
+            sharding=data_parallel.sharding,
+            hsdp_shard_size=data_parallel.hsdp_shard_size,
+        )
 
     @property
     def dp(self) -> int:
@@ -107,7 +129,7 @@ class MeshDims:
     def stride(self, group: str) -> int:
         """Rank distance between neighbours of one group: the product of the axes inside it."""
         innermost = self._axes(group)[-1]
-        return prod(getattr(self, a) for a in AXES[AXES.index(innermost) + 1:])
+        return prod(getattr(self, a) for a in AXES[AXES.index(innermost) + 1 :])
 
     def group(self, group: str) -> tuple[int, int]:
         """(size, stride) of `group`."""
@@ -115,8 +137,8 @@ class MeshDims:
 
     def first_group(self, group: str) -> list[int]:
         """The global ranks of the group that holds rank 0."""
-        n, d = self.group(group)
-        return [k * d for k in range(n)]
+        size, stride = self.group(group)
+        return [k * stride for k in range(size)]
 
     def nodes_spanned(self, group: str, devices_per_node: int) -> int:
         """Nodes the group holding rank 0 spans (1: it stays on one node's link)."""
@@ -129,7 +151,8 @@ class MeshDims:
         """(sizes, names) of the runtime's DeviceMesh, outermost first: the data-parallel axis as
         two dimensions under HSDP, one ("dp") otherwise."""
         if self.hsdp:
-            return (self.pp, self.dp_replicate, self.dp_shard, self.tp), ("pp", "dp_replicate", "dp_shard", "tp")
+            sizes = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+            return sizes, ("pp", "dp_replicate", "dp_shard", "tp")
         return (self.pp, self.dp, self.tp), ("pp", "dp", "tp")
 
     def _axes(self, group: str) -> tuple[str, ...]:

@@ -64,7 +64,8 @@ def test_hsdp_shows_the_two_parts_of_dp():
     # dp=16 at stride 8 (tp=8): shard groups of 4 (stride 8, 4 nodes), 4 replicas (stride 32)
     assert [a["axis"] for a in mesh_axes(plan)] == ["tp", "dp", "dp_shard", "dp_replicate", "pp"]
     assert axes["dp_shard"]["part_of"] == axes["dp_replicate"]["part_of"] == "dp"
-    assert axes["dp_shard"]["first_group"] == [0, 8, 16, 24] and axes["dp_replicate"]["stride"] == 32
+    assert axes["dp_shard"]["first_group"] == [0, 8, 16, 24]
+    assert axes["dp_replicate"]["stride"] == 32
     assert axes["dp"]["part_of"] is None and axes["dp"]["num_nodes_spanned"] == 16
     text = _render(plan)
     assert "dp_shard=4  rank stride 8, spans 4 nodes" in text

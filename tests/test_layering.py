@@ -25,7 +25,7 @@ DYNAMIC_IMPORTERS = {"import_module", "__import__", "run_module"}
 
 
 def _constant_str(node: ast.expr) -> str | None:
-    """The value of a string the code spells out: a literal, "a" + "b", or an f-string of literals."""
+    """A string the code spells out: a literal, "a" + "b", or an f-string of literals."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
@@ -38,12 +38,18 @@ def _constant_str(node: ast.expr) -> str | None:
 
 
 def _dynamic_import(node: ast.Call) -> str | None:
-    """The module a call such as `importlib.import_module("runtime.mesh")` imports, if spelled out."""
+    """The module `importlib.import_module("runtime.mesh")` and the like import, if spelled out."""
     func = node.func
-    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    if isinstance(func, ast.Attribute):
+        name = func.attr
+    elif isinstance(func, ast.Name):
+        name = func.id
+    else:
+        return None
     if name not in DYNAMIC_IMPORTERS:
         return None
-    module = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "name"), None)
+    keywords = [k.value for k in node.keywords if k.arg == "name"]
+    module = node.args[0] if node.args else next(iter(keywords), None)
     return None if module is None else _constant_str(module)
 
 
@@ -70,13 +76,15 @@ def violations(root: Path = ROOT) -> list[str]:
             for lineno, name in _imports(path):
                 top = name.split(".")[0]
                 where = f"{path.relative_to(root)}:{lineno}"
-                if pkg != "runtime" and (name == "torch.distributed" or name.startswith("torch.distributed.")):
+                distributed = name == "torch.distributed" or name.startswith("torch.distributed.")
+                if pkg != "runtime" and distributed:
                     if (lineno, "dist") not in seen:
                         bad.append(f"{where} imports {name} (only runtime/ may)")
                     seen.add((lineno, "dist"))
                 if top in ORDER and top != pkg and top not in ALLOWED[pkg]:
                     if (lineno, top) not in seen:
-                        bad.append(f"{where} imports {name} ({pkg} may import only {sorted(ALLOWED[pkg])})")
+                        allowed = sorted(ALLOWED[pkg])
+                        bad.append(f"{where} imports {name} ({pkg} may import only {allowed})")
                     seen.add((lineno, top))
     return bad
 
@@ -88,7 +96,9 @@ def test_layering_holds():
 def test_layering_check_catches_a_violation(tmp_path):
     for pkg in ORDER:
         (tmp_path / pkg).mkdir()
-    (tmp_path / "cost_models" / "bad.py").write_text("import torch.distributed as dist\nfrom planner import x\n")
+    (tmp_path / "cost_models" / "bad.py").write_text(
+        "import torch.distributed as dist\nfrom planner import x\n"
+    )
     (tmp_path / "specs" / "bad.py").write_text("from torch import distributed\n")
     found = violations(tmp_path)
     assert len(found) == 3, found
@@ -126,4 +136,5 @@ def test_specs_import_only_pydantic_yaml_stdlib(pkg):
     for path in (ROOT / pkg).rglob("*.py"):
         for _, name in _imports(path):
             top = name.split(".")[0]
-            assert top in stdlib or top in {"pydantic", "yaml", "specs", "__future__"}, f"{path}: {name}"
+            allowed = {"pydantic", "yaml", "specs", "__future__"}
+            assert top in stdlib or top in allowed, f"{path}: {name}"

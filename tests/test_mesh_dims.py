@@ -82,8 +82,11 @@ def test_of_splits_dp_by_the_sharding():
     [
         (MeshDims(pp=2, dp_shard=4, tp=2), (2, 4, 2), ("pp", "dp", "tp")),
         (MeshDims(pp=2, dp_replicate=4, tp=2), (2, 4, 2), ("pp", "dp", "tp")),
-        (MeshDims(pp=2, dp_replicate=2, dp_shard=2, tp=2, hsdp=True), (2, 2, 2, 2),
-         ("pp", "dp_replicate", "dp_shard", "tp")),
+        (
+            MeshDims(pp=2, dp_replicate=2, dp_shard=2, tp=2, hsdp=True),
+            (2, 2, 2, 2),
+            ("pp", "dp_replicate", "dp_shard", "tp"),
+        ),
     ],
 )
 def test_mesh_shape_is_the_runtime_mesh(dims, sizes, names):
@@ -128,9 +131,14 @@ def test_nodes_spanned(dims, group, per_node, nodes):
         (lambda: MeshDims(tp=0), r"mesh.tp: 0 is not a positive integer"),
         (lambda: MeshDims(pp=-2), r"mesh.pp: -2 is not a positive integer"),
         (lambda: MeshDims(dp_shard=2.0), r"mesh.dp_shard: 2.0 is not a positive integer"),
-        (lambda: MeshDims.of(pp=1, dp=6, tp=1, sharding="hsdp", hsdp_shard_size=4),
-         r"hsdp_shard_size: 4 must divide dp \(6\)"),
-        (lambda: MeshDims().size("cp"), r"mesh group 'cp': not one of pp, dp_replicate, dp_shard, tp, dp"),
+        (
+            lambda: MeshDims.of(pp=1, dp=6, tp=1, sharding="hsdp", hsdp_shard_size=4),
+            r"hsdp_shard_size: 4 must divide dp \(6\)",
+        ),
+        (
+            lambda: MeshDims().size("cp"),
+            r"mesh group 'cp': not one of pp, dp_replicate, dp_shard, tp, dp",
+        ),
         (lambda: MeshDims().stride("dp_rep"), r"mesh group 'dp_rep'"),
     ],
 )

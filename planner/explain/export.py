@@ -58,7 +58,9 @@ def _header(plan: Plan) -> list[str]:
     file, i.e. from whoever wrote it: control characters are escaped so that a name cannot end
     the comment and add a line (a command, in the sourced Megatron args file)."""
     about = f"model {plan.model.name} on {plan.hardware}"
-    safe = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in about)
+    safe = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in about
+    )
     return [f"# autoplan export of: {plan}", f"# {safe}"]
 
 
@@ -150,8 +152,13 @@ def to_torchtitan(plan: Plan) -> Export:
     notes: list[str] = []
     par: dict[str, Any] = {}
     # torchtitan has FSDP2 only: zero1 is written as zero2's FSDP (noted below)
-    dims = MeshDims.of(pp=k.pp, dp=k.dp, tp=k.tp, hsdp_shard_size=k.hsdp_shard_size,
-                       sharding="zero2" if k.sharding == "zero1" else k.sharding)
+    dims = MeshDims.of(
+        pp=k.pp,
+        dp=k.dp,
+        tp=k.tp,
+        hsdp_shard_size=k.hsdp_shard_size,
+        sharding="zero2" if k.sharding == "zero1" else k.sharding,
+    )
     par["data_parallel_replicate_degree"] = dims.dp_replicate
     par["data_parallel_shard_degree"] = dims.dp_shard
     if k.sharding in ("zero1", "zero2"):

@@ -177,7 +177,9 @@ def render_html(plan: Plan, title: str | None = None, top_k: int = 20) -> str:
     items = []
     for a in d["mesh"]:
         if a["degree"] > 1 and a["part_of"] is None:
-            parts = [_axis_item(p) for p in d["mesh"] if p["part_of"] == a["axis"] and p["degree"] > 1]
+            parts = [
+                _axis_item(p) for p in d["mesh"] if p["part_of"] == a["axis"] and p["degree"] > 1
+            ]
             nested = f"<ul>{''.join(parts)}</ul>" if parts else ""  # HSDP: dp's two parts
             items.append(_axis_item(a, nested))
     stage_rows = [

@@ -49,7 +49,9 @@ def _axis_line(a: dict) -> str:
     """`dp=16  rank stride 8, spans 16 nodes -> InfiniBand across nodes (25 GB/s)`."""
     where = f"spans {a['num_nodes_spanned']} nodes" if a["spans_nodes"] else "inside one node"
     bandwidth = f" ({fmt_rate(a['bandwidth_bytes_per_s'])})" if a["bandwidth_bytes_per_s"] else ""
-    return f"{a['axis']}={a['degree']}  rank stride {a['stride']}, {where} -> {a['link']}{bandwidth}"
+    return (
+        f"{a['axis']}={a['degree']}  rank stride {a['stride']}, {where} -> {a['link']}{bandwidth}"
+    )
 
 
 def plan_tree(d: dict) -> Tree:
@@ -70,15 +72,15 @@ def plan_tree(d: dict) -> Tree:
             if part["part_of"] == axis and part["degree"] > 1:
                 node.add(_axis_line(part))
     dp = d["data_parallel"]
-    sh = dp["sharding"]
+    sharding = dp["sharding"]
     what = {
         "none": "DDP, replicated",
         "zero1": "ZeRO-1: optimizer states sharded",
         "zero2": "ZeRO-2: optimizer states + gradients sharded",
         "zero3": "ZeRO-3/FSDP: states, gradients, parameters sharded",
         "hsdp": f"HSDP: sharded in groups of {dp.get('hsdp_shard_size')}, replicated across",
-    }[sh]
-    root.add(f"data parallel: {sh} ({what}); optimizer offload: {dp['offload']}")
+    }[sharding]
+    root.add(f"data parallel: {sharding} ({what}); optimizer offload: {dp['offload']}")
     tp = d["tensor_parallel"]
     if axes["tp"]["degree"] > 1:
         extra = [
@@ -118,13 +120,15 @@ def plan_tree(d: dict) -> Tree:
 
 
 def why_table(d: dict) -> Table:
-    pr = d["predicted"]
-    t = Table(title=f"step time {fmt_s(pr['step_time_s'])}, term by term", title_justify="left")
+    prediction = d["predicted"]
+    t = Table(
+        title=f"step time {fmt_s(prediction['step_time_s'])}, term by term", title_justify="left"
+    )
     t.add_column("term")
     t.add_column("time", justify="right")
     t.add_column("share", justify="right")
     t.add_column("", min_width=10, max_width=40)
-    for row in pr["breakdown"]:
+    for row in prediction["breakdown"]:
         bar = "#" * max(0, round(row["fraction"] * 40))
         t.add_row(
             row["label"], fmt_s(row["seconds"]), f"{row['fraction']:.1%}", Text(bar, style="cyan")
@@ -279,16 +283,16 @@ def render_explain(plan: Plan, console: Console, top_k: int = 5) -> dict:
         f"{d['model']['num_blocks']} blocks) on {d['hardware']}",
         overflow="fold",
     )
-    if d["predicted"]:
-        p = d["predicted"]
+    prediction = d["predicted"]
+    if prediction:
+        memory = prediction["memory"]
         console.print(
-            f"      predicted {fmt_s(p['step_time_s'])}/step, MFU {p['mfu']:.1%}, "
-            f"{fmt_bytes(p['memory']['peak_bytes'])} peak of "
-            f"{fmt_bytes(p['memory']['capacity_bytes'])}"
+            f"      predicted {fmt_s(prediction['step_time_s'])}/step, "
+            f"MFU {prediction['mfu']:.1%}, {fmt_bytes(memory['peak_bytes'])} peak of "
+            f"{fmt_bytes(memory['capacity_bytes'])}"
         )
     console.print(plan_tree(d))
-    pr = d["predicted"]
-    if pr is None:
+    if prediction is None:
         console.print(
             Text("This plan carries no prediction; re-plan it to get one.", style="yellow")
         )
@@ -296,27 +300,29 @@ def render_explain(plan: Plan, console: Console, top_k: int = 5) -> dict:
         _section(console, "Why: where the step time goes")
         console.print(why_table(d))
         mfu = (
-            f"MFU {pr['mfu']:.1%} (HFU {pr['hfu']:.1%}, {fmt_count(pr['model_flops_per_step'])}FLOP "
-            f"of model work per step); throughput {pr['samples_per_s']:.4g} samples/s, "
-            f"{fmt_count(pr['tokens_per_s'])} tokens/s; bubble {pr['bubble_fraction']:.1%} of the step"
+            f"MFU {prediction['mfu']:.1%} (HFU {prediction['hfu']:.1%}, "
+            f"{fmt_count(prediction['model_flops_per_step'])}FLOP of model work per step); "
+            f"throughput {prediction['samples_per_s']:.4g} samples/s, "
+            f"{fmt_count(prediction['tokens_per_s'])} tokens/s; "
+            f"bubble {prediction['bubble_fraction']:.1%} of the step"
         )
         console.print(mfu)
-        ct = comm_table(d)
-        if ct is not None:
-            console.print(ct)
+        comm = comm_table(d)
+        if comm is not None:
+            console.print(comm)
         _section(console, "Memory per device")
-        console.print(memory_bar(pr["memory"], width=min(60, width - 25)))
+        console.print(memory_bar(prediction["memory"], width=min(60, width - 25)))
         console.print(memory_table(d))
-        per = pr["memory"]["per_stage_bytes"]
+        per = prediction["memory"]["per_stage_bytes"]
         if len(per) > 1:
             console.print(
                 "peak per pp rank: " + ", ".join(fmt_bytes(b) for b in per), overflow="fold"
             )
-        if not pr["fits"]:
+        if not prediction["fits"]:
             console.print(
                 Text("This plan is predicted NOT to fit in device memory.", style="bold red")
             )
-        for note in pr["notes"]:
+        for note in prediction["notes"]:
             console.print(Text(f"note: {note}", style="italic"), overflow="fold")
     _section(console, "Pipeline timeline (one step)")
     console.print(timeline_text(plan, width))

@@ -46,11 +46,13 @@ def term_label(key: str) -> str:
 
 def _link_names(plan: Plan) -> tuple[str, str]:
     """Names for the intra-node link and the inter-node network, from the preset's sources."""
-    src = {k: v.lower() for k, v in plan.hardware.sources.items()}
-    intra = "NVLink within a node" if "nvlink" in src.get("intra_node", "") else "intra-node link"
-    inter_src = src.get("inter_node", "")
-    ib = any(w in inter_src for w in ("infiniband", " hdr", " ndr", "connectx"))
-    inter = "InfiniBand across nodes" if ib else "inter-node network"
+    sources = {k: v.lower() for k, v in plan.hardware.sources.items()}
+    intra = (
+        "NVLink within a node" if "nvlink" in sources.get("intra_node", "") else "intra-node link"
+    )
+    inter_src = sources.get("inter_node", "")
+    infiniband = any(w in inter_src for w in ("infiniband", " hdr", " ndr", "connectx"))
+    inter = "InfiniBand across nodes" if infiniband else "inter-node network"
     return intra, inter
 
 
@@ -138,14 +140,18 @@ def _knob_tokens(k: Knobs) -> dict[str, str]:
 
 def knob_diff(base: Knobs, other: Knobs) -> str:
     """The knobs of `other` that differ from `base`, as `dp=32 tp=4` (HSDP shard size included)."""
-    a, b = _knob_tokens(base), _knob_tokens(other)
-    diff = [b[key] for key in b if b[key] != a[key] and b[key]]
+    base_tokens, other_tokens = _knob_tokens(base), _knob_tokens(other)
+    diff = [
+        other_tokens[key]
+        for key in other_tokens
+        if other_tokens[key] != base_tokens[key] and other_tokens[key]
+    ]
     return " ".join(diff) or "(same knobs)"
 
 
 def explain_data(plan: Plan, top_k: int = 5) -> dict[str, Any]:
     """Everything `autoplan explain` shows, as JSON-able data."""
-    pr = plan.predicted
+    prediction = plan.predicted
     base = plan.knobs()
     out: dict[str, Any] = {
         "plan": str(plan),
@@ -172,36 +178,36 @@ def explain_data(plan: Plan, top_k: int = 5) -> dict[str, Any]:
         "rejected": [],
         "search": None,
     }
-    if pr is not None:
-        step = pr.step_time_s
+    if prediction is not None:
+        step = prediction.step_time_s
         terms = [
             {"term": k, "label": term_label(k), "seconds": v, "fraction": v / step if step else 0.0}
-            for k, v in pr.time_breakdown_s.items()
+            for k, v in prediction.time_breakdown_s.items()
         ]
-        cats = [{"category": k, "bytes": v} for k, v in pr.memory_bytes.items()]
+        cats = [{"category": k, "bytes": v} for k, v in prediction.memory_bytes.items()]
         out["predicted"] = {
             "step_time_s": step,
-            "samples_per_s": pr.samples_per_s,
-            "tokens_per_s": pr.tokens_per_s,
-            "mfu": pr.mfu,
-            "hfu": pr.hfu,
-            "model_flops_per_step": pr.model_flops_per_step,
-            "bubble_fraction": pr.bubble_fraction,
+            "samples_per_s": prediction.samples_per_s,
+            "tokens_per_s": prediction.tokens_per_s,
+            "mfu": prediction.mfu,
+            "hfu": prediction.hfu,
+            "model_flops_per_step": prediction.model_flops_per_step,
+            "bubble_fraction": prediction.bubble_fraction,
             "breakdown": terms,
-            "breakdown_sum_s": sum(pr.time_breakdown_s.values()),
-            "comm": {a: c.model_dump() for a, c in pr.comm.items()},
+            "breakdown_sum_s": sum(prediction.time_breakdown_s.values()),
+            "comm": {a: c.model_dump() for a, c in prediction.comm.items()},
             "memory": {
                 "categories": cats,
-                "peak_bytes": pr.peak_memory_bytes,
-                "capacity_bytes": pr.memory_capacity_bytes,
-                "free_bytes": pr.memory_capacity_bytes - pr.peak_memory_bytes,
-                "worst_rank_stage": pr.worst_rank_stage,
-                "per_stage_bytes": list(pr.memory_per_stage_bytes),
+                "peak_bytes": prediction.peak_memory_bytes,
+                "capacity_bytes": prediction.memory_capacity_bytes,
+                "free_bytes": prediction.memory_capacity_bytes - prediction.peak_memory_bytes,
+                "worst_rank_stage": prediction.worst_rank_stage,
+                "per_stage_bytes": list(prediction.memory_per_stage_bytes),
             },
-            "fits": pr.fits,
-            "notes": list(pr.notes),
+            "fits": prediction.fits,
+            "notes": list(prediction.notes),
         }
-    best = pr.step_time_s if pr else None
+    best = prediction.step_time_s if prediction else None
     for rank, alt in enumerate(plan.alternatives[:top_k], start=1):
         delta = alt.step_time_s - best if best is not None else None
         out["alternatives"].append(

@@ -75,14 +75,16 @@ def to_entries(timeline: Any) -> list[Entry]:
 
 def plan_timeline(plan: Plan) -> tuple[list[Entry], str | None]:
     """(entries, None), or ([], why there is no timeline)."""
-    pr = plan.predicted
+    prediction = plan.predicted
     if plan.mesh.pp == 1:
         return [], "no pipeline (pp=1): every rank runs the whole model"
-    if pr is None or not pr.stage_times:
+    if prediction is None or not prediction.stage_times:
         return [], "the plan records no per-stage times (predicted.stage_times is empty)"
-    p = plan.pipeline
-    schedule = build_schedule(p.schedule, plan.mesh.pp, p.num_micro_batches, p.virtual_stages)
-    result = simulate(schedule, list(pr.stage_times))
+    pipeline = plan.pipeline
+    schedule = build_schedule(
+        pipeline.schedule, plan.mesh.pp, pipeline.num_micro_batches, pipeline.virtual_stages
+    )
+    result = simulate(schedule, list(prediction.stage_times))
     return to_entries(result.timeline), None
 
 

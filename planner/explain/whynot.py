@@ -25,7 +25,7 @@ from planner.api import plan_from_knobs, trace_model
 from planner.explain.knobs import complete_knobs, parse_assignment
 from planner.explain.report import fmt_bytes, fmt_s, term_label
 from planner.models import is_bundled
-from specs import Knobs, Plan, SpecError
+from specs import Knobs, Plan, Prediction, SpecError
 
 
 class ModelRefused(SpecError):
@@ -98,36 +98,62 @@ def search_records(plan: Plan, knobs: Knobs) -> list[str]:
 
 
 def compare_terms(plan: Plan, other: Plan) -> list[dict[str, Any]]:
-    a, b = plan.predicted, other.predicted
-    assert a is not None and b is not None
-    keys = list(a.time_breakdown_s) + [k for k in b.time_breakdown_s if k not in a.time_breakdown_s]
+    base_prediction, other_prediction = plan.predicted, other.predicted
+    assert base_prediction is not None and other_prediction is not None
+    base_terms, other_terms = base_prediction.time_breakdown_s, other_prediction.time_breakdown_s
+    keys = list(base_terms) + [key for key in other_terms if key not in base_terms]
     rows = []
-    for k in keys:
-        va, vb = a.time_breakdown_s.get(k, 0.0), b.time_breakdown_s.get(k, 0.0)
+    for key in keys:
+        base_s, other_s = base_terms.get(key, 0.0), other_terms.get(key, 0.0)
         rows.append(
-            {"term": k, "label": term_label(k), "plan_s": va, "other_s": vb, "delta_s": vb - va}
+            {
+                "term": key,
+                "label": term_label(key),
+                "plan_s": base_s,
+                "other_s": other_s,
+                "delta_s": other_s - base_s,
+            }
         )
+    base_s, other_s = base_prediction.step_time_s, other_prediction.step_time_s
     rows.append(
         {
             "term": "step_time",
             "label": "step time",
-            "plan_s": a.step_time_s,
-            "other_s": b.step_time_s,
-            "delta_s": b.step_time_s - a.step_time_s,
+            "plan_s": base_s,
+            "other_s": other_s,
+            "delta_s": other_s - base_s,
         }
     )
     return rows
 
 
+def _headline(prediction: Prediction) -> dict[str, Any]:
+    """The figures of a prediction a verdict shows, side by side for the plan and the other."""
+    return {
+        "step_time_s": prediction.step_time_s,
+        "mfu": prediction.mfu,
+        "samples_per_s": prediction.samples_per_s,
+        "peak_memory_bytes": prediction.peak_memory_bytes,
+        "memory_capacity_bytes": prediction.memory_capacity_bytes,
+        "fits": prediction.fits,
+        "memory_bytes": dict(prediction.memory_bytes),
+    }
+
+
 def _fit_reason(other: Plan) -> str:
-    p = other.predicted
-    assert p is not None
-    over = p.peak_memory_bytes - p.memory_capacity_bytes
-    top = max(p.memory_bytes.items(), key=lambda kv: kv[1]) if p.memory_bytes else ("?", 0.0)
+    prediction = other.predicted
+    assert prediction is not None
+    over = prediction.peak_memory_bytes - prediction.memory_capacity_bytes
+    largest = (
+        max(prediction.memory_bytes.items(), key=lambda kv: kv[1])
+        if prediction.memory_bytes
+        else ("?", 0.0)
+    )
     return (
-        f"memory: the worst rank (pp stage {p.worst_rank_stage}) needs {fmt_bytes(p.peak_memory_bytes)} "
-        f"but has {fmt_bytes(p.memory_capacity_bytes)} (over by {fmt_bytes(over)}); its largest "
-        f"category is {top[0]} at {fmt_bytes(top[1])}"
+        f"memory: the worst rank (pp stage {prediction.worst_rank_stage}) needs "
+        f"{fmt_bytes(prediction.peak_memory_bytes)} but has "
+        f"{fmt_bytes(prediction.memory_capacity_bytes)} (over by {fmt_bytes(over)}); "
+        f"its largest category is {largest[0]} at {fmt_bytes(largest[1])}"
     )
 
 
@@ -179,10 +205,9 @@ def why_not(
         try:
             other = score_knobs(plan, knobs, graph)
         except SpecError as e:
-            msg = str(e)
-            if isinstance(e, ModelRefused) or "no planner.plan_from_knobs" in msg or "no tracer" in msg:
+            if isinstance(e, ModelRefused):
                 raise
-            out.update(verdict="invalid", reason=msg)
+            out.update(verdict="invalid", reason=str(e))
             return out
     else:
         out["asked"] = f"plan file ({other})"
@@ -192,34 +217,21 @@ def why_not(
             if graph is None and model is not None:
                 graph = build_graph(plan, model)
             other = score_knobs(plan, other.knobs(), graph)
-    pr, po = plan.predicted, other.predicted
-    assert po is not None
+    base_prediction, other_prediction = plan.predicted, other.predicted
+    assert base_prediction is not None and other_prediction is not None
     out["terms"] = compare_terms(plan, other)
-    out["other"] = {
-        "step_time_s": po.step_time_s,
-        "mfu": po.mfu,
-        "samples_per_s": po.samples_per_s,
-        "peak_memory_bytes": po.peak_memory_bytes,
-        "memory_capacity_bytes": po.memory_capacity_bytes,
-        "fits": po.fits,
-        "memory_bytes": dict(po.memory_bytes),
-        "notes": list(po.notes),
-    }
-    out["base"] = {
-        "step_time_s": pr.step_time_s,
-        "mfu": pr.mfu,
-        "samples_per_s": pr.samples_per_s,
-        "peak_memory_bytes": pr.peak_memory_bytes,
-        "memory_capacity_bytes": pr.memory_capacity_bytes,
-        "fits": pr.fits,
-        "memory_bytes": dict(pr.memory_bytes),
-    }
-    if not po.fits or po.peak_memory_bytes > po.memory_capacity_bytes:
+    out["other"] = {**_headline(other_prediction), "notes": list(other_prediction.notes)}
+    out["base"] = _headline(base_prediction)
+    if (
+        not other_prediction.fits
+        or other_prediction.peak_memory_bytes > other_prediction.memory_capacity_bytes
+    ):
         out.update(verdict="does_not_fit", reason=_fit_reason(other))
         return out
-    delta = po.step_time_s - pr.step_time_s
+    base_s, other_s = base_prediction.step_time_s, other_prediction.step_time_s
+    delta = other_s - base_s
     biggest = max((r for r in out["terms"][:-1]), key=lambda r: abs(r["delta_s"]), default=None)
-    if abs(delta) <= 1e-9 * max(1.0, pr.step_time_s):
+    if abs(delta) <= 1e-9 * max(1.0, base_s):
         out.update(verdict="same", reason="the same predicted step time")
     else:
         verdict = "slower" if delta > 0 else "faster"
@@ -230,9 +242,7 @@ def why_not(
         )
         out.update(
             verdict=verdict,
-            reason=(
-                f"{fmt_s(po.step_time_s)} vs {fmt_s(pr.step_time_s)} per step ({delta / pr.step_time_s:+.1%}){why}"
-            ),
+            reason=(f"{fmt_s(other_s)} vs {fmt_s(base_s)} per step ({delta / base_s:+.1%}){why}"),
         )
         if verdict == "faster":
             out["reason"] += (
