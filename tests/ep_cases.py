@@ -15,6 +15,7 @@ and asserts per case.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -159,27 +160,47 @@ def run_ep_case(case: EPCase) -> dict:
     return out
 
 
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def run_cp_probe() -> dict:
-    """torch's context_parallel on F.scaled_dot_product_attention(is_causal=True), float64 on CPU:
-    the error it raises (or the max |diff| against one process if it ever runs)."""
+    """What torch's context parallelism does on CPU in float64, by each of its attention paths:
+    context_parallel on F.scaled_dot_product_attention(is_causal=True) with the default CPU kernel
+    and with the math backend forced, and flex attention's backward (which its CP path needs).
+    Records each error, or the max |diff| against one process if the SDPA path ever runs."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
     torch.manual_seed(SEED)
     q, k, v = (torch.randn(2, 2, 8 * world, 8, dtype=torch.float64) for _ in range(3))
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    qc, kc, vc = (t.clone() for t in (q, k, v))
-    try:
-        with context_parallel(mesh, buffers=[qc, kc, vc], buffer_seq_dims=[2, 2, 2], no_restore_buffers={qc, kc, vc}):
-            out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True)
-    except Exception as e:  # the finding this case records
-        return {"name": "cp-probe", "cp_error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
-    from torch.distributed.tensor.experimental._attention import context_parallel_unshard
+    rec: dict = {"name": "cp-probe"}
+    for key, backends in (("cp_error", None), ("cp_math_error", [SDPBackend.MATH])):
+        qc, kc, vc = (t.clone() for t in (q, k, v))
+        try:
+            with context_parallel(mesh, buffers=[qc, kc, vc], buffer_seq_dims=[2, 2, 2],
+                                  no_restore_buffers={qc, kc, vc}):
+                with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+                    out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True)
+        except Exception as e:  # the finding this case records
+            rec[key] = _first_line(e)
+            continue
+        from torch.distributed.tensor.experimental._attention import context_parallel_unshard
 
-    (full,) = context_parallel_unshard(mesh, [out], [2])
-    return {"name": "cp-probe", "cp_max_diff": (full - ref).abs().max().item()}
+        (full,) = context_parallel_unshard(mesh, [out], [2])
+        rec[key.replace("error", "max_diff")] = (full - ref).abs().max().item()
+    qg = q.clone().requires_grad_()
+    mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, q.shape[2], q.shape[2], device="cpu")
+    try:
+        flex_attention(qg, k, v, block_mask=mask).sum().backward()
+    except Exception as e:
+        rec["flex_backward_error"] = _first_line(e)
+    return rec
 
 
 def main() -> None:

@@ -53,11 +53,21 @@ def test_expert_parallel_matches_one_process(case, tmp_path_factory):
 @pytest.mark.tier3
 @pytest.mark.xdist_group("ep2")
 def test_context_parallel_does_not_run_on_cpu(tmp_path_factory):
-    """torch 2.14's context_parallel replaces SDPA's CUDA kernels only (flash, efficient, cudnn):
-    on CPU, SDPA dispatches to aten._scaled_dot_product_flash_attention_for_cpu, which has neither
-    a DTensor sharding strategy nor a ring-attention handler. Runtime CP needs a GPU machine."""
+    """torch 2.14's context parallelism cannot train on CPU, by any of its attention paths:
+    * SDPA: context_parallel swaps in ring attention only for the CUDA kernels (flash, efficient,
+      cudnn: torch/distributed/tensor/experimental/_context_parallel/_attention.py `_sdpa_handler`,
+      `_sharding_rules.register_cp_sharding_rules`); on CPU SDPA dispatches to
+      aten._scaled_dot_product_flash_attention_for_cpu, which has no DTensor sharding strategy;
+    * SDPA forced to the math backend: its decomposition adds a plain-tensor causal mask to the
+      sequence-sharded DTensor scores ("mixed torch.Tensor and DTensor");
+    * flex attention (CP's other path, K/V all-gathered): no backward on CPU.
+    The bundled transformers' attention is also not SDPA (matmul + masked_fill on a causal-mask
+    buffer), so runtime CP would first need an SDPA attention in planner.models.transformer and a
+    GPU machine to test it. When torch changes this, this test fails and says so."""
     r = run_world(2, tmp_path_factory.mktemp("ep2"))["cp-probe"]
     assert "error" not in r, r.get("traceback", r.get("error"))
-    assert "cp_error" in r, (f"context_parallel now runs on CPU/gloo (max |diff| {r.get('cp_max_diff')}): "
-                             f"add runtime/context_parallel.py and its equality cases")
+    runs = {k: r[k] for k in ("cp_max_diff", "cp_math_max_diff") if k in r}
+    assert not runs, f"context_parallel now runs on CPU/gloo (max |diff| {runs}): add runtime/context_parallel.py"
     assert "_scaled_dot_product_flash_attention_for_cpu" in r["cp_error"], r["cp_error"]
+    assert "mixed torch.Tensor and DTensor" in r["cp_math_error"], r["cp_math_error"]
+    assert "backward" in r.get("flex_backward_error", ""), "flex attention trains on CPU now: CP's flex path may run"
