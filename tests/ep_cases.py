@@ -50,12 +50,13 @@ class EPCase:
     tp: int = 1  # tensor parallel attention (experts whole on each tp rank)
     pp: int = 1  # pipeline stages (each stage's experts sharded over its ranks)
     schedule: str = "gpipe"
+    recompute: str = "none"  # activation checkpointing: the recomputation repeats the all-to-alls
 
 
 CASES = [
     EPCase("ep2-zero2-moe-gpt", 2, "moe-gpt-tiny", ep=2, sharding="zero2"),
     EPCase("ep2-zero3-moe-llama", 2, "moe-llama-tiny", ep=2, sharding="zero3"),
-    EPCase("ep2-dp2-zero3-moe-gpt", 4, "moe-gpt-tiny", ep=2, sharding="zero3"),
+    EPCase("ep2-dp2-zero3-ckpt-moe-gpt", 4, "moe-gpt-tiny", ep=2, sharding="zero3", recompute="full"),
     EPCase("ep2-dp2-zero2-accum-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero2", num_micro_batches=2),
     EPCase("ep4-zero3-moe-llama", 4, "moe-llama-tiny", ep=4, sharding="zero3"),
     EPCase("ep2-tp2-zero3-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero3", tp=2),
@@ -105,6 +106,25 @@ def loss64(out, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, -2), tokens.flatten())
 
 
+@contextlib.contextmanager
+def _counting_sends():
+    """Count this rank's expert dispatches (forwards and recomputations) inside the block."""
+    from runtime.expert_parallel import _Dispatch
+
+    calls: list[int] = []
+    original = _Dispatch.send
+
+    def send(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    _Dispatch.send = send
+    try:
+        yield calls
+    finally:
+        _Dispatch.send = original
+
+
 def run_ep_case(case: EPCase) -> dict:
     torch.manual_seed(SEED)
     plan_kwargs: dict = {}
@@ -127,19 +147,22 @@ def run_ep_case(case: EPCase) -> dict:
     meshes = build_expert_meshes(dp=dp, ep=case.ep, tp=case.tp, pp=case.pp)
     sharded = apply_expert_parallel(model, meshes, reshard_after_forward=case.sharding == "zero3")
     plan = make_plan(case.model, global_batch_size=BATCH, dp=dp, tp=case.tp, pp=case.pp, schedule=case.schedule,
-                     sharding=case.sharding,
+                     sharding=case.sharding, recompute=case.recompute,
                      num_micro_batches=case.num_micro_batches, optimizer="sgd", **plan_kwargs)
     if case.tp > 1:
         data = plan.model_dump(mode="json")
         data["tensor_parallel"]["styles"] = ATTENTION_TP
         plan = type(plan).from_dict(data)
     pm = parallelize(model, plan, loss_fn=loss64, example_inputs=(batches[0][0],), optimizer_kwargs={"lr": LR})
-    losses = [float(pm.train_step(pm.local_batch(x, y))) for x, y in batches]
+    losses = [float(pm.train_step(pm.local_batch(*batches[0])))]
+    with _counting_sends() as sends:  # after the first step (a pipeline's sets its stages up with a forward)
+        losses += [float(pm.train_step(pm.local_batch(x, y))) for x, y in batches[1:]]
+    sends_per_step = len(sends) / (STEPS - 1)
     expert_w = next(p for m in pm.modules for n, p in m.named_parameters() if ".experts." in n)
     local_experts = expert_w.to_local().shape[0]
     full = pm.full_state_dict()
     out = {"name": case.name, "world": world, "losses": losses, "sharded": sharded, "local_experts": local_experts,
-           "num_experts": num_experts, "notes": pm.notes}
+           "num_experts": num_experts, "notes": pm.notes, "sends_per_step": sends_per_step}
     if dist.get_rank() == 0:
         opt = torch.optim.SGD(ref_model.parameters(), lr=LR)
         ref_losses = []

@@ -48,6 +48,9 @@ def test_expert_parallel_matches_one_process(case, tmp_path_factory):
     # sharding is real: each rank computes num_experts / ep experts (FSDP2 may split them further)
     assert r["local_experts"] <= r["num_experts"] // case.ep
     assert not any("split nothing" in n for n in r["notes"]), r["notes"]  # tp really splits the attention
+    # one dispatch per MoE layer of this rank's stage and micro-batch, twice under full recomputation
+    layers_here = 2 // case.pp  # every case's model has 2 layers
+    assert r["sends_per_step"] == layers_here * case.num_micro_batches * (2 if case.recompute == "full" else 1)
 
 
 @pytest.mark.tier3
