@@ -116,9 +116,9 @@ def validate_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.
         graph = _trace_batch_one(model, tuple(example_inputs))
         if fingerprint != graph.fingerprint:
             raise SpecError(
-                f"model.fingerprint: the plan was made for a model with fingerprint {fingerprint}, this model "
-                f"({plan.model.name}) traces to {graph.fingerprint}; re-plan for this model (or set the "
-                f"fingerprint to '*' in a hand-written plan to skip the check)"
+                f"model.fingerprint: the plan was made for a model with fingerprint {fingerprint}, "
+                f"this model ({plan.model.name}) traces to {graph.fingerprint}; re-plan for this "
+                f"model (or set the fingerprint to '*' in a hand-written plan to skip the check)"
             )
         if plan.mesh.tp > 1 and plan.tensor_parallel.sequence_parallel:
             why = sequence_parallel_problem(graph)
@@ -216,7 +216,9 @@ class ParallelModel:
             batch = (batch, targets)
         num_samples = batch_size(batch)
         if num_samples % self.dp_size:
-            raise SpecError(f"batch: {num_samples} samples cannot be split over dp={self.dp_size} replicas")
+            raise SpecError(
+                f"batch: {num_samples} samples cannot be split over dp={self.dp_size} replicas"
+            )
         per_replica = num_samples // self.dp_size
         return slice_batch(batch, self.dp_rank * per_replica, (self.dp_rank + 1) * per_replica)
 
@@ -235,8 +237,9 @@ class ParallelModel:
         pipeline = self.plan.pipeline
         if batch_size is None:
             batch_size = pipeline.micro_batch_size * pipeline.num_micro_batches
-        return build_data_loader(dataset, num_replicas=self.dp_size, rank=self.dp_rank, batch_size=batch_size,
-                                 shuffle=shuffle, seed=seed, drop_last=drop_last, **loader_kwargs)
+        return build_data_loader(dataset, num_replicas=self.dp_size, rank=self.dp_rank,
+                                 batch_size=batch_size, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last, **loader_kwargs)
 
     # ------------------------------------------------------------------ steps
     def _loss_ctx(self) -> contextlib.AbstractContextManager:
@@ -405,7 +408,8 @@ class ParallelModel:
     def _gather_full_state_dict(self, *, to_all: bool) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for module in self.modules:
-            state_dict = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+            options = StateDictOptions(full_state_dict=True)
+            state_dict = get_model_state_dict(module, options=options)
             out.update({name: tensor.detach().cpu() for name, tensor in state_dict.items()})
         if self.runner is not None:
             from runtime.pipeline_split import clean_param_name
