@@ -51,17 +51,19 @@ class EPCase:
     pp: int = 1  # pipeline stages (each stage's experts sharded over its ranks)
     schedule: str = "gpipe"
     recompute: str = "none"  # activation checkpointing: the recomputation repeats the all-to-alls
+    max_grad_norm: float | None = None  # clipping by the global norm (expert DTensors on their own mesh)
 
 
 CASES = [
     EPCase("ep2-zero2-moe-gpt", 2, "moe-gpt-tiny", ep=2, sharding="zero2"),
     EPCase("ep2-zero3-moe-llama", 2, "moe-llama-tiny", ep=2, sharding="zero3"),
-    EPCase("ep2-dp2-zero3-ckpt-moe-gpt", 4, "moe-gpt-tiny", ep=2, sharding="zero3", recompute="full"),
+    EPCase("ep2-dp2-zero3-ckpt-clip-moe-gpt", 4, "moe-gpt-tiny", ep=2, sharding="zero3", recompute="full",
+           max_grad_norm=0.5),
     EPCase("ep2-dp2-zero2-accum-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero2", num_micro_batches=2),
     EPCase("ep4-zero3-moe-llama", 4, "moe-llama-tiny", ep=4, sharding="zero3"),
     EPCase("ep2-tp2-zero3-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero3", tp=2),
-    EPCase("ep2-pp2-zero3-1f1b-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero3", pp=2, num_micro_batches=2,
-           schedule="1f1b"),
+    EPCase("ep2-pp2-zero3-1f1b-clip-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero3", pp=2, num_micro_batches=2,
+           schedule="1f1b", max_grad_norm=0.5),
     # Hugging Face MoE models from small configs (their experts' forward replaced by the EP one)
     EPCase("ep2-zero3-hf-mixtral", 2, "hf/mixtral", ep=2, sharding="zero3"),
     EPCase("ep2-dp2-zero2-hf-qwen3_moe", 4, "hf/qwen3_moe", ep=2, sharding="zero2"),
@@ -153,7 +155,8 @@ def run_ep_case(case: EPCase) -> dict:
         data = plan.model_dump(mode="json")
         data["tensor_parallel"]["styles"] = ATTENTION_TP
         plan = type(plan).from_dict(data)
-    pm = parallelize(model, plan, loss_fn=loss64, example_inputs=(batches[0][0],), optimizer_kwargs={"lr": LR})
+    pm = parallelize(model, plan, loss_fn=loss64, example_inputs=(batches[0][0],), optimizer_kwargs={"lr": LR},
+                     max_grad_norm=case.max_grad_norm)
     losses = [float(pm.train_step(pm.local_batch(*batches[0])))]
     with _counting_sends() as sends:  # after the first step (a pipeline's sets its stages up with a forward)
         losses += [float(pm.train_step(pm.local_batch(x, y))) for x, y in batches[1:]]
@@ -169,6 +172,8 @@ def run_ep_case(case: EPCase) -> dict:
         for x, y in batches:
             loss = loss64(ref_model(x), y)
             loss.backward()
+            if case.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(ref_model.parameters(), case.max_grad_norm)
             opt.step()
             opt.zero_grad()
             ref_losses.append(loss.item())
