@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # colwise split folded heads into the sequence axis; the tracer now offers no head split there
 # (planner.tp_candidates._fixed_head_view) and the plan splits only OPT's MLP, embedding and head.
 EXPECTED_FAIL: dict[str, str] = {}
+# One worker runs every case: the module fixture launches torchrun once (on the other worker too otherwise).
+pytestmark = pytest.mark.xdist_group("coverage")
 TOL = {"float64": (1e-9, 1e-9), "float32": (1e-4, 1e-5)}  # (loss, parameter) absolute
 
 
