@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -69,8 +69,10 @@ def _cases() -> list[Case]:
     c += [
         # BatchNorm normalises over each replica's batch: the reference runs the dp slices apart.
         Case("tp-sp-llama-2", 2, "llama-tiny", dict(tp=2, sequence_parallel=True, **llama_tp)),
-        Case("ddp-resnet18-2", 2, "resnet18", dict(dp=2), meta={"batch": 4, "chunked_ref": True}),
-        Case("zero3-resnet18-2", 2, "resnet18", dict(dp=2, sharding="zero3"), meta={"batch": 4, "chunked_ref": True}),
+        # 64x64 images (resnet18 pools adaptively; layer4 is 2x2): ~12x less compute than 224x224.
+        Case("ddp-resnet18-2", 2, "resnet18", dict(dp=2), meta={"batch": 4, "chunked_ref": True, "image": 64}),
+        Case("zero3-resnet18-2", 2, "resnet18", dict(dp=2, sharding="zero3"),
+             meta={"batch": 4, "chunked_ref": True, "image": 64}),
         Case("zero3-accum-ckpt-gpt-2", 2, "gpt-tiny", dict(dp=2, sharding="zero3", num_micro_batches=2,
                                                            recompute="full")),
         Case("ddp-accum-selective-llama-2", 2, "llama-tiny", dict(dp=2, num_micro_batches=2, recompute="selective")),
@@ -185,12 +187,26 @@ def run_meta_case(case: Case) -> dict:
             "local_param_bytes": all_bytes, "budget_bytes": full_bytes // 2, "q_proj_std": stds, "notes": pm.notes}
 
 
+def with_image_size(built, image: int):
+    """The same vision model fed image x image inputs instead of the bundled 224 x 224."""
+    x, num_classes = built.example_inputs[0], 1000  # planner.models' torchvision default
+
+    def make_batch(b: int, gen: torch.Generator):
+        return (torch.randn(b, 3, image, image, generator=gen, dtype=x.dtype),
+                torch.randint(0, num_classes, (b,), generator=gen))
+
+    return replace(built, example_inputs=(x[..., :image, :image],), make_batch=make_batch,
+                   info={**built.info, "image": image})
+
+
 def run_case(case: Case) -> dict:
     if case.meta.get("meta_init"):
         return run_meta_case(case)
     torch.manual_seed(SEED)
     batch = case.meta.get("batch", 8)
     built = build_model(case.model, batch=batch, dtype=case.dtype)
+    if "image" in case.meta:
+        built = with_image_size(built, case.meta["image"])
     model = built.module
     ref_model = copy.deepcopy(model)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
