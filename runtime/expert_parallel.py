@@ -96,15 +96,22 @@ class ExpertMeshes:
 
 
 def validate_expert_parallel(num_experts: int, ep: int, dp: int) -> None:
-    """Raise SpecError when ep cannot split `num_experts` experts over `dp` data-parallel ranks. Pure."""
+    """Raise SpecError when ep cannot split `num_experts` experts over `dp` data-parallel ranks.
+    Pure."""
     if ep < 1 or dp % ep:
-        raise SpecError(f"mesh.ep: ep={ep} must divide dp={dp} (EP groups are made of data-parallel ranks)")
+        raise SpecError(
+            f"mesh.ep: ep={ep} must divide dp={dp} (EP groups are made of data-parallel ranks)"
+        )
     if num_experts % ep:
-        raise SpecError(f"mesh.ep: ep={ep} must divide the MoE layers' num_experts={num_experts} "
-                        f"(each EP rank holds num_experts / ep experts)")
+        raise SpecError(
+            f"mesh.ep: ep={ep} must divide the MoE layers' num_experts={num_experts} "
+            f"(each EP rank holds num_experts / ep experts)"
+        )
 
 
-def build_expert_meshes(dp: int, ep: int, tp: int = 1, pp: int = 1, device_type: str = "cpu") -> ExpertMeshes:
+def build_expert_meshes(
+    dp: int, ep: int, tp: int = 1, pp: int = 1, device_type: str = "cpu"
+) -> ExpertMeshes:
     """The (pp, expert_dp, ep, tp) mesh: the runtime's (pp, dp, tp) layout (global rank =
     (pp_i * dp + dp_i) * tp + tp_i, runtime.mesh) with dp split as dp_i = expert_dp_i * ep + ep_i;
     the views are this rank's (its pp stage's, its tp index's).
@@ -113,12 +120,21 @@ def build_expert_meshes(dp: int, ep: int, tp: int = 1, pp: int = 1, device_type:
     on the tp ranks of a dp replica, so each runs the same routing; EP groups join the ranks of one
     tp index). With pp > 1 each stage's experts are sharded over that stage's ranks."""
     if pp * dp * tp != dist.get_world_size():
-        raise SpecError(f"mesh.ep: pp({pp}) * dp({dp}) * tp({tp}) must be the world size {dist.get_world_size()}")
+        raise SpecError(
+            f"mesh.ep: pp({pp}) * dp({dp}) * tp({tp}) must be the world size "
+            f"{dist.get_world_size()}"
+        )
     if ep < 1 or dp % ep:
         raise SpecError(f"mesh.ep: ep={ep} must divide dp={dp}")
-    world = init_device_mesh(device_type, (pp, dp // ep, ep, tp), mesh_dim_names=("pp", "expert_dp", "ep", "tp"))
-    return ExpertMeshes(world=world, ep=world["ep"], expert_dp=world["expert_dp"],
-                        dp=world["expert_dp", "ep"]._flatten("dp"))
+    world = init_device_mesh(
+        device_type, (pp, dp // ep, ep, tp), mesh_dim_names=("pp", "expert_dp", "ep", "tp")
+    )
+    return ExpertMeshes(
+        world=world,
+        ep=world["ep"],
+        expert_dp=world["expert_dp"],
+        dp=world["expert_dp", "ep"]._flatten("dp"),
+    )
 
 
 class _Dispatch:
@@ -144,7 +160,10 @@ class _Dispatch:
         """Rows grouped by global expert (counts (E,)) -> this rank's experts' rows grouped by
         local expert, and their counts (E_l,)."""
         if counts.shape != (self.num_experts,):
-            raise ValueError(f"expert parallel: counts of shape {tuple(counts.shape)}, expected ({self.num_experts},)")
+            raise ValueError(
+                f"expert parallel: counts of shape {tuple(counts.shape)}, "
+                f"expected ({self.num_experts},)"
+            )
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts.contiguous(), group=self.group)
         recv = recv.view(self.ep, self.local)  # [source rank, local expert]
@@ -162,7 +181,9 @@ class _Dispatch:
         self._state = None
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        return all_to_all_single_autograd(out[inverse].contiguous(), send_splits, recv_splits, self.group)
+        return all_to_all_single_autograd(
+            out[inverse].contiguous(), send_splits, recv_splits, self.group
+        )
 
 
 def _by_expert_order(recv: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -173,24 +194,42 @@ def _by_expert_order(recv: torch.Tensor, device: torch.device) -> torch.Tensor:
     starts = [0]
     for s in sizes[:-1]:
         starts.append(starts[-1] + s)
-    parts = [torch.arange(starts[s * local + e], starts[s * local + e] + sizes[s * local + e], device=device)
-             for e in range(local) for s in range(ep)]
+    parts = [
+        torch.arange(
+            starts[s * local + e], starts[s * local + e] + sizes[s * local + e], device=device
+        )
+        for e in range(local)
+        for s in range(ep)
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
 def is_hf_experts(mod: nn.Module) -> bool:
     """A Hugging Face transformers 5 experts module in its plain layout (MixtralExperts,
     Qwen2MoeExperts, Qwen3MoeExperts): stacked `gate_up_proj` (E, 2F, D) [gate; up] and `down_proj`
-    (E, D, F), no bias, called as experts(hidden (N, D), top_k_index (N, k), top_k_weights (N, k))."""
+    (E, D, F), no bias, called as
+    experts(hidden (N, D), top_k_index (N, k), top_k_weights (N, k))."""
     gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
-    return (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3
-            and hasattr(mod, "num_experts") and hasattr(mod, "act_fn") and getattr(mod, "is_concatenated", True)
-            and not getattr(mod, "is_transposed", False) and not getattr(mod, "has_bias", False)
-            and getattr(mod, "has_gate", True))
+    return (
+        isinstance(gate_up, nn.Parameter)
+        and isinstance(down, nn.Parameter)
+        and gate_up.dim() == 3
+        and hasattr(mod, "num_experts")
+        and hasattr(mod, "act_fn")
+        and getattr(mod, "is_concatenated", True)
+        and not getattr(mod, "is_transposed", False)
+        and not getattr(mod, "has_bias", False)
+        and getattr(mod, "has_gate", True)
+    )
 
 
-def _hf_experts_forward(mod: nn.Module, dispatch: _Dispatch, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                        top_k_weights: torch.Tensor) -> torch.Tensor:
+def _hf_experts_forward(
+    mod: nn.Module,
+    dispatch: _Dispatch,
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
     """A Hugging Face experts module's forward (its eager one: SwiGLU-style act(gate) * up, then
     down, weighted, summed per token) with its rows sent to their experts' EP ranks and back."""
     k = top_k_index.shape[-1]
@@ -211,8 +250,13 @@ def _shard_dim0(_name: str, m: nn.Module, mesh: DeviceMesh) -> None:
         m.register_parameter(pname, nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])))
 
 
-def apply_expert_parallel(model: nn.Module, meshes: ExpertMeshes, *, reshard_after_forward: bool = True,
-                          mp_policy: MixedPrecisionPolicy | None = None) -> list[str]:
+def apply_expert_parallel(
+    model: nn.Module,
+    meshes: ExpertMeshes,
+    *,
+    reshard_after_forward: bool = True,
+    mp_policy: MixedPrecisionPolicy | None = None,
+) -> list[str]:
     """Shard every experts module of `model` (GroupedExperts; Hugging Face experts, `is_hf_experts`)
     over `meshes.ep` and give each its own FSDP2 group over `meshes.expert_dp`, with its weights'
     gradients scaled by 1/ep (module docstring). Call it before the data parallelism of the rest of
@@ -240,12 +284,20 @@ def apply_expert_parallel(model: nn.Module, meshes: ExpertMeshes, *, reshard_aft
             mod.ep_grad_scale = 1.0 / ep
             mod.forward = functools.partial(_hf_experts_forward, mod, dispatch)
         else:
-            distribute_module(mod, meshes.ep, _shard_dim0, input_fn=dispatch.dispatch, output_fn=dispatch.combine)
+            distribute_module(
+                mod, meshes.ep, _shard_dim0, input_fn=dispatch.dispatch, output_fn=dispatch.combine
+            )
             mod.grad_scale = 1.0 / ep
-        fully_shard(mod, mesh=meshes.expert_dp, reshard_after_forward=reshard_after_forward,
-                    mp_policy=mp_policy or MixedPrecisionPolicy())
+        fully_shard(
+            mod,
+            mesh=meshes.expert_dp,
+            reshard_after_forward=reshard_after_forward,
+            mp_policy=mp_policy or MixedPrecisionPolicy(),
+        )
         names.append(name)
     if not names:
-        raise SpecError(f"mesh.ep: {type(model).__name__} has no experts module to shard (expert parallelism "
-                        f"applies to planner.models.moe.GroupedExperts and Hugging Face MoE experts)")
+        raise SpecError(
+            f"mesh.ep: {type(model).__name__} has no experts module to shard (expert parallelism "
+            f"applies to planner.models.moe.GroupedExperts and Hugging Face MoE experts)"
+        )
     return names

@@ -1,16 +1,18 @@
-"""Expert parallelism (runtime.expert_parallel) on the bundled MoE transformers, against one process,
-all cases inside ONE torchrun process group per world size:
+"""Expert parallelism (runtime.expert_parallel) on MoE transformers against one process, all
+cases inside ONE torchrun process group per world size:
 
     torchrun --standalone --nproc-per-node N tests/ep_cases.py --out results.json [--only a,b]
 
-Each case builds the tiny MoE model in float64 (same seed on every rank), applies EP over an
-(expert_dp, ep) mesh, then the runtime's data parallelism over all ranks (runtime.parallelize with
-a dp = world plan, FSDP2), trains STEPS steps of SGD, and compares the losses and the gathered
-parameters with an identical copy trained alone on rank 0 on the whole global batch.
+Each case builds a tiny MoE model in float64 (same seed on every rank), applies EP over a
+(pp, expert_dp, ep, tp) mesh (runtime.expert_parallel.build_expert_meshes), then
+runtime.parallelize with a plan over the same ranks (FSDP2 data parallelism over all dp ranks;
+tensor-parallel attention or a pipeline where the case has them), trains STEPS steps of SGD, and
+compares the losses and the gathered parameters with an identical copy trained alone on rank 0 on
+the whole global batch.
 
-The "cp-probe" case records what torch's context_parallel does on CPU/gloo: the error it raises
-(test_context_parallel_does_not_run_on_cpu says why). tests/test_expert_parallel.py launches this
-and asserts per case.
+The "cp-probe" case records what each path of torch's context parallelism does on CPU/gloo: the
+errors they raise (test_context_parallel_does_not_run_on_cpu says why).
+tests/test_expert_parallel.py launches this and asserts per case.
 """
 
 from __future__ import annotations
@@ -51,19 +53,44 @@ class EPCase:
     pp: int = 1  # pipeline stages (each stage's experts sharded over its ranks)
     schedule: str = "gpipe"
     recompute: str = "none"  # activation checkpointing: the recomputation repeats the all-to-alls
-    max_grad_norm: float | None = None  # clipping by the global norm (expert DTensors on their own mesh)
+    max_grad_norm: float | None = (
+        None  # clipping by the global norm (expert DTensors on their own mesh)
+    )
 
 
 CASES = [
     EPCase("ep2-zero2-moe-gpt", 2, "moe-gpt-tiny", ep=2, sharding="zero2"),
     EPCase("ep2-zero3-moe-llama", 2, "moe-llama-tiny", ep=2, sharding="zero3"),
-    EPCase("ep2-dp2-zero3-ckpt-clip-moe-gpt", 4, "moe-gpt-tiny", ep=2, sharding="zero3", recompute="full",
-           max_grad_norm=0.5),
-    EPCase("ep2-dp2-zero2-accum-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero2", num_micro_batches=2),
+    EPCase(
+        "ep2-dp2-zero3-ckpt-clip-moe-gpt",
+        4,
+        "moe-gpt-tiny",
+        ep=2,
+        sharding="zero3",
+        recompute="full",
+        max_grad_norm=0.5,
+    ),
+    EPCase(
+        "ep2-dp2-zero2-accum-moe-llama",
+        4,
+        "moe-llama-tiny",
+        ep=2,
+        sharding="zero2",
+        num_micro_batches=2,
+    ),
     EPCase("ep4-zero3-moe-llama", 4, "moe-llama-tiny", ep=4, sharding="zero3"),
     EPCase("ep2-tp2-zero3-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero3", tp=2),
-    EPCase("ep2-pp2-zero3-1f1b-clip-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero3", pp=2, num_micro_batches=2,
-           schedule="1f1b", max_grad_norm=0.5),
+    EPCase(
+        "ep2-pp2-zero3-1f1b-clip-moe-llama",
+        4,
+        "moe-llama-tiny",
+        ep=2,
+        sharding="zero3",
+        pp=2,
+        num_micro_batches=2,
+        schedule="1f1b",
+        max_grad_norm=0.5,
+    ),
     # Hugging Face MoE models from small configs (their experts' forward replaced by the EP one)
     EPCase("ep2-zero3-hf-mixtral", 2, "hf/mixtral", ep=2, sharding="zero3"),
     EPCase("ep2-dp2-zero2-hf-qwen3_moe", 4, "hf/qwen3_moe", ep=2, sharding="zero2"),
@@ -72,11 +99,23 @@ CASES = [
 # Hugging Face configs: 2 layers, hidden 64, 4 experts, top-2; eager attention and experts (the
 # default grouped_mm experts have no float64 kernel), no KV cache.
 HF_MOE = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
-                dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  dict(intermediate_size=64, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
-                       norm_topk_prob=True, head_dim=16)),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            head_dim=16,
+        ),
+    ),
 }
 HF_SEQ = 16
 
@@ -87,20 +126,39 @@ def build_hf_moe(family: str):
 
     cfg_cls, model_cls, kwargs = HF_MOE[family]
     cfg = getattr(transformers, cfg_cls)(
-        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=64, bos_token_id=0, eos_token_id=0, use_cache=False, attn_implementation="eager",
-        experts_implementation="eager", **kwargs)
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        use_cache=False,
+        attn_implementation="eager",
+        experts_implementation="eager",
+        **kwargs,
+    )
     model = getattr(transformers, model_cls)(cfg).double()
     gen = torch.Generator().manual_seed(SEED)
     batches = []
     for _ in range(STEPS):
         t = torch.randint(0, cfg.vocab_size, (BATCH, HF_SEQ), generator=gen)
         batches.append((t, t))
-    blocks = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(cfg.num_hidden_layers)), "model.norm+lm_head"]
+    blocks = [
+        "model.embed_tokens",
+        *(f"model.layers.{i}" for i in range(cfg.num_hidden_layers)),
+        "model.norm+lm_head",
+    ]
     return model, batches, blocks
 
-ATTENTION_TP = {"layers.*.attn.q_proj": "colwise", "layers.*.attn.k_proj": "colwise",
-                "layers.*.attn.v_proj": "colwise", "layers.*.attn.o_proj": "rowwise"}
+
+ATTENTION_TP = {
+    "layers.*.attn.q_proj": "colwise",
+    "layers.*.attn.k_proj": "colwise",
+    "layers.*.attn.v_proj": "colwise",
+    "layers.*.attn.o_proj": "rowwise",
+}
 
 
 def loss64(out, tokens: torch.Tensor) -> torch.Tensor:
@@ -133,8 +191,11 @@ def run_ep_case(case: EPCase) -> dict:
     if case.model.startswith("hf/"):
         model, batches, blocks = build_hf_moe(case.model.removeprefix("hf/"))
         plan_kwargs = dict(model=model, block_names=blocks)
-        num_experts = model.config.num_local_experts if hasattr(model.config, "num_local_experts") \
+        num_experts = (
+            model.config.num_local_experts
+            if hasattr(model.config, "num_local_experts")
             else model.config.num_experts
+        )
     else:
         built = build_model(case.model, batch=BATCH, dtype=torch.float64)
         model = built.module
@@ -148,24 +209,50 @@ def run_ep_case(case: EPCase) -> dict:
     dp = world // (case.tp * case.pp)
     meshes = build_expert_meshes(dp=dp, ep=case.ep, tp=case.tp, pp=case.pp)
     sharded = apply_expert_parallel(model, meshes, reshard_after_forward=case.sharding == "zero3")
-    plan = make_plan(case.model, global_batch_size=BATCH, dp=dp, tp=case.tp, pp=case.pp, schedule=case.schedule,
-                     sharding=case.sharding, recompute=case.recompute,
-                     num_micro_batches=case.num_micro_batches, optimizer="sgd", **plan_kwargs)
+    plan = make_plan(
+        case.model,
+        global_batch_size=BATCH,
+        dp=dp,
+        tp=case.tp,
+        pp=case.pp,
+        schedule=case.schedule,
+        sharding=case.sharding,
+        recompute=case.recompute,
+        num_micro_batches=case.num_micro_batches,
+        optimizer="sgd",
+        **plan_kwargs,
+    )
     if case.tp > 1:
         data = plan.model_dump(mode="json")
         data["tensor_parallel"]["styles"] = ATTENTION_TP
         plan = type(plan).from_dict(data)
-    pm = parallelize(model, plan, loss_fn=loss64, example_inputs=(batches[0][0],), optimizer_kwargs={"lr": LR},
-                     max_grad_norm=case.max_grad_norm)
+    pm = parallelize(
+        model,
+        plan,
+        loss_fn=loss64,
+        example_inputs=(batches[0][0],),
+        optimizer_kwargs={"lr": LR},
+        max_grad_norm=case.max_grad_norm,
+    )
     losses = [float(pm.train_step(pm.local_batch(*batches[0])))]
-    with _counting_sends() as sends:  # after the first step (a pipeline's sets its stages up with a forward)
+    with (
+        _counting_sends() as sends
+    ):  # after the first step (a pipeline's sets its stages up with a forward)
         losses += [float(pm.train_step(pm.local_batch(x, y))) for x, y in batches[1:]]
     sends_per_step = len(sends) / (STEPS - 1)
     expert_w = next(p for m in pm.modules for n, p in m.named_parameters() if ".experts." in n)
     local_experts = expert_w.to_local().shape[0]
     full = pm.full_state_dict()
-    out = {"name": case.name, "world": world, "losses": losses, "sharded": sharded, "local_experts": local_experts,
-           "num_experts": num_experts, "notes": pm.notes, "sends_per_step": sends_per_step}
+    out = {
+        "name": case.name,
+        "world": world,
+        "losses": losses,
+        "sharded": sharded,
+        "local_experts": local_experts,
+        "num_experts": num_experts,
+        "notes": pm.notes,
+        "sends_per_step": sends_per_step,
+    }
     if dist.get_rank() == 0:
         opt = torch.optim.SGD(ref_model.parameters(), lr=LR)
         ref_losses = []
@@ -181,9 +268,14 @@ def run_ep_case(case: EPCase) -> dict:
         out["missing_params"] = [n for n in ref if n not in full]
         out["ref_losses"] = ref_losses
         out["loss_diff"] = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
-        out["param_diff"] = max((full[n].double() - ref[n].double()).abs().max().item() for n in ref if n in full)
-        out["expert_param_diff"] = max((full[n].double() - ref[n].double()).abs().max().item()
-                                       for n in ref if n in full and ".experts" in n)
+        out["param_diff"] = max(
+            (full[n].double() - ref[n].double()).abs().max().item() for n in ref if n in full
+        )
+        out["expert_param_diff"] = max(
+            (full[n].double() - ref[n].double()).abs().max().item()
+            for n in ref
+            if n in full and ".experts" in n
+        )
         out["param_change"] = max((ref[n] - init[n]).abs().max().item() for n in ref)
     return out
 
@@ -211,8 +303,12 @@ def run_cp_probe() -> dict:
     for key, backends in (("cp_error", None), ("cp_math_error", [SDPBackend.MATH])):
         qc, kc, vc = (t.clone() for t in (q, k, v))
         try:
-            with context_parallel(mesh, buffers=[qc, kc, vc], buffer_seq_dims=[2, 2, 2],
-                                  no_restore_buffers={qc, kc, vc}):
+            with context_parallel(
+                mesh,
+                buffers=[qc, kc, vc],
+                buffer_seq_dims=[2, 2, 2],
+                no_restore_buffers={qc, kc, vc},
+            ):
                 with sdpa_kernel(backends) if backends else contextlib.nullcontext():
                     out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True)
         except Exception as e:  # the finding this case records
@@ -223,7 +319,9 @@ def run_cp_probe() -> dict:
         (full,) = context_parallel_unshard(mesh, [out], [2])
         rec[key.replace("error", "max_diff")] = (full - ref).abs().max().item()
     qg = q.clone().requires_grad_()
-    mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, q.shape[2], q.shape[2], device="cpu")
+    mask = create_block_mask(
+        lambda b, h, i, j: i >= j, None, None, q.shape[2], q.shape[2], device="cpu"
+    )
     try:
         flex_attention(qg, k, v, block_mask=mask).sum().backward()
     except Exception as e:
@@ -236,7 +334,10 @@ def main() -> None:
     world = dist.get_world_size()
     by_name = {c.name: c for c in CASES if c.world == world}
     names = [n for n in [*by_name, "cp-probe"] if not args.only or n in args.only]
-    finish(run_cases(names, lambda n: run_cp_probe() if n == "cp-probe" else run_ep_case(by_name[n])), args.out)
+    finish(
+        run_cases(names, lambda n: run_cp_probe() if n == "cp-probe" else run_ep_case(by_name[n])),
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -25,19 +25,31 @@ _RESULTS: dict[int, dict[str, dict]] = {}
 def run_world(world: int, tmp: Path) -> dict[str, dict]:
     if world not in _RESULTS:
         out = tmp / f"ep{world}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-               str(ROOT / "tests" / "ep_cases.py"), "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={world}",
+            str(ROOT / "tests" / "ep_cases.py"),
+            "--out",
+            str(out),
+        ]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0 or not out.exists():
-            pytest.fail(f"torchrun ({world} procs) failed, rc={proc.returncode}:\n{proc.stderr[-4000:]}")
+            pytest.fail(
+                f"torchrun ({world} procs) failed, rc={proc.returncode}:\n{proc.stderr[-4000:]}"
+            )
         _RESULTS[world] = {r["name"]: r for r in json.loads(out.read_text())}
     return _RESULTS[world]
 
 
 @pytest.mark.tier3
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=pytest.mark.xdist_group(f"ep{c.world}"))
-                                  for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=c.name, marks=pytest.mark.xdist_group(f"ep{c.world}")) for c in CASES],
+)
 def test_expert_parallel_matches_one_process(case, tmp_path_factory):
     r = run_world(case.world, tmp_path_factory.mktemp(f"ep{case.world}"))[case.name]
     assert "error" not in r, r.get("traceback", r.get("error"))
@@ -47,10 +59,14 @@ def test_expert_parallel_matches_one_process(case, tmp_path_factory):
     assert r["param_diff"] <= TOL, f"max |param - reference| = {r['param_diff']:.3g}"
     # sharding is real: each rank computes num_experts / ep experts (FSDP2 may split them further)
     assert r["local_experts"] <= r["num_experts"] // case.ep
-    assert not any("split nothing" in n for n in r["notes"]), r["notes"]  # tp really splits the attention
-    # one dispatch per MoE layer of this rank's stage and micro-batch, twice under full recomputation
+    assert not any("split nothing" in n for n in r["notes"]), r[
+        "notes"
+    ]  # tp really splits the attention
+    # one dispatch per MoE layer of this rank's stage and micro-batch, twice under recomputation
     layers_here = 2 // case.pp  # every case's model has 2 layers
-    assert r["sends_per_step"] == layers_here * case.num_micro_batches * (2 if case.recompute == "full" else 1)
+    assert r["sends_per_step"] == layers_here * case.num_micro_batches * (
+        2 if case.recompute == "full" else 1
+    )
 
 
 @pytest.mark.tier3
@@ -70,7 +86,12 @@ def test_context_parallel_does_not_run_on_cpu(tmp_path_factory):
     r = run_world(2, tmp_path_factory.mktemp("ep2"))["cp-probe"]
     assert "error" not in r, r.get("traceback", r.get("error"))
     runs = {k: r[k] for k in ("cp_max_diff", "cp_math_max_diff") if k in r}
-    assert not runs, f"context_parallel now runs on CPU/gloo (max |diff| {runs}): add runtime/context_parallel.py"
+    assert not runs, (
+        f"context_parallel now runs on CPU/gloo (max |diff| {runs}): "
+        f"add runtime/context_parallel.py"
+    )
     assert "_scaled_dot_product_flash_attention_for_cpu" in r["cp_error"], r["cp_error"]
     assert "mixed torch.Tensor and DTensor" in r["cp_math_error"], r["cp_math_error"]
-    assert "backward" in r.get("flex_backward_error", ""), "flex attention trains on CPU now: CP's flex path may run"
+    assert "backward" in r.get("flex_backward_error", ""), (
+        "flex attention trains on CPU now: CP's flex path may run"
+    )

@@ -81,4 +81,6 @@ def test_moe_builds_on_meta_and_initialises():
     model.to_empty(device="cpu")
     model.init_weights(seed=0)
     w1, w2 = model.layers[0].mlp.experts.w1.detach(), model.layers[0].mlp.experts.w2.detach()
-    assert 0.017 < float(w1.std()) < 0.023 and float(w2.std()) < 0.015  # w2 is a residual projection
+    assert (
+        0.017 < float(w1.std()) < 0.023 and float(w2.std()) < 0.015
+    )  # w2 is a residual projection

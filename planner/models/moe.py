@@ -3,7 +3,7 @@ transformers (`TransformerConfig(num_experts=E, top_k=k)`).
 
 Per layer, for the N = B*T tokens x (N, D):
     probs = softmax(router(x))                       # router: Linear(D, E), no bias
-    w, e = topk(probs, k); w = w / w.sum(-1)         # each token picks k experts (Mixtral renormalises)
+    w, e = topk(probs, k); w = w / w.sum(-1)         # k experts per token, renormalised (Mixtral)
     routed, counts, slot = sort_by_expert(x, e)      # N*k rows grouped by expert, counts (E,)
     y = experts(routed, counts)                      # expert i's MLP on its counts[i] rows
     out[token of slot j] += w[slot j] * y[j]         # combine
@@ -41,7 +41,8 @@ def _is_valueless(t: torch.Tensor) -> bool:
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the gradient times `scale` (expert parallelism's 1/ep, runtime.expert_parallel)."""
+    """Identity forward; the gradient times `scale` (expert parallelism's 1/ep,
+    runtime.expert_parallel)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -87,8 +88,14 @@ def _linear_grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> 
 
 
 @torch.fx.wrap
-def expert_mlp(routed: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-               w3: torch.Tensor | None, grad_scale: float = 1.0) -> torch.Tensor:
+def expert_mlp(
+    routed: torch.Tensor,
+    counts: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor | None,
+    grad_scale: float = 1.0,
+) -> torch.Tensor:
     """Expert i's MLP on rows counts[:i].sum() .. counts[:i+1].sum() of `routed` (M, D) -> (M, D).
     w1/w3 (E, F, D), w2 (E, D, F); w3 None: GELU MLP, else SwiGLU. Expert-parallel DTensor
     weights contribute their local experts (counts then has the local experts' length); the
