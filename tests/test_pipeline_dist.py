@@ -14,7 +14,9 @@ import pytest
 
 from tests.dist_pipeline_cases import cases
 
-pytestmark = [pytest.mark.tier3, pytest.mark.xdist_group("pipeline_dist")]
+# one xdist group per launch: each world size's module fixture runs on one worker, and the two
+# launches can run on different workers
+pytestmark = pytest.mark.tier3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-10  # float64; measured differences are <= 5e-14
 
@@ -70,11 +72,13 @@ def _check(case, rec):
             assert r["softmax_calls"] >= 2 * r["blocks_local"] * case.num_micro_batches * steps, r
 
 
+@pytest.mark.xdist_group("pipeline2")
 @pytest.mark.parametrize("case", cases(2), ids=lambda c: c.name)
 def test_pipeline_2_procs(case, results2):
     _check(case, results2[case.name])
 
 
+@pytest.mark.xdist_group("pipeline4")
 @pytest.mark.parametrize("case", cases(4), ids=lambda c: c.name)
 def test_pipeline_4_procs(case, results4):
     _check(case, results4[case.name])

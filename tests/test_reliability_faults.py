@@ -13,7 +13,8 @@ import pytest
 
 from tests import fault_runs as fr
 
-pytestmark = [pytest.mark.tier3, pytest.mark.slow, pytest.mark.xdist_group("launch")]
+# its own xdist group (the module fixtures are shared by its tests), apart from the other launch tests
+pytestmark = [pytest.mark.tier3, pytest.mark.slow, pytest.mark.xdist_group("faults")]
 
 
 @pytest.fixture(scope="module")
