@@ -1,37 +1,26 @@
-"""Per-candidate cost of scoring plans with estimate_knobs, for GPT-3 175B on 1024 A100s.
+"""Per-candidate cost of scoring plans with CostModel.estimate, for GPT-3 175B on 1024 A100s.
 
 Enumerates a search-like space (tp x pp x dp = 1024, micro-batch size, ZeRO stage, recompute,
 sequence parallelism, schedule) with an even stage partition, and scores every candidate:
 
-- cold: each candidate once, from empty caches (what a search pays the first time it sees a
+- cold: each candidate once with a fresh CostModel (what a search pays the first time it sees a
   candidate: block costs per layer type are shared, pipeline simulations are shared only
-  between candidates with the same pipeline and the same stage results, e.g. none and zero1);
-  `--repeat` passes (default 5), each after cost_models.clear_caches(), and their median;
-- warm: the same candidates again with every cache hot (the fixed overhead per call);
-- estimate_knobs returns with the score's fields set (step time, memory peak, fits) and computes
-  the others on first access: "every field read" adds that, for every candidate;
+  between candidates with the same pipeline and the same stage times, e.g. none and zero1);
+  `--repeat` passes (default 5), each with a new CostModel, and their median;
+- warm: the same candidates again on the same CostModel (the fixed overhead per call);
 - the pipeline simulations on their own (count and mean time).
 
-Cold includes compiling each schedule structure once (cost_models.periodic: the round structure
-for the smallest equivalent micro-batch count) and playing each distinct simulation with the
-steady-phase fast-forward; "cold time without simulations" subtracts the simulations re-played
-with the compiled structures cached.
+The ~50 us per-candidate bar of an earlier issue is retired (scoring is ~15% of a search; issue
+16): this is a profile, not a target. Planning time end to end is benchmarks/plan_bench.py.
 
 Like the search (planner.search.Search.run), the benchmark moves everything alive before scoring
-(imports, the graph) out of the cyclic garbage collector's reach with gc.freeze() and pauses the
-collector while it scores (scoring makes no reference cycles; the young-generation collections
-would otherwise walk every object the caches keep: ~10% of the cold time); `--no-freeze` measures
-with the collector as it is (full collections then also walk the ~200k objects of torch and the
-graph whenever the growing caches trigger one: +-30 us per candidate, depending on when they fall).
+out of the cyclic garbage collector's reach with gc.freeze() and pauses the collector while it
+scores; `--no-freeze` measures with the collector as it is.
 
-The simulation passes run as numba kernels (cost_models.kernels; loaded before the timing, as a
-search loads them once it has spent their load time in Python; the load time is printed);
-`AUTOPLAN_JIT=0 .venv/bin/python benchmarks/cost_bench.py` times the pure-Python passes.
-
-The issue's bar is ~50 us per candidate; the last lines say how cold and warm compare with it.
-
-Times are CPU time of this process (time.process_time), so other load on a shared machine
-inflates them less than wall-clock would. Run: .venv/bin/python benchmarks/cost_bench.py
+The simulations run with the compiled kernel when it is cached (cost_models.kernels; loaded
+before the timing); `AUTOPLAN_JIT=0 .venv/bin/python benchmarks/cost_bench.py` times the
+Python passes. Times are CPU time of this process (time.process_time).
+Run: .venv/bin/python benchmarks/cost_bench.py
 """
 
 from __future__ import annotations
@@ -45,14 +34,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cost_models import (
-    clear_caches,  # noqa: E402
-    estimate_knobs,  # noqa: E402
-    kernels,  # noqa: E402
-)
-from cost_models import simulator as sim_mod  # noqa: E402
-from cost_models.blocks import context  # noqa: E402
-from cost_models.layout import _layout_for  # noqa: E402
+from cost_models import CostModel, kernels  # noqa: E402
+from cost_models.simulator import compile_schedule, play  # noqa: E402
+from cost_models.stages import layout  # noqa: E402
 from specs import HardwareSpec, Knobs, TrainSpec  # noqa: E402
 
 
@@ -112,62 +96,53 @@ def main() -> None:
     hw = HardwareSpec.preset("dgx-a100-80gb", nodes=128)
     train = TrainSpec(global_batch_size=1536)
     cands = list(candidates(graph.num_blocks, hw.num_devices, train.global_batch_size))
-    jit_s = kernels.warm_up()  # once per process, as the search does before it starts
+    jit_s = kernels.warm_up() if kernels.cache_ready() else 0.0
+    compiled = kernels.ready
     if not args.no_freeze:
         gc.freeze()
         gc.disable()
 
-    # cold passes, each from empty caches (cost_models.clear_caches: contexts, layouts, simulations,
-    # compiled schedules); the figure is their median (this VM's speed drifts 10-20% within minutes)
+    # cold passes, each on a new CostModel; the figure is their median (this VM's speed drifts)
     colds = []
     for _ in range(args.repeat):
-        clear_caches()
+        cm = CostModel(graph, hw, train, compiled=compiled)
         t0 = time.process_time()
-        results = [estimate_knobs(graph, k, s, hw, train) for k, s in cands]
+        results = [cm.estimate(k, s) for k, s in cands]
         colds.append((time.process_time() - t0) / len(cands))
     cold = statistics.median(colds)
-    num_sims = len(sim_mod._CACHE)
-    t0 = time.process_time()
-    for r in results:  # the fields besides the score, computed on first access
-        _ = r.time_breakdown_s
-    details = (time.process_time() - t0) / len(cands)
+    num_sims = sum(1 for key in cm.simulation_memo if len(key) == 5)
 
     reps = 3
     t0 = time.process_time()
     for _ in range(reps):
         for k, s in cands:
-            estimate_knobs(graph, k, s, hw, train)
+            cm.estimate(k, s)
     warm = (time.process_time() - t0) / (reps * len(cands))
 
-    # the distinct simulations (memoised per stage-time set: layout.times_id), re-played by value
-    ctx = context(graph, hw, train)
+    # the distinct simulations (memoised per stage-time set), re-played with their compiled schedules
     distinct = {}
     for k, s in cands:
-        lay, sched = _layout_for(ctx, graph, k, s, hw)
-        distinct.setdefault((sched, k.pp, k.num_micro_batches, k.virtual_stages, lay.times_id), lay.times)
+        lay = layout(cm, k, s)
+        distinct.setdefault((lay.schedule, k.pp, k.num_micro_batches, k.virtual_stages, lay.times_id), lay.times)
     assert len(distinct) == num_sims, (len(distinct), num_sims)
-    sim_mod._CACHE.clear()
+    comps = {key[:4]: compile_schedule(*key[:4], compiled=compiled) for key in distinct}
     t0 = time.process_time()
-    for (name, pp, m, v, _), times in distinct.items():
-        sim_mod.simulate_cached(name, pp, m, v, times)
+    for key, times in distinct.items():
+        play(comps[key[:4]], times, key[0] == "zero_bubble", compiled=compiled)
     sim_mean = (time.process_time() - t0) / max(1, len(distinct))
 
     fits = [(r.step_time_s, str(k), r) for (k, _), r in zip(cands, results, strict=True) if r.fits]
     print(f"model {graph.name} ({graph.num_params / 1e9:.1f}B params, {graph.num_blocks} blocks, "
           f"traced_by={graph.traced_by}); {hw}; global batch {train.global_batch_size}")
     print(f"candidates scored:          {len(cands)} ({len(fits)} fit in memory)")
-    print(f"simulation kernels:         {'numba' if kernels.ready else 'pure Python (numba missing or AUTOPLAN_JIT=0)'}; "
+    print(f"simulation kernel:          {'numba' if compiled else 'pure Python (not cached, numba missing or AUTOPLAN_JIT=0)'}; "
           f"loaded once per process in {jit_s * 1e3:.0f} ms (before the timing)")
     print(f"garbage collector:          {'as is' if args.no_freeze else 'frozen and paused, as in the search'}")
-    print(f"per candidate, cold caches: {cold * 1e6:8.1f} us  (CPU time; median of {len(colds)} passes from "
-          f"empty caches: {', '.join(f'{c * 1e6:.1f}' for c in colds)})")
-    print(f"  + every field read:       {(cold + details) * 1e6:8.1f} us  (breakdowns, throughput, ...: computed "
-          f"on first access, {details * 1e6:.1f} us; a search reads them for the plans it reports)")
-    print(f"per candidate, warm caches: {warm * 1e6:8.1f} us")
+    print(f"per candidate, cold:        {cold * 1e6:8.1f} us  (CPU time; median of {len(colds)} passes, each on "
+          f"a new CostModel: {', '.join(f'{c * 1e6:.1f}' for c in colds)})")
+    print(f"per candidate, warm:        {warm * 1e6:8.1f} us")
     print(f"pipeline simulations:       {num_sims} distinct, {sim_mean * 1e6:8.1f} us each on average")
     print(f"cold time without simulations: {(cold * len(cands) - sim_mean * num_sims) / len(cands) * 1e6:8.1f} us per candidate")
-    for label, t in (("cold", cold), ("warm", warm)):
-        print(f"bar ~50 us per candidate, {label}: {'met' if t <= 50e-6 else 'MISSED'} ({t * 1e6:.1f} us)")
     if fits:
         fits.sort(key=lambda x: x[0])
         step, name, best = fits[0]

@@ -111,16 +111,42 @@ def _flatten(x, prefix: str = ""):
 
 
 def collect() -> dict:
-    from cost_models import estimate_knobs, step_lower_bound_knobs
+    """Every candidate's fields, scored in order on one CostModel per group (its memos shared, as
+    in a search); `fresh` below re-scores a sample each on a new CostModel."""
+    try:
+        from cost_models import CostModel
+
+        def model(graph, hw, train):
+            return CostModel(graph, hw, train)
+    except ImportError:  # before the CostModel object: the module functions and their caches
+        from cost_models import estimate_knobs, step_lower_bound_knobs
+
+        class model:  # noqa: N801
+            def __init__(self, graph, hw, train):
+                self.args = graph, hw, train
+
+            def estimate(self, k, stages):
+                graph, hw, train = self.args
+                return estimate_knobs(graph, k, stages, hw, train)
+
+            def lower_bound(self, k, stages):
+                graph, hw, train = self.args
+                return step_lower_bound_knobs(graph, k, stages, hw, train)
 
     out = {}
     for name, graph, hw, train, cands in _space():
+        cm = model(graph, hw, train)
         for i, (k, stages) in enumerate(cands):
             key = f"{name}/{i}/{k}"
+            if i % 50 == 7:  # a sample on a model of its own: sharing must not change a result
+                cm_i = model(graph, hw, train)
+                alone = (_fields(cm_i.estimate(k, stages)), cm_i.lower_bound(k, stages))
             try:
-                e = estimate_knobs(graph, k, stages, hw, train)
+                e = cm.estimate(k, stages)
                 rec = _fields(e)
-                rec["lower_bound_s"] = step_lower_bound_knobs(graph, k, stages, hw, train)
+                rec["lower_bound_s"] = cm.lower_bound(k, stages)
+                if i % 50 == 7:
+                    assert alone == (_fields(e), rec["lower_bound_s"]), f"{key}: differs on a fresh model"
             except Exception as exc:  # a refusal is a result too
                 rec = {"error": f"{type(exc).__name__}: {exc}"}
             out[key] = rec

@@ -3,7 +3,7 @@
 `block_costs(graph, hw, train, *, tp, sequence_parallel, micro_batch_size, recompute)` is what
 the planner's stage-partition DP and `estimate_knobs` consume. Everything is for ONE
 micro-batch on ONE tensor-parallel rank, cached per layer type (repeated blocks share one
-`BlockCost` object) and per (graph, hw, train) context:
+`BlockCost` object) and memoised by the CostModel (cost_models.model, seam 1):
 
 - times: forward / backward (input grads + recompute + TP comm) / weight grads, from
   cost_models.compute; TP collectives from cost_models.comm.
@@ -29,17 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import accumulate
 from operator import attrgetter, sub
+from typing import TYPE_CHECKING
 
-from cost_models import comm, sharedhost
-from cost_models.compute import TP_SPLIT, compute_dtype, itemsize, layer_compute
-from cost_models.fastinit import fast_init
-from cost_models.memory import (
-    bytes_per_param,
-    layer_activation_bytes,
-    layer_saved_bytes,
-    margin_bytes,
-)
+from cost_models import comm
+from cost_models.compute import TP_SPLIT, layer_compute
+from cost_models.memory import layer_activation_bytes
 from specs import HardwareSpec, LayerType, ModelGraph, SpecError, TrainSpec
+
+if TYPE_CHECKING:
+    from cost_models.model import CostModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +162,10 @@ class BlockCosts:
                     vals = [n * x for x in row] if vals is None else [a + n * x for a, x in zip(vals, row, strict=True)]
             if vals is None:
                 vals = [0] * len(_FIELDS)
-            got = self.sums[key] = _new_stage_sum(*vals, sum(comp), self.type_costs[lt].output_bytes,
-                                                  self.max_working_bytes, self.max_block_params)
+            got = self.sums[key] = StageSum(**dict(zip(_FIELDS, vals, strict=True)), num_blocks=sum(comp),
+                                            output_bytes=self.type_costs[lt].output_bytes,
+                                            max_working_bytes=self.max_working_bytes,
+                                            max_block_params=self.max_block_params)
         return got
 
     def stage_time_s(self, first: int, last: int) -> float:
@@ -175,68 +175,6 @@ class BlockCosts:
 
 
 _FIELD_GETTER = attrgetter(*_FIELDS)
-_new_stage_sum = fast_init(StageSum)  # StageSum(...) without the frozen __init__'s cost (cost_models.fastinit)
-
-
-class Context:
-    """Per (graph, hw, train) caches; holds strong references so ids stay valid."""
-
-    __slots__ = ("graph", "hw", "train", "costs", "links", "dtype", "act_scale", "par_scale", "bpp",
-                 "split_fraction", "saved", "final_output_bytes", "model_flops_per_sample", "stage_cache", "capacity",
-                 "reserve", "act_isz", "last_splittable", "num_devices", "oversubscribed")
-
-    def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec):
-        self.graph, self.hw, self.train = graph, hw, train
-        # (tp, sp, mb, recompute) -> BlockCosts; ("layer compute", ...) -> LayerCompute; "block types",
-        # ("op counts", layer type), ("stage sums", tp, sp, mb): see their users
-        self.costs: dict = {}
-        self.links: dict = {}
-        self.stage_cache: dict = {}
-        self.dtype = compute_dtype(train.precision)
-        self.act_scale = itemsize(self.dtype) / itemsize(graph.activation_dtype)
-        self.par_scale = itemsize(self.dtype) / itemsize(graph.param_dtype)
-        self.bpp = bytes_per_param(train.precision, train.optimizer)
-        self.split_fraction = {name: _split_fraction(lt) for name, lt in graph.layer_types.items()}
-        # saved activations as the target's attention kernels keep them (cost_models.memory)
-        self.saved = {name: layer_saved_bytes(lt, hw.attention_kernel) for name, lt in graph.layer_types.items()}
-        last = graph.layer(graph.num_blocks - 1)
-        self.final_output_bytes = last.output_bytes_per_sample * self.act_scale
-        self.model_flops_per_sample = graph.fwd_flops_per_sample + graph.bwd_flops_per_sample
-        self.act_isz = itemsize(self.dtype)
-        self.last_splittable = bool(last.tp_candidates)  # the last block (the head) can be tp-split
-        self.num_devices = hw.num_devices
-        self.oversubscribed = sharedhost.oversubscribed(hw)
-        self.capacity = float(hw.device.memory_bytes)
-        self.reserve = margin_bytes(0.0, self.capacity)  # the allocator margin's part that is not a fraction
-
-    def link(self, size: int, stride: int) -> comm.GroupLink:
-        key = (size, stride)
-        got = self.links.get(key)
-        if got is None:
-            got = self.links[key] = comm.group_link(self.hw, size, stride)
-        return got
-
-
-_CONTEXTS: list[Context] = []
-
-
-def context(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec) -> Context:
-    """The cache context of (graph, hw, train), by identity (a few kept, most recent first)."""
-    for ctx in _CONTEXTS:
-        if ctx.graph is graph and ctx.hw is hw and ctx.train is train:
-            return ctx
-    ctx = Context(graph, hw, train)
-    _CONTEXTS.insert(0, ctx)
-    del _CONTEXTS[8:]
-    return ctx
-
-
-def _split_fraction(lt: LayerType) -> float:
-    """Fraction of the layer's parameters that tensor parallelism splits."""
-    total = sum(op.param_bytes for op in lt.ops)
-    if total <= 0:
-        return 1.0 if lt.tp_candidates else 0.0
-    return sum(op.param_bytes for op in lt.ops if op.tp_split in TP_SPLIT) / total
 
 
 def _check_tp(graph: ModelGraph, tp: int) -> None:
@@ -249,23 +187,23 @@ def _check_tp(graph: ModelGraph, tp: int) -> None:
                 )
 
 
-def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompute: str) -> BlockCost:
-    g, hw = ctx.graph, ctx.hw
+def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, recompute: str) -> BlockCost:
+    g, hw = model.graph, model.hw
     sp = sp and tp > 1
     lkey = ("layer compute", lt.name, tp, sp, mb)  # the same for every recompute setting
-    lc = ctx.costs.get(lkey)
+    lc = model.block_memo.get(lkey)
     if lc is None:
-        lc = ctx.costs[lkey] = layer_compute(lt, hw, precision=ctx.train.precision,
+        lc = model.block_memo[lkey] = layer_compute(lt, hw, precision=model.train.precision,
                                              traced_activation_dtype=g.activation_dtype,
                                              traced_param_dtype=g.param_dtype, tp=tp, sequence_parallel=sp,
-                                             micro_batch_size=mb)
+                                             micro_batch_size=mb, curves=model.curves)
     splittable = bool(lt.tp_candidates) and tp > 1
     # TP collectives (see module docstring)
     tp_f = tp_b = tp_vol = 0.0
     ckey = ("op counts", lt.name)  # the layer type's, the same for every setting
-    counts = ctx.costs.get(ckey)
+    counts = model.block_memo.get(ckey)
     if counts is None:
-        counts = ctx.costs[ckey] = (
+        counts = model.block_memo[ckey] = (
             sum(1 for op in lt.ops if op.tp_split == "row"),
             sum(1 for op in lt.ops if op.tp_split == "vocab" and op.kind == "embedding"),
             sum(1 for op in lt.ops if op.tp_split == "vocab" and op.kind != "embedding"),
@@ -274,9 +212,9 @@ def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompu
         )
     n_row, n_vemb, n_vhead, n_tp_param_ops, n_param_ops = counts
     if splittable:
-        link = ctx.link(tp, 1)
-        hidden = lt.output_bytes_per_sample * mb * ctx.act_scale
-        head_in = lt.input_bytes_per_sample * mb * ctx.act_scale
+        link = model.group_link(tp, 1)
+        hidden = lt.output_bytes_per_sample * mb * model.act_scale
+        head_in = lt.input_bytes_per_sample * mb * model.act_scale
         if sp:
             coll = comm.all_gather_s(hidden, link) + comm.reduce_scatter_s(hidden, link)
             coll_in = comm.all_gather_s(head_in, link) + comm.reduce_scatter_s(head_in, link)
@@ -302,14 +240,14 @@ def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompu
         rec_s, rec_fl = lc.attention_core_forward_s, lc.attention_core_fwd_flops
     else:
         rec_s, rec_fl = 0.0, 0.0
-    s = ctx.act_scale * mb
-    sv = ctx.saved[lt.name]
+    s = model.act_scale * mb
+    sv = model.saved[lt.name]
     act = layer_activation_bytes(
         sv.saved * s + sv.fp32 * mb, sv.core * s + sv.fp32 * mb,
         sv.replicated * s, lt.input_bytes_per_sample * s,
         tp=tp, sequence_parallel=sp, recompute=recompute, splittable=splittable,
     )
-    frac = ctx.split_fraction[lt.name] if splittable else 0.0
+    frac = model.split_fraction[lt.name] if splittable else 0.0
     params = lt.num_params * ((1 - frac) + frac / tp)
     out_b = lt.output_bytes_per_sample * s / (tp if sp and splittable else 1)
     return BlockCost(
@@ -319,43 +257,43 @@ def _layer_cost(ctx: Context, lt: LayerType, tp: int, sp: bool, mb: int, recompu
 
 
 
-def block_types(ctx: Context) -> tuple:
+def block_types(model: CostModel) -> tuple:
     """The graph's (layer-type index of each block, per type its prefix counts of blocks, those
     counts per position), layer types in the graph's order; the same for every setting."""
-    shape = ctx.costs.get("block types")
+    shape = model.block_memo.get("block types")
     if shape is None:
-        names = list(ctx.graph.layer_types)
-        block_type = tuple(names.index(b.layer_type) for b in ctx.graph.blocks)
+        names = list(model.graph.layer_types)
+        block_type = tuple(names.index(b.layer_type) for b in model.graph.blocks)
         counts = tuple(tuple(accumulate((int(t == i) for t in block_type), initial=0)) for i in range(len(names)))
-        shape = ctx.costs["block types"] = (block_type, counts, tuple(zip(*counts, strict=True)))
+        shape = model.block_memo["block types"] = (block_type, counts, tuple(zip(*counts, strict=True)))
     return shape
 
 
-def composition(ctx: Context, first: int, last: int) -> tuple[tuple[int, ...], int]:
+def composition(model: CostModel, first: int, last: int) -> tuple[tuple[int, ...], int]:
     """BlockCosts.composition of blocks first..last without a setting (it is the graph's)."""
-    block_type, _counts, pc = block_types(ctx)
+    block_type, _counts, pc = block_types(model)
     return tuple(map(sub, pc[last + 1], pc[first])), block_type[last]
 
 
-def block_costs_ctx(ctx: Context, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str) -> BlockCosts:
+def block_costs_of(model: CostModel, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str) -> BlockCosts:
     key = (tp, bool(sequence_parallel and tp > 1), micro_batch_size, recompute)
-    got = ctx.costs.get(key)
+    got = model.block_memo.get(key)
     if got is not None:
         return got
     if tp < 1 or micro_batch_size < 1:
         raise SpecError(f"block_costs: tp ({tp}) and micro_batch_size ({micro_batch_size}) must be >= 1")
     if tp > 1:
-        _check_tp(ctx.graph, tp)
-    by_type = {name: _layer_cost(ctx, lt, tp, key[1], micro_batch_size, recompute)
-               for name, lt in ctx.graph.layer_types.items()}
-    blocks = tuple(by_type[b.layer_type] for b in ctx.graph.blocks)
+        _check_tp(model.graph, tp)
+    by_type = {name: _layer_cost(model, lt, tp, key[1], micro_batch_size, recompute)
+               for name, lt in model.graph.layer_types.items()}
+    blocks = tuple(by_type[b.layer_type] for b in model.graph.blocks)
     names = list(by_type)
-    block_type, counts, position_counts = block_types(ctx)
+    block_type, counts, position_counts = block_types(model)
     got = BlockCosts(tp, key[1], micro_batch_size, recompute, blocks, by_type,
                      tuple(by_type[n] for n in names), counts, block_type,
                      max(b.working_bytes for b in blocks), max(b.num_params for b in blocks), {}, {},
                      position_counts)
-    ctx.costs[key] = got
+    model.block_memo[key] = got
     return got
 
 
@@ -364,8 +302,8 @@ def block_costs(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, *, tp: in
     """Per-block costs of `graph` for one micro-batch on one tp rank (see module docstring).
 
     Args:
-        graph, hw, train: the model, the machine and the training setup (cached by identity:
-            pass the same objects again to reuse the cache).
+        graph, hw, train: the model, the machine and the training setup (a CostModel of them is
+            made for the call; hold a cost_models.CostModel to reuse its memos).
         tp: tensor-parallel degree (must divide every TP candidate's divisor).
         sequence_parallel: split norms/dropout along the sequence (ignored when tp == 1).
         micro_batch_size: samples per micro-batch.
@@ -373,4 +311,6 @@ def block_costs(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, *, tp: in
     Returns:
         BlockCosts: `.blocks[i]` is block i's BlockCost; `.stage(first, last)` sums a range.
     """
-    return block_costs_ctx(context(graph, hw, train), tp, sequence_parallel, micro_batch_size, recompute)
+    from cost_models.model import CostModel
+
+    return CostModel(graph, hw, train).block_costs(tp, sequence_parallel, micro_batch_size, recompute)

@@ -138,9 +138,11 @@ def layer_compute(
     tp: int,
     sequence_parallel: bool,
     micro_batch_size: int,
+    curves: dict | None = None,
 ) -> LayerCompute:
-    """Forward / input-grad / weight-grad times of `layer` (see module docstring)."""
-    curves = curves_for(hw)
+    """Forward / input-grad / weight-grad times of `layer` (see module docstring). `curves`: the
+    efficiency curves of `hw` (cost_models.efficiency.curves_for; made here when not given)."""
+    curves = curves if curves is not None else curves_for(hw)
     dtype = compute_dtype(precision)
     peak = peak_flops_per_s(hw, dtype)
     act_scale = itemsize(dtype) / itemsize(traced_activation_dtype)

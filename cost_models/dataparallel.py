@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 
 from cost_models import comm
-from cost_models.blocks import block_costs_ctx, context
 from cost_models.compute import itemsize, peak_flops_per_s
 from cost_models.efficiency import curves_for, memory_efficiency
 from cost_models.estimate import TIME_TERMS, AxisCommEstimate, StepEstimate
@@ -45,17 +44,19 @@ def estimate_data_parallel_single_process(graph: ModelGraph, hw: HardwareSpec, t
             f"num_devices: nn.DataParallel drives devices of one node; got {n}, the node has "
             f"{hw.devices_per_node}"
         )
-    ctx = context(graph, hw, train)
+    from cost_models.model import CostModel
+
+    model = CostModel(graph, hw, train)
     B = train.global_batch_size
     chunk = math.ceil(B / n)
-    bc = block_costs_ctx(ctx, 1, False, chunk, "none")
+    bc = model.block_costs(1, False, chunk, "none")
     whole = bc.stage(0, graph.num_blocks - 1)
     link = comm.group_link(hw, n, 1)
     bw, alpha = link.bandwidth_bytes_per_s, link.latency_s
-    bpp = ctx.bpp
+    bpp = model.bpp
     params = graph.num_params
     in_bytes = graph.input_bytes_per_sample * chunk
-    out_bytes = ctx.final_output_bytes * chunk
+    out_bytes = model.final_output_bytes * chunk
     serial = (n - 1) if n > 1 else 0
     scatter = serial * (in_bytes / bw + alpha)
     replicate = comm.broadcast_s(params * bpp.param, link)
@@ -66,12 +67,12 @@ def estimate_data_parallel_single_process(graph: ModelGraph, hw: HardwareSpec, t
     gather = serial * (out_bytes / bw + alpha)
     curves = curves_for(hw)
     mem_bw = hw.device.memory_bandwidth_bytes_per_s
-    loss_bytes = 3 * out_bytes * n * 4 / itemsize(ctx.dtype)  # fp32 upcast read, softmax, grad write
+    loss_bytes = 3 * out_bytes * n * 4 / itemsize(model.dtype)  # fp32 upcast read, softmax, grad write
     loss = loss_bytes / (mem_bw * memory_efficiency(curves, loss_bytes, "loss")) if loss_bytes else 0.0
     grad_out = gather
     bwd = whole.backward_s + whole.weight_compute_s
     reduce = comm.broadcast_s(params * bpp.grad, link)
-    step_bytes = params * optimizer_step_bytes_per_param(bpp, ctx.train.optimizer)
+    step_bytes = params * optimizer_step_bytes_per_param(bpp, model.train.optimizer)
     opt = step_bytes / (mem_bw * memory_efficiency(curves, step_bytes, "elementwise"))
     comm_s = scatter + replicate + gather + grad_out + reduce
     step = comm_s + fwd + loss + bwd + opt
@@ -81,12 +82,12 @@ def estimate_data_parallel_single_process(graph: ModelGraph, hw: HardwareSpec, t
     # memory of device 0
     acts = whole.activation_bytes
     states = {"parameters": params * bpp.param, "gradients": params * bpp.grad, "optimizer": params * bpp.optimizer}
-    trans = out_bytes * n * (1 + 2 * 4 / itemsize(ctx.dtype)) + params * bpp.working  # + autocast copies
+    trans = out_bytes * n * (1 + 2 * 4 / itemsize(model.dtype)) + params * bpp.working  # + autocast copies
     tensors = sum(states.values()) + acts + trans
     mem = {**states, "activations": acts, "transient": trans, "margin": margin_bytes(tensors, hw.device.memory_bytes)}
     peak = sum(mem.values())
-    model_flops = ctx.model_flops_per_sample * B
-    peak_flops = peak_flops_per_s(hw, ctx.dtype) * n
+    model_flops = model.model_flops_per_sample * B
+    peak_flops = peak_flops_per_s(hw, model.dtype) * n
     notes = (
         f"nn.DataParallel: one Python process drives {n} devices; parameters broadcast every step "
         f"({replicate:.3g} s), outputs gathered and the loss computed on device 0, optimizer on device 0",

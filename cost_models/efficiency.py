@@ -29,7 +29,6 @@ Each point is (size, efficiency). These are guesses with stated sources: replace
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 from specs import HardwareSpec
 
@@ -75,24 +74,18 @@ def interpolate(points: tuple[tuple[float, float], ...], size: float) -> float:
 _DEFAULTS = {**DEFAULT_CURVES, **{k: DEFAULT_CURVES["memory"] for k in MEMORY_CURVE_KEYS}}
 
 
-@lru_cache(maxsize=64)
-def _curve_cached(key: int, hw_curves: tuple) -> dict[str, tuple[tuple[float, float], ...]]:
+def curves_for(hw: HardwareSpec) -> dict[str, tuple[tuple[float, float], ...]]:
+    """Default curves with the hardware's calibrated ones (if any) substituted, by kind (a
+    CostModel makes them once: cost_models.model)."""
+    if not hw.efficiency:
+        return _DEFAULTS
     curves = dict(DEFAULT_CURVES)
-    for kind, pts in hw_curves:
-        curves[kind] = pts
+    for kind, pts in sorted(hw.efficiency.items()):
+        if pts:
+            curves[kind] = tuple(sorted((p.size, p.efficiency) for p in pts))
     for kind in MEMORY_CURVE_KEYS:
         curves.setdefault(kind, curves["memory"])
     return curves
-
-
-def curves_for(hw: HardwareSpec) -> dict[str, tuple[tuple[float, float], ...]]:
-    """Default curves with the hardware's calibrated ones (if any) substituted, by kind."""
-    if not hw.efficiency:
-        return _DEFAULTS
-    items = tuple(
-        (k, tuple(sorted((p.size, p.efficiency) for p in pts))) for k, pts in sorted(hw.efficiency.items()) if pts
-    )
-    return _curve_cached(hash(items), items)
 
 
 def compute_efficiency(curves: dict, kind: str, flops: float) -> float:

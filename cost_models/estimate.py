@@ -61,13 +61,10 @@ Shared hosts (hw.shared_cores < processes per node, e.g. gloo on a 2-core CPU): 
 composed by cost_models.sharedhost from the estimate at per-core speed (the critical path) and
 the host's total CPU work over its cores; any excess is the breakdown term `core_sharing_s`.
 
-Speed: the stage times and per-rank terms of a candidate's layout (stage list, mesh, sharding,
-micro-batch size) are computed once and shared where candidates agree on them (cost_models.layout
-says how); a call adds the simulation (cost_models.simulator, memoised per stage times) and one
-pass over the ranks as C-level maps over columns. It returns with the fields a search ranks by
-(SCORE_FIELDS: step time, memory peak, fits) set; the breakdowns, throughput and the other fields
-are computed from what the call kept, by the same arithmetic, when one of them is first read
-(StepEstimate.__getattr__), so candidates that are only compared never pay for them.
+Where each term is computed: cost_models.blocks (per block), cost_models.stages (per stage:
+the StageTime the simulator plays and what the stage adds to its rank), cost_models.ranks (per
+pp rank: memory, data-parallel sync, optimizer), cost_models.simulator (the schedule), this
+module (the composition below); cost_models.model.CostModel owns their memos.
 
 Memory per pp rank (cost_models.memory): model states by ZeRO stage, activations = sum over the
 rank's virtual stages of (peak in-flight micro-batches x stored bytes per micro-batch), transient
@@ -77,20 +74,14 @@ optimizer-step temporaries). The worst rank is reported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from operator import add, mul, sub
+from dataclasses import dataclass, replace
 
 from cost_models import sharedhost
-from cost_models.blocks import context
 from cost_models.compute import compute_dtype, peak_flops_per_s
-from cost_models.fastinit import fast_init
-from cost_models.layout import _layout_for
-from cost_models.memory import (
-    FRAGMENTATION_FRACTION,
-)
-from cost_models.ranks import _post
+from cost_models.memory import FRAGMENTATION_FRACTION
 from cost_models.sharedsim import simulate_shared
-from cost_models.simulator import pipeline_lower_bound, simulate_cached
+from cost_models.simulator import pipeline_lower_bound
+from cost_models.stages import layout
 from specs import (
     AxisComm,
     HardwareSpec,
@@ -98,7 +89,6 @@ from specs import (
     ModelGraph,
     Plan,
     Prediction,
-    SpecError,
     StageTimes,
     TrainSpec,
 )
@@ -139,20 +129,6 @@ class StepEstimate:
     stage_times_raw: tuple[tuple[float, float, float, float], ...]  # (F, B, W, p2p) per virtual stage
     peak_in_flight: tuple[int, ...]  # per pp rank
     notes: tuple[str, ...] = ()
-    # estimate_knobs sets the fields a search ranks by (SCORE_FIELDS) and keeps here what the
-    # others are computed from, on first access to any of them (by the same arithmetic, so the
-    # values do not depend on when they are read); None once they are set
-    _pending: tuple | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __getattr__(self, name: str):
-        # reached only for an attribute not found: a field whose slot is still empty
-        if name not in _DETAIL_FIELDS:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        pending = object.__getattribute__(self, "_pending")
-        for n, value in zip(_DETAIL_FIELDS, _details(*pending), strict=True):
-            object.__setattr__(self, n, value)
-        object.__setattr__(self, "_pending", None)
-        return object.__getattribute__(self, name)
 
     @property
     def memory_by_rank(self) -> list[dict[str, float]]:
@@ -180,154 +156,148 @@ class StepEstimate:
         )
 
 
-# what a search ranks candidates by: set when estimate_knobs returns; the other fields (_DETAIL_FIELDS)
-# on first access (StepEstimate.__getattr__)
-SCORE_FIELDS = ("step_time_s", "fits", "peak_memory_bytes", "memory_capacity_bytes", "worst_rank")
-_DETAIL_FIELDS = ("memory_bytes", "memory_per_rank_bytes", "memory_by_rank_raw", "time_breakdown_s", "comm",
-                  "bubble_fraction", "mfu", "hfu", "samples_per_s", "tokens_per_s", "model_flops_per_step",
-                  "hardware_flops_per_step", "stage_times_raw", "peak_in_flight", "notes")
-# StepEstimate(...) with only the score's fields / AxisCommEstimate(...) (cost_models.fastinit)
-_new_scored = fast_init(StepEstimate, only=(*SCORE_FIELDS, "_pending"))
-_new_axis = fast_init(AxisCommEstimate)
-
-
-def step_lower_bound_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int, str]], hw: HardwareSpec,
-                           train: TrainSpec) -> float:
-    """A lower bound on `estimate_knobs(...).step_time_s`, without simulating the schedule: the
-    stage times and post-pipeline terms are the same, the pipeline time is replaced by
-    `simulator.pipeline_lower_bound` (step = pipeline + the largest per-rank post term)."""
-    if sharedhost.oversubscribed(hw):
-        hw = sharedhost.unshared(hw)  # the step is at least the critical path at per-core speed
-    ctx = context(graph, hw, train)
-    lay, sched = _layout_for(ctx, graph, knobs, stages, hw)
-    m = knobs.num_micro_batches
-    return pipeline_lower_bound(sched, knobs.pp, m, knobs.virtual_stages, lay.times) + lay.cols.post_max
+# ---------------------------------------------------------------------------- module-level entry points
+# (each makes a CostModel for the call; hold a cost_models.CostModel to keep its memos across calls)
 
 
 def estimate_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int, str]], hw: HardwareSpec,
                    train: TrainSpec) -> StepEstimate:
-    """Estimate one step without building a Plan (the search's fast path).
+    """Estimate one step without building a Plan: `CostModel(graph, hw, train).estimate(knobs, stages)`.
 
     Args:
         graph: the traced model. knobs: the flat plan knobs (pp, dp, tp, sharding, micro-batches,
-            schedule, ...). hw, train: machine and training setup; pass the same objects across
-            calls to reuse the caches (they are keyed by identity).
+            schedule, ...). hw, train: machine and training setup.
         stages: (first_block, last_block, recompute) for each of pp * virtual_stages stages, in
             order; virtual stage j runs on pp rank j % pp (loop style).
-    Returns:
-        StepEstimate (see the module docstring for the model).
     """
-    ctx = context(graph, hw, train)
-    if ctx.oversubscribed:
-        return _share_cores(graph, knobs, stages, hw, train)
-    k = knobs
-    pp, v, m = k.pp, k.virtual_stages, k.num_micro_batches
-    lay, sched = _layout_for(ctx, graph, k, stages, hw)
-    sim = lay.sims.get((sched, m))
-    if sim is None:
-        sim = lay.sims[(sched, m)] = simulate_cached(sched, pp, m, v, lay.times, lay.times_id)
-    capacity = ctx.capacity
+    from cost_models.model import CostModel
 
-    # per rank, as columns (C-level maps; the same operations, in the same order, as
-    # acts = sum of peak x stored bytes over the rank's stages, static + max(acts + transient,
-    # optimizer temporaries) + margin), chained without lists (the details make them again)
-    cols = lay.cols
+    return CostModel(graph, hw, train).estimate(knobs, stages)
+
+
+def step_lower_bound_knobs(graph: ModelGraph, knobs: Knobs, stages: list[tuple[int, int, str]], hw: HardwareSpec,
+                           train: TrainSpec) -> float:
+    """`CostModel(graph, hw, train).lower_bound(knobs, stages)`."""
+    from cost_models.model import CostModel
+
+    return CostModel(graph, hw, train).lower_bound(knobs, stages)
+
+
+def estimate_step(graph: ModelGraph, plan: Plan, hw: HardwareSpec | None = None,
+                  train: TrainSpec | None = None) -> StepEstimate:
+    """Estimate one training step of `plan` on `hw` (default: the plan's) for `graph`."""
+    from cost_models.model import CostModel
+
+    hw = hw if hw is not None else plan.hardware
+    train = train if train is not None else plan.train
+    return CostModel(graph, hw, train).estimate_plan(plan)
+
+
+# ---------------------------------------------------------------------------- the composition
+
+
+def lower_bound(model, k: Knobs, stages) -> float:
+    """A lower bound on `estimate(model, k, stages).step_time_s`, without simulating the schedule:
+    the stage times and post-pipeline terms are the same, the pipeline time is replaced by
+    `simulator.pipeline_lower_bound` (step = pipeline + the largest per-rank post term). On a
+    shared host the step is at least the critical path at per-core speed."""
+    if model.oversubscribed:
+        model = model.unshared
+    lay = layout(model, k, stages)
+    return (pipeline_lower_bound(lay.schedule, k.pp, k.num_micro_batches, k.virtual_stages, lay.times)
+            + lay.columns.post_max_s)
+
+
+def estimate(model, k: Knobs, stages) -> StepEstimate:
+    """One step of knobs `k` with `stages` (see the module docstring for the composition)."""
+    if model.oversubscribed:
+        return _share_cores(model, k, stages)
+    pp, v, m, dp, tp = k.pp, k.virtual_stages, k.num_micro_batches, k.dp, k.tp
+    lay = layout(model, k, stages)
+    sim = model.simulate(lay.schedule, pp, m, v, lay.times, lay.times_id)
+    cols, ranks = lay.columns, lay.ranks
+
+    # memory per rank: activations = sum over its virtual stages of peak in-flight x stored bytes;
+    # peak = static + max(activations + transient, optimizer temporaries) + margin
     peaks = sim.peak_in_flight_per_stage
-    dyn = _dynamic(cols, _activations(cols, peaks, pp, v))
-    # tensors x = static + dyn, plus margin_bytes(x, capacity) = FRAGMENTATION_FRACTION * x +
-    # reserve(capacity), unrolled (tests/test_cost_estimate_fast.py checks it against margin_bytes)
-    ff, reserve = FRAGMENTATION_FRACTION, ctx.reserve
-    totals = [x + (ff * x + reserve) for x in map(add, cols.static, dyn)]
-    # the post-pipeline term does not depend on m: its largest value and rank come with the layout
-    step = sim.step_time_s + cols.post_max
-
+    acts = [peaks[r] * cols.activation_bytes[0][r] for r in range(pp)]
+    for i in range(1, v):
+        acts = [a + peaks[i * pp + r] * cols.activation_bytes[i][r] for r, a in enumerate(acts)]
+    dyn = [max(a + t, o) for a, t, o in zip(acts, cols.transient_bytes, cols.optimizer_temp_bytes, strict=True)]
+    tensors = [s + d for s, d in zip(cols.static_bytes, dyn, strict=True)]
+    # the allocator margin (cost_models.memory.margin_bytes): a fraction of the tensors + a reserve
+    margins = [FRAGMENTATION_FRACTION * x + model.reserve for x in tensors]
+    totals = [x + g for x, g in zip(tensors, margins, strict=True)]
     worst = totals.index(max(totals))  # the first rank with the largest peak
     peak_mem = totals[worst]
-    return _new_scored(step, peak_mem <= capacity, peak_mem, capacity, worst,
-                       (graph, ctx, hw, k, lay, sim, totals, step, worst))
 
-
-def _activations(cols, peaks, pp: int, v: int):
-    """Per rank: the sum over its virtual stages of peak in-flight x stored bytes (an iterator)."""
-    acts = map(mul, peaks if v == 1 else peaks[:pp], cols.acts[0])
-    for i in range(1, v):
-        acts = map(add, acts, map(mul, peaks[i * pp:(i + 1) * pp], cols.acts[i]))
-    return acts
-
-
-def _dynamic(cols, acts):
-    """Per rank: max(activations + transient buffers, optimizer temporaries) (an iterator)."""
-    if cols.trans_covers_opt:
-        return map(add, acts, cols.trans)
-    return map(max, map(add, acts, cols.trans), cols.opt_tmp)  # max(x, o): x where equal
-
-
-def _details(graph: ModelGraph, ctx, hw: HardwareSpec, k: Knobs, lay, sim, totals, step: float, worst: int) -> tuple:
-    """estimate_knobs' fields besides the score (_DETAIL_FIELDS order), from its intermediate values."""
-    pp, dp, tp = k.pp, k.dp, k.tp
-    world = pp * dp * tp
-    mb, m = k.micro_batch_size, k.num_micro_batches
-    cols = lay.cols
-    # the per-rank memory columns, as estimate_knobs computed its totals
-    acts = list(_activations(cols, sim.peak_in_flight_per_stage, pp, k.virtual_stages))
-    dyn = list(_dynamic(cols, acts))
-    margins = [FRAGMENTATION_FRACTION * x + ctx.reserve for x in map(add, cols.static, dyn)]
-    T_pipe = sim.step_time_s
-    rp = cols.post_rank
-    posts_u = [_post(rk, k.sharding, m) for rk in cols.uniq]
-    rb = sim.busiest_rank
-    R, P = lay.ranks[rb], lay.ranks[rp]
-    idle = max(0.0, T_pipe - sim.busy_s[rb])
+    step = sim.step_time_s + cols.post_max_s
+    # the breakdown: per-micro-batch terms of the busiest rank (it sets the pipeline), the
+    # post-pipeline terms of the rank with the largest of them (it sets the tail)
+    busiest = ranks[sim.busiest_rank]
+    tail = ranks[cols.post_rank]
+    idle = max(0.0, sim.step_time_s - sim.busy_s[sim.busiest_rank])
     # the p2p on the critical path that this rank waits for, at most its own p2p time (the per-axis
     # row is per device: exposed <= time; the rest of the wait is bubble)
-    pp_exp = min(idle, lay.crit_p2p, m * R.pp_t)
-    dpe, dpt, dpv = cols.kind_of(posts_u)[rp]
+    pp_exposed = min(idle, lay.critical_p2p_s, m * busiest.pp_time_s)
+    sync = tail.sync(k.sharding, m)
     breakdown = {
-        "compute_forward_s": m * R.f_c, "compute_backward_s": m * R.b_c + P.step_copy_s, "recompute_s": m * R.rec,
-        "tp_comm_s": m * R.tp_s, "dp_comm_s": m * R.fsdp_s + dpe, "pp_comm_s": pp_exp + P.tied,
-        "bubble_s": idle - pp_exp, "optimizer_s": P.opt_s, "offload_s": P.offload_s,
+        "compute_forward_s": m * busiest.forward_compute_s,
+        "compute_backward_s": m * busiest.backward_compute_s + tail.step_copy_s,
+        "recompute_s": m * busiest.recompute_s,
+        "tp_comm_s": m * busiest.tp_comm_s,
+        "dp_comm_s": m * busiest.fsdp_exposed_s + sync.exposed_s,
+        "pp_comm_s": pp_exposed + tail.tied_comm_s,
+        "bubble_s": idle - pp_exposed,
+        "optimizer_s": tail.optimizer_s,
+        "offload_s": tail.offload_s,
     }
     comm_axes = {
-        "tp": _new_axis(m * R.tp_vol, m * R.tp_s, m * R.tp_s),
-        "dp": _new_axis(dpv, dpt, m * R.fsdp_s + dpe),
-        "pp": _new_axis(m * R.pp_vol, m * R.pp_t + P.tied, pp_exp + P.tied),
+        "tp": AxisCommEstimate(m * busiest.tp_volume_bytes, m * busiest.tp_comm_s, m * busiest.tp_comm_s),
+        "dp": AxisCommEstimate(sync.volume_bytes, sync.time_s, m * busiest.fsdp_exposed_s + sync.exposed_s),
+        "pp": AxisCommEstimate(m * busiest.pp_volume_bytes, m * busiest.pp_time_s + tail.tied_comm_s,
+                               pp_exposed + tail.tied_comm_s),
     }
-    W = lay.ranks[worst]
-    memory = {"parameters": W.param_b, "gradients": W.grad_b, "optimizer": W.opt_b, "activations": acts[worst],
-              "transient": dyn[worst] - acts[worst], "margin": margins[worst]}
-    samples = mb * m * dp
-    model_flops = ctx.model_flops_per_sample * samples
-    hw_flops = lay.flops_per_mb * tp * m * dp
-    peak = peak_flops_per_s(hw, ctx.dtype) * world
+    by_rank = tuple((rk.param_bytes, rk.grad_bytes, rk.optimizer_bytes, a, d - a, g)
+                    for rk, a, d, g in zip(ranks, acts, dyn, margins, strict=True))
+    samples = k.micro_batch_size * m * dp
+    model_flops = model.model_flops_per_sample * samples
+    hw_flops = lay.flops_per_micro_batch * tp * m * dp
+    peak = peak_flops_per_s(model.hw, model.dtype) * (pp * dp * tp)
     inv = 1.0 / step if step > 0 else 0.0
-    return (memory, tuple(totals),
-            tuple(zip(cols.column("param_b"), cols.column("grad_b"), cols.column("opt_b"), acts, map(sub, dyn, acts),
-                      margins, strict=True)),
-            breakdown, comm_axes, (idle - pp_exp) * inv, model_flops * inv / peak, hw_flops * inv / peak,
-            samples * inv, samples * graph.tokens_per_sample * inv, model_flops, hw_flops, lay.times,
-            sim.peak_in_flight, lay.notes)
+    return StepEstimate(
+        step_time_s=step, fits=peak_mem <= model.capacity, peak_memory_bytes=peak_mem,
+        memory_capacity_bytes=model.capacity, memory_bytes=dict(zip(MEMORY_CATEGORIES, by_rank[worst], strict=True)),
+        memory_per_rank_bytes=tuple(totals), memory_by_rank_raw=by_rank, worst_rank=worst,
+        time_breakdown_s=breakdown, comm=comm_axes, bubble_fraction=(idle - pp_exposed) * inv,
+        mfu=model_flops * inv / peak, hfu=hw_flops * inv / peak, samples_per_s=samples * inv,
+        tokens_per_s=samples * model.graph.tokens_per_sample * inv, model_flops_per_step=model_flops,
+        hardware_flops_per_step=hw_flops, stage_times_raw=tuple(tuple(t) for t in lay.times),
+        peak_in_flight=sim.peak_in_flight, notes=lay.notes,
+    )
 
 
-def _share_cores(graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec, train: TrainSpec) -> StepEstimate:
+def _share_cores(model, k: Knobs, stages) -> StepEstimate:
     """More processes than cores (cost_models.sharedhost): the critical path at per-core speed,
     or the host's CPU work over its cores plus the lockstep communication, whichever is longer."""
-    hw_u = sharedhost.unshared(hw)
-    e = estimate_knobs(graph, k, stages, hw_u, train)
-    lay, _ = _layout_for(context(graph, hw_u, train), graph, k, stages, hw_u)
+    hw = model.hw
+    unshared = model.unshared
+    e = estimate(unshared, k, stages)
+    lay = layout(unshared, k, stages)
     m = k.num_micro_batches
 
     def work(ranks) -> list[float]:
-        return [m * (rk.f_c + rk.b_c + rk.rec) + rk.step_copy_s + rk.opt_s + rk.offload_s for rk in ranks]
+        return [m * (rk.forward_compute_s + rk.backward_compute_s + rk.recompute_s) + rk.step_copy_s
+                + rk.optimizer_s + rk.offload_s for rk in ranks]
 
     if k.pp == 1:
         lockstep = max(0.0, e.step_time_s - work(lay.ranks)[0])
     else:
-        lockstep = min(_post(rk, k.sharding, m)[0] + rk.tied for rk in lay.ranks)
+        lockstep = min(rk.sync(k.sharding, m).exposed_s + rk.tied_comm_s for rk in lay.ranks)
     # the CPU work, timed with every core busy (shared caches and memory system)
-    hw_c = sharedhost.contended(hw)
-    lay_c, sched = _layout_for(context(graph, hw_c, train), graph, k, stages, hw_c)
+    lay_c = layout(model.contended, k, stages)
     if hw.shared_sync_penalty_s > 0:
-        lockstep += sharedhost.sync_points(graph, k, stages) * hw.shared_sync_penalty_s
+        lockstep += sharedhost.sync_points(model.graph, k, stages) * hw.shared_sync_penalty_s
     cores = hw.shared_cores * hw.num_nodes
     if k.pp == 1:
         total = sum(work(lay_c.ranks)) * k.dp * k.tp
@@ -335,11 +305,11 @@ def _share_cores(graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec, train: T
     else:
         # the schedule played with the cores shared among runnable ranks (cost_models.sharedsim);
         # tensor-parallel collectives stay lockstep time, as with one stage
-        tp_comm = m * max(rk.tp_s for rk in lay_c.ranks)
+        tp_comm = m * max(rk.tp_comm_s for rk in lay_c.ranks)
         times = tuple((f - x.tp_forward_s, b - x.tp_backward_s, w, c)
                       for (f, b, w, c), x in zip(lay_c.times, lay_c.stage_sums, strict=True))
-        tails = [rk.step_copy_s + rk.opt_s + rk.offload_s for rk in lay_c.ranks]
-        shared = simulate_shared(sched, k.pp, m, k.virtual_stages, times, cores / (k.dp * k.tp), tails)
+        tails = [rk.step_copy_s + rk.optimizer_s + rk.offload_s for rk in lay_c.ranks]
+        shared = simulate_shared(lay_c.schedule, k.pp, m, k.virtual_stages, times, cores / (k.dp * k.tp), tails)
         step = max(e.step_time_s, shared + lockstep + tp_comm)
     wait = step - e.step_time_s
     if wait <= 0:
@@ -348,9 +318,9 @@ def _share_cores(graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec, train: T
         breakdown = {**e.time_breakdown_s, "core_sharing_s": wait}
     scale = e.step_time_s / step if step > 0 else 1.0
     # MFU/HFU against the host's real peak: per-core peak x the cores (= the spec's per-process
-    # share x processes), as estimate_knobs computes them with `hw`
-    peak_ratio = peak_flops_per_s(hw_u, compute_dtype(train.precision)) / peak_flops_per_s(
-        hw, compute_dtype(train.precision))
+    # share x processes), as the estimate computes them with `hw`
+    peak_ratio = peak_flops_per_s(unshared.hw, compute_dtype(model.train.precision)) / peak_flops_per_s(
+        hw, compute_dtype(model.train.precision))
     notes = e.notes + (f"{hw.devices_per_node} processes share {hw.shared_cores} cores: step = max(critical "
                        f"path at per-core speed, CPU work / cores + lockstep comm)",)
     return replace(
@@ -358,17 +328,3 @@ def _share_cores(graph: ModelGraph, k: Knobs, stages, hw: HardwareSpec, train: T
         tokens_per_s=e.tokens_per_s * scale, mfu=e.mfu * scale * peak_ratio, hfu=e.hfu * scale * peak_ratio,
         notes=tuple(dict.fromkeys(notes)),
     )
-
-
-def estimate_step(graph: ModelGraph, plan: Plan, hw: HardwareSpec | None = None,
-                  train: TrainSpec | None = None) -> StepEstimate:
-    """Estimate one training step of `plan` on `hw` (default: the plan's) for `graph`."""
-    hw = hw if hw is not None else plan.hardware
-    train = train if train is not None else plan.train
-    if plan.model.fingerprint != graph.fingerprint:
-        raise SpecError(
-            f"plan.model.fingerprint: the plan was made for model {plan.model.name!r} "
-            f"({plan.model.fingerprint}), but this graph is {graph.name!r} ({graph.fingerprint}); re-plan"
-        )
-    stages = [(s.first, s.last, s.recompute) for s in plan.pipeline.stages]
-    return estimate_knobs(graph, plan.knobs(), stages, hw, train)

@@ -1,33 +1,26 @@
-"""When the pipeline simulation runs compiled: the numba kernels of cost_models.jit, loaded on demand.
+"""The one compiled kernel of the cost model: cost_models.jit's numba passes, and when they load.
 
-The schedule structure is data compiled once per (schedule, pp, m, v) (cost_models.simulator,
-cost_models.periodic) and played once per distinct set of stage times by the max-plus pass
+The pipeline simulation (cost_models.simulator) compiles a schedule's structure into a
+dependency order once per (schedule, pp, m, v) and plays it once per distinct set of stage
+times by the max-plus pass
 
     end(a) = max(end(prev_on_rank(a)), end(dep(a)) + p2p) + duration(a).
 
-In CPython the pass runs at ~0.1 us per action and the compile at ~1-2 us per action; these
-passes are what a search spends most of its cost-model time in once stage times are cached.
-cost_models.jit holds them ported line for line to numba (a few ns per action), bit-identical to
-the Python passes, which stay as the reference and as the path without numba.
+In CPython the pass runs at ~0.1-0.3 us per action and the compile at ~1-2 us per action; on the
+largest spaces (a 1T-parameter model on thousands of GPUs: pp 32-64, hundreds of micro-batches)
+they are most of a search's time. cost_models.jit holds both passes ported line for line to numba
+(a few ns per action), bit-identical to the Python passes, which stay as the reference and as the
+path without numba (tests/test_cost_kernels.py compares them).
 
-Loading costs time once per process: importing numba and loading the kernels' cached machine code
-(measured here: 0.2-0.4 s import + ~0.15 s load, CPU time; the first run on a machine compiles
-and caches them, ~5 s). So the kernels are loaded
-
-- on request: `warm_up()` (benchmarks/cost_bench.py calls it before timing; it compiles when
-  the cache is missing), or
-- automatically, once the Python passes the kernels replace have taken `LOAD_AFTER_S` of CPU
-  time in this process (`charge`), the break-even rule for a one-time cost of about that size
-  (a small search never pays for numba; a large one switches after LOAD_AFTER_S), and only when
-  their machine code is already cached (`cache_ready`). A search never compiles: when the cache
-  is missing it goes on in Python and starts one background process that builds the cache
-  (`kernels.main()`, niced; `make` runs it at install), so a user's first plan
-  costs what later ones cost in Python (measured: GPT-3 175B ~1.0-1.1 s CPU of search in Python,
-  1.2-1.4 s with kernels loaded mid-search; gpt-1t 4.8 s in Python, 2.6 s with the kernels) and no
-  5-12 s compile. AUTOPLAN_JIT_BUILD=0 turns the background build off.
-
-`AUTOPLAN_JIT=0` in the environment (or numba missing) keeps everything in Python. Either way the
-results are the same, bit for bit (tests/test_cost_kernels.py).
+Loading costs time once per process (measured here: 0.2-0.4 s importing numba + ~0.15 s loading
+the cached machine code, CPU; compiling them the first time on a machine ~5 s), so it happens at
+one defined point: when a CostModel is made with `compiled=True`, or with the default
+`compiled=None` for a space of cost_models.model.KERNELS_FROM_DEVICES devices or more whose
+machine code is already cached (`cache_ready`). A plan never compiles: with the cache missing it
+goes on in Python and starts one background process that builds the cache
+(`build_cache_in_background`, niced; `make` runs `python -m cost_models.kernels` at install).
+AUTOPLAN_JIT_BUILD=0 turns the background build off; `AUTOPLAN_JIT=0` (or numba missing) keeps
+everything in Python. Either way the results are the same, bit for bit.
 
 Loading is guarded, as a search must not fail for an optimisation's sake:
 - numba's machine-code cache goes under the user's cache home (`cache_dir`: $AUTOPLAN_CACHE_DIR,
@@ -57,12 +50,9 @@ from pathlib import Path
 import numpy as np
 
 AVAILABLE = os.environ.get("AUTOPLAN_JIT", "1") != "0" and importlib.util.find_spec("numba") is not None
-LOAD_AFTER_S = 0.3  # CPU seconds of Python passes before loading: ~ the measured load cost (above)
-
 ready = False  # kernels loaded (callers check this flag, then call jit.<kernel>)
 jit = None  # the cost_models.jit module once loaded
 failed: str | None = None  # why loading failed (then the Python passes stay; warned once)
-_python_s = 0.0
 
 
 def cache_dir() -> Path:
@@ -84,7 +74,7 @@ def use_cache_dir() -> None:
         config.reload_config()
 
 
-KERNELS = ("run_plain", "play_rounds", "compile_order", "rounds_structure")
+KERNELS = ("run_plain", "compile_order")
 _build_started = False
 
 
@@ -122,16 +112,11 @@ def build_cache_in_background() -> bool:
     return True
 
 
-def charge(seconds: float) -> None:
-    """Count `seconds` of Python pass time; once the total reaches LOAD_AFTER_S, load the kernels
-    if their machine code is cached, else start the background build and stay in Python."""
-    global _python_s
-    _python_s += seconds
-    if _python_s >= LOAD_AFTER_S and AVAILABLE and not ready and failed is None and not _build_started:
-        if cache_ready():
-            warm_up()
-        else:
-            build_cache_in_background()
+def load() -> bool:
+    """Load the kernels (compiling them the first time on a machine); True when they are loaded.
+    A failure warns once and leaves the Python passes in place (False)."""
+    warm_up()
+    return ready
 
 
 def warm_up() -> float:
@@ -170,9 +155,7 @@ def _load():
     cnt = np.zeros((1, 3), dtype=np.int64)
     T = np.zeros((1, 4))
     mod.run_plain(one, one, one, one, cnt, one, T, False, 1)
-    mod.play_rounds(one, one, one, one, one, cnt, cnt, one, T, True, 0, 1, 1, 1, 1, 0, 1e-13)
-    ok, order, *_ = mod.compile_order(one, one, one, np.array([0, 1]), one, 1, 1, 1, 1)
-    mod.rounds_structure(order, 1, 1, 1)
+    mod.compile_order(one, one, one, np.array([0, 1]), one, 1, 1, 1, 1)
     return mod
 
 

@@ -1,20 +1,24 @@
-"""Per-rank terms of a layout (cost_models.layout): what one pp rank holds and does besides its
-stages' times, computed once per kind of rank and spread over the ranks as columns.
+"""Rank terms: what one pp rank holds and does besides its stages' times.
 
-- `_ranks` / `_Rank`: model states, transient buffers, optimizer step, the post-pipeline
-  data-parallel pieces and per-micro-batch breakdown sums of one pp rank, computed once per kind
-  of rank (ranks with the same stages, tied parameters and position class share one object;
-  `_kinds` finds them once per stage list) and shared between 1F1B and ZB-H1.
-- `_dp_terms`: the parts that depend only on the rank's parameter count and the data-parallel
-  setting (sharded states, bucketed collectives, optimizer step, engine copies), shared across
-  recompute, sequence parallelism and schedule.
-- `_Cols`: the per-rank terms as columns, so estimate_knobs' pass over ranks is a few C-level
-  maps; with the largest post-pipeline term (`_post`; it does not depend on the micro-batch count).
-- `_fsdp_copies` / `_copy_s`: the engines' memory-bound copies (also charged per stage by
-  cost_models.layout).
+Per pp rank r (its virtual stages r, r + pp, ...; cost_models.stages gives their StageTerms):
 
-The same arithmetic, in the same order, as computing each candidate from scratch
-(tests/test_cost_estimate_fast.py).
+- memory (cost_models.memory): model states sharded by the ZeRO stage (`sharded_states`),
+  activations per in-flight micro-batch of each stage (the simulation gives the counts), the
+  transient buffers of the engine that runs (`transient_bytes`: DDP's bucket copies, FSDP2's
+  unsharded blocks and gradients, autocast's weight copies, pipeline buffers, the loss head's
+  logits, the recompute working set) and the optimizer step's temporaries;
+- after the pipeline (`DataParallelTerms`, from the rank's parameter count and the data-parallel
+  setting): the gradient sync that did not hide behind the last backward (DDP / ZeRO-1 bucketed
+  all-reduce and ZeRO-1's parameter gather; ZeRO-2's one reduce-scatter; HSDP's replica
+  all-reduce), the optimizer step, offload transfers, the engines' once-per-step copies, and
+  tied parameters' gradient all-reduce across pp ranks;
+- per micro-batch, the breakdown sums of its stages (compute, recompute, TP, FSDP, p2p).
+
+`RankTerms` holds all of it by name; ranks alike (the same stages by composition, the same tied
+parameters; the last rank apart) share one object. `RankColumns` lays the terms out per rank for
+the estimate's pass over ranks, with the largest post-pipeline term (it does not depend on the
+micro-batch count). Memoised per (stage list, stage terms, data-parallel setting) in the
+CostModel's stage memo.
 """
 
 from __future__ import annotations
@@ -22,103 +26,290 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from dataclasses import dataclass
-from functools import lru_cache
-from operator import ge, itemgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from cost_models import comm
-from cost_models.blocks import Context
 from cost_models.compute import copies_time_s, itemsize
-from cost_models.efficiency import curves_for, memory_efficiency
+from cost_models.efficiency import memory_efficiency
 from cost_models.engines import ALL_REDUCE_ENGINES, FSDP2_ENGINES, data_parallel_engine
-from cost_models.memory import DDP_BUCKET_BYTES, optimizer_step_bytes_per_param, sharded_states
-from specs import Knobs
+from cost_models.memory import (
+    DDP_BUCKET_BYTES,
+    StateBytes,
+    optimizer_step_bytes_per_param,
+    sharded_states,
+)
+from specs import Knobs, MeshDims
 
 if TYPE_CHECKING:
-    from cost_models.layout import _StageList
-
-# the fields of a stage result (cost_models.layout._stage): (F, B, W, p2p), StageSum, rank id,
-# contribution to its rank's sums
-_TIMES, _SUMS, _RID, _CONTRIB = 0, 1, 2, 3
+    from cost_models.model import CostModel
+    from cost_models.stages import StageList, StageTerms
 
 
-@dataclass(slots=True)  # not frozen: built by the thousand, a frozen init costs 9x (internal, never mutated)
-class _Rank:
-    """What one pp rank needs that does not depend on the micro-batch count or the schedule."""
+class DataParallelSync(NamedTuple):
+    """A rank's data-parallel traffic in one step."""
 
-    activation: tuple[float, ...]  # stored bytes per micro-batch, per stage of this rank
-    param_b: float
-    grad_b: float
-    opt_b: float
-    trans_b: float  # transient buffers besides activations
-    opt_tmp_b: float  # optimizer-step temporaries
-    # post-pipeline communication pieces (see _post)
-    rs_tot: float
-    rs_last: float
-    window: float  # backward of one micro-batch on this rank
-    ag_after: float
-    fixed_exposed: float  # DDP / HSDP replica all-reduce exposed, independent of m
-    fixed_time: float
-    fixed_vol: float
-    grad_vol: float
-    fsdp_per_mb: float
-    tied: float
-    opt_s: float
-    offload_s: float
-    # per-micro-batch sums for the breakdown
-    f_c: float
-    b_c: float
-    rec: float
-    tp_s: float
-    tp_vol: float
-    fsdp_s: float
-    pp_vol: float
-    pp_t: float
-    step_copy_s: float  # data-parallel gradient copies once per step (DDP buckets, ZeRO-2's reduce-scatter input)
+    exposed_s: float  # on the critical path (FSDP's exposed gathers are in the stage times)
+    time_s: float  # all of it, hidden or not
+    volume_bytes: float  # sent per device
 
 
-@dataclass(slots=True)  # not frozen (see _Rank)
-class _Cols:
-    """The per-rank terms as columns (one entry per pp rank), for the per-call pass over ranks."""
+@dataclass(frozen=True, slots=True)
+class DataParallelTerms:
+    """The terms of a rank that depend only on its parameter count and the data-parallel setting."""
 
-    kind_of: itemgetter  # rank -> index into uniq, as one call: kind_of(per_kind_list) -> per rank
-    uniq: tuple[_Rank, ...]  # distinct _Rank objects, in order of first rank
-    static: tuple[float, ...]  # parameters + gradients + optimizer states
-    trans: tuple[float, ...]
-    opt_tmp: tuple[float, ...] | None  # None where trans_covers_opt (not read then)
-    acts: tuple[tuple[float, ...], ...]  # per virtual stage i of a rank: its stored bytes per micro-batch
-    # the post-pipeline term (_post's exposed part + tied + step copies + optimizer + offload): it
-    # does not depend on the micro-batch count, so its largest value and first rank are known here
-    post_max: float
-    post_rank: int
-    # transient >= optimizer temporaries on every rank: then max(acts + transient, temporaries) is
-    # acts + transient for any acts >= 0 (max's first argument where equal, as max returns it)
-    trans_covers_opt: bool
-
-    def column(self, name: str) -> tuple:
-        """A _Rank field per rank (the breakdowns' columns, read once per detailed estimate)."""
-        return self.kind_of([getattr(rk, name) for rk in self.uniq])
+    states: StateBytes  # parameters, gradients, optimizer states held
+    optimizer_params: float  # parameters this rank's optimizer steps
+    all_reduce_s: float  # bucketed gradient all-reduce, total (DDP, ZeRO-1, HSDP replicas)
+    all_reduce_last_bucket_s: float  # ... its last bucket (cannot hide)
+    param_gather_s: float  # ZeRO-1: the updated parameters' all-gather (exposed)
+    reduce_scatter_s: float  # ZeRO-2: the one bucketed reduce-scatter, total
+    reduce_scatter_last_bucket_s: float
+    fsdp_volume_per_micro_batch: float  # bytes of FSDP gathers / reduce-scatters per micro-batch
+    step_volume_bytes: float  # bytes of the once-per-step sync
+    optimizer_s: float  # the optimizer step on the device (or the host CPU when it computes)
+    offload_s: float  # cpu offload: gradients out, host step, parameters back (exposed)
+    all_reduce_exposes: bool  # a bucketed all-reduce runs under the last backward
+    step_copy_s: float  # the engines' gradient copies once per step (DDP buckets, ZeRO-2's input)
 
 
-def _cols(uniq: list[_Rank], get, first_ranks: tuple[int, ...], sharding: str) -> _Cols:
-    """Columns from the distinct ranks `uniq` (kinds in order of first rank, `first_ranks`); `get`
-    spreads a per-kind list over the ranks."""
-    trans_k = [rk.trans_b for rk in uniq]
-    opt_k = [rk.opt_tmp_b for rk in uniq]
-    covers = all(map(ge, trans_k, opt_k))
-    post_k = [_post(rk, sharding, 1)[0] + rk.tied + rk.step_copy_s + rk.opt_s + rk.offload_s for rk in uniq]
-    top = max(post_k)
-    # the first rank with the largest post term: the first rank of the first kind that has it
-    post_rank = first_ranks[post_k.index(top)]
-    acts = tuple(get([rk.activation[i] for rk in uniq]) for i in range(len(uniq[0].activation)))
-    return _Cols(get, tuple(uniq), get([rk.param_b + rk.grad_b + rk.opt_b for rk in uniq]), get(trans_k),
-                 None if covers else get(opt_k), acts, top, post_rank, covers)
+@dataclass(frozen=True, slots=True)
+class RankTerms:
+    """One pp rank: memory in bytes, times in seconds (per step unless "per micro-batch")."""
+
+    activation_bytes: tuple[float, ...]  # stored per micro-batch, per virtual stage of this rank
+    param_bytes: float
+    grad_bytes: float
+    optimizer_bytes: float
+    transient_bytes: float  # buffers besides activations while the pipeline runs
+    optimizer_temp_bytes: float  # the optimizer step's temporaries
+    data_parallel: DataParallelTerms
+    backward_window_s: float  # backward of one micro-batch: what the gradient sync hides behind
+    fsdp_time_per_micro_batch_s: float  # FSDP collective time (FSDP2 engine only)
+    tied_comm_s: float  # tied parameters' gradient all-reduce across pp ranks (exposed)
+    optimizer_s: float  # with DTensor's host time per parameter where it applies
+    # per micro-batch, summed over the rank's stages (the breakdown's rows)
+    forward_compute_s: float
+    backward_compute_s: float
+    recompute_s: float
+    tp_comm_s: float
+    tp_volume_bytes: float
+    fsdp_exposed_s: float
+    pp_volume_bytes: float
+    pp_time_s: float
+
+    @property
+    def static_bytes(self) -> float:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+    @property
+    def offload_s(self) -> float:
+        return self.data_parallel.offload_s
+
+    @property
+    def step_copy_s(self) -> float:
+        return self.data_parallel.step_copy_s
+
+    def sync(self, sharding: str, m: int) -> DataParallelSync:
+        """The rank's data-parallel traffic for m micro-batches (see the module docstring)."""
+        d = self.data_parallel
+        if sharding == "zero2":
+            exposed = (max(d.reduce_scatter_last_bucket_s, d.reduce_scatter_s - self.backward_window_s)
+                       if d.reduce_scatter_s else 0.0)
+            return DataParallelSync(exposed, m * self.fsdp_time_per_micro_batch_s + d.reduce_scatter_s,
+                                    m * d.fsdp_volume_per_micro_batch + d.step_volume_bytes)
+        exposed, time = 0.0, 0.0
+        if d.all_reduce_exposes:  # a bucketed all-reduce under the last backward (DDP, ZeRO-1, HSDP replicas)
+            exposed = max(d.all_reduce_last_bucket_s, d.all_reduce_s - self.backward_window_s)
+            time = d.all_reduce_s
+            if sharding == "zero1":  # then the updated parameters are gathered (exposed)
+                exposed, time = exposed + d.param_gather_s, time + d.param_gather_s
+        if sharding in ("zero3", "hsdp"):
+            return DataParallelSync(exposed, m * self.fsdp_time_per_micro_batch_s + time,
+                                    m * d.fsdp_volume_per_micro_batch + d.step_volume_bytes)
+        return DataParallelSync(exposed, time, d.step_volume_bytes)
+
+    def post_pipeline_s(self, sharding: str) -> float:
+        """What the rank does after its last action: exposed sync, tied all-reduce, copies,
+        optimizer, offload (independent of the micro-batch count)."""
+        return self.sync(sharding, 1).exposed_s + self.tied_comm_s + self.step_copy_s + self.optimizer_s + self.offload_s
 
 
-def _tied(ctx: Context, stages, pp: int, tp: int, pp_stride: int) -> tuple:
+@dataclass(frozen=True, slots=True)
+class RankColumns:
+    """The rank terms per pp rank, for the estimate's pass over ranks."""
+
+    static_bytes: tuple[float, ...]  # parameters + gradients + optimizer states
+    transient_bytes: tuple[float, ...]
+    optimizer_temp_bytes: tuple[float, ...]
+    activation_bytes: tuple[tuple[float, ...], ...]  # [i][r]: virtual stage i of rank r, per micro-batch
+    post_max_s: float  # the largest post-pipeline term ...
+    post_rank: int  # ... and the first rank that has it
+
+
+def rank_terms(model: CostModel, k: Knobs, mesh: MeshDims, stages: tuple, per_stage: tuple[StageTerms, ...],
+               sl: StageList) -> tuple[tuple[RankTerms, ...], RankColumns, tuple[str, ...]]:
+    """(RankTerms per pp rank, as columns, notes) of a layout (cost_models.stages.layout)."""
+    accum = k.num_micro_batches > 1
+    key = ("ranks", sl.uid, tuple(s.uid for s in per_stage), mesh, k.sharding, k.offload, accum)
+    got = model.stage_memo.get(key)
+    if got is not None:
+        return got
+    kinds = _rank_kinds(model, stages, mesh, sl.pattern)
+    per_kind = [_rank(model, k, mesh, [per_stage[j] for j in kinds.stages[r]], kinds.tied_params[r],
+                      kinds.tied_comm[r], kinds.holds_head[r], accum) for r in kinds.first_rank]
+    posts = [rk.post_pipeline_s(k.sharding) for rk in per_kind]
+    top = max(posts)
+    ranks = tuple(per_kind[i] for i in kinds.kind_of_rank)
+    columns = RankColumns(
+        static_bytes=tuple(rk.static_bytes for rk in ranks),
+        transient_bytes=tuple(rk.transient_bytes for rk in ranks),
+        optimizer_temp_bytes=tuple(rk.optimizer_temp_bytes for rk in ranks),
+        activation_bytes=tuple(tuple(rk.activation_bytes[i] for rk in ranks) for i in range(k.virtual_stages)),
+        post_max_s=top, post_rank=kinds.first_rank[posts.index(top)],  # the first rank that has it
+    )
+    got = model.stage_memo[key] = (ranks, columns, kinds.notes)
+    return got
+
+
+@dataclass(frozen=True, slots=True)
+class RankKinds:
+    """Which pp ranks are alike in a stage partition (the same stages by composition, the same
+    tied parameters and sends; the last rank apart): any rank of a kind gives its terms, in every
+    setting of the partition."""
+
+    stages: tuple[tuple[int, ...], ...]  # per rank: its virtual stages (loop style: stage j on rank j % pp)
+    tied_params: tuple[float, ...]  # per rank: tied parameters it holds a copy of (counted once)
+    tied_comm: tuple[float, ...]  # per rank: its tied gradients' all-reduce time
+    holds_head: tuple[bool, ...]  # per rank: runs the last stage
+    kind_of_rank: tuple[int, ...]  # per rank: its kind
+    first_rank: tuple[int, ...]  # per kind: its first rank
+    notes: tuple[str, ...]
+
+
+def _rank_kinds(model: CostModel, stages: tuple, mesh: MeshDims, pattern: tuple[int, ...]) -> RankKinds:
+    key = ("rank kinds", stages, mesh.tp, mesh.stride("pp"), mesh.pp)
+    got = model.stage_memo.get(key)
+    if got is not None:
+        return got
+    pp, S = mesh.pp, len(stages)
+    tied_params, tied_comm, notes = _tied(model, stages, mesh)
+    rank_stages = tuple(tuple(range(r, S, pp)) for r in range(pp))
+    kind_index: dict = {}
+    kind_of_rank, first_rank = [], []
+    for r in range(pp):
+        kind = (tuple(pattern[j] for j in rank_stages[r]), tied_params[r], tied_comm[r], r == pp - 1)
+        i = kind_index.get(kind)
+        if i is None:
+            i = kind_index[kind] = len(first_rank)
+            first_rank.append(r)
+        kind_of_rank.append(i)
+    got = model.stage_memo[key] = RankKinds(rank_stages, tuple(tied_params), tuple(tied_comm),
+                                            tuple(S - 1 in js for js in rank_stages), tuple(kind_of_rank),
+                                            tuple(first_rank), notes)
+    return got
+
+
+def _rank(model: CostModel, k: Knobs, mesh: MeshDims, mine: list[StageTerms], tied_params: float,
+          tied_comm: float, holds_head: bool, accum: bool) -> RankTerms:
+    """The RankTerms of a rank running the stages `mine` (see the module docstring)."""
+    hw = model.hw
+    sharding = k.sharding
+    # the rank's per-micro-batch sums over its stages, in stage order
+    num_params = forward_c = backward_c = recompute = tp_s = tp_v = fsdp_s = fsdp_t = window = 0.0
+    pp_v = pp_t = 0.0
+    biggest_block = output_max = recomputed = -1.0
+    for st in mine:
+        ss = st.sums
+        num_params += ss.num_params
+        biggest_block = max(biggest_block, ss.max_block_params)
+        output_max = max(output_max, ss.output_bytes)
+        forward_c += st.forward_compute_s
+        backward_c += st.backward_compute_s
+        recompute += ss.recompute_s
+        tp_s += st.tp_comm_s
+        tp_v += ss.tp_volume_bytes
+        fsdp_s += st.fsdp_exposed_s
+        fsdp_t += st.fsdp_time_s
+        window += st.backward_window_s
+        pp_v += st.pp_volume_bytes
+        pp_t += st.pp_time_s
+        recomputed = max(recomputed, st.recompute_working_bytes)
+    num_params -= tied_params
+    shard_n = mesh.dp_shard if sharding == "hsdp" else mesh.dp
+    dkey = ("dp", num_params, mesh, sharding, k.offload)
+    dp_terms = model.stage_memo.get(dkey)
+    if dp_terms is None:
+        dp_terms = model.stage_memo[dkey] = data_parallel_terms(model, num_params, k, mesh)
+    engine = data_parallel_engine(k)  # what the runtime runs (cost_models.engines)
+    optimizer_s = dp_terms.optimizer_s
+    if hw.device_is_host_cpu and hw.dtensor_overhead is not None:
+        # the optimizer's host time per DTensor parameter (specs.DTensorOverhead): the
+        # tensor-parallel ops' parameters, or all of them where FSDP2 holds them (its shards
+        # are DTensors: zero2 / zero3 / hsdp, and `replicate` for dp with tp or pp)
+        fsdp2 = engine in FSDP2_ENGINES
+        n_dtensor = sum(st.sums.param_ops if fsdp2 else st.sums.tp_param_ops for st in mine)
+        optimizer_s += n_dtensor * hw.dtensor_overhead.optimizer_s
+    transient = transient_bytes(model, k, engine, num_params, biggest_block, shard_n, accum)
+    if mesh.pp > 1:
+        transient += 4 * output_max  # pipeline send/receive buffers
+    if holds_head:
+        last_split = model.last_splittable and mesh.tp > 1
+        transient += model.final_output_bytes * k.micro_batch_size * (1 + 2 * 4 / model.act_isz) / (
+            mesh.tp if last_split else 1)  # the logits, their fp32 upcast and softmax for the loss
+    if recomputed >= 0:
+        transient += recomputed
+    offload = k.offload if engine == "fully_shard" else "none"  # the runtime offloads through FSDP2 only
+    adam_temps = model.train.optimizer in ("adam", "adamw") and offload == "none"
+    return RankTerms(
+        activation_bytes=tuple(st.sums.activation_bytes for st in mine),
+        param_bytes=dp_terms.states.param, grad_bytes=dp_terms.states.grad, optimizer_bytes=dp_terms.states.optimizer,
+        transient_bytes=transient, optimizer_temp_bytes=4 * dp_terms.optimizer_params if adam_temps else 0.0,
+        data_parallel=dp_terms,
+        backward_window_s=window if hw.comm_overlaps_compute else 0.0,  # none where comm shares the cores
+        fsdp_time_per_micro_batch_s=fsdp_t if engine == "fully_shard" else 0.0,
+        tied_comm_s=tied_comm, optimizer_s=optimizer_s,
+        forward_compute_s=forward_c, backward_compute_s=backward_c, recompute_s=recompute, tp_comm_s=tp_s,
+        tp_volume_bytes=tp_v, fsdp_exposed_s=fsdp_s, pp_volume_bytes=pp_v, pp_time_s=pp_t,
+    )
+
+
+def transient_bytes(model: CostModel, k: Knobs, engine: str, num_params: float, biggest_block: float,
+                    shard_n: int, accum: bool) -> float:
+    """The data-parallel engine's buffers on a rank holding `num_params` parameters (its largest
+    block `biggest_block`) while the pipeline runs."""
+    bpp, sharding = model.bpp, k.sharding
+    trans = 0.0
+    if engine in ALL_REDUCE_ENGINES:
+        # DDP's bucket copies of the gradients (FSDP2's replicate: its all-reduce input, alike)
+        trans += num_params * bpp.grad
+        trans += num_params * bpp.working  # autocast's bf16 weight copies, saved for backward
+    elif engine == "none":  # dp = 1: no wrapper, no gradient sync, whatever the sharding
+        trans += num_params * bpp.working
+    elif sharding == "zero2" or k.pp > 1:
+        # FSDP2 without resharding: every local block stays unsharded from forward to backward,
+        # and gradients accumulate unsharded until the last micro-batch syncs. Inside a pipeline
+        # zero3/hsdp too: torch's stages keep every block unsharded after each backward but the
+        # last and turn gradient sync off until then (set_reshard_after_backward(False),
+        # set_requires_gradient_sync(False): torch/distributed/pipelining/stage.py
+        # backward_maybe_with_nosync); measured on gpt-tiny pp2 x dp2 zero3 (4 gloo processes):
+        # 8-12 of 18 block forwards found their parameters still unsharded from a backward
+        trans += num_params * bpp.compute + biggest_block * bpp.grad
+        if accum:
+            trans += num_params * bpp.grad
+        if sharding == "hsdp":
+            trans += num_params * bpp.grad / shard_n  # replica all-reduce buckets
+    else:  # zero3 / hsdp: two blocks unsharded (current + prefetched), one block's gradients
+        trans += biggest_block * (2 * bpp.compute + bpp.grad)
+        if sharding == "hsdp":
+            trans += num_params * bpp.grad / shard_n  # replica all-reduce buckets
+    return trans
+
+
+def _tied(model: CostModel, stages, mesh: MeshDims) -> tuple[list[float], list[float], tuple[str, ...]]:
     """(tied parameters held per pp rank, their gradient all-reduce time per rank, notes) for the
-    stage partition `stages` (what _ranks needs of the graph's tied blocks)."""
-    graph = ctx.graph
+    stage partition `stages`."""
+    graph = model.graph
+    pp, tp = mesh.pp, mesh.tp
     notes: list[str] = []
     tied_rank_params = [0.0] * pp
     tied_comm = [0.0] * pp
@@ -127,174 +318,23 @@ def _tied(ctx: Context, stages, pp: int, tp: int, pp_stride: int) -> tuple:
         tied_params = graph.tied_param_bytes / itemsize(graph.param_dtype)
         for a, b in graph.tied_blocks:
             ra, rb = (bisect_right(firsts, a) - 1) % pp, (bisect_right(firsts, b) - 1) % pp
-            tsplit = ctx.split_fraction[graph.blocks[a].layer_type] if tp > 1 else 0.0
+            tsplit = model.split_fraction[graph.blocks[a].layer_type] if tp > 1 else 0.0
             local = tied_params * ((1 - tsplit) + tsplit / tp)
             if ra == rb:
                 tied_rank_params[ra] += local
             else:
-                t = 2 * comm.p2p_s(local * ctx.bpp.grad, comm.p2p_link(ctx.hw, pp_stride))
+                t = 2 * comm.p2p_s(local * model.bpp.grad, model.p2p_link(mesh.stride("pp")))
                 tied_comm[ra] = max(tied_comm[ra], t)
                 tied_comm[rb] = max(tied_comm[rb], t)
                 notes.append("tied parameters on different pp ranks: a copy on each, gradients all-reduced")
     return tied_rank_params, tied_comm, tuple(notes)
 
 
-def _ranks(ctx: Context, k: Knobs, stages, st, sl: _StageList, shard_n: int, accum: bool, sub: dict):
-    """Per-rank terms (_Rank per pp rank, and as columns) and the tied-parameter notes. `st`: the
-    stage results of stage list `sl`; `sub`: the caches of this stage list."""
-    hw, train = ctx.hw, ctx.train
-    pp, dp, tp, v = k.pp, k.dp, k.tp, k.virtual_stages
-    S = pp * v
-    mb = k.micro_batch_size
-    sharding, bpp = k.sharding, ctx.bpp
-    pp_stride = tp * dp
-    tkey = ("tied", pp, tp, pp_stride)
-    tied = sub.get(tkey)
-    if tied is None:
-        tied = sub[tkey] = _tied(ctx, stages, pp, tp, pp_stride)
-    tied_rank_params, tied_comm, notes = tied
-    last_block_split = ctx.last_splittable and tp > 1
-
-    rank_stages = _rank_stages(pp, S)
-    # ranks alike (same stages, tied parameters and sends; the last rank apart) share one _Rank,
-    # computed once per kind from one of its ranks (everything read below is the kind's). (A memo
-    # of kinds across stage lists was tried: it hit for 0.1% of a 175B search's kinds, 6% of a 1T
-    # one's, and cost more than it saved.)
-    kkey = ("kinds", v, tkey)  # which ranks are alike: the same for every setting of this stage list
-    shape = sub.get(kkey)
-    if shape is None:
-        shape = sub[kkey] = _kinds(sl.pattern, pp, v, tied_rank_params, tied_comm)
-    kind_rank, get, first_ranks = shape
-    uniq = []
-    # what every kind below reads of the setting
-    dt_ov = hw.dtensor_overhead if hw.device_is_host_cpu else None
-    engine = data_parallel_engine(k)  # what the runtime runs (cost_models.engines)
-    offload = k.offload if engine == "fully_shard" else "none"  # the runtime offloads through FSDP2 only
-    adam_tmp = train.optimizer in ("adam", "adamw") and offload == "none"
-    overlap = hw.comm_overlaps_compute
-    fsdp_dp = engine == "fully_shard"
-    head_trans = ctx.final_output_bytes * mb * (1 + 2 * 4 / ctx.act_isz) / (tp if last_block_split else 1)
-    for _kind, r in kind_rank:  # r: one rank of the kind
-        js = rank_stages[r]
-        # the stage sums this rank needs (the same additions, in the same order, as sum() over the
-        # stages: each stage's contribution is its first addition, 0.0 + value, see _stage_core)
-        if len(js) == 1:
-            # (max(-1.0, x) of the loop below is x itself: these are >= 0, or -1.0 for "not recomputed")
-            (n_params, big, out_max, act, f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, fsdp_mb, window, pp_v, pp_t,
-             recomputed) = st[js[0]][_CONTRIB]
-            acts = (act,)
-        else:
-            n_params = f_c = b_c = rec_s = tp_s = tp_v = fsdp_s = pp_v = pp_t = window = fsdp_mb = 0.0
-            big = out_max = recomputed = -1.0
-            acts = []
-            for j in js:
-                (a_n, a_big, a_out, a_act, a_f, a_b, a_rec, a_tp, a_tpv, a_fs, a_fmb, a_win, a_ppv, a_ppt,
-                 a_rc) = st[j][_CONTRIB]
-                n_params += a_n
-                big = max(big, a_big)
-                out_max = max(out_max, a_out)
-                acts.append(a_act)
-                f_c += a_f
-                b_c += a_b
-                rec_s += a_rec
-                tp_s += a_tp
-                tp_v += a_tpv
-                fsdp_s += a_fs
-                fsdp_mb += a_fmb
-                window += a_win
-                pp_v += a_ppv
-                pp_t += a_ppt
-                recomputed = max(recomputed, a_rc)
-        n_params -= tied_rank_params[r]
-        dkey = ("dp", n_params, sharding, dp, shard_n, tp, k.offload)
-        dterms = ctx.stage_cache.get(dkey)
-        if dterms is None:
-            dterms = ctx.stage_cache[dkey] = _dp_terms(ctx, n_params, k, shard_n)
-        (states, opt_params, tot, last, ag, rs_tot, rs_last, grad_vol, fixed_vol, opt_s, off_s, exposes,
-         step_copy) = dterms
-        if dt_ov is not None:
-            # the optimizer's host time per DTensor parameter (specs.DTensorOverhead): the
-            # tensor-parallel ops' parameters, or all of them where FSDP2 holds them (its shards
-            # are DTensors: zero2 / zero3 / hsdp, and `replicate` for dp with tp or pp)
-            fsdp2 = engine in FSDP2_ENGINES
-            n_dt = sum(st[j][_SUMS].param_ops if fsdp2 else st[j][_SUMS].tp_param_ops for j in js)
-            opt_s += n_dt * dt_ov.optimizer_s
-        trans = 0.0
-        if engine in ALL_REDUCE_ENGINES:
-            # DDP's bucket copies of the gradients (FSDP2's replicate: its all-reduce input, alike)
-            trans += n_params * bpp.grad
-            trans += n_params * bpp.working  # autocast's bf16 weight copies, saved for backward
-        elif engine == "none":  # dp = 1: no wrapper, no gradient sync, whatever the sharding
-            trans += n_params * bpp.working
-        elif sharding == "zero2" or pp > 1:
-            # FSDP2 without resharding: every local block stays unsharded from forward to backward,
-            # and gradients accumulate unsharded until the last micro-batch syncs. Inside a pipeline
-            # zero3/hsdp too: torch's stages keep every block unsharded after each backward but the
-            # last and turn gradient sync off until then (set_reshard_after_backward(False),
-            # set_requires_gradient_sync(False): torch/distributed/pipelining/stage.py
-            # backward_maybe_with_nosync); measured on gpt-tiny pp2 x dp2 zero3 (4 gloo processes):
-            # 8-12 of 18 block forwards found their parameters still unsharded from a backward
-            trans += n_params * bpp.compute + big * bpp.grad
-            if accum:
-                trans += n_params * bpp.grad
-            if sharding == "hsdp":
-                trans += n_params * bpp.grad / shard_n  # replica all-reduce buckets
-        else:  # zero3 / hsdp: two blocks unsharded (current + prefetched), one block's gradients
-            trans += big * (2 * bpp.compute + bpp.grad)
-            if sharding == "hsdp":
-                trans += n_params * bpp.grad / shard_n  # replica all-reduce buckets
-        if pp > 1:
-            trans += 4 * out_max
-        if S - 1 in js:
-            trans += head_trans
-        if recomputed >= 0:
-            trans += recomputed
-        opt_tmp = 4 * opt_params if adam_tmp else 0.0
-
-        # the backward that hides the gradient sync; none where comm shares the compute cores
-        if not overlap:
-            window = 0.0
-        fsdp_mb = fsdp_mb if fsdp_dp else 0.0
-        ag_after = fixed_exp = fixed_time = 0.0
-        if exposes:  # a bucketed all-reduce under the last backward (DDP, ZeRO-1, HSDP replicas)
-            fixed_exp, fixed_time = max(last, tot - window), tot
-            if sharding == "zero1":  # then the updated parameters are gathered (exposed)
-                fixed_exp, fixed_time = fixed_exp + ag, tot + ag
-        got = _Rank(
-            tuple(acts), states.param, states.grad, states.optimizer, trans, opt_tmp,
-            rs_tot, rs_last, window, ag_after, fixed_exp, fixed_time, fixed_vol, grad_vol, fsdp_mb, tied_comm[r],
-            opt_s, off_s,
-            f_c, b_c, rec_s, tp_s, tp_v, fsdp_s, pp_v, pp_t, step_copy,
-        )
-        uniq.append(got)
-    cols = _cols(uniq, get, first_ranks, sharding)
-    return get(uniq), cols, notes
-
-
-def _kinds(pattern: tuple[int, ...], pp: int, v: int, tied_rank_params, tied_comm) -> tuple:
-    """Ranks alike (the same stages, by index into the stage list's distinct stages, tied parameters
-    and sends; the last rank apart): ((kind, one rank of it) per kind in order of first rank, the
-    call that spreads a per-kind list over the ranks, each kind's first rank). Any rank of a kind
-    gives its terms."""
-    per_rank = pattern if v == 1 else list(zip(*[pattern[i * pp:(i + 1) * pp] for i in range(v)], strict=True))
-    kinds = list(zip(per_rank, tied_rank_params, tied_comm, strict=True))
-    kinds[-1] = (*kinds[-1], "last")
-    rank_of = dict(zip(kinds, range(pp), strict=True))  # in order of first rank, each with its last rank
-    pos = dict(zip(rank_of, range(len(rank_of)), strict=True))
-    kind_of = list(map(pos.__getitem__, kinds))
-    get = itemgetter(*kind_of) if len(kind_of) > 1 else (lambda xs, _i=kind_of[0]: (xs[_i],))
-    first = dict(zip(reversed(kinds), range(pp - 1, -1, -1), strict=True))  # kind -> its first rank
-    return tuple(rank_of.items()), get, tuple(map(first.__getitem__, rank_of))
-
-
-def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
-    """The terms of a rank holding `n_params` parameters that depend only on that count and the
-    data-parallel setting (cached per context; shared across recompute, sp and schedule):
-    (states, optimizer parameters, bucketed all-reduce total and last bucket, ZeRO-1 parameter
-    gather, ZeRO-2 reduce-scatter total and last bucket, per-micro-batch FSDP volume, fixed volume,
-    optimizer step, offload, whether the all-reduce total/last apply)."""
-    hw, bpp = ctx.hw, ctx.bpp
-    dp, tp, sharding = k.dp, k.tp, k.sharding
+def data_parallel_terms(model: CostModel, n_params: float, k: Knobs, mesh: MeshDims) -> DataParallelTerms:
+    """The DataParallelTerms of a rank holding `n_params` parameters (see the class)."""
+    hw, bpp = model.hw, model.bpp
+    dp, sharding = mesh.dp, k.sharding
+    shard_n = mesh.dp_shard if sharding == "hsdp" else dp
     engine = data_parallel_engine(k)
     # the runtime offloads through FSDP2 only: at dp = 1 (no engine) nothing leaves the device
     offload = k.offload if engine == "fully_shard" else "none"
@@ -302,35 +342,35 @@ def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
     opt_div = {"zero1": dp, "zero2": dp, "zero3": dp, "hsdp": shard_n}.get(sharding, 1)
     opt_params = n_params / opt_div
     grad_bytes = n_params * bpp.grad
-    tot = last = ag = rs_tot = rs_last = fixed_vol = grad_vol = 0.0
+    all_reduce = last = gather = rs_total = rs_last = fixed_vol = fsdp_vol = 0.0
     exposes = False
     if dp > 1:
-        dp_link = ctx.link(dp, tp)
+        dp_link = model.link(mesh, "dp")
         if sharding == "none":
-            tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+            all_reduce, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
             fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp)
             exposes = True
         elif sharding == "zero1":
             # ZeroRedundancyOptimizer over DDP: bucketed all-reduce under the last backward,
             # then each rank steps its shard and the updated parameters are gathered (exposed)
-            tot, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
-            ag = comm.all_gather_s(n_params * bpp.param, dp_link)
+            all_reduce, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+            gather = comm.all_gather_s(n_params * bpp.param, dp_link)
             fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp) + comm.all_gather_volume_bytes(
                 n_params * bpp.param, dp)
             exposes = True
         elif sharding == "zero2":
             # FSDP2, no resharding: gathers in each forward (in the stage times), one
             # reduce-scatter of the accumulated gradients under the last backward
-            rs_tot, rs_last = comm.bucketed_reduce_scatter_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
-            grad_vol = comm.all_gather_volume_bytes(n_params * bpp.compute, dp)
+            rs_total, rs_last = comm.bucketed_reduce_scatter_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+            fsdp_vol = comm.all_gather_volume_bytes(n_params * bpp.compute, dp)
             fixed_vol = comm.all_gather_volume_bytes(grad_bytes, dp)
         else:
-            grad_vol = (2 * comm.all_gather_volume_bytes(n_params * bpp.compute, shard_n)
+            fsdp_vol = (2 * comm.all_gather_volume_bytes(n_params * bpp.compute, shard_n)
                         + comm.all_gather_volume_bytes(grad_bytes, shard_n))
-            rep_link = ctx.link(dp // shard_n, tp * shard_n) if sharding == "hsdp" else None
-            if sharding == "hsdp" and rep_link is not None and rep_link.size > 1:
-                tot, last = comm.bucketed_all_reduce_s(grad_bytes / shard_n, rep_link, DDP_BUCKET_BYTES)
-                fixed_vol = comm.all_reduce_volume_bytes(grad_bytes / shard_n, dp // shard_n)
+            if sharding == "hsdp" and mesh.dp_replicate > 1:
+                rep_link = model.link(mesh, "dp_replicate")
+                all_reduce, last = comm.bucketed_all_reduce_s(grad_bytes / shard_n, rep_link, DDP_BUCKET_BYTES)
+                fixed_vol = comm.all_reduce_volume_bytes(grad_bytes / shard_n, mesh.dp_replicate)
                 exposes = True
     opt_s = off_s = 0.0
     if offload == "cpu":
@@ -338,71 +378,49 @@ def _dp_terms(ctx: Context, n_params: float, k: Knobs, shard_n: int) -> tuple:
         off_s = opt_params * (bpp.grad + bpp.param) / pcie + opt_params / hw.host.cpu_adam_params_per_s
     elif hw.device_is_host_cpu:
         if opt_params > 0:
-            step_bpp = optimizer_step_bytes_per_param(bpp, ctx.train.optimizer)
+            step_bpp = optimizer_step_bytes_per_param(bpp, model.train.optimizer)
             # the measured AdamW rate, scaled to this optimizer by its bytes per parameter
             # (host.cpu_adam_params_per_s is a foreach AdamW step, fp32)
             host_rate = hw.host.cpu_adam_params_per_s * optimizer_step_bytes_per_param(bpp, "adamw") / step_bpp
             opt_s = max(hw.device.kernel_launch_s, opt_params / host_rate)
     else:
-        nbytes = opt_params * optimizer_step_bytes_per_param(bpp, ctx.train.optimizer)
+        nbytes = opt_params * optimizer_step_bytes_per_param(bpp, model.train.optimizer)
         if nbytes > 0:
             bw = hw.device.memory_bandwidth_bytes_per_s
             opt_s = max(hw.device.kernel_launch_s,
-                        nbytes / (bw * memory_efficiency(curves_for(hw), nbytes, "elementwise")))
+                        nbytes / (bw * memory_efficiency(model.curves, nbytes, "elementwise")))
     step_copy = 0.0
     if engine in ALL_REDUCE_ENGINES:
         # DDP copies each gradient into its bucket and the reduced bucket back (read + write each
         # way; gradient_as_bucket_view off, PyTorch's default); FSDP2's replicate (tp or pp > 1)
         # copies them into one all-reduce input and out again alike
-        step_copy = _copy_s(ctx, 4 * grad_bytes, 2 * max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES)))
+        step_copy = copy_s(model, 4 * grad_bytes, 2 * max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES)))
     elif dp > 1 and sharding == "zero2":
         # the one reduce-scatter's copy-in (torch._chunk_cat of the accumulated unsharded gradients)
-        step_copy = _copy_s(ctx, 2 * grad_bytes)
-    return (states, opt_params, tot, last, ag, rs_tot, rs_last, grad_vol, fixed_vol, opt_s, off_s, exposes,
-            step_copy)
+        step_copy = copy_s(model, 2 * grad_bytes)
+    return DataParallelTerms(
+        states=states, optimizer_params=opt_params, all_reduce_s=all_reduce, all_reduce_last_bucket_s=last,
+        param_gather_s=gather, reduce_scatter_s=rs_total, reduce_scatter_last_bucket_s=rs_last,
+        fsdp_volume_per_micro_batch=fsdp_vol, step_volume_bytes=fixed_vol, optimizer_s=opt_s, offload_s=off_s,
+        all_reduce_exposes=exposes, step_copy_s=step_copy,
+    )
 
 
-def _fsdp_copies(ctx: Context, blk_params: float, nb: int, n: int, reshard: bool) -> tuple[float, float]:
+def fsdp_copies_s(model: CostModel, block_params: float, nb: int, n: int, reshard: bool) -> tuple[float, float]:
     """(forward, backward) time of FSDP2's copies around its collectives, per micro-batch, for `nb`
-    blocks of `blk_params` parameters sharded `n` ways: each all-gather copies the local shard into
-    the all-gather input (foreach copy-in, cast to the compute dtype) and the gathered buffer out
-    into the unsharded parameters (split_with_sizes_copy); each reduce-scatter (with `reshard`:
+    blocks of `block_params` parameters sharded `n` ways: each all-gather copies the local shard
+    into the all-gather input (foreach copy-in, cast to the compute dtype) and the gathered buffer
+    out into the unsharded parameters (split_with_sizes_copy); each reduce-scatter (with `reshard`:
     every micro-batch) copies the unsharded gradients into its input (torch._chunk_cat). Read +
     write of each, memory-bound kernels on the compute stream (the CPU's cores on a CPU host)."""
-    key = ("fsdp copies", blk_params, nb, n, reshard)
-    got = ctx.stage_cache.get(key)
-    if got is not None:
-        return got
-    bpp = ctx.bpp
-    unsharded = blk_params * bpp.compute
-    gather = _copy_s(ctx, 2 * unsharded / n) + _copy_s(ctx, 2 * unsharded)
+    bpp = model.bpp
+    unsharded = block_params * bpp.compute
+    gather = copy_s(model, 2 * unsharded / n) + copy_s(model, 2 * unsharded)
     fwd = nb * gather
-    bwd = nb * (gather + _copy_s(ctx, 2 * blk_params * bpp.grad)) if reshard else 0.0
-    got = ctx.stage_cache[key] = (fwd, bwd)
-    return got
+    bwd = nb * (gather + copy_s(model, 2 * block_params * bpp.grad)) if reshard else 0.0
+    return fwd, bwd
 
 
-def _copy_s(ctx: Context, n_bytes: float, kernels: int = 1) -> float:
-    """compute.copies_time_s on the context's machine, memoised per (bytes, kernels)."""
-    key = ("copy", n_bytes, kernels)
-    got = ctx.stage_cache.get(key)
-    if got is None:
-        got = ctx.stage_cache[key] = copies_time_s(n_bytes, kernels, ctx.hw, curves_for(ctx.hw))
-    return got
-
-
-@lru_cache(maxsize=64)
-def _rank_stages(pp: int, S: int) -> tuple[tuple[int, ...], ...]:
-    """Virtual stages of each pp rank (loop style: stage j on rank j % pp)."""
-    return tuple(tuple(range(r, S, pp)) for r in range(pp))
-
-
-def _post(rk: _Rank, sharding: str, m: int) -> tuple[float, float, float]:
-    """(exposed, time, volume) of the rank's data-parallel traffic for m micro-batches
-    (exposed: only the part after the pipeline; FSDP gathers are in the stage times)."""
-    if sharding == "zero2":
-        exposed = max(rk.rs_last, rk.rs_tot - rk.window) if rk.rs_tot else 0.0
-        return exposed, m * rk.fsdp_per_mb + rk.rs_tot, m * rk.grad_vol + rk.fixed_vol
-    if sharding in ("zero3", "hsdp"):
-        return rk.fixed_exposed, m * rk.fsdp_per_mb + rk.fixed_time, m * rk.grad_vol + rk.fixed_vol
-    return rk.fixed_exposed, rk.fixed_time, rk.fixed_vol
+def copy_s(model: CostModel, n_bytes: float, kernels: int = 1) -> float:
+    """cost_models.compute.copies_time_s on the model's machine."""
+    return copies_time_s(n_bytes, kernels, model.hw, model.curves)

@@ -24,7 +24,6 @@ The schedules say nothing about time; `cost_models.simulator.simulate` plays the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NamedTuple
 
 from specs import SpecError
@@ -127,9 +126,8 @@ def _zb_h1(p: int, m: int) -> list[list[tuple]]:
     return out
 
 
-@lru_cache(maxsize=512)
 def build_schedule(name: str, pp: int, num_micro_batches: int, virtual_stages: int = 1) -> Schedule:
-    """Per-rank action lists for schedule `name` (see module docstring). Cached; immutable."""
+    """Per-rank action lists for schedule `name` (see module docstring); immutable."""
     _check(name, pp, num_micro_batches, virtual_stages)
     return _build(name, pp, num_micro_batches, virtual_stages, Action._make)
 
@@ -153,7 +151,7 @@ def _check(name: str, p: int, m: int, v: int) -> None:
 
 def build_schedule_plain(name: str, pp: int, num_micro_batches: int, virtual_stages: int = 1) -> Schedule:
     """`build_schedule` with plain (kind, stage, micro-batch) tuples as actions (equal to the Actions
-    element by element, several times cheaper to build): for the simulator's compile step. Not cached."""
+    element by element, several times cheaper to build): for the simulator's compile step."""
     _check(name, pp, num_micro_batches, virtual_stages)
     return _build(name, pp, num_micro_batches, virtual_stages, None)
 

@@ -51,8 +51,6 @@ import math
 
 from specs import HardwareSpec, Knobs, ModelGraph
 
-_UNSHARED: dict[int, tuple[HardwareSpec, HardwareSpec]] = {}
-
 
 def oversubscribed(hw: HardwareSpec) -> bool:
     """More processes per node than the cores they share."""
@@ -60,34 +58,20 @@ def oversubscribed(hw: HardwareSpec) -> bool:
 
 
 def unshared(hw: HardwareSpec) -> HardwareSpec:
-    """`hw` with per-core speeds (device figures x devices_per_node / shared_cores), unshared.
-
-    Cached by identity (the estimate's caches are keyed by the HardwareSpec object)."""
-    got = _UNSHARED.get(id(hw))
-    if got is not None and got[0] is hw:
-        return got[1]
+    """`hw` with per-core speeds (device figures x devices_per_node / shared_cores), unshared
+    (a CostModel makes it once: CostModel.unshared)."""
     f = hw.devices_per_node / hw.shared_cores
     dev = hw.device.model_copy(update={
         "peak_flops_per_s": {k: v * f for k, v in hw.device.peak_flops_per_s.items()},
         "memory_bandwidth_bytes_per_s": hw.device.memory_bandwidth_bytes_per_s * f,
     })
     host = hw.host.model_copy(update={"cpu_adam_params_per_s": hw.host.cpu_adam_params_per_s * f})
-    out = hw.model_copy(update={"device": dev, "host": host, "shared_cores": None})
-    if len(_UNSHARED) > 16:
-        _UNSHARED.clear()
-    _UNSHARED[id(hw)] = (hw, out)
-    return out
-
-
-_CONTENDED: dict[int, tuple[HardwareSpec, HardwareSpec]] = {}
+    return hw.model_copy(update={"device": dev, "host": host, "shared_cores": None})
 
 
 def contended(hw: HardwareSpec) -> HardwareSpec:
     """`unshared(hw)` with every core busy: FLOP/s x shared_core_efficiency, memory bandwidth and
-    the host optimizer rate x shared_memory_efficiency. Cached by identity, like `unshared`."""
-    got = _CONTENDED.get(id(hw))
-    if got is not None and got[0] is hw:
-        return got[1]
+    the host optimizer rate x shared_memory_efficiency (CostModel.contended)."""
     u = unshared(hw)
     e_c, e_m = hw.shared_core_efficiency, hw.shared_memory_efficiency
     dev = u.device.model_copy(update={
@@ -95,11 +79,7 @@ def contended(hw: HardwareSpec) -> HardwareSpec:
         "memory_bandwidth_bytes_per_s": u.device.memory_bandwidth_bytes_per_s * e_m,
     })
     host = u.host.model_copy(update={"cpu_adam_params_per_s": u.host.cpu_adam_params_per_s * e_m})
-    out = u.model_copy(update={"device": dev, "host": host})
-    if len(_CONTENDED) > 16:
-        _CONTENDED.clear()
-    _CONTENDED[id(hw)] = (hw, out)
-    return out
+    return u.model_copy(update={"device": dev, "host": host})
 
 
 def shared_step_s(critical_s: float, total_work_s: float, cores: float, lockstep_s: float) -> float:

@@ -25,7 +25,7 @@ Cost: O(events x pp), events <= 2 x actions; only oversubscribed hosts (CPU pres
 
 from __future__ import annotations
 
-from cost_models.simulator import _compiled, _durations
+from cost_models.simulator import _durations, compile_schedule
 
 _EPS = 1e-12
 
@@ -34,11 +34,11 @@ def simulate_shared(name: str, pp: int, m: int, v: int, times, cores: float,
                     tail: list[float] | None = None) -> float:
     """Step time (the last rank's end) of schedule `name` under processor sharing (module docstring).
 
-    `times`: (F, B, W, p2p) per virtual stage, as for simulator.simulate_cached; `tail`: work per pp
+    `times`: (F, B, W, p2p) per virtual stage, as for simulator.play; `tail`: work per pp
     rank after its last action (None: none)."""
     if cores <= 0:
         raise ValueError(f"simulate_shared: cores must be > 0 (got {cores})")
-    comp = _compiled(name, pp, m, v)
+    comp = compile_schedule(name, pp, m, v)
     dur, lag = _durations(times, name == "zero_bubble")
     order = comp.order
     n = len(order)

@@ -18,28 +18,23 @@ busiest rank: the part of the step the pipeline adds), peak in-flight micro-batc
 split: conservative for zero-bubble, whose B frees most of it), and the timeline.
 
 Speed: the dependency order depends only on the schedule's structure, so it is compiled once
-per (schedule, pp, m, v) and the timing pass is one loop over the actions (~0.1 us per action
-in CPython). `simulate_cached` (the search's path, no timeline) plays the same recurrence in
-rounds of micro-batches and fast-forwards the steady phase once it repeats exactly
-(cost_models.periodic: O(pp^2) actions instead of O(pp m), same result to rounding), and
-memoises results per (structure, stage times). `simulate` with or without a timeline stays the
-plain event simulation (the reference the tests compare the fast path with).
+per (schedule, pp, m, v) (`compile_schedule`; a CostModel keeps it, cost_models.model) and the
+timing pass is one loop over the actions (`play`, ~0.1-0.3 us per action in CPython). This
+Python pass is the reference; the one compiled kernel (cost_models.kernels / cost_models.jit:
+the same two passes line for line in numba, a few ns per action, bit-identical,
+tests/test_cost_kernels.py) replaces it where a CostModel was made with `compiled`.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from functools import lru_cache
 from itertools import chain
 from operator import itemgetter
 
 import numpy as np
 
 from cost_models import kernels
-from cost_models.fastinit import fast_init
-from cost_models.periodic import Periodic, compile_periodic, play, play_compiled
-from cost_models.schedules import Schedule, build_schedule, build_schedule_plain
+from cost_models.schedules import Schedule, build_schedule_plain
 
 _KIND = {"F": 0, "B": 1, "W": 2}
 
@@ -56,9 +51,6 @@ class ScheduleResult:
     @property
     def busiest_rank(self) -> int:
         return self.busy_s.index(max(self.busy_s))  # the first busiest
-
-
-_new_result = fast_init(ScheduleResult)  # ScheduleResult(...) on the per-simulation path
 
 
 class _Compiled:
@@ -143,17 +135,10 @@ class _Compiled:
     __hash__ = None
 
 
-@lru_cache(maxsize=256)
-def _compiled(name: str, pp: int, m: int, v: int) -> _Compiled:
-    """The compiled form of a built schedule, cached by its parameters (hashing a Schedule
-    would hash every action)."""
-    return _compile(build_schedule_plain(name, pp, m, v))
-
-
-def _compile_any(sched: Schedule) -> _Compiled:
-    if sched is build_schedule(sched.name, sched.pp, sched.num_micro_batches, sched.virtual_stages):
-        return _compiled(sched.name, sched.pp, sched.num_micro_batches, sched.virtual_stages)
-    return _compile(sched)
+def compile_schedule(name: str, pp: int, m: int, v: int, *, compiled: bool = False) -> _Compiled:
+    """The dependency order of schedule `name` (pp ranks, m micro-batches, v virtual stages per
+    rank); by the compiled kernel when `compiled` (cost_models.kernels loaded), else in Python."""
+    return _compile(build_schedule_plain(name, pp, m, v), compiled=compiled)
 
 
 _ACTION_KIND, _ACTION_STAGE, _ACTION_MB = itemgetter(0), itemgetter(1), itemgetter(2)  # of an Action
@@ -161,14 +146,11 @@ _KIND_CODE = np.full(128, -1, dtype=np.int64)
 _KIND_CODE[[ord("F"), ord("B"), ord("W")]] = [0, 1, 2]
 
 
-def _compile(sched: Schedule) -> _Compiled:
+def _compile(sched: Schedule, *, compiled: bool = False) -> _Compiled:
     """The dependency order of `sched` (see _compile_python); by cost_models.jit.compile_order
-    once the kernels are loaded (cost_models.kernels), else in Python."""
-    if not kernels.ready:
-        t0 = time.process_time()
-        got = _compile_python(sched)
-        kernels.charge(time.process_time() - t0)
-        return got
+    when `compiled` and the kernels are loaded (cost_models.kernels), else in Python."""
+    if not (compiled and kernels.ready):
+        return _compile_python(sched)
     p, S = sched.pp, sched.num_stages
     starts = np.zeros(p + 1, dtype=np.int64)
     np.cumsum([len(a) for a in sched.actions], out=starts[1:])
@@ -301,16 +283,16 @@ def _run(comp: _Compiled, dur: tuple[tuple[float, float, float], ...], lag: tupl
                           tuple(timeline))
 
 
-def _run_periodic(pc: Periodic, m: int, dur, lag) -> ScheduleResult:
-    """`_run` without a timeline, played by cost_models.periodic (the same result; see there)."""
-    step, _ends, counts = play(pc, m, [x for t in dur for x in t], [*lag, 0.0])
-    busy = [0.0] * pc.num_ranks
-    for s, (nf, nb, nw) in enumerate(counts):
-        f, b, w = dur[s]
-        busy[pc.stage_rank[s]] += nf * f + nb * b + nw * w
+def play(comp: _Compiled, times, split: bool, *, compiled: bool = False) -> ScheduleResult:
+    """The schedule `comp` played with `times` ((F, B, W, p2p) per virtual stage), no timeline; by
+    the compiled kernel when `compiled` and the kernels are loaded (bit-identical to `_run`)."""
+    if not (compiled and kernels.ready and comp.num_actions):
+        return _run(comp, *_durations(times, split), split, False)
+    step, busy = kernels.jit.run_plain(*comp.arrays, kernels.times_array(times), split, comp.num_ranks)
+    busy = tuple(busy.tolist())
     top = max(busy)
     bubble = 1.0 - top / step if step > 0 else 0.0
-    return _new_result(step, max(0.0, bubble), tuple(busy), pc.peak_in_flight, pc.peak_in_flight_per_stage)
+    return ScheduleResult(step, max(0.0, bubble), busy, comp.peak_in_flight, comp.peak_in_flight_per_stage)
 
 
 def simulate(schedule: Schedule, stage_times, *, timeline: bool = True) -> ScheduleResult:
@@ -324,7 +306,7 @@ def simulate(schedule: Schedule, stage_times, *, timeline: bool = True) -> Sched
             f"{schedule.virtual_stages}), got {len(stage_times)}"
         )
     dur, lag = _durations(stage_times, schedule.split_backward)
-    return _run(_compile_any(schedule), dur, lag, schedule.split_backward, timeline)
+    return _run(_compile(schedule), dur, lag, schedule.split_backward, timeline)
 
 
 def _durations(stage_times, split: bool):
@@ -356,7 +338,7 @@ def pipeline_lower_bound(name: str, pp: int, m: int, v: int, times) -> float:
     Tight for 1F1B with equal stages and no
     p2p time (the simulator's step is exactly this), never above the simulation (tests play all
     schedules).
-    `times`: (F, B, W, p2p) per virtual stage, as for `simulate_cached`.
+    `times`: (F, B, W, p2p) per virtual stage, as for `play`.
     """
     split = name == "zero_bubble"
     busy = [0.0] * pp
@@ -373,46 +355,3 @@ def pipeline_lower_bound(name: str, pp: int, m: int, v: int, times) -> float:
         pre_f += f + c
         pre_b += (b if split else b + w) + c
     return best
-
-
-_CACHE: dict = {}
-_CACHE_MAX = 50_000
-
-
-def simulate_cached(name: str, pp: int, m: int, v: int, times: tuple[tuple[float, float, float, float], ...],
-                    times_id: int | None = None) -> ScheduleResult:
-    """`simulate` without a timeline, memoised on (schedule, pp, m, v, stage times).
-
-    `times_id`: a caller's never-reused integer that stands for these exact stage times
-    (cost_models.layout numbers its stage-time sets), memoised by it instead of by the times'
-    values (hashing S x 4 floats per call); a caller must never pass the same id with other times."""
-    key = (name, pp, m, v, times if times_id is None else times_id)
-    hit = _CACHE.get(key)
-    if hit is None:
-        split = name == "zero_bubble"
-        pc = compile_periodic(name, pp, m, v)
-        comp = _compiled(name, pp, m, v) if pc is None else None
-        if kernels.ready and (pc is not None or comp.num_actions):
-            # the same passes, compiled (cost_models.kernels; bit-identical to _run / _run_periodic)
-            T = kernels.times_array(times)
-            if pc is not None:
-                step, busy = play_compiled(pc, m, T, split)
-                src = pc
-            else:
-                step, busy = kernels.jit.run_plain(*comp.arrays, T, split, pp)
-                src = comp
-            busy = tuple(busy.tolist())
-            top = max(busy)
-            bubble = 1.0 - top / step if step > 0 else 0.0
-            hit = _new_result(step, max(0.0, bubble), busy, src.peak_in_flight, src.peak_in_flight_per_stage)
-        else:
-            t0 = time.process_time()
-            if pc is None:
-                hit = _run(comp, *_durations(times, split), split, False)
-            else:
-                hit = _run_periodic(pc, m, *_durations(times, split))
-            kernels.charge(time.process_time() - t0)
-        if len(_CACHE) >= _CACHE_MAX:
-            _CACHE.clear()
-        _CACHE[key] = hit
-    return hit

@@ -4,7 +4,7 @@ The search needs two things from `cost_models`:
 - `profile(tp, sp, mb, recompute) -> BlockProfile`: per-block busy time of one micro-batch and
   per-block bytes (parameters, gradients, optimizer states, activations per in-flight
   micro-batch), taken from `cost_models.block_costs` and cached per knob tuple;
-- `score(knobs, stages) -> StepEstimate`: `cost_models.estimate_knobs`, the model's verdict.
+- `score(knobs, stages) -> StepEstimate`: `cost_models.CostModel.estimate`, the model's verdict.
 Optional, where the backend can promise them (the search falls back to weaker bounds):
 - `lower_bound(knobs, stages) -> float` <= score(...).step_time_s, cheaper (no simulation);
 - `simulated_pipeline = True`: the pipeline time is an event simulation of the schedule, so the
@@ -87,13 +87,14 @@ def inflight_closed_form(schedule: str, pp: int, num_micro_batches: int, virtual
 
 
 class CostModelBackend:
-    """The real cost models (cost_models.block_costs / estimate_knobs), with caches."""
+    """The real cost model (one cost_models.CostModel for the search: it keeps the memos)."""
 
     def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec):
         import cost_models
         from cost_models import memory
 
         self._cm = cost_models
+        self.model = cost_models.CostModel(graph, hw, train)
         self.graph, self.hw, self.train = graph, hw, train
         self._profiles: dict[tuple, BlockProfile] = {}
         self._bpp = memory.bytes_per_param(train.precision, train.optimizer)
@@ -102,10 +103,7 @@ class CostModelBackend:
         key = (tp, sp, mb, recompute)
         got = self._profiles.get(key)
         if got is None:
-            bc = self._cm.block_costs(
-                self.graph, self.hw, self.train, tp=tp, sequence_parallel=sp,
-                micro_batch_size=mb, recompute=recompute,
-            )
+            bc = self.model.block_costs(tp, sp, mb, recompute)
             got = profile_from_block_costs(bc, self._bpp)
             self._profiles[key] = got
         return got
@@ -115,17 +113,14 @@ class CostModelBackend:
     simulated_pipeline = True
 
     def score(self, knobs: Knobs, stages: list[tuple[int, int, str]]) -> Estimate:
-        return self._cm.estimate_knobs(self.graph, knobs, stages, self.hw, self.train)
+        return self.model.estimate(knobs, stages)
 
     def lower_bound(self, knobs: Knobs, stages: list[tuple[int, int, str]]) -> float:
         """A lower bound on score(knobs, stages).step_time_s, without the schedule simulation."""
-        return self._cm.step_lower_bound_knobs(self.graph, knobs, stages, self.hw, self.train)
+        return self.model.lower_bound(knobs, stages)
 
     def data_parallel_single_process(self, num_devices: int) -> Estimate | None:
-        fn = getattr(self._cm, "estimate_data_parallel_single_process", None)
-        if fn is None:
-            return None
-        return fn(self.graph, self.hw, self.train, num_devices)
+        return self._cm.estimate_data_parallel_single_process(self.graph, self.hw, self.train, num_devices)
 
     def inflight(self, schedule: str, pp: int, num_micro_batches: int, virtual_stages: int) -> tuple[float, ...]:
         return inflight_closed_form(schedule, pp, num_micro_batches, virtual_stages)

@@ -23,7 +23,7 @@ group of size n and stride d holds ranks r, r + d, ..., r + (n - 1) d.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from typing import TYPE_CHECKING, Protocol
 
@@ -63,12 +63,20 @@ class MeshDims:
     dp_shard: int = 1
     tp: int = 1
     hsdp: bool = False
+    # (size, stride) of every group, made once (the cost model asks for them per candidate)
+    _groups: dict[str, tuple[int, int]] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         for name in AXES:
             size = getattr(self, name)
             if not isinstance(size, int) or size < 1:
                 raise SpecError(f"mesh.{name}: {size!r} is not a positive integer")
+        groups = {}
+        for group in (*AXES, *COMPOSITE):
+            axes = self._axes(group)
+            inner = AXES[AXES.index(axes[-1]) + 1 :]
+            groups[group] = (prod(getattr(self, a) for a in axes), prod(getattr(self, a) for a in inner))
+        object.__setattr__(self, "_groups", groups)
 
     @classmethod
     def of(
@@ -124,16 +132,18 @@ class MeshDims:
 
     def size(self, group: str) -> int:
         """Ranks in one group of `group` (an axis or a composite such as "dp")."""
-        return prod(getattr(self, a) for a in self._axes(group))
+        return self.group(group)[0]
 
     def stride(self, group: str) -> int:
         """Rank distance between neighbours of one group: the product of the axes inside it."""
-        innermost = self._axes(group)[-1]
-        return prod(getattr(self, a) for a in AXES[AXES.index(innermost) + 1 :])
+        return self.group(group)[1]
 
     def group(self, group: str) -> tuple[int, int]:
         """(size, stride) of `group`."""
-        return self.size(group), self.stride(group)
+        got = self._groups.get(group)
+        if got is None:
+            raise SpecError(f"mesh group {group!r}: not one of {', '.join((*AXES, *COMPOSITE))}")
+        return got
 
     def first_group(self, group: str) -> list[int]:
         """The global ranks of the group that holds rank 0."""

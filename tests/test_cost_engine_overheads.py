@@ -1,4 +1,4 @@
-"""Data-parallel engines' own copies (cost_models.layout: _fsdp_copies, _dp_terms' step_copy),
+"""Data-parallel engines' own copies (cost_models.ranks: fsdp_copies_s, DataParallelTerms.step_copy_s),
 each against a closed form: FSDP2 copies the local shard into the all-gather input and the
 gathered buffer out into the unsharded parameters at every gather, and the unsharded gradients
 into every reduce-scatter's input; DDP copies gradients into its buckets and back once a step."""
@@ -98,15 +98,15 @@ def test_copies_are_part_of_the_step_and_its_breakdown():
 
 
 def test_copy_in_shrinks_with_more_shards_copy_out_does_not():
-    from cost_models.blocks import Context
-    from cost_models.ranks import _fsdp_copies
+    from cost_models import CostModel
+    from cost_models.ranks import fsdp_copies_s
 
-    ctx = Context(GRAPH, HW, TRAIN)
-    f2, _ = _fsdp_copies(ctx, 1e9, 1, 2, True)
-    f8, _ = _fsdp_copies(ctx, 1e9, 1, 8, True)
+    model = CostModel(GRAPH, HW, TRAIN)
+    f2, _ = fsdp_copies_s(model, 1e9, 1, 2, True)
+    f8, _ = fsdp_copies_s(model, 1e9, 1, 8, True)
     assert f8 < f2
     assert f8 > _copy(2 * 4e9)  # the copy-out of the whole block remains
-    _, b_zero2 = _fsdp_copies(ctx, 1e9, 1, 8, False)
+    _, b_zero2 = fsdp_copies_s(model, 1e9, 1, 8, False)
     assert b_zero2 == 0.0
 
 
