@@ -277,6 +277,9 @@ def run_ep_case(case: EPCase) -> dict:
             if n in full and ".experts" in n
         )
         out["param_change"] = max((ref[n] - init[n]).abs().max().item() for n in ref)
+        out["expert_param_change"] = max(
+            (ref[n] - init[n]).abs().max().item() for n in ref if ".experts" in n
+        )
     return out
 
 

@@ -55,6 +55,7 @@ def test_expert_parallel_matches_one_process(case, tmp_path_factory):
     assert "error" not in r, r.get("traceback", r.get("error"))
     assert r["missing_params"] == []
     assert r["param_change"] > 1e-3, "training did not move the parameters"
+    assert r["expert_param_change"] > 1e-4, "training did not move the experts"
     assert r["loss_diff"] <= TOL * max(1.0, max(r["ref_losses"])), (r["losses"], r["ref_losses"])
     assert r["param_diff"] <= TOL, f"max |param - reference| = {r['param_diff']:.3g}"
     # sharding is real: each rank computes num_experts / ep experts (FSDP2 may split them further)
