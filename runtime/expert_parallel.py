@@ -1,16 +1,17 @@
 """Expert parallelism (EP) for mixture-of-experts layers: each rank of an EP group holds
 num_experts / ep of every MoE layer's experts, and the routed token rows travel to their expert's
 rank and back with all-to-all (torch.distributed._functional_collectives.all_to_all_single_autograd,
-which has a backward: the reverse all-to-all of the gradients). Works on gloo (CPU) and NCCL.
+which has a backward: the reverse all-to-all of the gradients). Tested on gloo (CPU); the same
+collectives exist on NCCL, untested here (no GPU machine was lent).
 
 What it applies to: `planner.models.moe.GroupedExperts` modules (the bundled MoE transformers,
 `TransformerConfig(num_experts=...)`), whose forward takes the routed rows already grouped by
 expert and the per-expert counts: the all-to-alls run as distribute_module's input/output hooks
 around it. Hugging Face transformers 5 experts modules in their plain layout (`is_hf_experts`:
-Mixtral, Qwen2-MoE, Qwen3-MoE) route inside their forward; theirs is replaced by
-`_hf_experts_forward` (sort by expert, send, SwiGLU per local expert, receive, weight, sum). The
-router, top-k, sort and combine stay on each rank (data-parallel like any other parameter); only
-the expert computation is moved.
+Mixtral and Qwen3-MoE tested; Qwen2-MoE's has the same layout) route inside their forward;
+theirs is replaced by `_hf_experts_forward` (sort by expert, send, SwiGLU per local expert,
+receive, weight, sum). The router, top-k, sort and combine stay on each rank (data-parallel like
+any other parameter); only the expert computation is moved.
 
 One MoE layer's forward on EP rank r (E experts, E_l = E / ep local ones):
     1. counts (E,) -> all-to-all -> recv (ep, E_l): rows each source rank sends to my experts
