@@ -8,9 +8,8 @@ What it applies to: `planner.models.moe.GroupedExperts` modules (the bundled MoE
 `TransformerConfig(num_experts=...)`), whose forward takes the routed rows already grouped by
 expert and the per-expert counts: the all-to-alls run as distribute_module's input/output hooks
 around it. Hugging Face transformers 5 experts modules in their plain layout (`is_hf_experts`:
-Mixtral and Qwen3-MoE tested; Qwen2-MoE's has the same layout) route inside their forward;
-theirs is replaced by `_hf_experts_forward` (sort by expert, send, SwiGLU per local expert,
-receive, weight, sum). The router, top-k, sort and combine stay on each rank (data-parallel like
+Mixtral, Qwen2-MoE, Qwen3-MoE) route inside their forward; theirs is replaced by
+`_hf_experts_forward` (sort by expert, send, SwiGLU per local expert, receive, weight, sum). The router, top-k, sort and combine stay on each rank (data-parallel like
 any other parameter); only the expert computation is moved.
 
 One MoE layer's forward on EP rank r (E experts, E_l = E / ep local ones):
@@ -50,7 +49,8 @@ The mesh is (expert_dp = D / ep, ep), ep innermost; `dp` is the two flattened (a
 So a step equals one process training on the global batch (tests/ep_cases.py checks it in
 float64 on gloo: ep=2 on 2 ranks, ep=2 x expert_dp=2, ep=4, ep=2 x tp=2 and ep=2 x pp=2 (1f1b, two
 micro-batches) on 4, on the bundled
-MoE transformers and on Hugging Face Mixtral and Qwen3-MoE built from configs).
+MoE transformers and on Hugging Face Mixtral, Qwen2-MoE (its shared expert data-parallel like
+any dense MLP) and Qwen3-MoE built from configs).
 
 Future plan field: `mesh.ep` (a divisor of dp and of every MoE layer's num_experts). The runtime's
 hook: build `ExpertMeshes` from the plan's dp ranks (runtime.mesh), call `apply_expert_parallel`
@@ -59,8 +59,8 @@ when ep > 1. EP x TP: tensor parallelism on the attention, experts whole on each
 (`build_expert_meshes(tp=...)`). EP x PP: EP applied to the whole model before parallelize's
 pipeline split, which keeps the block modules (hooks and DTensor experts included) and runs
 several micro-batches' forwards before their backwards (each forward's send/receive pair is
-self-contained, the backward needs no state). Not yet: experts split over tp, Qwen2-MoE's shared
-expert is data-parallel like any dense MLP, no load-balancing loss, no capacity-limited routing.
+self-contained, the backward needs no state). Not yet: experts split over tp, a load-balancing
+loss, capacity-limited routing.
 """
 
 from __future__ import annotations

@@ -94,6 +94,7 @@ CASES = [
     # Hugging Face MoE models from small configs (their experts' forward replaced by the EP one)
     EPCase("ep2-zero3-hf-mixtral", 2, "hf/mixtral", ep=2, sharding="zero3"),
     EPCase("ep2-dp2-zero2-hf-qwen3_moe", 4, "hf/qwen3_moe", ep=2, sharding="zero2"),
+    EPCase("ep2-zero2-hf-qwen2_moe", 2, "hf/qwen2_moe", ep=2, sharding="zero2"),
 ]
 
 # Hugging Face configs: 2 layers, hidden 64, 4 experts, top-2; eager attention and experts (the
@@ -103,6 +104,18 @@ HF_MOE = {
         "MixtralConfig",
         "MixtralForCausalLM",
         dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+        ),
     ),
     "qwen3_moe": (
         "Qwen3MoeConfig",
