@@ -9,8 +9,9 @@ What it applies to: `planner.models.moe.GroupedExperts` modules (the bundled MoE
 expert and the per-expert counts: the all-to-alls run as distribute_module's input/output hooks
 around it. Hugging Face transformers 5 experts modules in their plain layout (`is_hf_experts`:
 Mixtral, Qwen2-MoE, Qwen3-MoE) route inside their forward; theirs is replaced by
-`_hf_experts_forward` (sort by expert, send, SwiGLU per local expert, receive, weight, sum). The router, top-k, sort and combine stay on each rank (data-parallel like
-any other parameter); only the expert computation is moved.
+`_hf_experts_forward` (sort by expert, send, SwiGLU per local expert, receive, weight, sum).
+The router, top-k, sort and combine stay on each rank (data-parallel like any other parameter);
+only the expert computation is moved.
 
 One MoE layer's forward on EP rank r (E experts, E_l = E / ep local ones):
     1. counts (E,) -> all-to-all -> recv (ep, E_l): rows each source rank sends to my experts
