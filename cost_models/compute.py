@@ -40,8 +40,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cost_models.efficiency import compute_efficiency, curves_for, memory_efficiency
-from specs import HardwareSpec, LayerType
+from cost_models.efficiency import Curves, compute_efficiency, curves_for, memory_efficiency
+from specs import HardwareSpec, LayerType, OpInfo
 
 ITEMSIZE = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int64": 8,
             "float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -72,7 +72,7 @@ def peak_flops_per_s(hw: HardwareSpec, dtype: str) -> float:
     return min(peaks.values())
 
 
-def op_time_s(flops: float, n_bytes: float, kind: str, hw: HardwareSpec, curves: dict, peak: float,
+def op_time_s(flops: float, n_bytes: float, kind: str, hw: HardwareSpec, curves: Curves, peak: float,
               *, eff_flops: float | None = None) -> float:
     """Roofline time of one kernel (see module docstring). `eff_flops`: the problem size the
     compute efficiency is looked up at (one GEMM of a batched matmul); default `flops`."""
@@ -89,7 +89,7 @@ def op_time_s(flops: float, n_bytes: float, kind: str, hw: HardwareSpec, curves:
     return t
 
 
-def gemm_flops(op) -> float | None:
+def gemm_flops(op: OpInfo) -> float | None:
     """FLOPs of ONE GEMM of a batched matmul op (2 * out[-2] * out[-1] * k), None for an op that is
     a single GEMM (or not a matmul). Batched: `op.gemm_batched`, or where the tracer did not record
     it, a matmul without parameters whose output has >= 3 dims."""
@@ -101,7 +101,7 @@ def gemm_flops(op) -> float | None:
     return 2.0 * op.output_shape[-2] * op.output_shape[-1] * op.gemm_mnk[2]
 
 
-def copies_time_s(n_bytes: float, kernels: int, hw: HardwareSpec, curves: dict) -> float:
+def copies_time_s(n_bytes: float, kernels: int, hw: HardwareSpec, curves: Curves) -> float:
     """Time of `kernels` copy kernels moving `n_bytes` (read + write) in all, taken as equal
     in size, each at the copy ("memory") curve and the memory bandwidth, with its own launch."""
     if n_bytes <= 0:
@@ -124,7 +124,7 @@ class LayerCompute:
     copy_s: float = 0.0  # part of forward_s + input_grad_s spent in materialising copies
 
 
-def is_attention_core(op) -> bool:
+def is_attention_core(op: OpInfo) -> bool:
     return op.tp_split == "head" or op.kind == "attention"
 
 
@@ -138,7 +138,7 @@ def layer_compute(
     tp: int,
     sequence_parallel: bool,
     micro_batch_size: int,
-    curves: dict | None = None,
+    curves: Curves | None = None,
 ) -> LayerCompute:
     """Forward / input-grad / weight-grad times of `layer` (see module docstring). `curves`: the
     efficiency curves of `hw` (cost_models.efficiency.curves_for; made here when not given)."""

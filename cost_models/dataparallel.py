@@ -88,7 +88,7 @@ def estimate_data_parallel_single_process(graph: ModelGraph, hw: HardwareSpec, t
     peak = sum(mem.values())
     model_flops = model.model_flops_per_sample * B
     peak_flops = peak_flops_per_s(hw, model.dtype) * n
-    notes = (
+    notes: tuple[str, ...] = (
         f"nn.DataParallel: one Python process drives {n} devices; parameters broadcast every step "
         f"({replicate:.3g} s), outputs gathered and the loss computed on device 0, optimizer on device 0",
     )

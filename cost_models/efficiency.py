@@ -32,8 +32,11 @@ import math
 
 from specs import HardwareSpec
 
+Curve = tuple[tuple[float, float], ...]  # (size, efficiency) pairs, size ascending
+Curves = dict[str, Curve]  # by curve kind
+
 # (size, efficiency) pairs, size ascending. See the module docstring for sources.
-DEFAULT_CURVES: dict[str, tuple[tuple[float, float], ...]] = {
+DEFAULT_CURVES: Curves = {
     # FLOPs per op -> fraction of dense peak FLOP/s
     "matmul": ((1e6, 0.01), (1e8, 0.12), (1e9, 0.30), (1e10, 0.55), (1e11, 0.70), (1e12, 0.78)),
     "conv": ((1e6, 0.01), (1e8, 0.10), (1e9, 0.25), (1e10, 0.45), (1e11, 0.60), (1e12, 0.65)),
@@ -57,7 +60,7 @@ MEMORY_CURVE = {
 MEMORY_CURVE_KEYS = ("memory", "elementwise", "other")
 
 
-def interpolate(points: tuple[tuple[float, float], ...], size: float) -> float:
+def interpolate(points: Curve, size: float) -> float:
     """Piecewise-linear in log10(size), clamped to the first/last point."""
     if size <= points[0][0]:
         return points[0][1]
@@ -74,7 +77,7 @@ def interpolate(points: tuple[tuple[float, float], ...], size: float) -> float:
 _DEFAULTS = {**DEFAULT_CURVES, **{k: DEFAULT_CURVES["memory"] for k in MEMORY_CURVE_KEYS}}
 
 
-def curves_for(hw: HardwareSpec) -> dict[str, tuple[tuple[float, float], ...]]:
+def curves_for(hw: HardwareSpec) -> Curves:
     """Default curves with the hardware's calibrated ones (if any) substituted, by kind (a
     CostModel makes them once: cost_models.model)."""
     if not hw.efficiency:
@@ -83,17 +86,17 @@ def curves_for(hw: HardwareSpec) -> dict[str, tuple[tuple[float, float], ...]]:
     for kind, pts in sorted(hw.efficiency.items()):
         if pts:
             curves[kind] = tuple(sorted((p.size, p.efficiency) for p in pts))
-    for kind in MEMORY_CURVE_KEYS:
-        curves.setdefault(kind, curves["memory"])
+    for memory_kind in MEMORY_CURVE_KEYS:
+        curves.setdefault(memory_kind, curves["memory"])
     return curves
 
 
-def compute_efficiency(curves: dict, kind: str, flops: float) -> float:
+def compute_efficiency(curves: Curves, kind: str, flops: float) -> float:
     """Fraction of peak FLOP/s an op of `flops` FLOPs achieves (matmul/attention/conv)."""
     return interpolate(curves[COMPUTE_CURVE.get(kind, "matmul")], flops)
 
 
-def memory_efficiency(curves: dict, n_bytes: float, kind: str = "memory") -> float:
+def memory_efficiency(curves: Curves, n_bytes: float, kind: str = "memory") -> float:
     """Fraction of peak memory bandwidth an op of graph kind `kind` moving `n_bytes` achieves
     (the curve MEMORY_CURVE picks for that kind)."""
     return interpolate(curves[MEMORY_CURVE.get(kind, "memory")], n_bytes)

@@ -48,8 +48,9 @@ hosts with at least as many cores as processes are unaffected.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-from specs import HardwareSpec, Knobs, ModelGraph
+from specs import HardwareSpec, Knobs, LayerType, ModelGraph
 
 
 def oversubscribed(hw: HardwareSpec) -> bool:
@@ -60,12 +61,13 @@ def oversubscribed(hw: HardwareSpec) -> bool:
 def unshared(hw: HardwareSpec) -> HardwareSpec:
     """`hw` with per-core speeds (device figures x devices_per_node / shared_cores), unshared
     (a CostModel makes it once: CostModel.unshared)."""
-    f = hw.devices_per_node / hw.shared_cores
+    assert hw.shared_cores is not None, "unshared: the hardware shares no cores"
+    per_core = hw.devices_per_node / hw.shared_cores  # one core's speed over one process's share
     dev = hw.device.model_copy(update={
-        "peak_flops_per_s": {k: v * f for k, v in hw.device.peak_flops_per_s.items()},
-        "memory_bandwidth_bytes_per_s": hw.device.memory_bandwidth_bytes_per_s * f,
+        "peak_flops_per_s": {k: v * per_core for k, v in hw.device.peak_flops_per_s.items()},
+        "memory_bandwidth_bytes_per_s": hw.device.memory_bandwidth_bytes_per_s * per_core,
     })
-    host = hw.host.model_copy(update={"cpu_adam_params_per_s": hw.host.cpu_adam_params_per_s * f})
+    host = hw.host.model_copy(update={"cpu_adam_params_per_s": hw.host.cpu_adam_params_per_s * per_core})
     return hw.model_copy(update={"device": dev, "host": host, "shared_cores": None})
 
 
@@ -87,7 +89,7 @@ def shared_step_s(critical_s: float, total_work_s: float, cores: float, lockstep
     return max(critical_s, total_work_s / cores + lockstep_s)
 
 
-def _tp_sites(lt) -> tuple[int, int]:
+def _tp_sites(lt: LayerType) -> tuple[int, int]:
     """(forward, backward) tensor-parallel collective sites of a layer type (as cost_models.blocks
     charges them: row-parallel outputs and vocab embedding in forward; column inputs (one per
     row-parallel pair) and the vocab head in backward)."""
@@ -99,7 +101,7 @@ def _tp_sites(lt) -> tuple[int, int]:
     return n_row + n_vemb, n_row + n_vhead
 
 
-def sync_points(graph: ModelGraph, k: Knobs, stages) -> int:
+def sync_points(graph: ModelGraph, k: Knobs, stages: Sequence[tuple[int, int, str]]) -> int:
     """Blocking communication points of the busiest pipeline rank in one step (see the module
     docstring, item 4), for `stages` = (first, last, recompute) per virtual stage (stage j on
     rank j % pp).

@@ -25,12 +25,14 @@ Cost: O(events x pp), events <= 2 x actions; only oversubscribed hosts (CPU pres
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from cost_models.simulator import _durations, compile_schedule
 
 _EPS = 1e-12
 
 
-def simulate_shared(name: str, pp: int, m: int, v: int, times, cores: float,
+def simulate_shared(name: str, pp: int, m: int, v: int, times: Sequence[tuple[float, float, float, float]], cores: float,
                     tail: list[float] | None = None) -> float:
     """Step time (the last rank's end) of schedule `name` under processor sharing (module docstring).
 
@@ -81,19 +83,19 @@ def simulate_shared(name: str, pp: int, m: int, v: int, times, cores: float,
                     continue
             left[r], running[r] = work[i], i
             ptr[r] += 1
-        active = [r for r in range(pp) if left[r] is not None]
+        active = [(r, work_left) for r, work_left in enumerate(left) if work_left is not None]
         if not active:
             if next_ready == float("inf"):
                 break  # every rank is done
             t = next_ready
             continue
         speed = min(1.0, cores / len(active))
-        dt = min(left[r] for r in active) / speed
+        dt = min(work_left for _r, work_left in active) / speed
         if next_ready - t < dt:
             dt = next_ready - t
         t += dt
-        for r in active:
-            rem = left[r] - dt * speed
+        for r, work_left in active:
+            rem = work_left - dt * speed
             if rem <= _EPS * max(1.0, t):
                 i = running[r]
                 if i < n:
