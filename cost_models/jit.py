@@ -16,6 +16,7 @@ timing kernels read; the compile kernels keep -1 as the Python code does.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from cost_models.kernels import use_cache_dir
 
@@ -23,9 +24,13 @@ use_cache_dir()  # before numba decorates anything here: the cache goes under th
 
 from numba import njit  # noqa: E402
 
+# the kernels' array types (numba's Dispatcher keeps the annotated signatures for mypy)
+Floats = npt.NDArray[np.float64]
+Ints = npt.NDArray[np.int64]
+
 
 @njit(cache=True, nogil=True)
-def _durations(T, split):
+def _durations(T: Floats, split: bool) -> tuple[Floats, Floats]:
     """simulator._durations, flat: d[3 s + kind] and lg[s] (lg[S] = 0.0: no p2p)."""
     S = T.shape[0]
     d = np.empty(3 * S)
@@ -43,7 +48,7 @@ def _durations(T, split):
 
 
 @njit(cache=True, nogil=True)
-def _busy(d, counts, stage_rank, p):
+def _busy(d: Floats, counts: Ints, stage_rank: Ints, p: int) -> Floats:
     """Busy time per rank: sum over its stages of nF F + nB B + nW W (simulator._run's loop)."""
     busy = np.zeros(p)
     for s in range(counts.shape[0]):
@@ -55,7 +60,8 @@ def _busy(d, counts, stage_rank, p):
 
 
 @njit(cache=True, nogil=True)
-def run_plain(rank, dep, lag_slot, dur_slot, counts, stage_rank, T, split, p):
+def run_plain(rank: Ints, dep: Ints, lag_slot: Ints, dur_slot: Ints, counts: Ints, stage_rank: Ints, T: Floats,
+              split: bool, p: int) -> tuple[float, Floats]:
     """simulator._run's timing pass without a timeline: (step, busy per rank)."""
     d, lg = _durations(T, split)
     n = rank.shape[0]
@@ -78,7 +84,8 @@ def run_plain(rank, dep, lag_slot, dur_slot, counts, stage_rank, T, split, p):
 
 
 @njit(cache=True, nogil=True)
-def compile_order(kinds, stages, mbs, starts, rank_of, S, M, p, release):
+def compile_order(kinds: Ints, stages: Ints, mbs: Ints, starts: Ints, rank_of: Ints, S: int, M: int, p: int,
+                  release: int) -> tuple[bool, Ints, Ints, Ints, Ints]:
     """simulator._compile_python's scan: (ok, order n x 6 (rank, kind, stage, mb, dep, lag), peak
     in flight per rank, per stage, action counts per stage (S x 3)); ok False: a deadlock."""
     n = kinds.shape[0]

@@ -44,14 +44,17 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
+import numpy.typing as npt
 
 AVAILABLE = os.environ.get("AUTOPLAN_JIT", "1") != "0" and importlib.util.find_spec("numba") is not None
 ready = False  # kernels loaded (callers check this flag, then call jit.<kernel>)
-jit = None  # the cost_models.jit module once loaded
+jit: ModuleType | None = None  # the cost_models.jit module once loaded
 failed: str | None = None  # why loading failed (then the Python passes stay; warned once)
 
 
@@ -139,7 +142,7 @@ def warm_up() -> float:
     return time.process_time() - t0
 
 
-def _load():
+def _load() -> ModuleType:
     """Import cost_models.jit (numba) and run each kernel once on a tiny input (compiles or loads
     its cached machine code)."""
     use_cache_dir()
@@ -159,7 +162,7 @@ def _load():
     return mod
 
 
-def index_array(xs, none: int) -> np.ndarray:
+def index_array(xs: npt.ArrayLike, none: int) -> npt.NDArray[np.int64]:
     """int64 array of `xs` with -1 ("none") replaced by `none`, the sentinel slot; `none` = -1
     keeps the values as they are (arrays without a "none")."""
     a = np.array(xs, dtype=np.int64)
@@ -168,7 +171,7 @@ def index_array(xs, none: int) -> np.ndarray:
     return a
 
 
-def times_array(times) -> np.ndarray:
+def times_array(times: Sequence[tuple[float, float, float, float]]) -> npt.NDArray[np.float64]:
     """(F, B, W, p2p) per stage as an S x 4 float64 array."""
     return np.fromiter(chain.from_iterable(times), np.float64, 4 * len(times)).reshape(len(times), 4)
 

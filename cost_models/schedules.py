@@ -23,12 +23,16 @@ The schedules say nothing about time; `cost_models.simulator.simulate` plays the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from specs import SpecError
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+
+
+ActionTuple = tuple[str, int, int]  # (kind, stage, micro-batch): an Action's fields
 
 
 class Action(NamedTuple):
@@ -56,7 +60,9 @@ class Schedule:
     pp: int
     num_micro_batches: int
     virtual_stages: int
-    actions: tuple[tuple[Action, ...], ...]  # per pp rank, in execution order
+    # per pp rank, in execution order: Actions (build_schedule) or plain (kind, stage, micro-batch)
+    # tuples equal to them (build_schedule_plain)
+    actions: tuple[tuple[ActionTuple, ...], ...]
     stage_rank: tuple[int, ...]  # virtual stage -> pp rank
     split_backward: bool  # B is input-grad only and W actions exist
 
@@ -72,11 +78,11 @@ class Schedule:
 # hundreds of thousands of them in a search); build_schedule makes Actions of them.
 
 
-def _gpipe(p: int, m: int) -> list[list[tuple]]:
+def _gpipe(p: int, m: int) -> list[list[ActionTuple]]:
     return [[("F", r, i) for i in range(m)] + [("B", r, i) for i in range(m)] for r in range(p)]
 
 
-def _one_f_one_b(p: int, m: int) -> list[list[tuple]]:
+def _one_f_one_b(p: int, m: int) -> list[list[ActionTuple]]:
     out = []
     for r in range(p):
         w = min(p - 1 - r, m)
@@ -88,8 +94,8 @@ def _one_f_one_b(p: int, m: int) -> list[list[tuple]]:
     return out
 
 
-def _interleaved(p: int, m: int, v: int) -> list[list[tuple]]:
-    order = []  # (chunk, microbatch) in Megatron's forward order
+def _interleaved(p: int, m: int, v: int) -> list[list[ActionTuple]]:
+    order: list[tuple[int, int]] = []  # (chunk, microbatch) in Megatron's forward order
     for g0 in range(0, m, p):
         grp = range(g0, min(g0 + p, m))
         for c in range(v):
@@ -108,7 +114,7 @@ def _interleaved(p: int, m: int, v: int) -> list[list[tuple]]:
     return out
 
 
-def _zb_h1(p: int, m: int) -> list[list[tuple]]:
+def _zb_h1(p: int, m: int) -> list[list[ActionTuple]]:
     out = []
     for r in range(p):
         w = min(p - 1 - r, m)
@@ -156,7 +162,7 @@ def build_schedule_plain(name: str, pp: int, num_micro_batches: int, virtual_sta
     return _build(name, pp, num_micro_batches, virtual_stages, None)
 
 
-def _build(name: str, p: int, m: int, v: int, make) -> Schedule:
+def _build(name: str, p: int, m: int, v: int, make: Callable[[ActionTuple], Action] | None) -> Schedule:
     """`make`: applied to each (kind, stage, micro-batch) tuple (None: the tuples themselves)."""
     if name == "gpipe":
         acts = _gpipe(p, m)

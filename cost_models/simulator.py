@@ -27,16 +27,27 @@ tests/test_cost_kernels.py) replaces it where a CostModel was made with `compile
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from cost_models import kernels
 from cost_models.schedules import Schedule, build_schedule_plain
 
+if TYPE_CHECKING:
+    from specs import StageTimes
+
 _KIND = {"F": 0, "B": 1, "W": 2}
+
+# per action of a compiled schedule: (rank, kind 0/1/2 = F/B/W, stage, micro-batch, dep index or
+# -1, p2p stage or -1)
+OrderRow = tuple[int, int, int, int, int, int]
+Int64s = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +72,10 @@ class _Compiled:
     __slots__ = ("num_ranks", "num_stages", "peak_in_flight", "peak_in_flight_per_stage", "actions_per_rank_stage",
                  "stage_rank", "_order", "_order_array", "_cols", "_flat", "_arrays")
 
-    def __init__(self, order, num_ranks: int, num_stages: int, peak_in_flight: tuple[int, ...],
-                 peak_in_flight_per_stage: tuple[int, ...], actions_per_rank_stage: tuple[tuple[int, int, int], ...],
-                 stage_rank: tuple[int, ...], order_array=None):
+    def __init__(self, order: tuple[OrderRow, ...] | None, num_ranks: int, num_stages: int,
+                 peak_in_flight: tuple[int, ...], peak_in_flight_per_stage: tuple[int, ...],
+                 actions_per_rank_stage: tuple[tuple[int, int, int], ...], stage_rank: tuple[int, ...],
+                 order_array: Int64s | None = None):
         # order: per action, in a valid processing order, (rank, kind, stage, mb, dep index or -1,
         # p2p stage or -1); None when order_array (the same as an n x 6 array) is given
         self._order = order
@@ -71,21 +83,28 @@ class _Compiled:
         self.num_ranks, self.num_stages = num_ranks, num_stages
         self.peak_in_flight, self.peak_in_flight_per_stage = peak_in_flight, peak_in_flight_per_stage
         self.actions_per_rank_stage, self.stage_rank = actions_per_rank_stage, stage_rank
-        self._cols = self._flat = self._arrays = None
+        self._cols: tuple[tuple[int, ...], ...] | None = None
+        self._flat: tuple[tuple[int, int, int, int], ...] | None = None
+        self._arrays: tuple[Int64s, Int64s, Int64s, Int64s, Int64s, Int64s] | None = None
 
     @property
-    def order(self) -> tuple[tuple[int, int, int, int, int, int], ...]:
+    def order(self) -> tuple[OrderRow, ...]:
         if self._order is None:
+            assert self._order_array is not None  # one of the two forms is always given
             self._order = tuple(map(tuple, self._order_array.tolist()))
         return self._order
 
     @property
     def num_actions(self) -> int:
-        return len(self._order) if self._order is not None else self._order_array.shape[0]
+        if self._order is not None:
+            return len(self._order)
+        assert self._order_array is not None  # one of the two forms is always given
+        return len(self._order_array)
 
     @property
-    def order_array(self):
+    def order_array(self) -> Int64s:
         if self._order_array is None:
+            assert self._order is not None  # one of the two forms is always given
             self._order_array = kernels.index_array(self._order, -1).reshape(len(self._order), 6)
         return self._order_array
 
@@ -97,42 +116,54 @@ class _Compiled:
             self._flat = tuple(zip(*self._columns(), strict=True)) if self.order else ()
         return self._flat
 
-    def _columns(self):
+    def _columns(self) -> tuple[tuple[int, ...], ...]:
+        """(rank, dep, lag slot, duration slot) of every action, as four columns."""
         if self._cols is None:
             S = self.num_stages
             self._cols = tuple(zip(*[(r, dep, lag if lag >= 0 else S, 3 * s + k)
                                      for r, k, s, _mb, dep, lag in self.order], strict=True)) or ((), (), (), ())
         return self._cols
 
-    rank = property(lambda self: self._columns()[0])
-    dep = property(lambda self: self._columns()[1])
-    lag_slot = property(lambda self: self._columns()[2])
-    dur_slot = property(lambda self: self._columns()[3])
+    @property
+    def rank(self) -> tuple[int, ...]:
+        return self._columns()[0]
 
     @property
-    def arrays(self) -> tuple:
+    def dep(self) -> tuple[int, ...]:
+        return self._columns()[1]
+
+    @property
+    def lag_slot(self) -> tuple[int, ...]:
+        return self._columns()[2]
+
+    @property
+    def dur_slot(self) -> tuple[int, ...]:
+        return self._columns()[3]
+
+    @property
+    def arrays(self) -> tuple[Int64s, Int64s, Int64s, Int64s, Int64s, Int64s]:
         """(rank, dep with -1 -> n, lag slot, duration slot, action counts S x 3, stage -> rank) as
         int64 arrays, for cost_models.jit.run_plain."""
         if self._arrays is None:
-            o = self.order_array
-            n = o.shape[0]
-            dep = o[:, 4].copy()
+            order = self.order_array
+            n = order.shape[0]
+            dep = order[:, 4].copy()
             dep[dep < 0] = n
-            lag = o[:, 5].copy()
+            lag = order[:, 5].copy()
             lag[lag < 0] = self.num_stages
-            self._arrays = (o[:, 0].copy(), dep, lag, 3 * o[:, 2] + o[:, 1],
+            self._arrays = (order[:, 0].copy(), dep, lag, 3 * order[:, 2] + order[:, 1],
                             kernels.index_array(self.actions_per_rank_stage, -1).reshape(-1, 3),
                             kernels.index_array(self.stage_rank, -1))
         return self._arrays
 
-    def _key(self):
+    def _key(self) -> tuple[object, ...]:
         return (self.order, self.num_ranks, self.num_stages, self.peak_in_flight, self.peak_in_flight_per_stage,
                 self.actions_per_rank_stage, self.stage_rank)
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, _Compiled) and self._key() == other._key()
 
-    __hash__ = None
+    # defining __eq__ without __hash__ leaves the class unhashable (Python sets __hash__ to None)
 
 
 def compile_schedule(name: str, pp: int, m: int, v: int, *, compiled: bool = False) -> _Compiled:
@@ -163,12 +194,14 @@ def _compile(sched: Schedule, *, compiled: bool = False) -> _Compiled:
                                      dtype=np.uint8)]
     ss = np.fromiter(map(_ACTION_STAGE, chain.from_iterable(acts)), np.int64, n)
     ms = np.fromiter(map(_ACTION_MB, chain.from_iterable(acts)), np.int64, n)
-    ok, order, peak, st_peak, counts = kernels.jit.compile_order(
+    jit = kernels.jit
+    assert jit is not None  # kernels.ready: loaded
+    ok, order, peak, stage_peak, counts = jit.compile_order(
         kinds, ss, ms, starts, np.array(sched.stage_rank, dtype=np.int64), S, sched.num_micro_batches, p,
         2 if sched.split_backward else 1)
     if not ok:
         return _compile_python(sched)  # raises the deadlock error with the stuck actions
-    return _Compiled(None, p, S, tuple(peak.tolist()), tuple(st_peak.tolist()), tuple(map(tuple, counts.tolist())),
+    return _Compiled(None, p, S, tuple(peak.tolist()), tuple(stage_peak.tolist()), tuple(map(tuple, counts.tolist())),
                      sched.stage_rank, order)
 
 
@@ -239,7 +272,8 @@ def _compile_python(sched: Schedule) -> _Compiled:
             elif k == release:
                 inflight[r] -= 1
                 st_in[s] -= 1
-    return _Compiled(tuple(order), p, S, tuple(peak), tuple(st_peak), tuple(tuple(c) for c in counts), rank_of)
+    return _Compiled(tuple(order), p, S, tuple(peak), tuple(st_peak), tuple((nf, nb, nw) for nf, nb, nw in counts),
+                     rank_of)
 
 
 def _run(comp: _Compiled, dur: tuple[tuple[float, float, float], ...], lag: tuple[float, ...],
@@ -249,8 +283,8 @@ def _run(comp: _Compiled, dur: tuple[tuple[float, float, float], ...], lag: tupl
     lg = [*lag, 0.0]
     end = [0.0] * (len(comp.flat) + 1)  # end[-1] stays 0.0: the sentinel for "no dependency"
     free = [0.0] * p
+    timeline: list[tuple[int, str, int, int, float, float]] = []  # stays empty without want_timeline
     if want_timeline:
-        timeline = []
         for i, ((r, dep, li, di), (_, k, s, mb, _, _)) in enumerate(zip(comp.flat, comp.order, strict=True)):
             start = free[r]
             x = end[dep] + lg[li]
@@ -261,7 +295,6 @@ def _run(comp: _Compiled, dur: tuple[tuple[float, float, float], ...], lag: tupl
             timeline.append((r, "FBW"[k], s, mb, start, e))
         timeline.sort(key=lambda t: (t[0], t[4]))
     else:
-        timeline = ()
         lags = [lg[li] for li in comp.lag_slot]  # per action, gathered before the sequential pass
         durs = [d[di] for di in comp.dur_slot]
         i = 0
@@ -283,19 +316,23 @@ def _run(comp: _Compiled, dur: tuple[tuple[float, float, float], ...], lag: tupl
                           tuple(timeline))
 
 
-def play(comp: _Compiled, times, split: bool, *, compiled: bool = False) -> ScheduleResult:
+def play(comp: _Compiled, times: Sequence[tuple[float, float, float, float]], split: bool, *,
+         compiled: bool = False) -> ScheduleResult:
     """The schedule `comp` played with `times` ((F, B, W, p2p) per virtual stage), no timeline; by
     the compiled kernel when `compiled` and the kernels are loaded (bit-identical to `_run`)."""
     if not (compiled and kernels.ready and comp.num_actions):
         return _run(comp, *_durations(times, split), split, False)
-    step, busy = kernels.jit.run_plain(*comp.arrays, kernels.times_array(times), split, comp.num_ranks)
-    busy = tuple(busy.tolist())
+    jit = kernels.jit
+    assert jit is not None  # kernels.ready: loaded
+    step, busy_array = jit.run_plain(*comp.arrays, kernels.times_array(times), split, comp.num_ranks)
+    busy = tuple(busy_array.tolist())
     top = max(busy)
     bubble = 1.0 - top / step if step > 0 else 0.0
     return ScheduleResult(step, max(0.0, bubble), busy, comp.peak_in_flight, comp.peak_in_flight_per_stage)
 
 
-def simulate(schedule: Schedule, stage_times, *, timeline: bool = True) -> ScheduleResult:
+def simulate(schedule: Schedule, stage_times: Sequence[StageTimes | tuple[float, float, float, float]], *,
+             timeline: bool = True) -> ScheduleResult:
     """Play `schedule` with one `specs.StageTimes` (or (F, B, W, p2p) tuple) per virtual stage.
 
     For schedules that do not split backward, W time (if any) is added to B.
@@ -309,8 +346,11 @@ def simulate(schedule: Schedule, stage_times, *, timeline: bool = True) -> Sched
     return _run(_compile(schedule), dur, lag, schedule.split_backward, timeline)
 
 
-def _durations(stage_times, split: bool):
-    dur, lag = [], []
+def _durations(stage_times: Sequence[StageTimes | tuple[float, float, float, float]], split: bool,
+               ) -> tuple[tuple[tuple[float, float, float], ...], tuple[float, ...]]:
+    """(F, B, W) per stage as the schedule plays them (W added to B unless `split`), p2p per stage."""
+    dur: list[tuple[float, float, float]] = []
+    lag: list[float] = []
     for st in stage_times:
         if isinstance(st, tuple):
             f, b, w, c = st
@@ -321,7 +361,7 @@ def _durations(stage_times, split: bool):
     return tuple(dur), tuple(lag)
 
 
-def pipeline_lower_bound(name: str, pp: int, m: int, v: int, times) -> float:
+def pipeline_lower_bound(name: str, pp: int, m: int, v: int, times: Sequence[tuple[float, float, float, float]]) -> float:
     """A lower bound on `simulate`'s step time for these stage times, without playing the schedule.
 
     Every action of rank r (stages r, r + pp, ...) waits for the forward of virtual stages
