@@ -32,12 +32,16 @@ from operator import attrgetter, sub
 from typing import TYPE_CHECKING
 
 from cost_models import comm
-from cost_models.compute import TP_SPLIT, layer_compute
+from cost_models.compute import TP_SPLIT, LayerCompute, layer_compute
 from cost_models.memory import layer_activation_bytes
 from specs import HardwareSpec, LayerType, ModelGraph, SpecError, TrainSpec
 
 if TYPE_CHECKING:
     from cost_models.model import CostModel
+
+Composition = tuple[tuple[int, ...], int]  # (blocks of each layer type, layer type of the last block)
+# (layer-type index of each block, per type its prefix counts of blocks, those counts per position)
+BlockTypes = tuple[tuple[int, ...], tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,14 +135,14 @@ class BlockCosts:
     block_type: tuple[int, ...]  # layer-type index of each block
     max_working_bytes: float
     max_block_params: float
-    sums: dict  # (composition, last type) -> StageSum
-    by_range: dict  # (first, last) -> StageSum (the same object as by composition)
+    sums: dict[Composition, StageSum]  # (composition, last type) -> StageSum
+    by_range: dict[tuple[int, int], StageSum]  # (first, last) -> StageSum (the same object as by composition)
     position_counts: tuple[tuple[int, ...], ...] = ()  # type_counts transposed: per position, per type
 
-    def composition(self, first: int, last: int) -> tuple[tuple[int, ...], int]:
+    def composition(self, first: int, last: int) -> Composition:
         """(blocks of each layer type in first..last, layer type of the last block)."""
-        pc = self.position_counts
-        return tuple(map(sub, pc[last + 1], pc[first])), self.block_type[last]
+        counts = self.position_counts
+        return tuple(map(sub, counts[last + 1], counts[first])), self.block_type[last]
 
     def stage(self, first: int, last: int) -> StageSum:
         """Sums over blocks first..last (inclusive); one object per composition."""
@@ -152,18 +156,18 @@ class BlockCosts:
         key = self.composition(first, last)
         got = self.sums.get(key)
         if got is None:
-            comp, lt = key
+            comp, last_type = key
             # per field, sum over the layer types present of (blocks x the type's value): the
             # additions sum() would do, in its order (0 + x is x for these non-negative values)
-            vals = None
-            for n, c in zip(comp, self.type_costs, strict=True):
+            vals: list[float] | None = None
+            for n, cost in zip(comp, self.type_costs, strict=True):
                 if n:
-                    row = _FIELD_GETTER(c)
+                    row = _FIELD_GETTER(cost)
                     vals = [n * x for x in row] if vals is None else [a + n * x for a, x in zip(vals, row, strict=True)]
             if vals is None:
                 vals = [0] * len(_FIELDS)
             got = self.sums[key] = StageSum(**dict(zip(_FIELDS, vals, strict=True)), num_blocks=sum(comp),
-                                            output_bytes=self.type_costs[lt].output_bytes,
+                                            output_bytes=self.type_costs[last_type].output_bytes,
                                             max_working_bytes=self.max_working_bytes,
                                             max_block_params=self.max_block_params)
         return got
@@ -191,7 +195,7 @@ def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, rec
     g, hw = model.graph, model.hw
     sp = sp and tp > 1
     lkey = ("layer compute", lt.name, tp, sp, mb)  # the same for every recompute setting
-    lc = model.block_memo.get(lkey)
+    lc: LayerCompute | None = model.block_memo.get(lkey)
     if lc is None:
         lc = model.block_memo[lkey] = layer_compute(lt, hw, precision=model.train.precision,
                                              traced_activation_dtype=g.activation_dtype,
@@ -201,7 +205,7 @@ def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, rec
     # TP collectives (see module docstring)
     tp_f = tp_b = tp_vol = 0.0
     ckey = ("op counts", lt.name)  # the layer type's, the same for every setting
-    counts = model.block_memo.get(ckey)
+    counts: tuple[int, int, int, float, float] | None = model.block_memo.get(ckey)
     if counts is None:
         counts = model.block_memo[ckey] = (
             sum(1 for op in lt.ops if op.tp_split == "row"),
@@ -224,17 +228,17 @@ def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, rec
         tp_f = (n_row + n_vemb) * coll
         tp_b = n_row * coll + n_vhead * coll_in
         tp_vol = (2 * n_row + n_vemb) * comm.all_reduce_volume_bytes(hidden, tp) + n_vhead * comm.all_reduce_volume_bytes(head_in, tp)
-    f_c, b_c = lc.forward_s, lc.input_grad_s
+    forward_compute, backward_compute = lc.forward_s, lc.input_grad_s
     n_tp_ops = 0.0
-    ov = hw.dtensor_overhead
-    if splittable and ov is not None and hw.device_is_host_cpu:
+    overhead = hw.dtensor_overhead
+    if splittable and overhead is not None and hw.device_is_host_cpu:
         # DTensor's host time per tensor-parallel op (specs.DTensorOverhead), on the CPU that also
         # computes (a GPU's host dispatch runs ahead of its kernels: not charged there)
         n_tp_ops = n_tp_param_ops
-        f_c += n_tp_ops * ov.forward_s
-        b_c += n_tp_ops * ov.backward_s
+        forward_compute += n_tp_ops * overhead.forward_s
+        backward_compute += n_tp_ops * overhead.backward_s
     if recompute == "full":
-        rec_s, rec_fl = f_c, lc.fwd_flops
+        rec_s, rec_fl = forward_compute, lc.fwd_flops
         tp_b += tp_f
     elif recompute == "selective":
         rec_s, rec_fl = lc.attention_core_forward_s, lc.attention_core_fwd_flops
@@ -251,16 +255,16 @@ def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, rec
     params = lt.num_params * ((1 - frac) + frac / tp)
     out_b = lt.output_bytes_per_sample * s / (tp if sp and splittable else 1)
     return BlockCost(
-        f_c, b_c, lc.weight_grad_s, rec_s, tp_f, tp_b, tp_vol, params,
+        forward_compute, backward_compute, lc.weight_grad_s, rec_s, tp_f, tp_b, tp_vol, params,
         act.stored_bytes, act.working_bytes, out_b, lc.fwd_flops, lc.bwd_flops, rec_fl, n_tp_ops, n_param_ops,
     )
 
 
 
-def block_types(model: CostModel) -> tuple:
+def block_types(model: CostModel) -> BlockTypes:
     """The graph's (layer-type index of each block, per type its prefix counts of blocks, those
     counts per position), layer types in the graph's order; the same for every setting."""
-    shape = model.block_memo.get("block types")
+    shape: BlockTypes | None = model.block_memo.get("block types")
     if shape is None:
         names = list(model.graph.layer_types)
         block_type = tuple(names.index(b.layer_type) for b in model.graph.blocks)
@@ -269,15 +273,15 @@ def block_types(model: CostModel) -> tuple:
     return shape
 
 
-def composition(model: CostModel, first: int, last: int) -> tuple[tuple[int, ...], int]:
+def composition(model: CostModel, first: int, last: int) -> Composition:
     """BlockCosts.composition of blocks first..last without a setting (it is the graph's)."""
-    block_type, _counts, pc = block_types(model)
-    return tuple(map(sub, pc[last + 1], pc[first])), block_type[last]
+    block_type, _counts, position_counts = block_types(model)
+    return tuple(map(sub, position_counts[last + 1], position_counts[first])), block_type[last]
 
 
 def block_costs_of(model: CostModel, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str) -> BlockCosts:
     key = (tp, bool(sequence_parallel and tp > 1), micro_batch_size, recompute)
-    got = model.block_memo.get(key)
+    got: BlockCosts | None = model.block_memo.get(key)
     if got is not None:
         return got
     if tp < 1 or micro_batch_size < 1:

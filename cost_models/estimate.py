@@ -74,7 +74,9 @@ optimizer-step temporaries). The worst rank is reported.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from cost_models import sharedhost
 from cost_models.compute import compute_dtype, peak_flops_per_s
@@ -92,6 +94,11 @@ from specs import (
     StageTimes,
     TrainSpec,
 )
+
+if TYPE_CHECKING:
+    from cost_models.model import CostModel
+    from cost_models.ranks import RankTerms
+    from cost_models.stages import StageBounds
 
 TIME_TERMS = ("compute_forward_s", "compute_backward_s", "recompute_s", "tp_comm_s", "dp_comm_s", "pp_comm_s",
               "bubble_s", "optimizer_s", "offload_s")
@@ -196,7 +203,7 @@ def estimate_step(graph: ModelGraph, plan: Plan, hw: HardwareSpec | None = None,
 # ---------------------------------------------------------------------------- the composition
 
 
-def lower_bound(model, k: Knobs, stages) -> float:
+def lower_bound(model: CostModel, k: Knobs, stages: Sequence[StageBounds]) -> float:
     """A lower bound on `estimate(model, k, stages).step_time_s`, without simulating the schedule:
     the stage times and post-pipeline terms are the same, the pipeline time is replaced by
     `simulator.pipeline_lower_bound` (step = pipeline + the largest per-rank post term). On a
@@ -208,7 +215,7 @@ def lower_bound(model, k: Knobs, stages) -> float:
             + lay.columns.post_max_s)
 
 
-def estimate(model, k: Knobs, stages) -> StepEstimate:
+def estimate(model: CostModel, k: Knobs, stages: Sequence[StageBounds]) -> StepEstimate:
     """One step of knobs `k` with `stages` (see the module docstring for the composition)."""
     if model.oversubscribed:
         return _share_cores(model, k, stages)
@@ -272,12 +279,12 @@ def estimate(model, k: Knobs, stages) -> StepEstimate:
         time_breakdown_s=breakdown, comm=comm_axes, bubble_fraction=(idle - pp_exposed) * inv,
         mfu=model_flops * inv / peak, hfu=hw_flops * inv / peak, samples_per_s=samples * inv,
         tokens_per_s=samples * model.graph.tokens_per_sample * inv, model_flops_per_step=model_flops,
-        hardware_flops_per_step=hw_flops, stage_times_raw=tuple(tuple(t) for t in lay.times),
+        hardware_flops_per_step=hw_flops, stage_times_raw=tuple((f, b, w, c) for f, b, w, c in lay.times),
         peak_in_flight=sim.peak_in_flight, notes=lay.notes,
     )
 
 
-def _share_cores(model, k: Knobs, stages) -> StepEstimate:
+def _share_cores(model: CostModel, k: Knobs, stages: Sequence[StageBounds]) -> StepEstimate:
     """More processes than cores (cost_models.sharedhost): the critical path at per-core speed,
     or the host's CPU work over its cores plus the lockstep communication, whichever is longer."""
     hw = model.hw
@@ -286,7 +293,7 @@ def _share_cores(model, k: Knobs, stages) -> StepEstimate:
     lay = layout(unshared, k, stages)
     m = k.num_micro_batches
 
-    def work(ranks) -> list[float]:
+    def work(ranks: Sequence[RankTerms]) -> list[float]:
         return [m * (rk.forward_compute_s + rk.backward_compute_s + rk.recompute_s) + rk.step_copy_s
                 + rk.optimizer_s + rk.offload_s for rk in ranks]
 
@@ -298,6 +305,7 @@ def _share_cores(model, k: Knobs, stages) -> StepEstimate:
     lay_c = layout(model.contended, k, stages)
     if hw.shared_sync_penalty_s > 0:
         lockstep += sharedhost.sync_points(model.graph, k, stages) * hw.shared_sync_penalty_s
+    assert hw.shared_cores is not None  # model.oversubscribed: the cores are shared
     cores = hw.shared_cores * hw.num_nodes
     if k.pp == 1:
         total = sum(work(lay_c.ranks)) * k.dp * k.tp

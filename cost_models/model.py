@@ -41,7 +41,9 @@ derived CostModels of the same graph and training setup: the hardware at per-cor
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from itertools import count
+from typing import TYPE_CHECKING, Any
 
 from cost_models import comm, kernels, sharedhost
 from cost_models.compute import TP_SPLIT, compute_dtype, itemsize
@@ -54,6 +56,11 @@ from specs import HardwareSpec, Knobs, LayerType, MeshDims, ModelGraph, Plan, Sp
 # 8.2 s without; GPT-3 175B on 1024 A100 1.7 s vs 1.9 s; small spaces never repay the load)
 KERNELS_FROM_DEVICES = 512
 
+if TYPE_CHECKING:
+    from cost_models.blocks import BlockCosts
+    from cost_models.estimate import StepEstimate
+    from cost_models.simulator import ScheduleResult, _Compiled
+
 
 class CostModel:
     """The cost model of `graph` trained with `train` on `hw` (see the module docstring).
@@ -64,10 +71,11 @@ class CostModel:
 
     def __init__(self, graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, *, compiled: bool | None = None):
         self.graph, self.hw, self.train = graph, hw, train
-        # --- the three memos (module docstring)
-        self.block_memo: dict = {}
-        self.stage_memo: dict = {}
-        self.simulation_memo: dict = {}
+        # --- the three memos (module docstring); each holds values of several kinds, told apart by
+        # the key's first field, so the readers annotate what they get back
+        self.block_memo: dict[Hashable, Any] = {}
+        self.stage_memo: dict[Hashable, Any] = {}
+        self.simulation_memo: dict[Hashable, Any] = {}
         self._ids = count()  # never-reused numbers for memo keys (stage lists, stage-time sets)
         # --- constants of (graph, hw, train) every term reads
         self.curves = curves_for(hw)
@@ -97,26 +105,26 @@ class CostModel:
         self._contended: CostModel | None = None
 
     # ------------------------------------------------------------------ public API
-    def block_costs(self, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str):
+    def block_costs(self, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str) -> BlockCosts:
         """Per-block costs for one micro-batch on one tp rank (cost_models.blocks.BlockCosts)."""
         from cost_models.blocks import block_costs_of
 
         return block_costs_of(self, tp, sequence_parallel, micro_batch_size, recompute)
 
-    def estimate(self, knobs: Knobs, stages):
+    def estimate(self, knobs: Knobs, stages: Sequence[tuple[int, int, str]]) -> StepEstimate:
         """One step of `knobs` with `stages` = (first, last, recompute) per virtual stage
         (cost_models.estimate)."""
         from cost_models.estimate import estimate
 
         return estimate(self, knobs, stages)
 
-    def lower_bound(self, knobs: Knobs, stages) -> float:
+    def lower_bound(self, knobs: Knobs, stages: Sequence[tuple[int, int, str]]) -> float:
         """A lower bound on `estimate(knobs, stages).step_time_s` without simulating the schedule."""
         from cost_models.estimate import lower_bound
 
         return lower_bound(self, knobs, stages)
 
-    def estimate_plan(self, plan: Plan):
+    def estimate_plan(self, plan: Plan) -> StepEstimate:
         if plan.model.fingerprint != self.graph.fingerprint:
             raise SpecError(
                 f"plan.model.fingerprint: the plan was made for model {plan.model.name!r} "
@@ -134,28 +142,29 @@ class CostModel:
 
     def group_link(self, size: int, stride: int) -> comm.GroupLink:
         key = ("link", size, stride)
-        got = self.stage_memo.get(key)
+        got: comm.GroupLink | None = self.stage_memo.get(key)
         if got is None:
             got = self.stage_memo[key] = comm.group_link(self.hw, size, stride)
         return got
 
     def p2p_link(self, stride: int) -> comm.GroupLink:
         key = ("p2p link", stride)
-        got = self.stage_memo.get(key)
+        got: comm.GroupLink | None = self.stage_memo.get(key)
         if got is None:
             got = self.stage_memo[key] = comm.p2p_link(self.hw, stride)
         return got
 
-    def simulate(self, name: str, pp: int, m: int, v: int, times, times_id: int):
+    def simulate(self, name: str, pp: int, m: int, v: int, times: Sequence[tuple[float, float, float, float]],
+                 times_id: int) -> ScheduleResult:
         """The pipeline schedule played with `times` ((F, B, W, p2p) per virtual stage), memoised by
         `times_id` (a number from `new_id` that stands for exactly these times)."""
         from cost_models.simulator import compile_schedule, play
 
         key = (name, pp, m, v, times_id)
-        got = self.simulation_memo.get(key)
+        got: ScheduleResult | None = self.simulation_memo.get(key)
         if got is None:
             skey = (name, pp, m, v)
-            comp = self.simulation_memo.get(skey)
+            comp: _Compiled | None = self.simulation_memo.get(skey)
             if comp is None:
                 comp = self.simulation_memo[skey] = compile_schedule(name, pp, m, v, compiled=self.compiled)
             got = self.simulation_memo[key] = play(comp, times, name == "zero_bubble", compiled=self.compiled)

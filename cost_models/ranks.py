@@ -42,7 +42,7 @@ from specs import Knobs, MeshDims
 
 if TYPE_CHECKING:
     from cost_models.model import CostModel
-    from cost_models.stages import StageList, StageTerms
+    from cost_models.stages import StageBounds, StageList, StageTerms
 
 
 class DataParallelSync(NamedTuple):
@@ -146,15 +146,17 @@ class RankColumns:
     post_rank: int  # ... and the first rank that has it
 
 
-def rank_terms(model: CostModel, k: Knobs, mesh: MeshDims, stages: tuple, per_stage: tuple[StageTerms, ...],
-               sl: StageList) -> tuple[tuple[RankTerms, ...], RankColumns, tuple[str, ...]]:
-    """(RankTerms per pp rank, as columns, notes) of a layout (cost_models.stages.layout)."""
+def rank_terms(model: CostModel, k: Knobs, mesh: MeshDims, stages: tuple[StageBounds, ...],
+               per_stage: tuple[StageTerms, ...], partition_sums: StageList,
+               ) -> tuple[tuple[RankTerms, ...], RankColumns, tuple[str, ...]]:
+    """(RankTerms per pp rank, as columns, notes) of a layout (cost_models.stages.layout) whose stage
+    list is `partition_sums`."""
     accum = k.num_micro_batches > 1
-    key = ("ranks", sl.uid, tuple(s.uid for s in per_stage), mesh, k.sharding, k.offload, accum)
-    got = model.stage_memo.get(key)
+    key = ("ranks", partition_sums.uid, tuple(s.uid for s in per_stage), mesh, k.sharding, k.offload, accum)
+    got: tuple[tuple[RankTerms, ...], RankColumns, tuple[str, ...]] | None = model.stage_memo.get(key)
     if got is not None:
         return got
-    kinds = _rank_kinds(model, stages, mesh, sl.pattern)
+    kinds = _rank_kinds(model, stages, mesh, partition_sums.pattern)
     per_kind = [_rank(model, k, mesh, [per_stage[j] for j in kinds.stages[r]], kinds.tied_params[r],
                       kinds.tied_comm[r], kinds.holds_head[r], accum) for r in kinds.first_rank]
     posts = [rk.post_pipeline_s(k.sharding) for rk in per_kind]
@@ -186,16 +188,19 @@ class RankKinds:
     notes: tuple[str, ...]
 
 
-def _rank_kinds(model: CostModel, stages: tuple, mesh: MeshDims, pattern: tuple[int, ...]) -> RankKinds:
+def _rank_kinds(model: CostModel, stages: tuple[StageBounds, ...], mesh: MeshDims,
+                pattern: tuple[int, ...]) -> RankKinds:
     key = ("rank kinds", stages, mesh.tp, mesh.stride("pp"), mesh.pp)
-    got = model.stage_memo.get(key)
+    got: RankKinds | None = model.stage_memo.get(key)
     if got is not None:
         return got
     pp, S = mesh.pp, len(stages)
     tied_params, tied_comm, notes = _tied(model, stages, mesh)
     rank_stages = tuple(tuple(range(r, S, pp)) for r in range(pp))
-    kind_index: dict = {}
-    kind_of_rank, first_rank = [], []
+    # a kind: (its stages' pattern entries, tied parameters, tied gradients' time, is the last rank)
+    kind_index: dict[tuple[tuple[int, ...], float, float, bool], int] = {}
+    kind_of_rank: list[int] = []
+    first_rank: list[int] = []
     for r in range(pp):
         kind = (tuple(pattern[j] for j in rank_stages[r]), tied_params[r], tied_comm[r], r == pp - 1)
         i = kind_index.get(kind)
@@ -237,7 +242,7 @@ def _rank(model: CostModel, k: Knobs, mesh: MeshDims, mine: list[StageTerms], ti
     num_params -= tied_params
     shard_n = mesh.dp_shard if sharding == "hsdp" else mesh.dp
     dkey = ("dp", num_params, mesh, sharding, k.offload)
-    dp_terms = model.stage_memo.get(dkey)
+    dp_terms: DataParallelTerms | None = model.stage_memo.get(dkey)
     if dp_terms is None:
         dp_terms = model.stage_memo[dkey] = data_parallel_terms(model, num_params, k, mesh)
     engine = data_parallel_engine(k)  # what the runtime runs (cost_models.engines)
@@ -305,7 +310,8 @@ def transient_bytes(model: CostModel, k: Knobs, engine: str, num_params: float, 
     return trans
 
 
-def _tied(model: CostModel, stages, mesh: MeshDims) -> tuple[list[float], list[float], tuple[str, ...]]:
+def _tied(model: CostModel, stages: tuple[StageBounds, ...], mesh: MeshDims,
+          ) -> tuple[list[float], list[float], tuple[str, ...]]:
     """(tied parameters held per pp rank, their gradient all-reduce time per rank, notes) for the
     stage partition `stages`."""
     graph = model.graph
@@ -314,7 +320,7 @@ def _tied(model: CostModel, stages, mesh: MeshDims) -> tuple[list[float], list[f
     tied_rank_params = [0.0] * pp
     tied_comm = [0.0] * pp
     if graph.tied_blocks and graph.tied_param_bytes > 0:
-        firsts = [s_[0] for s_ in stages]
+        firsts = [first for first, _last, _recompute in stages]
         tied_params = graph.tied_param_bytes / itemsize(graph.param_dtype)
         for a, b in graph.tied_blocks:
             ra, rb = (bisect_right(firsts, a) - 1) % pp, (bisect_right(firsts, b) - 1) % pp

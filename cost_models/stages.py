@@ -32,16 +32,24 @@ same blocks by layer type and recompute share them), the RankTerms of each pp ra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from cost_models import comm
-from cost_models.blocks import StageSum, composition
+from cost_models.blocks import Composition, StageSum, composition
 from specs import Knobs, MeshDims, SpecError
 
 if TYPE_CHECKING:
     from cost_models.model import CostModel
     from cost_models.ranks import RankColumns, RankTerms
+
+StageBounds = tuple[int, int, str]  # one virtual stage: (first block, last block, recompute)
+SumsKey = tuple[int, bool, int, str, Composition]  # a StageSum's (tp, sp, micro-batch, recompute, composition)
+# per distinct stage (composition, recompute, is the last stage, first block, last block), and per
+# stage its index into them
+StageShape = tuple[tuple[tuple[Composition, str, bool, int, int], ...], tuple[int, ...]]
+_T = TypeVar("_T")
 
 
 class StageTime(NamedTuple):
@@ -82,7 +90,7 @@ class StageTerms:
         return self.split if split else self.joint
 
 
-def stage_terms(model: CostModel, sums: StageSum, sums_key: tuple, mesh: MeshDims, sharding: str,
+def stage_terms(model: CostModel, sums: StageSum, sums_key: SumsKey, mesh: MeshDims, sharding: str,
                 last_stage: bool, pipelined: int, recompute: str) -> StageTerms:
     """The StageTerms of the stage whose block sums are `sums` (`sums_key` identifies them: the
     setting and composition), memoised per (sums, data-parallel setting, position).
@@ -98,7 +106,7 @@ def stage_terms(model: CostModel, sums: StageSum, sums_key: tuple, mesh: MeshDim
     fsdp_group = mesh.group("dp_shard") if fsdp else (1, mesh.tp)
     pp_stride = mesh.stride("pp")
     key = ("stage", sums_key, fsdp_group, last_stage, pp_stride, reshard, pipelined)
-    got = model.stage_memo.get(key)
+    got: StageTerms | None = model.stage_memo.get(key)
     if got is not None:
         return got
     fsdp_n, fsdp_stride = fsdp_group
@@ -150,7 +158,7 @@ def _fsdp_collectives(model: CostModel, num_params: float, nb: int, n: int, stri
     copies (bf16 under mixed precision), the reduce-scatters fp32 gradients (resharding only).
     They depend on the parameter count alone (not on recompute or sp)."""
     key = ("fsdp", num_params, nb, n, stride, reshard)
-    got = model.stage_memo.get(key)
+    got: tuple[float, float, float, float] | None = model.stage_memo.get(key)
     if got is None:
         link = model.group_link(n, stride)
         ag = comm.all_gather_s(num_params * model.bpp.compute / nb, link)
@@ -163,7 +171,7 @@ def _fsdp_collectives(model: CostModel, num_params: float, nb: int, n: int, stri
 
 def _p2p_s(model: CostModel, n_bytes: float, stride: int) -> float:
     key = ("p2p", n_bytes, stride)
-    got = model.stage_memo.get(key)
+    got: float | None = model.stage_memo.get(key)
     if got is None:
         got = model.stage_memo[key] = comm.p2p_s(n_bytes, model.p2p_link(stride))
     return got
@@ -179,26 +187,26 @@ class StageList:
     stage, which one it is."""
 
     uid: int
-    distinct: tuple[tuple[StageSum, tuple, bool, str], ...]  # (sums, their key, is last stage, recompute)
+    distinct: tuple[tuple[StageSum, SumsKey, bool, str], ...]  # (sums, their key, is last stage, recompute)
     pattern: tuple[int, ...]  # per stage: its index into `distinct`
     flops_per_micro_batch: float  # per tp rank, all stages: forward + backward + recompute
 
-    def spread(self, per_distinct: list) -> tuple:
+    def spread(self, per_distinct: Sequence[_T]) -> tuple[_T, ...]:
         """A per-distinct-stage list -> one entry per stage."""
         return tuple(per_distinct[i] for i in self.pattern)
 
 
-def stage_list(model: CostModel, stages: tuple, tp: int, sp: bool, mb: int) -> StageList:
+def stage_list(model: CostModel, stages: tuple[StageBounds, ...], tp: int, sp: bool, mb: int) -> StageList:
     key = ("stage list", stages, tp, sp, mb)
-    got = model.stage_memo.get(key)
+    got: StageList | None = model.stage_memo.get(key)
     if got is not None:
         return got
     skey = ("stage shape", stages)
-    shape = model.stage_memo.get(skey)
+    shape: StageShape | None = model.stage_memo.get(skey)
     if shape is None:
         shape = model.stage_memo[skey] = _stage_shape(model, stages)
     keys, pattern = shape
-    distinct = []
+    distinct: list[tuple[StageSum, SumsKey, bool, str]] = []
     for comp, rec, last, first_block, last_block in keys:
         bc = model.block_costs(tp, sp, mb, rec)
         distinct.append((bc.stage_sum(first_block, last_block), (tp, bc.sequence_parallel, mb, rec, comp), last, rec))
@@ -207,22 +215,24 @@ def stage_list(model: CostModel, stages: tuple, tp: int, sp: bool, mb: int) -> S
     return got
 
 
-def _stage_shape(model: CostModel, stages) -> tuple:
+def _stage_shape(model: CostModel, stages: tuple[StageBounds, ...]) -> StageShape:
     """((composition, recompute, is the last stage, first, last) per distinct stage in order of
     first occurrence, each stage's index into them): the same for every setting."""
-    index: dict = {}
-    keys, pattern = [], []
+    index: dict[tuple[Composition, str], int] = {}
+    keys: list[tuple[Composition, str, bool, int, int]] = []
+    pattern: list[int] = []
     last_j = len(stages) - 1
-    for j, (a, b, r) in enumerate(stages):
-        comp = composition(model, a, b)
+    for j, (first, last, recompute) in enumerate(stages):
+        comp = composition(model, first, last)
         if j == last_j:
             i = len(keys)
-            keys.append((comp, r, True, a, b))
+            keys.append((comp, recompute, True, first, last))
         else:
-            i = index.get((comp, r))
-            if i is None:
-                i = index[(comp, r)] = len(keys)
-                keys.append((comp, r, False, a, b))
+            known = index.get((comp, recompute))
+            if known is None:
+                known = index[(comp, recompute)] = len(keys)
+                keys.append((comp, recompute, False, first, last))
+            i = known
         pattern.append(i)
     return tuple(keys), tuple(pattern)
 
@@ -254,7 +264,7 @@ class Layout:
         return tuple(s.sums for s in self.stages)
 
 
-def check_stages(model: CostModel, stages, want: int) -> None:
+def check_stages(model: CostModel, stages: Sequence[StageBounds], want: int) -> None:
     graph = model.graph
     if len(stages) != want:
         raise SpecError(f"stages: pp * virtual_stages = {want} stages expected, got {len(stages)}")
@@ -270,7 +280,7 @@ def check_stages(model: CostModel, stages, want: int) -> None:
         raise SpecError(f"stages: cover blocks 0..{nxt - 1}, but the model has {graph.num_blocks} blocks")
 
 
-def layout(model: CostModel, k: Knobs, stages) -> Layout:
+def layout(model: CostModel, k: Knobs, stages: Sequence[StageBounds]) -> Layout:
     """The Layout of knobs `k` with `stages` = (first, last, recompute) per virtual stage."""
     from cost_models.ranks import rank_terms
 
@@ -278,7 +288,7 @@ def layout(model: CostModel, k: Knobs, stages) -> Layout:
     if mesh.world != model.num_devices:
         raise SpecError(f"knobs: tp({k.tp}) * pp({k.pp}) * dp({k.dp}) = {mesh.world}, but the hardware has "
                         f"{model.hw.num_devices} devices")
-    stages = tuple(stages)
+    stages = tuple(stages)  # hashable: a memo key
     schedule = k.schedule if k.pp > 1 else "1f1b"
     split = schedule == "zero_bubble"
     fsdp = k.dp > 1 and k.sharding in ("zero2", "zero3", "hsdp")
@@ -287,7 +297,7 @@ def layout(model: CostModel, k: Knobs, stages) -> Layout:
     pipelined = 0 if k.pp == 1 else (k.num_micro_batches if fsdp and k.sharding == "zero2" else 1)
     key = ("layout", stages, mesh, k.sharding, k.offload, k.micro_batch_size, k.sequence_parallel, schedule,
            pipelined, k.num_micro_batches > 1, k.virtual_stages)
-    got = model.stage_memo.get(key)
+    got: Layout | None = model.stage_memo.get(key)
     if got is not None:
         return got
     ckey = ("checked", stages, k.pp * k.virtual_stages)
@@ -295,27 +305,27 @@ def layout(model: CostModel, k: Knobs, stages) -> Layout:
         check_stages(model, stages, k.pp * k.virtual_stages)
         model.stage_memo[ckey] = True
     sp = bool(k.sequence_parallel and k.tp > 1)
-    sl = stage_list(model, stages, k.tp, sp, k.micro_batch_size)
+    partition_sums = stage_list(model, stages, k.tp, sp, k.micro_batch_size)
     # the stage terms of this stage list for this data-parallel setting (none and zero1 share them)
-    skey = ("stage terms", sl.uid, mesh.group("dp_shard") if fsdp else None, mesh.stride("pp"),
+    skey = ("stage terms", partition_sums.uid, mesh.group("dp_shard") if fsdp else None, mesh.stride("pp"),
             k.sharding if fsdp else "none", pipelined)
-    got_terms = model.stage_memo.get(skey)
+    got_terms: tuple[list[StageTerms], int] | None = model.stage_memo.get(skey)
     if got_terms is None:
         distinct = [stage_terms(model, ss, ss_key, mesh, k.sharding if fsdp else "none", last, pipelined, rec)
-                    for ss, ss_key, last, rec in sl.distinct]
+                    for ss, ss_key, last, rec in partition_sums.distinct]
         # a number for the stage times this gives (joint and split alike: the simulation memo
         # keys on the schedule too)
         got_terms = model.stage_memo[skey] = (distinct, model.new_id())
     distinct, times_id = got_terms
-    per_stage = sl.spread(distinct)
+    per_stage = partition_sums.spread(distinct)
     times = tuple(s.time(split) for s in per_stage)
-    ranks, columns, rank_notes = rank_terms(model, k, mesh, stages, per_stage, sl)
+    ranks, columns, rank_notes = rank_terms(model, k, mesh, stages, per_stage, partition_sums)
     notes = list(rank_notes)
     if split:
         notes.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
     if model.train.optimizer == "sgd":
         notes.append("sgd assumed with momentum (4 bytes/param of state)")
     got = model.stage_memo[key] = Layout(mesh, schedule, per_stage, times, times_id, ranks, columns,
-                                         sl.flops_per_micro_batch, tuple(dict.fromkeys(notes)))
+                                         partition_sums.flops_per_micro_batch, tuple(dict.fromkeys(notes)))
     return got
 
