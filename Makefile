@@ -26,7 +26,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check specs cost_models planner runtime tests
-	$(VENV)/bin/mypy specs
+	$(VENV)/bin/mypy specs cost_models
 
 clean:
 	rm -rf $(VENV) build *.egg-info
