@@ -15,8 +15,11 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from datetime import timedelta
+from typing import TypeVar
 
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def start(timeout_s: int = 60) -> argparse.Namespace:
@@ -46,6 +49,27 @@ def run_cases(names: Iterable[str], run: Callable[[str], dict], **extra) -> list
         results.append({**rec, **extra, "wall_s": round(time.perf_counter() - t0, 2)})
         dist.barrier()
     return results
+
+
+def on_rank0(fn: Callable[[], T]) -> T:
+    """fn() on rank 0 alone, its (picklable) result broadcast to every rank: for work each rank
+    would do alike, such as tracing a model and planning it (a plan is made once and handed to
+    every rank, as a plan file is). An exception on rank 0 reaches every rank after the
+    broadcast, so no rank is left waiting in a collective."""
+    box: list = [None, None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except Exception as e:  # every rank raises below
+            error = e
+            box = [None, f"{type(e).__name__} on rank 0: {e}"[:1000]]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise RuntimeError(box[1])
+    return box[0]
 
 
 def finish(results: list[dict], out: str) -> None:

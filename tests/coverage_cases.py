@@ -30,7 +30,7 @@ from structure_models import build_structure  # noqa: E402
 from planner import plan_from_knobs, trace  # noqa: E402
 from runtime import parallelize  # noqa: E402
 from specs import HardwareSpec, Knobs, TrainSpec  # noqa: E402
-from tests.case_runner import finish, run_cases, start  # noqa: E402
+from tests.case_runner import finish, on_rank0, run_cases, start  # noqa: E402
 
 STEPS = 3
 SEED = 7
@@ -133,9 +133,13 @@ def compare(model_name: str, dtype: torch.dtype, make_plan) -> dict:
     """Train `model_name` under `make_plan(graph, hw)` on this process group and alone on rank 0;
     the losses, the largest differences and the plan (rank 0 has the differences)."""
     model, example, batches, kind = build(model_name, dtype)
-    graph = trace(model, example, name=model_name)
-    hw = HardwareSpec.preset("cpu", devices=dist.get_world_size())
-    plan = make_plan(graph, hw)
+    world = dist.get_world_size()
+
+    def traced_plan():  # on rank 0, handed to every rank (tracing on each of 4 ranks cost ~4x)
+        graph = trace(model, example, name=model_name)
+        return make_plan(graph, HardwareSpec.preset("cpu", devices=world)), graph.traced_by
+
+    plan, traced_by = on_rank0(traced_plan)
     k = plan.knobs()
     ref_model = copy.deepcopy(model)
     pm = parallelize(
@@ -147,7 +151,7 @@ def compare(model_name: str, dtype: torch.dtype, make_plan) -> dict:
         "model": model_name,
         "dtype": str(dtype),
         "plan": str(plan.knobs()),
-        "traced_by": graph.traced_by,
+        "traced_by": traced_by,
         "tp_styles": dict(plan.tensor_parallel.styles),
         "losses": losses,
     }

@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from planner.models import build_model, lm_loss  # noqa: E402
 from runtime import parallelize  # noqa: E402
-from tests.case_runner import finish, run_cases, start  # noqa: E402
+from tests.case_runner import finish, on_rank0, run_cases, start  # noqa: E402
 from tests.runtime_plans import make_plan  # noqa: E402
 
 STEPS = 3
@@ -148,15 +148,21 @@ def _reference(model: torch.nn.Module, loss_fn, case: Case, plan, batches) -> tu
 
 def planned(built, batch: int, knobs: dict):
     """A Plan made by the planner for the model `built` (traced as is: float64, so the
-    fingerprint the runtime checks is this model's) on the cpu preset, with these knobs."""
+    fingerprint the runtime checks is this model's) on the cpu preset, with these knobs. Rank 0
+    traces and plans; every rank gets its plan (tracing on 8 ranks of 2 cores cost ~8x)."""
     from planner import plan_from_knobs, trace
     from specs import HardwareSpec, Knobs, TrainSpec
 
-    one = tuple(x[:1] for x in built.example_inputs)
-    graph = trace(built.module, one, name=built.name)
-    hw = HardwareSpec.preset("cpu", devices=dist.get_world_size())
-    train = TrainSpec(global_batch_size=batch, precision="fp32", optimizer="adamw")
-    return plan_from_knobs(graph, hw, train, Knobs(**knobs))
+    world = dist.get_world_size()
+
+    def make():
+        one = tuple(x[:1] for x in built.example_inputs)
+        graph = trace(built.module, one, name=built.name)
+        hw = HardwareSpec.preset("cpu", devices=world)
+        train = TrainSpec(global_batch_size=batch, precision="fp32", optimizer="adamw")
+        return plan_from_knobs(graph, hw, train, Knobs(**knobs))
+
+    return on_rank0(make)
 
 
 def _local_param_bytes(pm) -> int:
