@@ -194,20 +194,21 @@ def _check_tp(graph: ModelGraph, tp: int) -> None:
 def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, recompute: str) -> BlockCost:
     g, hw = model.graph, model.hw
     sp = sp and tp > 1
-    lkey = ("layer compute", lt.name, tp, sp, mb)  # the same for every recompute setting
-    lc: LayerCompute | None = model.block_memo.get(lkey)
-    if lc is None:
-        lc = model.block_memo[lkey] = layer_compute(lt, hw, precision=model.train.precision,
-                                             traced_activation_dtype=g.activation_dtype,
-                                             traced_param_dtype=g.param_dtype, tp=tp, sequence_parallel=sp,
-                                             micro_batch_size=mb, curves=model.curves)
+    compute_key = ("layer compute", lt.name, tp, sp, mb)  # the same for every recompute setting
+    layer_time: LayerCompute | None = model.block_memo.get(compute_key)
+    if layer_time is None:
+        layer_time = model.block_memo[compute_key] = layer_compute(lt, hw, precision=model.train.precision,
+                                                                   traced_activation_dtype=g.activation_dtype,
+                                                                   traced_param_dtype=g.param_dtype, tp=tp,
+                                                                   sequence_parallel=sp, micro_batch_size=mb,
+                                                                   curves=model.curves)
     splittable = bool(lt.tp_candidates) and tp > 1
     # TP collectives (see module docstring)
     tp_f = tp_b = tp_vol = 0.0
-    ckey = ("op counts", lt.name)  # the layer type's, the same for every setting
-    counts: tuple[int, int, int, float, float] | None = model.block_memo.get(ckey)
+    counts_key = ("op counts", lt.name)  # the layer type's, the same for every setting
+    counts: tuple[int, int, int, float, float] | None = model.block_memo.get(counts_key)
     if counts is None:
-        counts = model.block_memo[ckey] = (
+        counts = model.block_memo[counts_key] = (
             sum(1 for op in lt.ops if op.tp_split == "row"),
             sum(1 for op in lt.ops if op.tp_split == "vocab" and op.kind == "embedding"),
             sum(1 for op in lt.ops if op.tp_split == "vocab" and op.kind != "embedding"),
@@ -228,7 +229,7 @@ def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, rec
         tp_f = (n_row + n_vemb) * coll
         tp_b = n_row * coll + n_vhead * coll_in
         tp_vol = (2 * n_row + n_vemb) * comm.all_reduce_volume_bytes(hidden, tp) + n_vhead * comm.all_reduce_volume_bytes(head_in, tp)
-    forward_compute, backward_compute = lc.forward_s, lc.input_grad_s
+    forward_compute, backward_compute = layer_time.forward_s, layer_time.input_grad_s
     n_tp_ops = 0.0
     overhead = hw.dtensor_overhead
     if splittable and overhead is not None and hw.device_is_host_cpu:
@@ -238,25 +239,25 @@ def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, rec
         forward_compute += n_tp_ops * overhead.forward_s
         backward_compute += n_tp_ops * overhead.backward_s
     if recompute == "full":
-        rec_s, rec_fl = forward_compute, lc.fwd_flops
+        rec_s, rec_fl = forward_compute, layer_time.fwd_flops
         tp_b += tp_f
     elif recompute == "selective":
-        rec_s, rec_fl = lc.attention_core_forward_s, lc.attention_core_fwd_flops
+        rec_s, rec_fl = layer_time.attention_core_forward_s, layer_time.attention_core_fwd_flops
     else:
         rec_s, rec_fl = 0.0, 0.0
     s = model.act_scale * mb
-    sv = model.saved[lt.name]
+    saved_bytes = model.saved[lt.name]
     act = layer_activation_bytes(
-        sv.saved * s + sv.fp32 * mb, sv.core * s + sv.fp32 * mb,
-        sv.replicated * s, lt.input_bytes_per_sample * s,
+        saved_bytes.saved * s + saved_bytes.fp32 * mb, saved_bytes.core * s + saved_bytes.fp32 * mb,
+        saved_bytes.replicated * s, lt.input_bytes_per_sample * s,
         tp=tp, sequence_parallel=sp, recompute=recompute, splittable=splittable,
     )
     frac = model.split_fraction[lt.name] if splittable else 0.0
     params = lt.num_params * ((1 - frac) + frac / tp)
     out_b = lt.output_bytes_per_sample * s / (tp if sp and splittable else 1)
     return BlockCost(
-        forward_compute, backward_compute, lc.weight_grad_s, rec_s, tp_f, tp_b, tp_vol, params,
-        act.stored_bytes, act.working_bytes, out_b, lc.fwd_flops, lc.bwd_flops, rec_fl, n_tp_ops, n_param_ops,
+        forward_compute, backward_compute, layer_time.weight_grad_s, rec_s, tp_f, tp_b, tp_vol, params,
+        act.stored_bytes, act.working_bytes, out_b, layer_time.fwd_flops, layer_time.bwd_flops, rec_fl, n_tp_ops, n_param_ops,
     )
 
 

@@ -148,21 +148,21 @@ def layer_compute(
     act_scale = itemsize(dtype) / itemsize(traced_activation_dtype)
     par_scale = itemsize(dtype) / itemsize(traced_param_dtype)
     mb = micro_batch_size
-    fwd = b_s = w_s = core = copy_s = 0.0
-    fwd_fl = bwd_fl = core_fl = 0.0
+    forward_s = input_grad_s = weight_grad_s = core_forward_s = copy_s = 0.0
+    fwd_flops = bwd_flops = core_flops = 0.0
     ops = layer.ops
     if not ops:
         # A block the tracer gave no per-op detail for: one matmul-like op with its totals.
         split = tp if layer.tp_candidates else 1
         f = layer.fwd_flops_per_sample * mb / split
         b = layer.bwd_flops_per_sample * mb / split
-        nb = (layer.input_bytes_per_sample + layer.output_bytes_per_sample) * mb * act_scale / split
-        pb = layer.param_bytes * par_scale / split
-        t_f = op_time_s(f, nb + pb, "matmul", hw, curves, peak)
-        w_fl = min(f, b / 2) if layer.num_params else 0.0
-        t_w = op_time_s(w_fl, pb, "matmul", hw, curves, peak) if w_fl else 0.0
-        t_b = op_time_s(b - w_fl, nb, "matmul", hw, curves, peak)
-        return LayerCompute(t_f, t_b, t_w, 0.0, f, b, 0.0)
+        act_bytes = (layer.input_bytes_per_sample + layer.output_bytes_per_sample) * mb * act_scale / split
+        param_bytes = layer.param_bytes * par_scale / split
+        op_forward_s = op_time_s(f, act_bytes + param_bytes, "matmul", hw, curves, peak)
+        weight_flops = min(f, b / 2) if layer.num_params else 0.0
+        op_weight_s = op_time_s(weight_flops, param_bytes, "matmul", hw, curves, peak) if weight_flops else 0.0
+        op_input_s = op_time_s(b - weight_flops, act_bytes, "matmul", hw, curves, peak)
+        return LayerCompute(op_forward_s, op_input_s, op_weight_s, 0.0, f, b, 0.0)
     for op in ops:
         if op.tp_split in TP_SPLIT:
             split = tp
@@ -172,30 +172,30 @@ def layer_compute(
             split = 1
         f = op.fwd_flops_per_sample * mb / split
         b = op.bwd_flops_per_sample * mb / split
-        nb = op.bytes_per_sample * mb * act_scale / split
-        # parameters read by the op (an embedding lookup reads only its rows: counted in nb)
-        pb = 0.0 if op.kind == "embedding" else op.param_bytes * par_scale / (split if op.tp_split in TP_SPLIT else 1)
-        g = gemm_flops(op)  # one GEMM of a batched matmul: independent of tp and micro-batch
-        t_f = op_time_s(f, nb + pb, op.kind, hw, curves, peak, eff_flops=g)
-        c_f = copies_time_s(op.copy_bytes_per_sample * mb * act_scale / split, op.num_copies, hw, curves)
-        c_b = copies_time_s(op.bwd_copy_bytes_per_sample * mb * act_scale / split, op.num_bwd_copies,
-                            hw, curves)
-        fwd += t_f + c_f
-        b_s += c_b
-        copy_s += c_f + c_b
-        fwd_fl += f
-        bwd_fl += b
+        act_bytes = op.bytes_per_sample * mb * act_scale / split
+        # parameters read by the op (an embedding lookup reads only its rows: counted in act_bytes)
+        param_bytes = 0.0 if op.kind == "embedding" else op.param_bytes * par_scale / (split if op.tp_split in TP_SPLIT else 1)
+        gemm_size = gemm_flops(op)  # one GEMM of a batched matmul: independent of tp and micro-batch
+        op_forward_s = op_time_s(f, act_bytes + param_bytes, op.kind, hw, curves, peak, eff_flops=gemm_size)
+        copy_forward_s = copies_time_s(op.copy_bytes_per_sample * mb * act_scale / split, op.num_copies, hw, curves)
+        copy_backward_s = copies_time_s(op.bwd_copy_bytes_per_sample * mb * act_scale / split, op.num_bwd_copies,
+                                        hw, curves)
+        forward_s += op_forward_s + copy_forward_s
+        input_grad_s += copy_backward_s
+        copy_s += copy_forward_s + copy_backward_s
+        fwd_flops += f
+        bwd_flops += b
         if is_attention_core(op):
-            core += t_f + c_f
-            core_fl += f
+            core_forward_s += op_forward_s + copy_forward_s
+            core_flops += f
         if op.param_bytes > 0 and b > 0 and op.kind in COMPUTE_KINDS:
-            w_fl = min(f, b / 2)  # weight grad: one GEMM the size of the forward
-            w_s += op_time_s(w_fl, pb + nb / 2, op.kind, hw, curves, peak)
-            b_s += op_time_s(b - w_fl, nb, op.kind, hw, curves, peak)
+            weight_flops = min(f, b / 2)  # weight grad: one GEMM the size of the forward
+            weight_grad_s += op_time_s(weight_flops, param_bytes + act_bytes / 2, op.kind, hw, curves, peak)
+            input_grad_s += op_time_s(b - weight_flops, act_bytes, op.kind, hw, curves, peak)
         elif b > 0:
             # a batched matmul's backward GEMMs (dA = dC B^T, dB = A^T dC) are each the size of
             # one forward GEMM
-            b_s += op_time_s(b, 2 * nb, op.kind, hw, curves, peak, eff_flops=g)
+            input_grad_s += op_time_s(b, 2 * act_bytes, op.kind, hw, curves, peak, eff_flops=gemm_size)
         else:
-            b_s += op_time_s(0.0, 2 * nb, op.kind, hw, curves, peak)
-    return LayerCompute(fwd, b_s, w_s, core, fwd_fl, bwd_fl, core_fl, copy_s)
+            input_grad_s += op_time_s(0.0, 2 * act_bytes, op.kind, hw, curves, peak)
+    return LayerCompute(forward_s, input_grad_s, weight_grad_s, core_forward_s, fwd_flops, bwd_flops, core_flops, copy_s)

@@ -345,56 +345,56 @@ def data_parallel_terms(model: CostModel, n_params: float, k: Knobs, mesh: MeshD
     # the runtime offloads through FSDP2 only: at dp = 1 (no engine) nothing leaves the device
     offload = k.offload if engine == "fully_shard" else "none"
     states = sharded_states(n_params, bpp, sharding=sharding, dp=dp, hsdp_shard_size=shard_n, offload=offload)
-    opt_div = {"zero1": dp, "zero2": dp, "zero3": dp, "hsdp": shard_n}.get(sharding, 1)
-    opt_params = n_params / opt_div
+    optimizer_shards = {"zero1": dp, "zero2": dp, "zero3": dp, "hsdp": shard_n}.get(sharding, 1)
+    optimizer_params = n_params / optimizer_shards
     grad_bytes = n_params * bpp.grad
-    all_reduce = last = gather = rs_total = rs_last = fixed_vol = fsdp_vol = 0.0
+    all_reduce = last = gather = reduce_scatter_total = reduce_scatter_last = step_volume = fsdp_volume = 0.0
     exposes = False
     if dp > 1:
         dp_link = model.link(mesh, "dp")
         if sharding == "none":
             all_reduce, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
-            fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp)
+            step_volume = comm.all_reduce_volume_bytes(grad_bytes, dp)
             exposes = True
         elif sharding == "zero1":
             # ZeroRedundancyOptimizer over DDP: bucketed all-reduce under the last backward,
             # then each rank steps its shard and the updated parameters are gathered (exposed)
             all_reduce, last = comm.bucketed_all_reduce_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
             gather = comm.all_gather_s(n_params * bpp.param, dp_link)
-            fixed_vol = comm.all_reduce_volume_bytes(grad_bytes, dp) + comm.all_gather_volume_bytes(
+            step_volume = comm.all_reduce_volume_bytes(grad_bytes, dp) + comm.all_gather_volume_bytes(
                 n_params * bpp.param, dp)
             exposes = True
         elif sharding == "zero2":
             # FSDP2, no resharding: gathers in each forward (in the stage times), one
             # reduce-scatter of the accumulated gradients under the last backward
-            rs_total, rs_last = comm.bucketed_reduce_scatter_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
-            fsdp_vol = comm.all_gather_volume_bytes(n_params * bpp.compute, dp)
-            fixed_vol = comm.all_gather_volume_bytes(grad_bytes, dp)
+            reduce_scatter_total, reduce_scatter_last = comm.bucketed_reduce_scatter_s(grad_bytes, dp_link, DDP_BUCKET_BYTES)
+            fsdp_volume = comm.all_gather_volume_bytes(n_params * bpp.compute, dp)
+            step_volume = comm.all_gather_volume_bytes(grad_bytes, dp)
         else:
-            fsdp_vol = (2 * comm.all_gather_volume_bytes(n_params * bpp.compute, shard_n)
+            fsdp_volume = (2 * comm.all_gather_volume_bytes(n_params * bpp.compute, shard_n)
                         + comm.all_gather_volume_bytes(grad_bytes, shard_n))
             if sharding == "hsdp" and mesh.dp_replicate > 1:
                 rep_link = model.link(mesh, "dp_replicate")
                 all_reduce, last = comm.bucketed_all_reduce_s(grad_bytes / shard_n, rep_link, DDP_BUCKET_BYTES)
-                fixed_vol = comm.all_reduce_volume_bytes(grad_bytes / shard_n, mesh.dp_replicate)
+                step_volume = comm.all_reduce_volume_bytes(grad_bytes / shard_n, mesh.dp_replicate)
                 exposes = True
-    opt_s = off_s = 0.0
+    optimizer_time_s = offload_time_s = 0.0
     if offload == "cpu":
         pcie = hw.host.pcie_bandwidth_bytes_per_s
-        off_s = opt_params * (bpp.grad + bpp.param) / pcie + opt_params / hw.host.cpu_adam_params_per_s
+        offload_time_s = optimizer_params * (bpp.grad + bpp.param) / pcie + optimizer_params / hw.host.cpu_adam_params_per_s
     elif hw.device_is_host_cpu:
-        if opt_params > 0:
+        if optimizer_params > 0:
             step_bpp = optimizer_step_bytes_per_param(bpp, model.train.optimizer)
             # the measured AdamW rate, scaled to this optimizer by its bytes per parameter
             # (host.cpu_adam_params_per_s is a foreach AdamW step, fp32)
             host_rate = hw.host.cpu_adam_params_per_s * optimizer_step_bytes_per_param(bpp, "adamw") / step_bpp
-            opt_s = max(hw.device.kernel_launch_s, opt_params / host_rate)
+            optimizer_time_s = max(hw.device.kernel_launch_s, optimizer_params / host_rate)
     else:
-        nbytes = opt_params * optimizer_step_bytes_per_param(bpp, model.train.optimizer)
+        nbytes = optimizer_params * optimizer_step_bytes_per_param(bpp, model.train.optimizer)
         if nbytes > 0:
             bw = hw.device.memory_bandwidth_bytes_per_s
-            opt_s = max(hw.device.kernel_launch_s,
-                        nbytes / (bw * memory_efficiency(model.curves, nbytes, "elementwise")))
+            optimizer_time_s = max(hw.device.kernel_launch_s,
+                                   nbytes / (bw * memory_efficiency(model.curves, nbytes, "elementwise")))
     step_copy = 0.0
     if engine in ALL_REDUCE_ENGINES:
         # DDP copies each gradient into its bucket and the reduced bucket back (read + write each
@@ -405,9 +405,9 @@ def data_parallel_terms(model: CostModel, n_params: float, k: Knobs, mesh: MeshD
         # the one reduce-scatter's copy-in (torch._chunk_cat of the accumulated unsharded gradients)
         step_copy = copy_s(model, 2 * grad_bytes)
     return DataParallelTerms(
-        states=states, optimizer_params=opt_params, all_reduce_s=all_reduce, all_reduce_last_bucket_s=last,
-        param_gather_s=gather, reduce_scatter_s=rs_total, reduce_scatter_last_bucket_s=rs_last,
-        fsdp_volume_per_micro_batch=fsdp_vol, step_volume_bytes=fixed_vol, optimizer_s=opt_s, offload_s=off_s,
+        states=states, optimizer_params=optimizer_params, all_reduce_s=all_reduce, all_reduce_last_bucket_s=last,
+        param_gather_s=gather, reduce_scatter_s=reduce_scatter_total, reduce_scatter_last_bucket_s=reduce_scatter_last,
+        fsdp_volume_per_micro_batch=fsdp_volume, step_volume_bytes=step_volume, optimizer_s=optimizer_time_s, offload_s=offload_time_s,
         all_reduce_exposes=exposes, step_copy_s=step_copy,
     )
 
