@@ -22,7 +22,7 @@ from cost_models.compute import gemm_flops, layer_compute, op_time_s, peak_flops
 from cost_models.efficiency import curves_for
 from planner.models import lm_loss
 from planner.models.transformer import Transformer, TransformerConfig
-from planner.trace import trace
+from planner.tracer import trace
 from specs import HardwareSpec
 
 CFG = TransformerConfig(vocab_size=2048, hidden=384, num_layers=8, num_heads=8, seq_len=128,

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from planner.models import build_model
-    from planner.trace import trace
+    from planner.tracer import trace
 
     t = time.perf_counter()
     tiny = build_model("gpt-tiny", device="meta")

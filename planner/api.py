@@ -199,7 +199,7 @@ class _NoBackend:
 
 def trace_model(model: Any, example_inputs: Sequence[Any] | None) -> ModelGraph:
     """Trace a module, bundled name or factory reference into a ModelGraph (on meta where we can)."""
-    from planner.trace import trace  # the tracer; imported late (it pulls in torch.fx)
+    from planner.tracer import trace  # the tracer; imported late (it pulls in torch.fx)
 
     name = None
     if isinstance(model, str):

@@ -201,7 +201,7 @@ def cmd_schema(args) -> int:
 
 def cmd_trace(args) -> int:
     from planner.models import build_model
-    from planner.trace import trace
+    from planner.tracer import trace
 
     built = build_model(args.model, batch=1, device="meta")
     graph = trace(built.module, built.example_inputs)

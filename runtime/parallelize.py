@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from planner.capabilities import sequence_parallel_problem
-from planner.trace import trace
+from planner.tracer import trace
 from runtime.checkpointing import apply_activation_checkpointing
 from runtime.data_parallel import (
     apply_data_parallel,

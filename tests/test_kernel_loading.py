@@ -77,25 +77,26 @@ def test_a_failed_load_warns_once_and_plans_in_python(monkeypatch):
     monkeypatch.setattr(kernels, "ready", False)
     monkeypatch.setattr(kernels, "jit", None)
     monkeypatch.setattr(kernels, "failed", None)
-    monkeypatch.setattr(kernels, "_python_s", 0.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         kernels.warm_up()
         for _ in range(3):
-            kernels.charge(kernels.LOAD_AFTER_S)  # the automatic load does not try again
-        kernels.warm_up()
+            assert not kernels.load()  # a failed load is not tried again
+        from cost_models import CostModel
         from planner.api import autoplan
-        from specs import Constraints, HardwareSpec, TrainSpec
+        from specs import Constraints, HardwareSpec, Knobs, TrainSpec
         from tests.graphs import gpt_graph
 
         g = gpt_graph(vocab=1024, hidden=256, layers=4, heads=8, seq_len=128)
         hw = HardwareSpec.preset("dgx-a100-80gb", devices=8)
         plan = autoplan(None, hw, graph=g, train=TrainSpec(global_batch_size=16), constraints=Constraints(pp=2))
+        cm = CostModel(g, hw, TrainSpec(global_batch_size=16), compiled=True)  # asked for, not there
+        est = cm.estimate(Knobs(pp=2, dp=4, tp=1, num_micro_batches=4), [(0, 2, "none"), (3, 5, "none")])
     mine = [w for w in caught if "compiled pipeline kernels" in str(w.message)]
     assert len(mine) == 1 and issubclass(mine[0].category, RuntimeWarning)
     assert "has no attribute 'types'" in str(mine[0].message)
-    assert not kernels.ready and kernels.failed
-    assert plan.predicted.step_time_s > 0
+    assert not kernels.ready and kernels.failed and not cm.compiled
+    assert plan.predicted.step_time_s > 0 and est.step_time_s > 0
 
 
 @pytest.mark.tier1
@@ -136,34 +137,41 @@ def test_numba_caches_the_kernels_there(tmp_path):
 
 @pytest.mark.tier1
 def test_a_search_never_compiles_it_builds_the_cache_in_the_background(monkeypatch, tmp_path):
-    """No multi-second compile on a user's first plan: with no cached machine code, `charge` keeps
-    the Python passes and starts one background build; with a cache, it loads the kernels."""
+    """No multi-second compile on a user's first plan. The kernel loads at one point, when a
+    CostModel is made: for a large space with cached machine code it loads; with no cache it stays
+    in Python and starts one background build; a small space never touches numba."""
+    from cost_models import CostModel
+    from cost_models.model import KERNELS_FROM_DEVICES
+    from specs import HardwareSpec, TrainSpec
+    from tests.graphs import gpt_graph
+
     monkeypatch.setenv("AUTOPLAN_CACHE_DIR", str(tmp_path / "empty"))
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.delenv("AUTOPLAN_JIT_BUILD", raising=False)
-    for name, value in (("ready", False), ("failed", None), ("_python_s", 0.0), ("_build_started", False),
-                        ("AVAILABLE", True)):
+    for name, value in (("ready", False), ("failed", None), ("_build_started", False), ("AVAILABLE", True)):
         monkeypatch.setattr(kernels, name, value)
     started, loaded = [], []
     monkeypatch.setattr(kernels.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
     monkeypatch.setattr(kernels, "warm_up", lambda: loaded.append(1) or 0.0)
+    g = gpt_graph(vocab=1024, hidden=256, layers=4, heads=8, seq_len=128)
+    train = TrainSpec(global_batch_size=1024)
+    small = HardwareSpec.preset("dgx-a100-80gb", devices=8)
+    big = HardwareSpec.preset("dgx-a100-80gb", nodes=KERNELS_FROM_DEVICES // 8)
     assert not kernels.cache_ready()
-    kernels.charge(kernels.LOAD_AFTER_S / 2)
-    assert started == [] and loaded == []  # below the break-even point: nothing
-    kernels.charge(kernels.LOAD_AFTER_S)
-    kernels.charge(kernels.LOAD_AFTER_S)
-    assert len(started) == 1 and "kernels.main()" in started[0][-1] and loaded == []
-    assert not kernels.ready  # this process stays in Python
+    assert not CostModel(g, small, train).compiled
+    assert started == [] and loaded == []  # a small space: nothing
+    assert not CostModel(g, big, train).compiled and not CostModel(g, big, train).compiled
+    assert len(started) == 1 and "kernels.main()" in started[0][-1] and loaded == []  # one build, no load
 
     monkeypatch.setattr(kernels, "_build_started", False)
     monkeypatch.setattr(kernels, "cache_ready", lambda: True)
-    kernels.charge(kernels.LOAD_AFTER_S)
+    CostModel(g, big, train)
     assert loaded == [1] and len(started) == 1
 
     monkeypatch.setattr(kernels, "_build_started", False)
     monkeypatch.setattr(kernels, "cache_ready", lambda: False)
     monkeypatch.setenv("AUTOPLAN_JIT_BUILD", "0")
-    kernels.charge(kernels.LOAD_AFTER_S)
+    CostModel(g, big, train)
     assert len(started) == 1  # the background build is off
 
 

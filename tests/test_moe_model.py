@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from planner.models import build_model, is_bundled
 from planner.models.moe import MoE, expert_mlp, grouped_mm_supported
 from planner.models.transformer import MOE_CONFIGS, Transformer
-from planner.trace import trace
+from planner.tracer import trace
 
 
 def _naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:

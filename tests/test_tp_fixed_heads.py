@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planner.trace import trace
+from planner.tracer import trace
 
 HIDDEN, HEADS, SEQ = 32, 4, 8
 

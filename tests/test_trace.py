@@ -14,7 +14,7 @@ from torch import nn
 
 from planner.models import build_model
 from planner.models.transformer import Transformer, gpt_config
-from planner.trace import trace
+from planner.tracer import trace
 from planner.trace_report import block_table_text, render_block_table
 from specs import ModelGraph, SpecError
 
@@ -179,7 +179,7 @@ def test_gpt3_175b_on_meta_three_layer_types():
 def test_fingerprint_stable_across_processes_and_sensitive_to_config():
     g = _trace("gpt-tiny")
     assert _trace("gpt-tiny").fingerprint == g.fingerprint
-    code = ("from planner.models import build_model; from planner.trace import trace; "
+    code = ("from planner.models import build_model; from planner.tracer import trace; "
             "bm = build_model('gpt-tiny', device='meta', batch=2); "
             "print(trace(bm.module, bm.example_inputs).fingerprint)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

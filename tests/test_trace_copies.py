@@ -1,4 +1,4 @@
-"""Materialising copies the tracer counts per op (planner/measure.py COPY_OPS, planner/trace.py
+"""Materialising copies the tracer counts per op (planner/measure.py COPY_OPS, planner/tracer.py
 _copy_owners) against a count by hand from the shapes of the bundled GPT attention."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from planner.models import build_model
 from planner.models.transformer import Transformer, TransformerConfig
-from planner.trace import trace
+from planner.tracer import trace
 
 pytestmark = pytest.mark.tier1
 

@@ -9,7 +9,7 @@ import torch
 
 from planner.models import build_model
 from planner.models.transformer import Transformer, gpt_config
-from planner.trace import trace
+from planner.tracer import trace
 
 
 def _fp(name: str, batch: int) -> str:

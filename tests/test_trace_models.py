@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("torchvision")
 
 from planner.models import build_model  # noqa: E402
-from planner.trace import trace  # noqa: E402
+from planner.tracer import trace  # noqa: E402
 from specs import ModelGraph  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""planner.trace: a model and example inputs -> specs.ModelGraph.
+"""planner.tracer (`planner.trace`): a model and example inputs -> specs.ModelGraph.
 
 Pipeline (each step in its own module):
 1. Capture (here): `torch.fx.symbolic_trace`; if that fails (data-dependent control flow,
