@@ -49,6 +49,8 @@ def load_data(path: str | os.PathLike[str]) -> Any:
         raise SpecError(f"{p}: file not found")
     if p.is_dir():
         raise SpecError(f"{p}: is a directory, expected a YAML or JSON file")
+    if p.is_fifo() or p.is_socket():  # reading one waits for a writer that may never come
+        raise SpecError(f"{p}: is a pipe or socket, expected a YAML or JSON file (save it to a file first)")
     raw = _read_bounded(p)
     try:
         text = raw.decode("utf-8")
