@@ -94,6 +94,8 @@ def _load_plan(path: str):
 
 
 def cmd_explain(args) -> int:
+    if args.top_k is not None and args.top_k < 1:
+        raise SpecError(f"--top-k: must be >= 1 (got {args.top_k}); leave it out for 5")
     plan = _load_plan(args.plan)
     out: dict[str, Any] = {}
     if args.picture:
@@ -336,7 +338,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="check everything, print the torchrun command, stop"
     )
     sp.set_defaults(fn=cmd_run)
-    sp.error = lambda message: _one_line_usage_error("run", message)  # type: ignore[method-assign]
 
     # `calibrate` times collectives with torch.distributed, so it lives in runtime/ (the only
     # package that may use it); run as `python -m runtime.calibrate`, which parses its own options.
@@ -348,15 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("args", nargs="*")
     sp.set_defaults(fn=cmd_calibrate)
+    # argparse's own errors (a bad choice, a missing or unknown flag) as one line too, like ours
+    p.error = lambda message: _one_line_usage_error("", message)  # type: ignore[method-assign]
+    for name, parser in sub.choices.items():
+        parser.error = lambda message, name=name: _one_line_usage_error(name, message)  # type: ignore[method-assign]
     return p
 
 
 def _one_line_usage_error(command: str, message: str):
-    """argparse's error for `run`: one line (its usage block would bury it), exit 2."""
-    print(
-        f"autoplan {command}: error: {message} (autoplan {command} --help lists the options)",
-        file=sys.stderr,
-    )
+    """argparse's error: one line (its usage block would bury it), exit 2."""
+    prog = f"autoplan {command}".strip()
+    print(f"{prog}: error: {message} ({prog} --help lists the options)", file=sys.stderr)
     sys.exit(2)
 
 
@@ -366,9 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command == "run":
-            _one_line_usage_error("run", f"unrecognized arguments: {' '.join(extra)}")
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        _one_line_usage_error(args.command, f"unrecognized arguments: {' '.join(extra)}")
     # A model REF the user types (`autoplan plan mymodel:build`) is found in the current folder, as
     # `python -m` and torchrun find it; REFs read from files are never imported (module docstring).
     cwd = str(Path.cwd())
