@@ -1,5 +1,6 @@
-"""tests/hostile_inputs.py, cheaply (issue 20): the catalogue has >= 200 distinct cases, a fixed
-sample of them answers clearly in time, and each verdict is what the runner gives.
+"""tests/hostile_inputs.py and hostile_verdicts.py, cheaply (issue 20): the catalogue has >= 200
+distinct cases, a fixed sample of them answers clearly in time, and each verdict is what the
+runner gives.
 
 All cases run in `benchmarks/reliability_report.py` (benchmarks/results/reliability_report.txt).
 """
@@ -13,6 +14,7 @@ import pytest
 
 from specs import SpecError
 from tests import hostile_inputs as hi
+from tests import hostile_verdicts as hv
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def test_at_least_200_distinct_cases(cases):
 def test_a_fixed_sample_answers_clearly(cases, tmp_path):
     cases = [c for c in cases if c.name not in hi.KNOWN_DEFECTS]
     sample = cases[:: len(cases) // 20]
-    results = hi.run_cases(sample, tmp_path)
+    results = hv.run_cases(sample, tmp_path)
     bad = [f"{r.verdict} {r.name}: {r.detail}" for r in results if r.verdict != "clear"]
     assert not bad, "\n".join(bad)
     assert len({r.group for r in results}) >= 4
@@ -42,25 +44,25 @@ def test_the_verdicts(tmp_path):
         raise SpecError("x.yaml: mesh.tp: must be > 0 (got 0)")
 
     def evil_import():
-        importlib.import_module(hi.EVIL)
+        importlib.import_module(hv.EVIL)
 
     def slow():
         time.sleep(5)
 
     cases = [
-        hi.api("clear", "t", refuse, ("mesh.tp",)),
-        hi.api("needle missing", "t", refuse, ("mesh.dp",)),
-        hi.api("two lines", "t", lambda: (_ for _ in ()).throw(SpecError("a\nb"))),
-        hi.api("crash", "t", lambda: 1 / 0),
-        hi.api("accepted", "t", lambda: 1),
-        hi.api("accepted, fine", "t", lambda: 1, expect="either"),
-        hi.api("accepted, wrong", "t", lambda: 1, expect="either", wrong=lambda v: "one"),
-        hi.api("imports the marker module", "t", evil_import),
-        hi.api("slow", "t", slow),
-        hi.cli("cli refused", "t", ["plan", "gpt-tiny"], ("--hw",)),
-        hi.cli("cli exit 0", "t", ["schema", "plan"]),
+        hv.api("clear", "t", refuse, ("mesh.tp",)),
+        hv.api("needle missing", "t", refuse, ("mesh.dp",)),
+        hv.api("two lines", "t", lambda: (_ for _ in ()).throw(SpecError("a\nb"))),
+        hv.api("crash", "t", lambda: 1 / 0),
+        hv.api("accepted", "t", lambda: 1),
+        hv.api("accepted, fine", "t", lambda: 1, expect="either"),
+        hv.api("accepted, wrong", "t", lambda: 1, expect="either", wrong=lambda v: "one"),
+        hv.api("imports the marker module", "t", evil_import),
+        hv.api("slow", "t", slow),
+        hv.cli("cli refused", "t", ["plan", "gpt-tiny"], ("--hw",)),
+        hv.cli("cli exit 0", "t", ["schema", "plan"]),
     ]
-    got = {r.name: r.verdict for r in hi.run_cases(cases, tmp_path, limit_s=0.5)}
+    got = {r.name: r.verdict for r in hv.run_cases(cases, tmp_path, limit_s=0.5)}
     assert got == {
         "clear": "clear", "needle missing": "unclear", "two lines": "unclear", "crash": "crash",
         "accepted": "silent-wrong", "accepted, fine": "clear", "accepted, wrong": "silent-wrong",
