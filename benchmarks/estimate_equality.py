@@ -11,6 +11,10 @@ bound are recorded.
     ... change the cost model ...
     .venv/bin/python benchmarks/estimate_equality.py --check /tmp/estimates_before.json
 
+`--every N` takes every N-th candidate of each group; a `.gz` path is read and written gzipped
+(tests/test_estimate_golden.py keeps `--every 20` of the space as tests/data/estimates_golden.json.gz:
+a change of any estimate fails it until the golden file is rewritten on purpose).
+
 `--check` prints, per field, how many candidates differ bit for bit and the largest relative
 difference, and exits 1 when any field differs by more than `--rtol` (default 0: bit-equal).
 """
@@ -18,6 +22,7 @@ difference, and exits 1 when any field differs by more than `--rtol` (default 0:
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -110,7 +115,7 @@ def _flatten(x, prefix: str = ""):
         yield prefix, x
 
 
-def collect() -> dict:
+def collect(every: int = 1) -> dict:
     """Every candidate's fields, scored in order on one CostModel per group (its memos shared, as
     in a search); `fresh` below re-scores a sample each on a new CostModel."""
     try:
@@ -137,6 +142,8 @@ def collect() -> dict:
     for name, graph, hw, train, cands in _space():
         cm = model(graph, hw, train)
         for i, (k, stages) in enumerate(cands):
+            if i % every:
+                continue
             key = f"{name}/{i}/{k}"
             if i % 50 == 7:  # a sample on a model of its own: sharing must not change a result
                 cm_i = model(graph, hw, train)
@@ -191,15 +198,29 @@ def main() -> None:
     g.add_argument("--write", type=Path)
     g.add_argument("--check", type=Path)
     ap.add_argument("--rtol", type=float, default=0.0)
+    ap.add_argument("--every", type=int, default=1, help="every n-th candidate of each group (tests: 20)")
     args = ap.parse_args()
     t0 = time.process_time()
-    got = collect()
+    got = collect(args.every)
     print(f"{len(got)} candidates estimated in {time.process_time() - t0:.1f} s CPU")
     if args.write:
-        args.write.write_text(json.dumps(got))
+        write(args.write, got)
         print(f"wrote {args.write}")
         return
-    sys.exit(compare(json.loads(args.check.read_text()), got, args.rtol))
+    sys.exit(compare(read(args.check), got, args.rtol))
+
+
+def write(path: Path, got: dict) -> None:
+    text = json.dumps(got, sort_keys=True)
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(text.encode(), mtime=0))
+    else:
+        path.write_text(text)
+
+
+def read(path: Path) -> dict:
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
 
 
 if __name__ == "__main__":
