@@ -13,8 +13,10 @@ import pytest
 
 from tests import fault_runs as fr
 
-# its own xdist group (the module fixtures are shared by its tests), apart from the other launch tests
-pytestmark = [pytest.mark.tier3, pytest.mark.slow, pytest.mark.xdist_group("faults")]
+pytestmark = [pytest.mark.tier3, pytest.mark.slow]
+# The tests that share the module fixtures' runs (scenarios, integrity) run on one xdist worker;
+# the others (each its own runs) are scheduled alone, so the two workers can share them.
+SHARED_RUNS = pytest.mark.xdist_group("faults")
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +24,7 @@ def scenarios(tmp_path_factory):
     return fr.run_fault_scenarios(tmp_path_factory.mktemp("faults"))
 
 
+@SHARED_RUNS
 def test_uninterrupted_reference(scenarios):
     s = scenarios["straight"]
     assert s.returncode == 0, s.stderr[-3000:]
@@ -29,6 +32,7 @@ def test_uninterrupted_reference(scenarios):
     assert s.records[-1]["loss"] != s.records[0]["loss"]  # it trained
 
 
+@SHARED_RUNS
 @pytest.mark.parametrize("name,first_attempt,redone", [
     ("kill-at-step", [1, 2, 3], 1),       # killed before step 4; step 2's checkpoint: step 3 redone
     ("kill-in-save", [1, 2, 3, 4], 2),    # killed before step 4's commit; resumes at 2: 3, 4 redone
@@ -48,6 +52,7 @@ def test_killed_run_resumes_and_loses_nothing(scenarios, name, first_attempt, re
     assert (diff["missing"], diff["differing"], diff["bytes_lost"]) == ([], [], 0)
 
 
+@SHARED_RUNS
 def test_kill_during_save_keeps_the_last_good_checkpoint(scenarios):
     """The killed save of step 4 never committed: attempt 1 resumed from step 2, and the leftover
     step_4.tmp was replaced by a committed step 4 (every committed checkpoint has its marker)."""
@@ -96,6 +101,7 @@ def integrity(scenarios, tmp_path_factory):
     return fr.run_integrity_scenarios(tmp_path_factory.mktemp("integrity"), scenarios["straight"])
 
 
+@SHARED_RUNS
 def test_damaged_checkpoints_are_named_and_the_run_falls_back_to_the_newest_intact(scenarios, integrity):
     """Step 6 (flipped bytes, same size) and step 4 (truncated) are rejected by name; the run resumes
     from step 2 and ends exactly as the uninterrupted run: same losses for steps 3-6 and the same
@@ -117,6 +123,7 @@ def test_damaged_checkpoints_are_named_and_the_run_falls_back_to_the_newest_inta
         assert verify_checkpoint(run.checkpoint_dir / f"step_{s:08d}").intact
 
 
+@SHARED_RUNS
 def test_no_intact_checkpoint_stops_with_one_line(integrity):
     run, files = integrity["none-intact"]
     assert run.returncode != 0
@@ -127,6 +134,7 @@ def test_no_intact_checkpoint_stops_with_one_line(integrity):
     assert "PytorchStreamReader" not in run.stderr and run.records == []
 
 
+@SHARED_RUNS
 def test_nan_loss_stops_the_run_before_any_save(scenarios, tmp_path):
     """NaN at step 5 on rank 1: exit non-zero, one line naming step 5, steps 1-4 as the reference,
     checkpoints 2 and 4 only, and step 4's is intact and equal to the uninterrupted run's."""

@@ -21,7 +21,8 @@ import pytest
 from tests.runtime_plans import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.tier3, pytest.mark.slow, pytest.mark.xdist_group("launch")]
+# no xdist group: each test makes its own runs, so the two workers can share them
+pytestmark = [pytest.mark.tier3, pytest.mark.slow]
 
 
 def _torchrun(nproc: int, args: list[str], *, extra: list[str] | None = None, wait: bool = True):
