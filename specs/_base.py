@@ -4,16 +4,48 @@ from __future__ import annotations
 
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 
 class Frozen(BaseModel):
-    """Base of every spec: frozen, strict about unknown keys, described fields."""
+    """Base of every spec: frozen, strict about unknown keys, described fields.
+
+    A yes/no where a number belongs is refused: pydantic's lax mode reads `true` as 1, so a
+    hand-edited `devices_per_node: true` or `memory_bytes: true` would silently mean one device or
+    one byte."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if isinstance(value, bool):
+                    field = cls.model_fields.get(name) if isinstance(name, str) else None
+                    if field is not None and _is_number(field.annotation):
+                        raise ValueError(f"{name}: {value!r} is a yes/no, not a number; give a number")
+        return data
+
+
+def _is_number(annotation: Any) -> bool:
+    """int or float (alone, optional, or in a union with other non-bool types), not bool."""
+    if annotation in (int, float):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _is_number(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if bool in args:  # a yes/no is one of the field's own values
+            return False
+        return any(_is_number(a) for a in args if a is not type(None))
+    return False
 
 
 class SpecError(ValueError):
