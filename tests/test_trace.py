@@ -14,8 +14,8 @@ from torch import nn
 
 from planner.models import build_model
 from planner.models.transformer import Transformer, gpt_config
-from planner.tracer import trace
 from planner.trace_report import block_table_text, render_block_table
+from planner.tracer import trace
 from specs import ModelGraph, SpecError
 
 
