@@ -66,18 +66,13 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from planner.models import build_model
-from runtime.checkpoint import (
-    agreed_verdict,
-    load_checkpoint,
-    save_checkpoint,
-    select_resume_checkpoint,
-)
 from runtime.mesh import validate_world
 from runtime.parallelize import parallelize
 from specs import Plan, SpecError
@@ -360,14 +355,22 @@ def _run(args, plan: Plan, log) -> int:
         dist.destroy_process_group()
 
 
+def _checkpoints() -> ModuleType:
+    """runtime.checkpoint, imported where a run saves or loads one (it imports torch's checkpoint
+    package, ~0.3 s CPU per process that needs none)."""
+    from runtime import checkpoint
+
+    return checkpoint
+
+
 def _choose_checkpoint(args) -> Path | None:
     """The checkpoint to load, verified on every rank with one agreed verdict (a collective)."""
     if args.resume_from:
-        verdict = agreed_verdict(args.resume_from)
+        verdict = _checkpoints().agreed_verdict(args.resume_from)
         if not verdict.intact:
             raise AgreedStop(f"--resume-from {args.resume_from}: the checkpoint is damaged: {verdict.summary()}")
     elif args.checkpoint_dir and (args.resume or _attempt() > 0):
-        verdict, rejected = select_resume_checkpoint(args.checkpoint_dir)
+        verdict, rejected = _checkpoints().select_resume_checkpoint(args.checkpoint_dir)
         if verdict is None and rejected:
             damaged = "; ".join(f"{v.path.name}: {v.summary(1)}" for v in rejected[:3])
             raise AgreedStop(f"--checkpoint-dir {args.checkpoint_dir}: no intact checkpoint to resume from, "
@@ -427,7 +430,7 @@ def _train(args, plan: Plan, log) -> int:
     start, data_pos = 0, 0
     ckpt = _choose_checkpoint(args)
     if ckpt is not None:
-        pos = load_checkpoint(pm, ckpt, verify=False)
+        pos = _checkpoints().load_checkpoint(pm, ckpt, verify=False)
         start, data_pos = pos["step"], pos["data_position"]
         if rank == 0:
             print(f"resumed from {ckpt} at step {start} (attempt {_attempt()})", flush=True)
@@ -481,11 +484,11 @@ def _train(args, plan: Plan, log) -> int:
                     log.flush()
             every = args.checkpoint_every
             if args.checkpoint_dir and ((every and (step + 1) % every == 0) or step + 1 == args.steps):
-                last_saved = save_checkpoint(pm, args.checkpoint_dir, step=step + 1, data_position=data_pos,
+                last_saved = _checkpoints().save_checkpoint(pm, args.checkpoint_dir, step=step + 1, data_position=data_pos,
                                              before_commit=before_commit(step + 1))
                 saved = step + 1
         if args.checkpoint_dir and saved != args.steps:  # e.g. loaded from elsewhere: save under this plan
-            last_saved = save_checkpoint(pm, args.checkpoint_dir, step=args.steps, data_position=data_pos)
+            last_saved = _checkpoints().save_checkpoint(pm, args.checkpoint_dir, step=args.steps, data_position=data_pos)
     except Interrupted as e:
         e.where = f"during step {step + 1} (last checkpoint: {last_saved or 'none'})"
         raise
