@@ -2,7 +2,7 @@
 and the traced model graph). Pure pydantic; imports only pydantic, yaml and the stdlib."""
 
 from specs._base import SpecError
-from specs.graph import Block, CutPoint, LayerType, ModelGraph, OpInfo, TPCandidate
+from specs.graph import Block, CutPoint, ExpertsInfo, LayerType, ModelGraph, OpInfo, TPCandidate
 from specs.hardware import (
     DeviceSpec,
     DTensorOverhead,
@@ -34,6 +34,6 @@ from specs.train import Constraints, TrainSpec
 __all__ = [
     "PLAN_VERSION", "Alternative", "AxisComm", "Block", "Constraints", "CutPoint", "DataParallel",
     "DeviceSpec", "DTensorOverhead", "EfficiencyPoint", "HardwareSpec", "HostSpec", "Knobs", "LayerType", "LinkSpec",
-    "Mesh", "MeshDims", "ModelGraph", "ModelRef", "OpInfo", "Pipeline", "Plan", "Prediction", "Rejection",
+    "ExpertsInfo", "Mesh", "MeshDims", "ModelGraph", "ModelRef", "OpInfo", "Pipeline", "Plan", "Prediction", "Rejection",
     "SearchStats", "SpecError", "Stage", "StageTimes", "TPCandidate", "TensorParallel", "TrainSpec",
 ]

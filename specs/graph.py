@@ -34,6 +34,32 @@ OpKindName = Literal[
 TPSplit = Literal["column", "row", "head", "vocab", "conv_out", "sequence", "replicate"]
 
 
+class ExpertsInfo(Frozen):
+    """A mixture-of-experts layer's experts, on the op that computes them (one op per MoE layer:
+    the bundled models' `planner.models.moe.expert_mlp`, a Hugging Face experts module). What
+    expert parallelism and its cost terms read (cost_models.experts):
+
+        routed rows per sample = tokens_per_sample * top_k      (dropless: every token meets k experts)
+        all-to-all bytes per sample, each way = routed rows * hidden * activation itemsize
+        one expert's GEMM at r rows = 2 * r * hidden * ffn_hidden FLOPs (gemms of them per row block)
+
+    The op's own fwd/bwd FLOPs, bytes and param_bytes cover all experts, as one process computes
+    them; its kind is "matmul"."""
+
+    num_experts: int = Field(gt=0, description="Experts in the layer (E).")
+    top_k: int = Field(gt=0, description="Experts each token is routed to (k).")
+    hidden: int = Field(gt=0, description="Width of a routed row (the model's hidden size).")
+    ffn_hidden: int = Field(gt=0, description="Each expert's inner width.")
+    gemms: int = Field(default=2, gt=0, description="GEMMs per expert in forward (2: GELU MLP, 3: SwiGLU).")
+    tokens_per_sample: int = Field(gt=0, description="Tokens entering the layer per sample (routed rows / k).")
+    num_params: int = Field(ge=0, description="Parameters of all E experts (what expert parallelism shards).")
+    param_bytes: float = Field(ge=0, description="Their bytes at the traced dtype.")
+
+    @property
+    def routed_rows_per_sample(self) -> int:
+        return self.tokens_per_sample * self.top_k
+
+
 class OpInfo(Frozen):
     name: str = Field(description="Node name in the traced graph (module path for module calls).")
     target: str = Field(description="What the node calls, e.g. 'aten.mm' or 'Linear'.")
@@ -69,6 +95,9 @@ class OpInfo(Frozen):
     )
     num_copies: int = Field(default=0, ge=0, description="Copy kernels behind copy_bytes_per_sample.")
     num_bwd_copies: int = Field(default=0, ge=0, description="Copy kernels behind bwd_copy_bytes_per_sample.")
+    experts: ExpertsInfo | None = Field(
+        default=None, description="Set on the op computing a mixture-of-experts layer's experts."
+    )
 
 
 class TPCandidate(Frozen):
