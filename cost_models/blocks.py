@@ -13,6 +13,13 @@ micro-batch on ONE tensor-parallel rank, cached per layer type (repeated blocks 
   vocab-parallel output head its input grad. Sizes are the block's hidden state (b s h). With
   sequence parallelism each all-reduce becomes reduce-scatter + all-gather (ring time equal).
   All of it sits on the critical path (exposed). Full recompute repeats the forward ones.
+- expert parallelism (ep > 1, cost_models.compute.expert_op_scaling for the experts' compute): per
+  MoE layer one all-to-all sends the routed rows to their experts' ranks and one brings them back,
+  in forward and again (their gradients) in backward; each rank sends N*k rows of the hidden size
+  (N tokens per micro-batch, top-k, x `TrainSpec.expert_load_imbalance` on the busiest rank), of
+  which 1/ep stays local (comm.all_to_all_s on the "ep" group's link). Exposed, like TP's: the
+  experts wait for their rows, the next layer for their outputs. Full recompute repeats the
+  forward pair. A rank holds 1/ep of the experts' parameters (`expert_params`).
 - memory: parameters per tp rank (split ops / tp, the rest replicated), activation bytes per
   in-flight micro-batch and the recompute working set (cost_models.memory; fused attention as
   the target's kernels keep it, `layer_saved_bytes`), boundary bytes.
@@ -64,15 +71,19 @@ class BlockCost:
     recompute_flops: float
     tp_param_ops: float = 0.0  # ops whose parameters are DTensors under tp (optimizer overhead)
     param_ops: float = 0.0  # ops with parameters (all DTensors under FSDP2)
+    ep_forward_s: float = 0.0  # expert parallelism's all-to-alls in forward (exposed)
+    ep_backward_s: float = 0.0  # ... in backward (and the re-run forward ones under full recompute)
+    ep_volume_bytes: float = 0.0  # bytes sent per rank on the ep group, forward + backward
+    expert_params: float = 0.0  # of num_params: the experts' (1/ep of them), synced over expert_dp
 
     @property
     def forward_s(self) -> float:
-        return self.forward_compute_s + self.tp_forward_s
+        return self.forward_compute_s + self.tp_forward_s + self.ep_forward_s
 
     @property
     def backward_s(self) -> float:
-        """Backward including recompute and TP comm, without the weight-grad part."""
-        return self.recompute_s + self.backward_compute_s + self.tp_backward_s
+        """Backward including recompute and TP/EP comm, without the weight-grad part."""
+        return self.recompute_s + self.backward_compute_s + self.tp_backward_s + self.ep_backward_s
 
     @property
     def weight_s(self) -> float:
@@ -85,7 +96,8 @@ class BlockCost:
 
 _FIELDS = ("forward_compute_s", "backward_compute_s", "weight_compute_s", "recompute_s", "tp_forward_s",
            "tp_backward_s", "tp_volume_bytes", "num_params", "activation_bytes", "fwd_flops", "bwd_flops",
-           "recompute_flops", "tp_param_ops", "param_ops")
+           "recompute_flops", "tp_param_ops", "param_ops", "ep_forward_s", "ep_backward_s", "ep_volume_bytes",
+           "expert_params")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +118,10 @@ class StageSum:
     recompute_flops: float
     tp_param_ops: float
     param_ops: float
+    ep_forward_s: float
+    ep_backward_s: float
+    ep_volume_bytes: float
+    expert_params: float
     num_blocks: int
     output_bytes: float  # of the last block (what the stage sends)
     max_working_bytes: float
@@ -113,11 +129,11 @@ class StageSum:
 
     @property
     def forward_s(self) -> float:
-        return self.forward_compute_s + self.tp_forward_s
+        return self.forward_compute_s + self.tp_forward_s + self.ep_forward_s
 
     @property
     def backward_s(self) -> float:
-        return self.recompute_s + self.backward_compute_s + self.tp_backward_s
+        return self.recompute_s + self.backward_compute_s + self.tp_backward_s + self.ep_backward_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +144,7 @@ class BlockCosts:
     sequence_parallel: bool
     micro_batch_size: int
     recompute: str
+    ep: int
     blocks: tuple[BlockCost, ...]
     by_layer_type: dict[str, BlockCost]
     type_costs: tuple[BlockCost, ...]  # per layer type, in type_counts order
@@ -191,17 +208,31 @@ def _check_tp(graph: ModelGraph, tp: int) -> None:
                 )
 
 
-def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, recompute: str) -> BlockCost:
+def _check_ep(graph: ModelGraph, ep: int) -> None:
+    for lt in graph.layer_types.values():
+        for op in lt.ops:
+            if op.experts is not None and op.experts.num_experts % ep:
+                raise SpecError(
+                    f"mesh.ep: ep={ep} does not divide the {op.experts.num_experts} experts of layer type "
+                    f"{lt.name!r}; pick an ep that divides it"
+                )
+
+
+def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, recompute: str, ep: int) -> BlockCost:
     g, hw = model.graph, model.hw
     sp = sp and tp > 1
-    compute_key = ("layer compute", lt.name, tp, sp, mb)  # the same for every recompute setting
+    experts = [op.experts for op in lt.ops if op.experts is not None]
+    ep = ep if experts else 1  # a dense layer is the same at any ep
+    imbalance = model.train.expert_load_imbalance
+    compute_key = ("layer compute", lt.name, tp, sp, mb, ep)  # the same for every recompute setting
     layer_time: LayerCompute | None = model.block_memo.get(compute_key)
     if layer_time is None:
         layer_time = model.block_memo[compute_key] = layer_compute(lt, hw, precision=model.train.precision,
                                                                    traced_activation_dtype=g.activation_dtype,
                                                                    traced_param_dtype=g.param_dtype, tp=tp,
                                                                    sequence_parallel=sp, micro_batch_size=mb,
-                                                                   curves=model.curves)
+                                                                   curves=model.curves, ep=ep,
+                                                                   expert_load_imbalance=imbalance)
     splittable = bool(lt.tp_candidates) and tp > 1
     # TP collectives (see module docstring)
     tp_f = tp_b = tp_vol = 0.0
@@ -238,9 +269,20 @@ def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, rec
         n_tp_ops = n_tp_param_ops
         forward_compute += n_tp_ops * overhead.forward_s
         backward_compute += n_tp_ops * overhead.backward_s
+    # expert parallelism's all-to-alls (module docstring)
+    ep_f = ep_b = ep_vol = 0.0
+    if ep > 1:
+        link = model.group_link(ep, tp)  # the ep group: consecutive dp ranks, tp apart (specs.MeshDims)
+        for e in experts:
+            rows = e.routed_rows_per_sample * mb * imbalance * e.hidden * model.act_isz
+            pair = 2 * comm.all_to_all_s(rows, link) + comm.all_to_all_s(8.0 * e.num_experts, link)  # + counts
+            ep_f += pair
+            ep_b += 2 * comm.all_to_all_s(rows, link)
+            ep_vol += 4 * comm.all_gather_volume_bytes(rows, ep)  # (ep-1)/ep of each send leaves the rank
     if recompute == "full":
         rec_s, rec_fl = forward_compute, layer_time.fwd_flops
         tp_b += tp_f
+        ep_b += ep_f
     elif recompute == "selective":
         rec_s, rec_fl = layer_time.attention_core_forward_s, layer_time.attention_core_fwd_flops
     else:
@@ -254,10 +296,16 @@ def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, rec
     )
     frac = model.split_fraction[lt.name] if splittable else 0.0
     params = lt.num_params * ((1 - frac) + frac / tp)
+    expert_params = 0.0
+    if experts:  # experts are not split by tp (whole on each tp rank); a rank holds 1/ep of them
+        all_expert_params = float(sum(e.num_params for e in experts))
+        expert_params = all_expert_params / ep
+        params += expert_params - all_expert_params
     out_b = lt.output_bytes_per_sample * s / (tp if sp and splittable else 1)
     return BlockCost(
         forward_compute, backward_compute, layer_time.weight_grad_s, rec_s, tp_f, tp_b, tp_vol, params,
         act.stored_bytes, act.working_bytes, out_b, layer_time.fwd_flops, layer_time.bwd_flops, rec_fl, n_tp_ops, n_param_ops,
+        ep_forward_s=ep_f, ep_backward_s=ep_b, ep_volume_bytes=ep_vol, expert_params=expert_params,
     )
 
 
@@ -280,8 +328,10 @@ def composition(model: CostModel, first: int, last: int) -> Composition:
     return tuple(map(sub, position_counts[last + 1], position_counts[first])), block_type[last]
 
 
-def block_costs_of(model: CostModel, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str) -> BlockCosts:
-    key = (tp, bool(sequence_parallel and tp > 1), micro_batch_size, recompute)
+def block_costs_of(model: CostModel, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str,
+                   ep: int = 1) -> BlockCosts:
+    ep = ep if model.has_experts else 1
+    key = (tp, bool(sequence_parallel and tp > 1), micro_batch_size, recompute, ep)
     got: BlockCosts | None = model.block_memo.get(key)
     if got is not None:
         return got
@@ -289,12 +339,14 @@ def block_costs_of(model: CostModel, tp: int, sequence_parallel: bool, micro_bat
         raise SpecError(f"block_costs: tp ({tp}) and micro_batch_size ({micro_batch_size}) must be >= 1")
     if tp > 1:
         _check_tp(model.graph, tp)
-    by_type = {name: _layer_cost(model, lt, tp, key[1], micro_batch_size, recompute)
+    if ep > 1:
+        _check_ep(model.graph, ep)
+    by_type = {name: _layer_cost(model, lt, tp, key[1], micro_batch_size, recompute, ep)
                for name, lt in model.graph.layer_types.items()}
     blocks = tuple(by_type[b.layer_type] for b in model.graph.blocks)
     names = list(by_type)
     block_type, counts, position_counts = block_types(model)
-    got = BlockCosts(tp, key[1], micro_batch_size, recompute, blocks, by_type,
+    got = BlockCosts(tp, key[1], micro_batch_size, recompute, ep, blocks, by_type,
                      tuple(by_type[n] for n in names), counts, block_type,
                      max(b.working_bytes for b in blocks), max(b.num_params for b in blocks), {}, {},
                      position_counts)
@@ -303,7 +355,7 @@ def block_costs_of(model: CostModel, tp: int, sequence_parallel: bool, micro_bat
 
 
 def block_costs(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, *, tp: int, sequence_parallel: bool,
-                micro_batch_size: int, recompute: str) -> BlockCosts:
+                micro_batch_size: int, recompute: str, ep: int = 1) -> BlockCosts:
     """Per-block costs of `graph` for one micro-batch on one tp rank (see module docstring).
 
     Args:
@@ -313,9 +365,10 @@ def block_costs(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, *, tp: in
         sequence_parallel: split norms/dropout along the sequence (ignored when tp == 1).
         micro_batch_size: samples per micro-batch.
         recompute: "none", "selective" or "full" for every block.
+        ep: expert-parallel degree (divides every MoE layer's experts; no effect on dense layers).
     Returns:
         BlockCosts: `.blocks[i]` is block i's BlockCost; `.stage(first, last)` sums a range.
     """
     from cost_models.model import CostModel
 
-    return CostModel(graph, hw, train).block_costs(tp, sequence_parallel, micro_batch_size, recompute)
+    return CostModel(graph, hw, train).block_costs(tp, sequence_parallel, micro_batch_size, recompute, ep)

@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cost_models.efficiency import Curves, compute_efficiency, curves_for, memory_efficiency
-from specs import HardwareSpec, LayerType, OpInfo
+from specs import ExpertsInfo, HardwareSpec, LayerType, OpInfo
 
 ITEMSIZE = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int64": 8,
             "float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -110,6 +110,25 @@ def copies_time_s(n_bytes: float, kernels: int, hw: HardwareSpec, curves: Curves
     return k * op_time_s(0.0, n_bytes / k, "memory", hw, curves, 1.0)
 
 
+def expert_op_scaling(experts: ExpertsInfo, mb: int, ep: int, imbalance: float) -> tuple[float, int, float]:
+    """(work factor, parameter split, FLOPs of one expert GEMM) of a mixture-of-experts layer's
+    experts op on one rank, for `mb` samples per micro-batch.
+
+    One process computes all E experts on its N*k routed rows (N = tokens, dropless), as the
+    traced op does. Under expert parallelism (ep > 1) a rank holds E/ep experts (the op reads
+    1/ep of their weights) and computes the rows every rank of its EP group routes to them: N*k
+    on average, `imbalance` times that on the busiest rank, which the others wait for at the
+    combine all-to-all (work factor = imbalance; 1 at ep = 1, where a rank computes its own
+    tokens whatever the routing). Each expert's GEMMs run at its row count, N*k*ep/E on average
+    (x imbalance: the busiest expert), so the compute efficiency is looked up at
+    2 * rows * hidden * ffn_hidden FLOPs, the size of one expert's GEMM, not at the op's total:
+    more ep gives each expert more rows, larger GEMMs, higher efficiency."""
+    rows = experts.routed_rows_per_sample * mb * ep / experts.num_experts
+    work = imbalance if ep > 1 else 1.0
+    gemm = 2.0 * max(rows * imbalance, 1.0) * experts.hidden * experts.ffn_hidden
+    return work, ep, gemm
+
+
 @dataclass(frozen=True, slots=True)
 class LayerCompute:
     """Compute times of one layer for one micro-batch on one tp rank (seconds) and its FLOPs."""
@@ -139,9 +158,13 @@ def layer_compute(
     sequence_parallel: bool,
     micro_batch_size: int,
     curves: Curves | None = None,
+    ep: int = 1,
+    expert_load_imbalance: float = 1.0,
 ) -> LayerCompute:
     """Forward / input-grad / weight-grad times of `layer` (see module docstring). `curves`: the
-    efficiency curves of `hw` (cost_models.efficiency.curves_for; made here when not given)."""
+    efficiency curves of `hw` (cost_models.efficiency.curves_for; made here when not given).
+    `ep`, `expert_load_imbalance`: expert parallelism of its experts op, if any
+    (`expert_op_scaling`)."""
     curves = curves if curves is not None else curves_for(hw)
     dtype = compute_dtype(precision)
     peak = peak_flops_per_s(hw, dtype)
@@ -176,6 +199,9 @@ def layer_compute(
         # parameters read by the op (an embedding lookup reads only its rows: counted in act_bytes)
         param_bytes = 0.0 if op.kind == "embedding" else op.param_bytes * par_scale / (split if op.tp_split in TP_SPLIT else 1)
         gemm_size = gemm_flops(op)  # one GEMM of a batched matmul: independent of tp and micro-batch
+        if op.experts is not None:
+            work, param_split, gemm_size = expert_op_scaling(op.experts, mb, ep, expert_load_imbalance)
+            f, b, act_bytes, param_bytes = f * work, b * work, act_bytes * work, param_bytes / param_split
         op_forward_s = op_time_s(f, act_bytes + param_bytes, op.kind, hw, curves, peak, eff_flops=gemm_size)
         copy_forward_s = copies_time_s(op.copy_bytes_per_sample * mb * act_scale / split, op.num_copies, hw, curves)
         copy_backward_s = copies_time_s(op.bwd_copy_bytes_per_sample * mb * act_scale / split, op.num_bwd_copies,
@@ -190,8 +216,10 @@ def layer_compute(
             core_flops += f
         if op.param_bytes > 0 and b > 0 and op.kind in COMPUTE_KINDS:
             weight_flops = min(f, b / 2)  # weight grad: one GEMM the size of the forward
-            weight_grad_s += op_time_s(weight_flops, param_bytes + act_bytes / 2, op.kind, hw, curves, peak)
-            input_grad_s += op_time_s(b - weight_flops, act_bytes, op.kind, hw, curves, peak)
+            per_gemm = gemm_size if op.experts is not None else None  # one expert's GEMM
+            weight_grad_s += op_time_s(weight_flops, param_bytes + act_bytes / 2, op.kind, hw, curves, peak,
+                                       eff_flops=per_gemm)
+            input_grad_s += op_time_s(b - weight_flops, act_bytes, op.kind, hw, curves, peak, eff_flops=per_gemm)
         elif b > 0:
             # a batched matmul's backward GEMMs (dA = dC B^T, dB = A^T dC) are each the size of
             # one forward GEMM

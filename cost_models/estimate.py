@@ -100,8 +100,8 @@ if TYPE_CHECKING:
     from cost_models.ranks import RankTerms
     from cost_models.stages import StageBounds
 
-TIME_TERMS = ("compute_forward_s", "compute_backward_s", "recompute_s", "tp_comm_s", "dp_comm_s", "pp_comm_s",
-              "bubble_s", "optimizer_s", "offload_s")
+TIME_TERMS = ("compute_forward_s", "compute_backward_s", "recompute_s", "tp_comm_s", "ep_comm_s", "dp_comm_s",
+              "pp_comm_s", "bubble_s", "optimizer_s", "offload_s")
 MEMORY_CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "transient", "margin")
 
 
@@ -125,7 +125,7 @@ class StepEstimate:
     memory_by_rank_raw: tuple[tuple[float, ...], ...]  # per pp rank, values in MEMORY_CATEGORIES order
     worst_rank: int
     time_breakdown_s: dict[str, float]  # TIME_TERMS; sums to step_time_s
-    comm: dict[str, AxisCommEstimate]  # "tp", "dp", "pp"
+    comm: dict[str, AxisCommEstimate]  # "tp", "dp", "pp" (and "ep" at ep > 1)
     bubble_fraction: float
     mfu: float
     hfu: float
@@ -253,6 +253,7 @@ def estimate(model: CostModel, k: Knobs, stages: Sequence[StageBounds]) -> StepE
         "compute_backward_s": m * busiest.backward_compute_s + tail.step_copy_s,
         "recompute_s": m * busiest.recompute_s,
         "tp_comm_s": m * busiest.tp_comm_s,
+        "ep_comm_s": m * busiest.ep_comm_s,
         "dp_comm_s": m * busiest.fsdp_exposed_s + sync.exposed_s,
         "pp_comm_s": pp_exposed + tail.tied_comm_s,
         "bubble_s": idle - pp_exposed,
@@ -265,6 +266,8 @@ def estimate(model: CostModel, k: Knobs, stages: Sequence[StageBounds]) -> StepE
         "pp": AxisCommEstimate(m * busiest.pp_volume_bytes, m * busiest.pp_time_s + tail.tied_comm_s,
                                pp_exposed + tail.tied_comm_s),
     }
+    if k.ep > 1:
+        comm_axes["ep"] = AxisCommEstimate(m * busiest.ep_volume_bytes, m * busiest.ep_comm_s, m * busiest.ep_comm_s)
     by_rank = tuple((rk.param_bytes, rk.grad_bytes, rk.optimizer_bytes, a, d - a, g)
                     for rk, a, d, g in zip(ranks, acts, dyn, margins, strict=True))
     samples = k.micro_batch_size * m * dp

@@ -3,7 +3,7 @@
     cm = CostModel(graph, hw, train)
     cm.estimate(knobs, stages) -> StepEstimate       one step of a candidate, term by term
     cm.lower_bound(knobs, stages) -> float           <= cm.estimate(...).step_time_s, no simulation
-    cm.block_costs(tp, sp, mb, recompute)            per-block terms (the stage-partition DP's input)
+    cm.block_costs(tp, sp, mb, recompute, ep)        per-block terms (the stage-partition DP's input)
     cm.estimate_plan(plan) -> StepEstimate           the same for a built Plan
 
 The formulation, from the bottom up (each level a named value; the module that computes it):
@@ -23,7 +23,7 @@ The formulation, from the bottom up (each level a named value; the module that c
 The object owns every memo; nothing is cached at module level, and a memo lives exactly as long
 as its CostModel (the search holds one for its whole run). Memos sit at three seams:
 
-1. block costs: `BlockCosts` per (tp, sp, micro-batch size, recompute), and what they are made
+1. block costs: `BlockCosts` per (tp, sp, micro-batch size, recompute, ep), and what they are made
    of per layer type (`block_memo`);
 2. stage terms per composition: one `StageSum` per (setting, blocks of each layer type), the
    `StageTerms` per (StageSum, data-parallel setting), the stage lists, layouts and rank terms
@@ -91,6 +91,10 @@ class CostModel:
         self.final_output_bytes = last.output_bytes_per_sample * self.act_scale
         self.model_flops_per_sample = graph.fwd_flops_per_sample + graph.bwd_flops_per_sample
         self.last_splittable = bool(last.tp_candidates)  # the last block (the head) can be tp-split
+        # mixture-of-experts layers (specs.ExpertsInfo): expert parallelism applies to them
+        self.num_experts = tuple(sorted({op.experts.num_experts for lt in graph.layer_types.values()
+                                         for op in lt.ops if op.experts is not None}))
+        self.has_experts = bool(self.num_experts)
         self.num_devices = hw.num_devices
         self.capacity = float(hw.device.memory_bytes)
         self.reserve = margin_bytes(0.0, self.capacity)  # the allocator margin's part that is not a fraction
@@ -105,11 +109,13 @@ class CostModel:
         self._contended: CostModel | None = None
 
     # ------------------------------------------------------------------ public API
-    def block_costs(self, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str) -> BlockCosts:
-        """Per-block costs for one micro-batch on one tp rank (cost_models.blocks.BlockCosts)."""
+    def block_costs(self, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str,
+                    ep: int = 1) -> BlockCosts:
+        """Per-block costs for one micro-batch on one tp rank (cost_models.blocks.BlockCosts);
+        `ep`: expert parallelism of the MoE layers' experts."""
         from cost_models.blocks import block_costs_of
 
-        return block_costs_of(self, tp, sequence_parallel, micro_batch_size, recompute)
+        return block_costs_of(self, tp, sequence_parallel, micro_batch_size, recompute, ep)
 
     def estimate(self, knobs: Knobs, stages: Sequence[tuple[int, int, str]]) -> StepEstimate:
         """One step of `knobs` with `stages` = (first, last, recompute) per virtual stage

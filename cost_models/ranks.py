@@ -12,7 +12,12 @@ Per pp rank r (its virtual stages r, r + pp, ...; cost_models.stages gives their
   all-reduce and ZeRO-1's parameter gather; ZeRO-2's one reduce-scatter; HSDP's replica
   all-reduce), the optimizer step, offload transfers, the engines' once-per-step copies, and
   tied parameters' gradient all-reduce across pp ranks;
-- per micro-batch, the breakdown sums of its stages (compute, recompute, TP, FSDP, p2p).
+- per micro-batch, the breakdown sums of its stages (compute, recompute, TP, EP, FSDP, p2p).
+
+With expert parallelism the rank's parameters are two groups with two data parallelisms: the
+experts' (1/ep of them held, copies on the dp / ep ranks of "expert_dp") and the rest (over all dp
+ranks). Each gets its DataParallelTerms, on its own mesh (`MeshDims.experts()` for the experts),
+and the rank's are their sum (`DataParallelTerms.plus`).
 
 `RankTerms` holds all of it by name; ranks alike (the same stages by composition, the same tied
 parameters; the last rank apart) share one object. `RankColumns` lays the terms out per rank for
@@ -71,6 +76,26 @@ class DataParallelTerms:
     all_reduce_exposes: bool  # a bucketed all-reduce runs under the last backward
     step_copy_s: float  # the engines' gradient copies once per step (DDP buckets, ZeRO-2's input)
 
+    def plus(self, other: DataParallelTerms) -> DataParallelTerms:
+        """Two parameter groups synchronised one after the other (expert parallelism's experts and
+        the rest): states, times and volumes add; the last bucket is the later group's."""
+        s, o = self.states, other.states
+        return DataParallelTerms(
+            states=StateBytes(s.param + o.param, s.grad + o.grad, s.optimizer + o.optimizer),
+            optimizer_params=self.optimizer_params + other.optimizer_params,
+            all_reduce_s=self.all_reduce_s + other.all_reduce_s,
+            all_reduce_last_bucket_s=other.all_reduce_last_bucket_s or self.all_reduce_last_bucket_s,
+            param_gather_s=self.param_gather_s + other.param_gather_s,
+            reduce_scatter_s=self.reduce_scatter_s + other.reduce_scatter_s,
+            reduce_scatter_last_bucket_s=other.reduce_scatter_last_bucket_s or self.reduce_scatter_last_bucket_s,
+            fsdp_volume_per_micro_batch=self.fsdp_volume_per_micro_batch + other.fsdp_volume_per_micro_batch,
+            step_volume_bytes=self.step_volume_bytes + other.step_volume_bytes,
+            optimizer_s=self.optimizer_s + other.optimizer_s,
+            offload_s=self.offload_s + other.offload_s,
+            all_reduce_exposes=self.all_reduce_exposes or other.all_reduce_exposes,
+            step_copy_s=self.step_copy_s + other.step_copy_s,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class RankTerms:
@@ -93,6 +118,8 @@ class RankTerms:
     recompute_s: float
     tp_comm_s: float
     tp_volume_bytes: float
+    ep_comm_s: float
+    ep_volume_bytes: float
     fsdp_exposed_s: float
     pp_volume_bytes: float
     pp_time_s: float
@@ -221,6 +248,7 @@ def _rank(model: CostModel, k: Knobs, mesh: MeshDims, mine: list[StageTerms], ti
     sharding = k.sharding
     # the rank's per-micro-batch sums over its stages, in stage order
     num_params = forward_c = backward_c = recompute = tp_s = tp_v = fsdp_s = fsdp_t = window = 0.0
+    expert_params = ep_s = ep_v = 0.0
     pp_v = pp_t = 0.0
     biggest_block = output_max = recomputed = -1.0
     for st in mine:
@@ -233,6 +261,9 @@ def _rank(model: CostModel, k: Knobs, mesh: MeshDims, mine: list[StageTerms], ti
         recompute += ss.recompute_s
         tp_s += st.tp_comm_s
         tp_v += ss.tp_volume_bytes
+        expert_params += ss.expert_params
+        ep_s += st.ep_comm_s
+        ep_v += ss.ep_volume_bytes
         fsdp_s += st.fsdp_exposed_s
         fsdp_t += st.fsdp_time_s
         window += st.backward_window_s
@@ -241,10 +272,17 @@ def _rank(model: CostModel, k: Knobs, mesh: MeshDims, mine: list[StageTerms], ti
         recomputed = max(recomputed, st.recompute_working_bytes)
     num_params -= tied_params
     shard_n = mesh.dp_shard if sharding == "hsdp" else mesh.dp
-    dkey = ("dp", num_params, mesh, sharding, k.offload)
+    dkey = ("dp", num_params, expert_params, mesh, sharding, k.offload)
     dp_terms: DataParallelTerms | None = model.stage_memo.get(dkey)
     if dp_terms is None:
-        dp_terms = model.stage_memo[dkey] = data_parallel_terms(model, num_params, k, mesh)
+        if expert_params > 0 and mesh.ep > 1:  # two groups (module docstring)
+            experts = mesh.experts()
+            k_experts = k.model_copy(update={"dp": experts.dp, "tp": experts.tp, "ep": 1})
+            dp_terms = data_parallel_terms(model, num_params - expert_params, k, mesh).plus(
+                data_parallel_terms(model, expert_params, k_experts, experts))
+        else:
+            dp_terms = data_parallel_terms(model, num_params, k, mesh)
+        model.stage_memo[dkey] = dp_terms
     engine = data_parallel_engine(k)  # what the runtime runs (cost_models.engines)
     optimizer_s = dp_terms.optimizer_s
     if hw.device_is_host_cpu and hw.dtensor_overhead is not None:
@@ -274,7 +312,8 @@ def _rank(model: CostModel, k: Knobs, mesh: MeshDims, mine: list[StageTerms], ti
         fsdp_time_per_micro_batch_s=fsdp_t if engine == "fully_shard" else 0.0,
         tied_comm_s=tied_comm, optimizer_s=optimizer_s,
         forward_compute_s=forward_c, backward_compute_s=backward_c, recompute_s=recompute, tp_comm_s=tp_s,
-        tp_volume_bytes=tp_v, fsdp_exposed_s=fsdp_s, pp_volume_bytes=pp_v, pp_time_s=pp_t,
+        tp_volume_bytes=tp_v, ep_comm_s=ep_s, ep_volume_bytes=ep_v, fsdp_exposed_s=fsdp_s, pp_volume_bytes=pp_v,
+        pp_time_s=pp_t,
     )
 
 

@@ -20,6 +20,10 @@ block's compute where the hardware overlaps communication with compute:
 
     exposed = first + max(0, (n_blocks - 1) x collective - compute x (n_blocks - 1) / n_blocks)
 
+With expert parallelism the experts' parameters (`StageSum.expert_params`, 1/ep of them per
+rank) are sharded over the "expert_dp" group (dp / ep copies, specs.MeshDims) and the rest over
+the whole data-parallel shard group: each block gathers both, one after the other.
+
 `StageTerms` also carries what the stage adds to its pp rank's per-micro-batch sums (named
 fields; cost_models.ranks adds them over a rank's stages). It does not depend on whether the
 schedule splits backward; `time(split)` gives the StageTime either way.
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
     from cost_models.ranks import RankColumns, RankTerms
 
 StageBounds = tuple[int, int, str]  # one virtual stage: (first block, last block, recompute)
-SumsKey = tuple[int, bool, int, str, Composition]  # a StageSum's (tp, sp, micro-batch, recompute, composition)
+SumsKey = tuple[int, bool, int, str, Composition, int]  # a StageSum's (tp, sp, micro-batch, recompute, composition, ep)
 # per distinct stage (composition, recompute, is the last stage, first block, last block), and per
 # stage its index into them
 StageShape = tuple[tuple[tuple[Composition, str, bool, int, int], ...], tuple[int, ...]]
@@ -80,6 +84,7 @@ class StageTerms:
     forward_compute_s: float  # forward compute + host work in forward (breakdown: compute_forward_s)
     backward_compute_s: float  # input- and weight-grad compute + host work in backward (compute_backward_s)
     tp_comm_s: float  # TP collectives, forward + backward
+    ep_comm_s: float  # expert parallelism's all-to-alls, forward + backward
     fsdp_exposed_s: float  # FSDP collectives not hidden, forward + backward
     backward_window_s: float  # the whole backward of one micro-batch (a gradient sync can hide behind it)
     pp_volume_bytes: float  # activation sent + its gradient received (0 for the last stage)
@@ -105,16 +110,21 @@ def stage_terms(model: CostModel, sums: StageSum, sums_key: SumsKey, mesh: MeshD
     reshard = sharding != "zero2"  # FSDP gathers again in backward and reduce-scatters each micro-batch
     fsdp_group = mesh.group("dp_shard") if fsdp else (1, mesh.tp)
     pp_stride = mesh.stride("pp")
-    key = ("stage", sums_key, fsdp_group, last_stage, pp_stride, reshard, pipelined)
+    key = ("stage", sums_key, fsdp_group, mesh.group("expert_dp"), last_stage, pp_stride, reshard, pipelined)
     got: StageTerms | None = model.stage_memo.get(key)
     if got is not None:
         return got
     fsdp_n, fsdp_stride = fsdp_group
     ss = sums
     fwd_exp = bwd_exp = fsdp_time = copy_f = copy_b = 0.0
+    expert_group = mesh.group("expert_dp") if fsdp and ss.expert_params > 0 else None
     if fsdp_n > 1:
         nb = ss.num_blocks
-        ag, rs, copy_f, copy_b = _fsdp_collectives(model, ss.num_params, nb, fsdp_n, fsdp_stride, reshard)
+        dense = ss.num_params - ss.expert_params if expert_group is not None else ss.num_params
+        ag, rs, copy_f, copy_b = _fsdp_collectives(model, dense, nb, fsdp_n, fsdp_stride, reshard)
+        if expert_group is not None and expert_group[0] > 1:
+            eag, ers, ecf, ecb = _fsdp_collectives(model, ss.expert_params, nb, *expert_group, reshard)
+            ag, rs, copy_f, copy_b = ag + eag, rs + ers, copy_f + ecf, copy_b + ecb
         overlap = model.hw.comm_overlaps_compute  # False: nothing hides the gathers (all exposed)
         forward_compute = ss.forward_s if overlap else 0.0
         fwd_exp = ag + max(0.0, (nb - 1) * ag - forward_compute * (nb - 1) / nb)
@@ -142,6 +152,7 @@ def stage_terms(model: CostModel, sums: StageSum, sums_key: SumsKey, mesh: MeshD
         forward_compute_s=ss.forward_compute_s + copy_f,
         backward_compute_s=ss.backward_compute_s + ss.weight_compute_s + copy_b,
         tp_comm_s=ss.tp_forward_s + ss.tp_backward_s,
+        ep_comm_s=ss.ep_forward_s + ss.ep_backward_s,
         fsdp_exposed_s=fwd_exp + bwd_exp,
         backward_window_s=ss.backward_s + bwd_exp + copy_b + ss.weight_compute_s,
         pp_volume_bytes=0.0 if last_stage else 2 * ss.output_bytes,
@@ -196,8 +207,9 @@ class StageList:
         return tuple(per_distinct[i] for i in self.pattern)
 
 
-def stage_list(model: CostModel, stages: tuple[StageBounds, ...], tp: int, sp: bool, mb: int) -> StageList:
-    key = ("stage list", stages, tp, sp, mb)
+def stage_list(model: CostModel, stages: tuple[StageBounds, ...], tp: int, sp: bool, mb: int,
+               ep: int = 1) -> StageList:
+    key = ("stage list", stages, tp, sp, mb, ep)
     got: StageList | None = model.stage_memo.get(key)
     if got is not None:
         return got
@@ -208,8 +220,9 @@ def stage_list(model: CostModel, stages: tuple[StageBounds, ...], tp: int, sp: b
     keys, pattern = shape
     distinct: list[tuple[StageSum, SumsKey, bool, str]] = []
     for comp, rec, last, first_block, last_block in keys:
-        bc = model.block_costs(tp, sp, mb, rec)
-        distinct.append((bc.stage_sum(first_block, last_block), (tp, bc.sequence_parallel, mb, rec, comp), last, rec))
+        bc = model.block_costs(tp, sp, mb, rec, ep)
+        distinct.append((bc.stage_sum(first_block, last_block), (tp, bc.sequence_parallel, mb, rec, comp, bc.ep),
+                         last, rec))
     flops = sum([ss.fwd_flops + ss.bwd_flops + ss.recompute_flops for ss, *_ in (distinct[i] for i in pattern)])
     got = model.stage_memo[key] = StageList(model.new_id(), tuple(distinct), pattern, flops)
     return got
@@ -305,9 +318,10 @@ def layout(model: CostModel, k: Knobs, stages: Sequence[StageBounds]) -> Layout:
         check_stages(model, stages, k.pp * k.virtual_stages)
         model.stage_memo[ckey] = True
     sp = bool(k.sequence_parallel and k.tp > 1)
-    partition_sums = stage_list(model, stages, k.tp, sp, k.micro_batch_size)
+    partition_sums = stage_list(model, stages, k.tp, sp, k.micro_batch_size, k.ep)
     # the stage terms of this stage list for this data-parallel setting (none and zero1 share them)
-    skey = ("stage terms", partition_sums.uid, mesh.group("dp_shard") if fsdp else None, mesh.stride("pp"),
+    skey = ("stage terms", partition_sums.uid, mesh.group("dp_shard") if fsdp else None, mesh.group("expert_dp"),
+            mesh.stride("pp"),
             k.sharding if fsdp else "none", pipelined)
     got_terms: tuple[list[StageTerms], int] | None = model.stage_memo.get(skey)
     if got_terms is None:

@@ -78,13 +78,13 @@ class Scored:
 
 def group_key(k: Knobs) -> tuple:
     """Alternatives are distinct in mesh, sharding, offload and schedule (best mb/sp/ckpt of each)."""
-    return (k.pp, k.dp, k.tp, k.sharding, k.hsdp_shard_size or 0, k.offload, k.schedule, k.virtual_stages)
+    return (k.pp, k.dp, k.tp, k.ep, k.sharding, k.hsdp_shard_size or 0, k.offload, k.schedule, k.virtual_stages)
 
 
 def _order(k: Knobs) -> tuple:
     """Deterministic tie-break between equal step times: simpler plans first."""
     return (
-        k.pp, k.tp, SHARDINGS.index(k.sharding), k.hsdp_shard_size or 0, k.offload != "none",
+        k.pp, k.tp, k.ep, SHARDINGS.index(k.sharding), k.hsdp_shard_size or 0, k.offload != "none",
         k.schedule, k.virtual_stages, -k.micro_batch_size, k.sequence_parallel, str(k.recompute),
     )
 
@@ -118,6 +118,9 @@ class Search(SearchSpace):
             cuts = list(range(graph.num_blocks - 1))
         self.ends = [*cuts, graph.num_blocks - 1]
         self.pins = self.c.pins()
+        # the MoE layers' expert counts (specs.ExpertsInfo): expert parallelism's degrees divide them
+        self.num_experts = tuple(sorted({op.experts.num_experts for lt in graph.layer_types.values()
+                                         for op in lt.ops if op.experts is not None}))
         self.modes = self._modes()
         # the cost model's bytes per parameter (cost_models.blocks.Context.bpp): its convention
         # decides what each ZeRO stage divides (cost_models.memory.sharded_states)
@@ -159,11 +162,14 @@ class Search(SearchSpace):
             out.append(st.param + st.grad + st.optimizer)
         return out
 
-    def state_lower_bound(self, pp: int, dp: int, tp: int, sharding: str, hsdp: int | None, offload: str) -> float:
-        key = (pp, dp, tp, sharding, hsdp, offload)
+    def state_lower_bound(self, pp: int, dp: int, tp: int, sharding: str, hsdp: int | None, offload: str,
+                          ep: int = 1) -> float:
+        key = (pp, dp, tp, sharding, hsdp, offload, ep)
         got = self._state_lb.get(key)
         if got is None:
-            prof = self.backend.profile(tp, False, 1, self.modes[-1])
+            # at ep > 1 the profile holds 1/ep of the experts and sharded_states divides them by dp
+            # again (the estimate: by dp / ep): smaller than the estimate's, so still a bound
+            prof = self.backend.profile(tp, False, 1, self.modes[-1], ep)
             st = self.state_bytes(prof, sharding, hsdp, offload, dp)
             # tied blocks on one rank hold their shared parameters once (cost_models.ranks._tied):
             # the smaller block of a pair bounds the copy the estimate does not count
@@ -173,11 +179,12 @@ class Search(SearchSpace):
         return got
 
     # ------------------------------------------------------------------ partitions
-    def partitioner(self, tp: int, sp: bool, mb: int, sharding: str, hsdp: int | None, offload: str, dp: int) -> Partitioner:
-        key = (tp, sp, mb, sharding, hsdp, offload, dp)
+    def partitioner(self, tp: int, sp: bool, mb: int, sharding: str, hsdp: int | None, offload: str, dp: int,
+                    ep: int = 1) -> Partitioner:
+        key = (tp, sp, mb, sharding, hsdp, offload, dp, ep)
         got = self._partitioners.get(key)
         if got is None:
-            profs = [self.backend.profile(tp, sp, mb, m) for m in self.modes]
+            profs = [self.backend.profile(tp, sp, mb, m, ep) for m in self.modes]
             modes = [ModeCosts(m, pr.time_s, pr.act_bytes) for m, pr in zip(self.modes, profs, strict=True)]
             st = self.state_bytes(profs[0], sharding, hsdp, offload, dp)
             got = Partitioner(modes, st, self.ends)
@@ -190,11 +197,11 @@ class Search(SearchSpace):
         Fast path: the partition that ignores memory (shared by every sharding and schedule of
         the same tp/sp/mb/stage count) is optimal whenever it fits in its fastest modes."""
         part = self.partitioner(k.tp, k.sequence_parallel, k.micro_batch_size, k.sharding,
-                                k.hsdp_shard_size, k.offload, k.dp)
+                                k.hsdp_shard_size, k.offload, k.dp, k.ep)
         inflight = self.backend.inflight(k.schedule, k.pp, k.num_micro_batches, k.virtual_stages)
         per_stage = budget / k.virtual_stages
         key = (k.tp, k.sequence_parallel, k.micro_batch_size, k.sharding, k.hsdp_shard_size,
-               k.offload, k.dp, inflight, per_stage)
+               k.offload, k.dp, k.ep, inflight, per_stage)
         if key in self._partitions:
             return self._partitions[key]
         free = self.free_partition(k)
@@ -288,14 +295,15 @@ class Search(SearchSpace):
         """(bound, region, schedule, virtual stages) for every region and schedule, best bound first."""
         out = []
         for pp, dp, tp in meshes:
-            for mb, n_mb in self.micro_batches(pp, dp):
-                for sp in self.sp_options(tp):
-                    prof = self.backend.profile(tp, sp, mb, self.modes[0])
-                    lb0 = self.region_bound(prof, pp, n_mb)
-                    region = (pp, dp, tp, mb, n_mb, sp)
-                    for sched, v in self.schedules(pp, n_mb):
-                        lb = max(lb0, self.schedule_bound(prof, region, sched, v))
-                        out.append((lb, region, sched, v))
+            for ep in self.ep_options(pp, dp, tp):
+                for mb, n_mb in self.micro_batches(pp, dp):
+                    for sp in self.sp_options(tp):
+                        prof = self.backend.profile(tp, sp, mb, self.modes[0], ep)
+                        lb0 = self.region_bound(prof, pp, n_mb)
+                        region = (pp, dp, tp, mb, n_mb, sp, ep)
+                        for sched, v in self.schedules(pp, n_mb):
+                            lb = max(lb0, self.schedule_bound(prof, region, sched, v))
+                            out.append((lb, region, sched, v))
         out.sort(key=lambda r: (r[0], r[1], r[2], r[3]))
         return out
 
@@ -313,8 +321,8 @@ class Search(SearchSpace):
         micro-batch and, where the backend simulates the schedule, the warm-up and drain chains
         (cost_models.simulator.pipeline_lower_bound). It bounds that partition, the one the search
         scores first; 0 when there is no such partition."""
-        pp, _dp, tp, mb, n_mb, sp = region
-        free = self._free(tp, sp, mb, pp * v)
+        pp, _dp, tp, mb, n_mb, sp, ep = region
+        free = self._free(tp, sp, mb, pp * v, ep)
         if free is None:
             return 0.0
         t = free.stage_time_s
@@ -337,15 +345,15 @@ class Search(SearchSpace):
         return lb * (1 - 1e-9)  # prefix sums vs the simulator's order of additions
 
     def candidates(self, region: tuple, sched: str, v: int) -> Iterator[Knobs]:
-        pp, dp, tp, mb, n_mb, sp = region
-        for sharding, hsdp, off in self.shardings(dp, pp, tp):
+        pp, dp, tp, mb, n_mb, sp, ep = region
+        for sharding, hsdp, off in self.shardings(dp, pp, tp, ep):
             if knob_problem(sharding=sharding, offload=off, pp=pp, dp=dp, tp=tp,
                             precision=self.train.precision, schedule=sched):
                 continue  # e.g. zero_bubble with a resharding FSDP2 (planner.capabilities)
             yield Knobs(
                 pp=pp, dp=dp, tp=tp, sharding=sharding, hsdp_shard_size=hsdp, offload=off,
                 micro_batch_size=mb, num_micro_batches=n_mb, schedule=sched, virtual_stages=v,
-                recompute=self.modes[0] if len(self.modes) == 1 else "none", sequence_parallel=sp,
+                recompute=self.modes[0] if len(self.modes) == 1 else "none", sequence_parallel=sp, ep=ep,
             )
 
     def run(self) -> SearchResult:
@@ -392,10 +400,10 @@ class Search(SearchSpace):
         return fn(k, [tuple(s) for s in stages]) * (1 - 1e-9) if fn is not None else 0.0
 
     def _visit(self, region: tuple, sched: str, v: int, item_lb: float) -> None:
-        pp, dp, tp, mb, n_mb, sp = region
-        mesh_name = f"pp={pp} dp={dp} tp={tp}"
+        pp, dp, tp, mb, n_mb, sp, ep = region
+        mesh_name = f"pp={pp} dp={dp} tp={tp}" + (f" ep={ep}" if ep > 1 else "")
         for k in self.candidates(region, sched, v):
-            lb_state = self.state_lower_bound(pp, dp, tp, k.sharding, k.hsdp_shard_size, k.offload)
+            lb_state = self.state_lower_bound(pp, dp, tp, k.sharding, k.hsdp_shard_size, k.offload, ep)
             self._note_state(lb_state, k)
             if lb_state > self.budget_bytes:
                 zname = k.sharding if k.sharding != "hsdp" else f"hsdp({k.hsdp_shard_size})"
@@ -455,13 +463,13 @@ class Search(SearchSpace):
 
     def free_partition(self, k: Knobs) -> Partition | None:
         """Min-max partition ignoring memory, fastest mode (shared by shardings and schedules)."""
-        return self._free(k.tp, k.sequence_parallel, k.micro_batch_size, k.pp * k.virtual_stages)
+        return self._free(k.tp, k.sequence_parallel, k.micro_batch_size, k.pp * k.virtual_stages, k.ep)
 
-    def _free(self, tp: int, sp: bool, mb: int, num: int) -> Partition | None:
-        ukey = (tp, sp, mb, num)
+    def _free(self, tp: int, sp: bool, mb: int, num: int, ep: int = 1) -> Partition | None:
+        ukey = (tp, sp, mb, num, ep)
         if ukey not in self._unconstrained:
             # only the mode times matter here; the "none" partitioner has the same ones
-            part = self.partitioner(tp, sp, mb, "none", None, "none", 1)
+            part = self.partitioner(tp, sp, mb, "none", None, "none", 1, ep)
             self._unconstrained[ukey] = part.solve_free(num)
         return self._unconstrained[ukey]
 
@@ -471,8 +479,8 @@ class Search(SearchSpace):
 
     def _prune_rest(self, items) -> None:
         count = 0
-        for _, (pp, dp, tp, _mb, _n_mb, _sp), _sched, _v in items:
-            count += len(self.shardings(dp, pp, tp))
+        for _, (pp, dp, tp, _mb, _n_mb, _sp, ep), _sched, _v in items:
+            count += len(self.shardings(dp, pp, tp, ep))
         if count:
             self.reject(
                 "lower bound", f"{count} candidates whose lower bound (busiest rank's compute, pipeline "

@@ -18,6 +18,7 @@ from specs import SpecError
 
 MAX_VIRTUAL_STAGES = 8
 SHARDINGS = ("none", "zero1", "zero2", "zero3", "hsdp")
+EP_REFUSED_SHARDINGS = ("zero1", "hsdp")  # with ep > 1 (specs.plan.check_expert_parallel)
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -164,14 +165,47 @@ class SearchSpace:
             region = f"pp={pp} dp={dp} tp={tp} {sharding}" + (" offload=cpu" if off == "cpu" else "")
             self.reject(region, f"the runtime refuses it: {why}", per)
 
-    def shardings(self, dp: int, pp: int | None = None, tp: int | None = None) -> list[tuple[str, int | None, str]]:
+    def shardings(self, dp: int, pp: int | None = None, tp: int | None = None,
+                  ep: int = 1) -> list[tuple[str, int | None, str]]:
         """(sharding, hsdp shard size, offload) options for dp; with pp and tp, only those the
-        runtime executes (planner.capabilities)."""
+        runtime executes (planner.capabilities; with expert parallelism, specs.plan.check_expert_parallel)."""
         out = self._shardings(dp)
+        if ep > 1:
+            out = [x for x in out if x[0] not in EP_REFUSED_SHARDINGS]
         if pp is None or tp is None:
             return out
         prec = self.train.precision
         return [x for x in out if knob_problem(sharding=x[0], offload=x[2], pp=pp, dp=dp, tp=tp, precision=prec) is None]
+
+    def ep_options(self, pp: int, dp: int, tp: int) -> list[int]:
+        """Expert-parallel degrees for a mesh: 1 for a dense model; else every divisor of dp that
+        divides every MoE layer's expert count (specs.ExpertsInfo), each with a data-parallel
+        sharding it runs with. A pinned ep that does not apply is recorded as a rejection."""
+        counts = self.num_experts
+        pin = self.pins.get("ep")
+        if not counts:
+            if pin not in (None, 1):
+                raise SpecError(f"constraints.ep: pinned to {pin}, but {self.graph.name} has no "
+                                f"mixture-of-experts layer (expert parallelism shards experts)")
+            return [1]
+        out = []
+        for ep in divisors(dp):
+            if pin is not None and ep != pin:
+                continue
+            if any(n % ep for n in counts):
+                if ep == pin:
+                    self.reject(f"ep={ep}", f"ep={ep} does not divide the MoE layers' {counts} experts")
+                continue
+            if ep > 1 and not self.shardings(dp, pp, tp, ep):
+                self.reject(f"pp={pp} dp={dp} tp={tp} ep={ep}",
+                            f"expert parallelism runs with sharding none, zero2 or zero3, and none of "
+                            f"them is allowed here ({', '.join(s for s, _, _ in self.shardings(dp, pp, tp))})")
+                continue
+            out.append(ep)
+        if pin is not None and dp % pin:
+            self.reject(f"dp={dp} ep={pin}", f"ep={pin} must divide dp={dp} (expert-parallel groups are "
+                        f"data-parallel ranks)")
+        return out
 
     def _shardings(self, dp: int) -> list[tuple[str, int | None, str]]:
         p = self.pins

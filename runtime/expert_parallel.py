@@ -53,10 +53,13 @@ micro-batches) on 4, on the bundled
 MoE transformers and on Hugging Face Mixtral, Qwen2-MoE (its shared expert data-parallel like
 any dense MLP) and Qwen3-MoE built from configs).
 
-Future plan field: `mesh.ep` (a divisor of dp and of every MoE layer's num_experts). The runtime's
-hook: build `ExpertMeshes` from the plan's dp ranks (runtime.mesh), call `apply_expert_parallel`
-between tensor parallelism and `apply_data_parallel`, and pick FSDP2 `replicate` instead of DDP
-when ep > 1. EP x TP: tensor parallelism on the attention, experts whole on each tp rank
+A plan's `mesh.ep` (a divisor of dp and of every MoE layer's num_experts; specs.Plan) is applied
+by runtime.parallelize: `build_expert_meshes` over the plan's dp ranks, then `apply_expert_parallel`
+on the whole model before the pipeline split, tensor and data parallelism, with the experts' group
+following the plan's sharding (zero3: fully_shard resharding after forward; zero2: without; none:
+FSDP2's `replicate`); the rest of the model then runs FSDP2 (`replicate` for sharding none, as
+cost_models.engines says for ep > 1). zero1 and hsdp are refused with ep > 1
+(specs.plan.check_expert_parallel). EP x TP: tensor parallelism on the attention, experts whole on each tp rank
 (`build_expert_meshes(tp=...)`). EP x PP: EP applied to the whole model before parallelize's
 pipeline split, which keeps the block modules (hooks and DTensor experts included) and runs
 several micro-batches' forwards before their backwards (each forward's send/receive pair is
@@ -73,6 +76,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -258,6 +262,7 @@ def apply_expert_parallel(
     *,
     reshard_after_forward: bool = True,
     mp_policy: MixedPrecisionPolicy | None = None,
+    replicate_experts: bool = False,
 ) -> list[str]:
     """Shard every experts module of `model` (GroupedExperts; Hugging Face experts, `is_hf_experts`)
     over `meshes.ep` and give each its own FSDP2 group over `meshes.expert_dp`, with its weights'
@@ -270,6 +275,9 @@ def apply_expert_parallel(
         meshes: from `build_expert_meshes`.
         reshard_after_forward: FSDP2's, for the experts' group (False: zero2-like).
         mp_policy: FSDP2 mixed precision for the experts (None: their own dtype).
+        replicate_experts: FSDP2's `replicate` over `meshes.expert_dp` instead of `fully_shard`
+            (a plan's sharding none: every copy keeps its experts whole, gradients all-reduced
+            with the same mean).
     Returns:
         The names of the expert modules sharded.
     """
@@ -290,12 +298,15 @@ def apply_expert_parallel(
                 mod, meshes.ep, _shard_dim0, input_fn=dispatch.dispatch, output_fn=dispatch.combine
             )
             mod.grad_scale = 1.0 / ep
-        fully_shard(
-            mod,
-            mesh=meshes.expert_dp,
-            reshard_after_forward=reshard_after_forward,
-            mp_policy=mp_policy or MixedPrecisionPolicy(),
-        )
+        if replicate_experts:
+            replicate(mod, mesh=meshes.expert_dp, mp_policy=mp_policy or MixedPrecisionPolicy())
+        else:
+            fully_shard(
+                mod,
+                mesh=meshes.expert_dp,
+                reshard_after_forward=reshard_after_forward,
+                mp_policy=mp_policy or MixedPrecisionPolicy(),
+            )
         names.append(name)
     if not names:
         raise SpecError(

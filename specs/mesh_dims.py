@@ -19,6 +19,12 @@ the runtime's DeviceMesh (runtime/mesh.py). A new axis is one field here plus it
 
 Groups (`group(name)`): "tp", "dp_shard", "dp_replicate", "dp" (the two together), "pp"; a
 group of size n and stride d holds ranks r, r + d, ..., r + (n - 1) d.
+
+Expert parallelism (`ep`, a divisor of dp; runtime/expert_parallel.py) is no axis of its own: it
+borrows data-parallel ranks, splitting the dp index as dp_i = expert_dp_i * ep + ep_i (torchtitan's
+way). Its groups: "ep" (ep consecutive dp ranks, stride tp: the all-to-all of one MoE layer) and
+"expert_dp" (the dp / ep copies of one expert shard, stride ep * tp: the experts' gradient sync).
+`experts()` gives the mesh the experts' data parallelism sees (cost_models.ranks). Not with HSDP.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ if TYPE_CHECKING:
 AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 # groups made of several adjacent axes
 COMPOSITE = {"dp": ("dp_replicate", "dp_shard")}
+# expert parallelism's groups, carved out of dp (module docstring)
+EXPERT = ("ep", "expert_dp")
 
 
 class MeshKnobs(Protocol):
@@ -47,6 +55,8 @@ class MeshKnobs(Protocol):
     def dp(self) -> int: ...
     @property
     def tp(self) -> int: ...
+    @property
+    def ep(self) -> int: ...
     @property
     def sharding(self) -> str: ...
     @property
@@ -63,6 +73,7 @@ class MeshDims:
     dp_shard: int = 1
     tp: int = 1
     hsdp: bool = False
+    ep: int = 1
     # (size, stride) of every group, made once (the cost model asks for them per candidate)
     _groups: dict[str, tuple[int, int]] = field(init=False, repr=False, compare=False, hash=False)
 
@@ -76,6 +87,13 @@ class MeshDims:
             axes = self._axes(group)
             inner = AXES[AXES.index(axes[-1]) + 1 :]
             groups[group] = (prod(getattr(self, a) for a in axes), prod(getattr(self, a) for a in inner))
+        if not isinstance(self.ep, int) or self.ep < 1 or self.dp % self.ep or (self.ep > 1 and self.hsdp):
+            raise SpecError(
+                f"mesh.ep: {self.ep!r} must be a positive divisor of dp ({self.dp}), without hsdp"
+            )
+        dp_stride = groups["dp"][1]
+        groups["ep"] = (self.ep, dp_stride)
+        groups["expert_dp"] = (self.dp // self.ep, dp_stride * self.ep)
         object.__setattr__(self, "_groups", groups)
 
     @classmethod
@@ -87,6 +105,7 @@ class MeshDims:
         tp: int,
         sharding: str = "none",
         hsdp_shard_size: int | None = None,
+        ep: int = 1,
     ) -> MeshDims:
         """The mesh of a plan's knobs: dp split by the sharding (module docstring)."""
         if sharding == "hsdp":
@@ -95,10 +114,10 @@ class MeshDims:
                 raise SpecError(
                     f"hsdp_shard_size: {shard} must divide dp ({dp}); pick a divisor of dp"
                 )
-            return cls(pp=pp, dp_replicate=dp // shard, dp_shard=shard, tp=tp, hsdp=True)
+            return cls(pp=pp, dp_replicate=dp // shard, dp_shard=shard, tp=tp, hsdp=True, ep=ep)
         if sharding in ("zero2", "zero3"):
-            return cls(pp=pp, dp_replicate=1, dp_shard=dp, tp=tp)
-        return cls(pp=pp, dp_replicate=dp, dp_shard=1, tp=tp)
+            return cls(pp=pp, dp_replicate=1, dp_shard=dp, tp=tp, ep=ep)
+        return cls(pp=pp, dp_replicate=dp, dp_shard=1, tp=tp, ep=ep)
 
     @classmethod
     def from_knobs(cls, knobs: MeshKnobs) -> MeshDims:
@@ -109,6 +128,7 @@ class MeshDims:
             tp=knobs.tp,
             sharding=knobs.sharding,
             hsdp_shard_size=knobs.hsdp_shard_size,
+            ep=knobs.ep,
         )
 
     @classmethod
@@ -120,6 +140,7 @@ class MeshDims:
             tp=mesh.tp,
             sharding=data_parallel.sharding,
             hsdp_shard_size=data_parallel.hsdp_shard_size,
+            ep=mesh.ep,
         )
 
     @property
@@ -129,6 +150,18 @@ class MeshDims:
     @property
     def world(self) -> int:
         return prod(getattr(self, a) for a in AXES)
+
+    def experts(self) -> MeshDims:
+        """The mesh as the experts' data parallelism sees it: dp / ep copies of each expert shard,
+        ep * tp ranks apart (its "dp" group is this mesh's "expert_dp"); self when ep is 1."""
+        if self.ep == 1:
+            return self
+        return MeshDims(
+            pp=self.pp,
+            dp_replicate=self.dp_replicate // self.ep if self.dp_replicate > 1 else 1,
+            dp_shard=self.dp_shard // self.ep if self.dp_shard > 1 else 1,
+            tp=self.tp * self.ep,
+        )
 
     def size(self, group: str) -> int:
         """Ranks in one group of `group` (an axis or a composite such as "dp")."""
@@ -142,7 +175,7 @@ class MeshDims:
         """(size, stride) of `group`."""
         got = self._groups.get(group)
         if got is None:
-            raise SpecError(f"mesh group {group!r}: not one of {', '.join((*AXES, *COMPOSITE))}")
+            raise SpecError(f"mesh group {group!r}: not one of {', '.join((*AXES, *COMPOSITE, *EXPERT))}")
         return got
 
     def first_group(self, group: str) -> list[int]:

@@ -18,6 +18,27 @@ PLAN_VERSION = 1
 TPStyle = Literal["colwise", "rowwise", "vocab", "conv_out", "replicate", "sequence", "head_norm"]
 
 
+def check_expert_parallel(ep: int, dp: int, sharding: str) -> None:
+    """Raise ValueError when expert parallelism of degree `ep` cannot run with this data
+    parallelism (the runtime's rules, runtime/expert_parallel.py): ep borrows dp ranks, so it
+    divides dp; ZeRO-1 (ZeroRedundancyOptimizer over DDP) cannot hold the experts' DTensor shards,
+    and HSDP's two-level data-parallel mesh is not split for experts here."""
+    if dp % ep:
+        raise ValueError(
+            f"mesh.ep: ep({ep}) must divide dp({dp}): expert-parallel groups are made of data-parallel "
+            f"ranks; pick ep among the divisors of dp"
+        )
+    why = {
+        "zero1": "ZeroRedundancyOptimizer over DDP cannot hold the experts' DTensor shards",
+        "hsdp": "HSDP's two-level data-parallel mesh is not split for experts",
+    }.get(sharding)
+    if why:
+        raise ValueError(
+            f"mesh.ep: expert parallelism (ep={ep}) does not run with sharding {sharding} ({why}); "
+            f"use sharding none, zero2 or zero3"
+        )
+
+
 class ModelRef(Frozen):
     name: str = Field(description="Model name as traced (bundled name or package.module:factory).")
     fingerprint: str = Field(description="ModelGraph fingerprint; the runtime refuses a different model.")
@@ -30,6 +51,12 @@ class Mesh(Frozen):
     pp: int = Field(default=1, gt=0, description="Pipeline-parallel degree (outermost axis).")
     dp: int = Field(default=1, gt=0, description="Data-parallel degree.")
     tp: int = Field(default=1, gt=0, description="Tensor-parallel degree (innermost axis, inside a node).")
+    ep: int = Field(
+        default=1, gt=0,
+        description="Expert-parallel degree: each mixture-of-experts layer's experts are sharded over ep of "
+        "the dp ranks (consecutive ones), tokens reach them by all-to-all; divides dp and num_experts. "
+        "Not a separate axis: ep borrows data-parallel ranks (world = pp * dp * tp).",
+    )
 
     @property
     def world_size(self) -> int:
@@ -127,6 +154,7 @@ class Knobs(Frozen):
     virtual_stages: int = 1
     recompute: Recompute | Literal["mixed"] = "none"
     sequence_parallel: bool = False
+    ep: int = 1
 
     def __str__(self) -> str:
         zero = {"none": "0", "zero1": "1", "zero2": "2", "zero3": "3", "hsdp": "hsdp"}[self.sharding]
@@ -136,6 +164,8 @@ class Knobs(Frozen):
         if self.virtual_stages > 1:
             sched = f"{sched}(v={self.virtual_stages})"
         parts = [f"dp={self.dp}", f"tp={self.tp}", f"pp={self.pp}", f"zero={zero}"]
+        if self.ep > 1:
+            parts.insert(3, f"ep={self.ep}")
         parts.append(f"mb={self.micro_batch_size}x{self.num_micro_batches}")
         if self.pp > 1:
             parts.append(f"sched={sched}")
@@ -241,6 +271,8 @@ class Plan(Frozen):
                 )
         elif dpc.hsdp_shard_size is not None:
             raise ValueError("data_parallel.hsdp_shard_size: only meaningful with sharding: hsdp")
+        if m.ep > 1:
+            check_expert_parallel(m.ep, m.dp, dpc.sharding)
         if self.model.block_names and len(self.model.block_names) != self.model.num_blocks:
             raise ValueError(
                 f"model.block_names: {len(self.model.block_names)} names for {self.model.num_blocks} blocks"
@@ -258,7 +290,7 @@ class Plan(Frozen):
             num_micro_batches=self.pipeline.num_micro_batches,
             schedule=self.pipeline.schedule, virtual_stages=self.pipeline.virtual_stages,
             recompute=modes.pop() if len(modes) == 1 else "mixed",
-            sequence_parallel=self.tensor_parallel.sequence_parallel,
+            sequence_parallel=self.tensor_parallel.sequence_parallel, ep=self.mesh.ep,
         )
 
     def __str__(self) -> str:

@@ -36,6 +36,12 @@ class TrainSpec(Frozen):
     allow_grad_accumulation: bool = Field(default=True, description="May use several micro-batches per step.")
     allow_checkpointing: bool = Field(default=True, description="May recompute activations (selective/full).")
     allow_offload: bool = Field(default=False, description="May offload optimizer states to the host.")
+    expert_load_imbalance: float = Field(
+        default=1.0, ge=1.0, le=64.0,
+        description="Mixture-of-experts routing: routed tokens of the busiest expert-parallel rank over the "
+        "mean (1.0: balanced). Stated, not predicted: expert compute and all-to-all bytes at ep > 1 are "
+        "charged at the busiest rank's share, and per-expert GEMM sizes use it.",
+    )
 
     @field_validator("global_batch_size")
     @classmethod
@@ -49,6 +55,7 @@ class Constraints(Frozen):
     pp: int | None = Field(default=None, gt=0, description="Pin pipeline-parallel degree.")
     dp: int | None = Field(default=None, gt=0, description="Pin data-parallel degree.")
     tp: int | None = Field(default=None, gt=0, description="Pin tensor-parallel degree.")
+    ep: int | None = Field(default=None, gt=0, description="Pin expert-parallel degree (MoE models; divides dp).")
     sharding: Sharding | None = Field(default=None, description="Pin data-parallel sharding (zero stage).")
     hsdp_shard_size: int | None = Field(default=None, gt=0, description="Pin the HSDP shard-group size.")
     micro_batch_size: int | None = Field(default=None, gt=0, description="Pin the micro-batch size.")
@@ -82,7 +89,7 @@ class Constraints(Frozen):
     def pins(self) -> dict[str, object]:
         """The pinned knobs, by name."""
         names = (
-            "pp", "dp", "tp", "sharding", "hsdp_shard_size", "micro_batch_size", "num_micro_batches",
+            "pp", "dp", "tp", "ep", "sharding", "hsdp_shard_size", "micro_batch_size", "num_micro_batches",
             "schedule", "virtual_stages", "recompute", "sequence_parallel", "offload",
         )
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}

@@ -3,10 +3,10 @@ cases inside ONE torchrun process group per world size:
 
     torchrun --standalone --nproc-per-node N tests/ep_cases.py --out results.json [--only a,b]
 
-Each case builds a tiny MoE model in float64 (same seed on every rank), applies EP over a
-(pp, expert_dp, ep, tp) mesh (runtime.expert_parallel.build_expert_meshes), then
-runtime.parallelize with a plan over the same ranks (FSDP2 data parallelism over all dp ranks;
-tensor-parallel attention or a pipeline where the case has them), trains STEPS steps of SGD, and
+Each case builds a tiny MoE model in float64 (same seed on every rank) and hands it to
+runtime.parallelize with a plan whose mesh.ep is the case's: parallelize applies EP over a
+(pp, expert_dp, ep, tp) mesh (runtime.expert_parallel), then FSDP2 data parallelism over all dp
+ranks (tensor-parallel attention or a pipeline where the case has them), trains STEPS steps of SGD, and
 compares the losses and the gathered parameters with an identical copy trained alone on rank 0 on
 the whole global batch.
 
@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from planner.models import build_model  # noqa: E402
 from runtime import parallelize  # noqa: E402
-from runtime.expert_parallel import apply_expert_parallel, build_expert_meshes  # noqa: E402
 from tests.case_runner import finish, run_cases, start  # noqa: E402
 from tests.runtime_plans import make_plan  # noqa: E402
 
@@ -60,6 +59,8 @@ class EPCase:
 
 CASES = [
     EPCase("ep2-zero2-moe-gpt", 2, "moe-gpt-tiny", ep=2, sharding="zero2"),
+    # sharding none: FSDP2's replicate for the experts (over expert_dp) and for the rest
+    EPCase("ep2-dp2-none-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="none"),
     EPCase("ep2-zero3-moe-llama", 2, "moe-llama-tiny", ep=2, sharding="zero3"),
     EPCase(
         "ep2-dp2-zero3-ckpt-clip-moe-gpt",
@@ -220,8 +221,6 @@ def run_ep_case(case: EPCase) -> dict:
 
     world = dist.get_world_size()
     dp = world // (case.tp * case.pp)
-    meshes = build_expert_meshes(dp=dp, ep=case.ep, tp=case.tp, pp=case.pp)
-    sharded = apply_expert_parallel(model, meshes, reshard_after_forward=case.sharding == "zero3")
     plan = make_plan(
         case.model,
         global_batch_size=BATCH,
@@ -233,6 +232,7 @@ def run_ep_case(case: EPCase) -> dict:
         recompute=case.recompute,
         num_micro_batches=case.num_micro_batches,
         optimizer="sgd",
+        ep=case.ep,
         **plan_kwargs,
     )
     if case.tp > 1:
@@ -260,7 +260,7 @@ def run_ep_case(case: EPCase) -> dict:
         "name": case.name,
         "world": world,
         "losses": losses,
-        "sharded": sharded,
+        "sharded": [n for n in pm.notes if n.startswith("expert parallel")],
         "local_experts": local_experts,
         "num_experts": num_experts,
         "notes": pm.notes,

@@ -33,7 +33,8 @@ def tp_styles(kind: str, sequence_parallel: bool = False) -> dict[str, str]:
 
 def make_plan(model_name: str, *, global_batch_size: int = 8, dp: int = 1, num_micro_batches: int = 1,
               hsdp_shard_size: int | None = None, offload: str = "none", loss_parallel: bool = False,
-              tp_styles: str | None = None, fingerprint: str = "*", sharding: str = "none", **kwargs) -> Plan:
+              tp_styles: str | None = None, fingerprint: str = "*", sharding: str = "none", ep: int = 1,
+              **kwargs) -> Plan:
     """plan_builders.make_plan(model_name, **kwargs) with the global batch split evenly, then the
     runtime-only fields set. tp_styles: "gpt" | "llama" | "mlp" | None."""
     mbs = global_batch_size // (dp * num_micro_batches)
@@ -42,6 +43,7 @@ def make_plan(model_name: str, *, global_batch_size: int = 8, dp: int = 1, num_m
     data = base.model_dump(mode="json")
     data["model"]["fingerprint"] = fingerprint
     data["data_parallel"].update(sharding=sharding, hsdp_shard_size=hsdp_shard_size, offload=offload)
+    data["mesh"]["ep"] = ep
     sp = data["tensor_parallel"]["sequence_parallel"]
     styles = globals()["tp_styles"](tp_styles, sp) if tp_styles else {}
     data["tensor_parallel"].update(loss_parallel=loss_parallel, styles=styles)

@@ -11,6 +11,7 @@ whole `specs.Knobs` point that keeps the world size and global batch: changing t
 
 from __future__ import annotations
 
+import math
 import typing
 
 from specs import Constraints, Knobs, SpecError
@@ -43,6 +44,7 @@ _PIN_FIELDS = (
     "pp",
     "dp",
     "tp",
+    "ep",
     "sharding",
     "hsdp_shard_size",
     "micro_batch_size",
@@ -206,6 +208,11 @@ def complete_knobs(
         data["schedule"] = "interleaved_1f1b"
     if tp == 1:
         data["sequence_parallel"] = False
+    ep = int(data.get("ep", 1))
+    if dp % ep:
+        if "ep" in given:
+            raise SpecError(f"ep({ep}) does not divide dp({dp}); expert-parallel groups are data-parallel ranks")
+        data["ep"] = math.gcd(ep, dp)  # the base plan's ep, cut to what the new dp allows
     if data["sharding"] != "hsdp":
         data["hsdp_shard_size"] = None
     from specs._base import validate_model

@@ -29,7 +29,7 @@ TERM_LABELS = {
     "optimizer": "optimizer step",
     "other": "other",
 }
-AXIS_ORDER = ("tp", "dp", "pp", "cp")
+AXIS_ORDER = ("tp", "ep", "dp", "pp", "cp")
 
 
 def term_label(key: str) -> str:
@@ -60,7 +60,8 @@ def mesh_axes(plan: Plan) -> list[dict[str, Any]]:
     """Per mesh axis: degree, rank stride, the first group's ranks (up to 8), nodes spanned, link.
 
     Rows tp, dp, pp; under HSDP dp's two parts follow the dp row, `part_of: "dp"` (dp_shard inside
-    dp_replicate). Every other row has `part_of: None`.
+    dp_replicate), and so do expert parallelism's ep and expert_dp groups. Every other row has
+    `part_of: None`.
     """
     dims = MeshDims.from_plan(plan)
     hw = plan.hardware
@@ -68,6 +69,8 @@ def mesh_axes(plan: Plan) -> list[dict[str, Any]]:
     groups: list[tuple[str, str | None]] = [("tp", None), ("dp", None)]
     if dims.hsdp:
         groups += [("dp_shard", "dp"), ("dp_replicate", "dp")]
+    if dims.ep > 1:  # expert parallelism carves dp (specs.MeshDims): its all-to-all and gradient groups
+        groups += [("ep", "dp"), ("expert_dp", "dp")]
     groups.append(("pp", None))
     out = []
     for group, part_of in groups:
@@ -129,6 +132,7 @@ def _knob_tokens(k: Knobs) -> dict[str, str]:
         "dp": f"dp={k.dp}",
         "tp": f"tp={k.tp}",
         "pp": f"pp={k.pp}",
+        "ep": f"ep={k.ep}" if k.ep > 1 else "",
         "zero": f"zero={zero}",
         "mb": f"mb={k.micro_batch_size}x{k.num_micro_batches}",
         "sched": f"sched={sched}" if k.pp > 1 else "",
