@@ -14,6 +14,7 @@ express exactly (with what was written instead). Mapping, knob by knob:
 | offload cpu        | zero_optimization.offload_optimizer| [training] enable_cpu_offload      | --optimizer-cpu-offload             |
 | tp, sp             | tensor_parallel.autotp_size        | tensor_parallel_degree             | --tensor-model-parallel-size, -sp   |
 | pp, schedule, v    | (set in code: PipelineModule)      | pipeline_parallel_* keys           | --pipeline-model-parallel-size, vpp |
+| ep                 | (set in code: MoE(ep_size=...))    | expert_parallel_degree             | --expert-model-parallel-size        |
 | recompute          | (in code: activation_checkpointing)| [activation_checkpoint] mode       | --recompute-granularity             |
 | precision          | bf16 / fp16 blocks                 | mixed_precision_param              | --bf16 / --fp16                     |
 """
@@ -129,6 +130,11 @@ def to_deepspeed(plan: Plan) -> Export:
                 f"schedule {k.schedule} (v={k.virtual_stages}): DeepSpeed pipelines run their own "
                 f"1F1B-style TrainSchedule only"
             )
+    if k.ep > 1:
+        notes.append(
+            f"ep={k.ep}: DeepSpeed sets expert parallelism in the model code "
+            f"(deepspeed.moe.layer.MoE(..., ep_size={k.ep})), not in the config"
+        )
     if k.recompute != "none":
         notes.append(
             f"recompute {k.recompute}: DeepSpeed checkpoints activations where the model calls "
@@ -195,6 +201,25 @@ def to_torchtitan(plan: Plan) -> Export:
         if k.virtual_stages > 1 and k.schedule == "zero_bubble":
             notes.append("zero_bubble with virtual stages: written as InterleavedZeroBubble")
     par["context_parallel_degree"] = 1
+    if k.ep > 1:
+        # torchtitan's EP borrows ranks from FSDP's shard dimension and TP (efsdp = dp_shard * cp
+        # * tp / ep, ep >= tp); the plan's borrows data-parallel ranks only, experts whole on
+        # each tp rank
+        par["expert_parallel_degree"] = k.ep * k.tp
+        par["expert_tensor_parallel_degree"] = 1
+        if k.tp > 1:
+            notes.append(
+                f"ep={k.ep} with tp={k.tp}: torchtitan's expert parallelism spans the tp ranks too "
+                f"(expert_parallel_degree >= tensor_parallel_degree); written as {k.ep * k.tp}, which "
+                f"shards the experts {k.ep * k.tp} ways instead of the plan's {k.ep} (experts whole on "
+                f"each tp rank)"
+            )
+        if k.sharding == "none":
+            notes.append(
+                f"ep={k.ep} with sharding none: torchtitan borrows expert-parallel ranks from FSDP's "
+                f"shard dimension; with data_parallel_shard_degree 1 it refuses the mesh; re-plan "
+                f"with zero2/zero3 (--pin zero=3) for torchtitan"
+            )
     training = {
         "global_batch_size": train.global_batch_size,
         "local_batch_size": k.micro_batch_size * k.num_micro_batches,
@@ -269,6 +294,8 @@ def to_megatron(plan: Plan) -> Export:
             )
     if k.sequence_parallel:
         args.append("--sequence-parallel")
+    if k.ep > 1:  # Megatron's EP, like the plan's, is carved out of the data-parallel ranks
+        args += ["--expert-model-parallel-size", str(k.ep)]
     rc = _recompute(plan)
     if rc == "selective":
         args += ["--recompute-granularity", "selective"]

@@ -81,6 +81,13 @@ def plan_tree(d: dict) -> Tree:
         "hsdp": f"HSDP: sharded in groups of {dp.get('hsdp_shard_size')}, replicated across",
     }[sharding]
     root.add(f"data parallel: {sharding} ({what}); optimizer offload: {dp['offload']}")
+    ep = d["knobs"].get("ep", 1)
+    if ep > 1:
+        root.add(
+            f"expert parallel: ep={ep} of the dp ranks share each MoE layer's experts (1/{ep} each); "
+            f"tokens reach them by all-to-all (dispatch + combine, forward and backward); their "
+            f"gradients sync over the {axes['dp']['degree'] // ep} copies (expert_dp)"
+        )
     tp = d["tensor_parallel"]
     if axes["tp"]["degree"] > 1:
         extra = [
