@@ -23,6 +23,8 @@ def _register(kind: str, names: str) -> None:
 
 _register("matmul", "linear addmm mm bmm matmul baddbmm einsum mv addmv addbmm Linear Bilinear "
           "LazyLinear NonDynamicallyQuantizableLinear")
+# A mixture-of-experts layer's experts, all E of them in one op (planner.experts): GEMMs.
+_register("matmul", "expert_mlp hf_experts")
 _register("attention", "scaled_dot_product_attention _scaled_dot_product_attention_math "
           "_scaled_dot_product_flash_attention _scaled_dot_product_flash_attention_for_cpu "
           "_scaled_dot_product_efficient_attention _scaled_dot_product_cudnn_attention "

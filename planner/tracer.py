@@ -19,7 +19,11 @@ Pipeline (each step in its own module):
    node's copies (no OpInfo of its own) to its nearest costed producer (`_copy_owners`). At an
    example batch of 1 copies are counted at batch 2 (`_copy_values`: torch.matmul's batch fold
    is a view at batch 1 only).
-5. Cut points and ties (`cut_points`), fingerprint (here).
+5. Mixture-of-experts layers (`planner.experts`): the one op computing a layer's experts (the
+   bundled `expert_mlp`; a Hugging Face experts module, which the capture replaces by the
+   custom op `autoplan::hf_experts` because its routing loop cannot be traced) is a "matmul"
+   with all experts' weights and FLOPs, and carries its ExpertsInfo.
+6. Cut points and ties (`cut_points`), fingerprint (here).
 
 Per-sample figures divide by the example batch (dim 0 of the first input) and are linear in
 the micro-batch size; FLOPs and bytes are for the dtypes the model and inputs were traced in.
@@ -48,6 +52,7 @@ from torch.utils._pytree import tree_flatten
 from planner.attention_bytes import fused_attention_bytes
 from planner.blocks import BlockSpec, block_params, block_signature, build_blocks, node_module_path
 from planner.cut_points import dataflow_graph, find_cut_points, input_dependent_nodes
+from planner.experts import experts_info, hf_experts_standins
 from planner.measure import FakeState, block_io, measure_block, propagate
 from planner.ops import FUSED_ATTENTION_OPS, full_target, op_kind, target_name
 from planner.tp_candidates import analyse_block, node_kind
@@ -83,6 +88,11 @@ class _PathTracer(fx.Tracer):
 
 
 def _capture(model: nn.Module, inputs: tuple, leaf_modules: tuple[str, ...]):
+    with hf_experts_standins(model):  # their data-dependent routing loop as one op
+        return _capture_with(model, inputs, leaf_modules)
+
+
+def _capture_with(model: nn.Module, inputs: tuple, leaf_modules: tuple[str, ...]):
     tracer = _PathTracer(leaf_modules)
     try:
         graph = tracer.trace(model)
@@ -398,7 +408,7 @@ def _measure_type(lt_name, b: BlockSpec, index, gm, fs, values, assign, params, 
             replicated += s.nbytes
     if fa is not None:
         core += fa.math_core  # fused attention is an attention core too
-    ops = _ops(b, gm, values, m, tp, dependent, batch, copy_batch)
+    ops = _ops(b, gm, values, m, tp, dependent, batch, copy_batch, modules=modules)
     num_params = sum(p.numel() for _, p in params.values())
     return LayerType(
         name=lt_name,
@@ -469,13 +479,15 @@ def _copy_owners(b: BlockSpec, gm, m) -> dict[fx.Node, list[tuple[int, int]]]:
     return owners
 
 
-def _ops(b: BlockSpec, gm, values, m, tp, dependent, batch, copy_batch=None) -> list[OpInfo]:
+def _ops(b: BlockSpec, gm, values, m, tp, dependent, batch, copy_batch=None, *, modules=None) -> list[OpInfo]:
     ops: list[OpInfo] = []
     copies = _copy_owners(b, gm, m)
+    members = set(b.nodes)
     for n in b.nodes:
         kind = op_kind(target_name(n, gm))
         if kind is None:
             continue
+        experts = experts_info(n, gm, values, batch, within=members, modules=modules) if kind == "matmul" else None
         (fk, fb), (bk, bb) = copies.get(n, [(0, 0), (0, 0)])
         act = 0
         for t in [*_tensors_of(n.all_input_nodes, values, dependent), *_tensors_of([n], values, dependent)]:
@@ -495,14 +507,17 @@ def _ops(b: BlockSpec, gm, values, m, tp, dependent, batch, copy_batch=None) -> 
             bytes_per_sample=act / batch,
             param_bytes=pbytes,
             tp_split=tp.tp_split.get(n, "replicate"),
-            gemm_mnk=_gemm_mnk(n, values, kind, batch),
-            gemm_batched=_gemm_batched(n, values, kind),
+            # an experts op: its first GEMM over all routed rows (m rows, n = F, k = D), folded
+            gemm_mnk=((experts.routed_rows_per_sample, experts.ffn_hidden, experts.hidden) if experts is not None
+                      else _gemm_mnk(n, values, kind, batch)),
+            gemm_batched=False if experts is not None else _gemm_batched(n, values, kind),
             output_shape=list(out.shape) if isinstance(out, torch.Tensor) else None,
             dtype=_dtype_name(out.dtype) if isinstance(out, torch.Tensor) else None,
             copy_bytes_per_sample=fb / (copy_batch or batch),
             bwd_copy_bytes_per_sample=bb / (copy_batch or batch),
             num_copies=fk,
             num_bwd_copies=bk,
+            experts=experts,
         ))
     return ops
 

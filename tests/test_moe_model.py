@@ -30,7 +30,7 @@ def _naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
-@pytest.mark.parametrize("name", list(MOE_CONFIGS))
+@pytest.mark.parametrize("name", [n for n in MOE_CONFIGS if n.endswith("-tiny")])  # built on CPU in float64
 def test_moe_layer_is_the_token_by_token_mixture(name):
     torch.manual_seed(0)
     model = build_model(name, dtype=torch.float64).module

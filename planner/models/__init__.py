@@ -110,6 +110,12 @@ HF_BUNDLED = {
                       dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                            num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                            max_position_embeddings=64, bos_token_id=0, eos_token_id=0), 32),
+    # Mixtral's structure (routed SwiGLU experts, top-2); its experts trace as one op (planner.experts)
+    "hf-mixtral-tiny": ("MixtralConfig", "MixtralForCausalLM",
+                        dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                             num_local_experts=4, num_experts_per_tok=2,
+                             max_position_embeddings=64, bos_token_id=0, eos_token_id=0), 32),
 }
 
 

@@ -287,9 +287,16 @@ LLAMA_CONFIGS: dict[str, TransformerConfig] = {
 
 # Mixture-of-experts transformers (planner.models.moe). moe-llama-tiny has Mixtral's structure
 # (RMSNorm, RoPE, grouped-query attention, SwiGLU experts, top-2 with renormalised weights).
+# Mixtral 8x7B: Jiang et al. 2024, "Mixtral of Experts" (arXiv:2401.04088), Table 1 (dim 4096,
+# 32 layers, head_dim 128, 32 heads, 8 kv heads, hidden_dim 14336, vocab 32000, 8 experts,
+# top-2, context 32768; trained here at seq_len 4096) and its released config.json (rope_theta
+# 1e6, rms_norm_eps 1e-5, untied embeddings): "47B" parameters in the paper, 46.70B counted.
 MOE_CONFIGS: dict[str, TransformerConfig] = {
     "moe-gpt-tiny": TransformerConfig(vocab_size=128, hidden=64, num_layers=2, num_heads=4, seq_len=32,
                                       ffn_hidden=128, num_experts=4, top_k=2),
     "moe-llama-tiny": TransformerConfig(vocab_size=128, hidden=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                         ffn_hidden=128, seq_len=32, num_experts=4, top_k=2, **_LLAMA),
+    "mixtral-8x7b": TransformerConfig(vocab_size=32000, hidden=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                                      ffn_hidden=14336, seq_len=4096, num_experts=8, top_k=2,
+                                      **{**_LLAMA, "rope_theta": 1e6}),
 }
