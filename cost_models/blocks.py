@@ -20,6 +20,13 @@ micro-batch on ONE tensor-parallel rank, cached per layer type (repeated blocks 
   which 1/ep stays local (comm.all_to_all_s on the "ep" group's link). Exposed, like TP's: the
   experts wait for their rows, the next layer for their outputs. Full recompute repeats the
   forward pair. A rank holds 1/ep of the experts' parameters (`expert_params`).
+- context parallelism (cp > 1): a rank holds 1/cp of every sample's tokens (load-balanced causal
+  chunks), so every per-token term (compute, activations, TP and EP traffic, the boundary
+  activation) is the micro-batch's / cp, and attention's GEMMs are 1/cp the size. Each fused
+  attention layer all-gathers its keys and values over the cp group in forward (torch's
+  context_parallel, rotate method "allgather", torchtitan's default), gathers them again and
+  reduce-scatters their gradients in backward, exposed; the gathered keys and values stay saved
+  for backward (stored activations + (1 - 1/cp) of them).
 - memory: parameters per tp rank (split ops / tp, the rest replicated), activation bytes per
   in-flight micro-batch and the recompute working set (cost_models.memory; fused attention as
   the target's kernels keep it, `layer_saved_bytes`), boundary bytes.
@@ -75,15 +82,19 @@ class BlockCost:
     ep_backward_s: float = 0.0  # ... in backward (and the re-run forward ones under full recompute)
     ep_volume_bytes: float = 0.0  # bytes sent per rank on the ep group, forward + backward
     expert_params: float = 0.0  # of num_params: the experts' (1/ep of them), synced over expert_dp
+    cp_forward_s: float = 0.0  # context parallelism's key/value all-gathers in forward (exposed)
+    cp_backward_s: float = 0.0  # ... in backward: gather again + gradient reduce-scatter (+ re-run forward)
+    cp_volume_bytes: float = 0.0  # bytes sent per rank on the cp group, forward + backward
 
     @property
     def forward_s(self) -> float:
-        return self.forward_compute_s + self.tp_forward_s + self.ep_forward_s
+        return self.forward_compute_s + self.tp_forward_s + self.ep_forward_s + self.cp_forward_s
 
     @property
     def backward_s(self) -> float:
-        """Backward including recompute and TP/EP comm, without the weight-grad part."""
-        return self.recompute_s + self.backward_compute_s + self.tp_backward_s + self.ep_backward_s
+        """Backward including recompute and TP/EP/CP comm, without the weight-grad part."""
+        return (self.recompute_s + self.backward_compute_s + self.tp_backward_s + self.ep_backward_s
+                + self.cp_backward_s)
 
     @property
     def weight_s(self) -> float:
@@ -97,7 +108,7 @@ class BlockCost:
 _FIELDS = ("forward_compute_s", "backward_compute_s", "weight_compute_s", "recompute_s", "tp_forward_s",
            "tp_backward_s", "tp_volume_bytes", "num_params", "activation_bytes", "fwd_flops", "bwd_flops",
            "recompute_flops", "tp_param_ops", "param_ops", "ep_forward_s", "ep_backward_s", "ep_volume_bytes",
-           "expert_params")
+           "expert_params", "cp_forward_s", "cp_backward_s", "cp_volume_bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +133,9 @@ class StageSum:
     ep_backward_s: float
     ep_volume_bytes: float
     expert_params: float
+    cp_forward_s: float
+    cp_backward_s: float
+    cp_volume_bytes: float
     num_blocks: int
     output_bytes: float  # of the last block (what the stage sends)
     max_working_bytes: float
@@ -129,11 +143,12 @@ class StageSum:
 
     @property
     def forward_s(self) -> float:
-        return self.forward_compute_s + self.tp_forward_s + self.ep_forward_s
+        return self.forward_compute_s + self.tp_forward_s + self.ep_forward_s + self.cp_forward_s
 
     @property
     def backward_s(self) -> float:
-        return self.recompute_s + self.backward_compute_s + self.tp_backward_s + self.ep_backward_s
+        return (self.recompute_s + self.backward_compute_s + self.tp_backward_s + self.ep_backward_s
+                + self.cp_backward_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +160,7 @@ class BlockCosts:
     micro_batch_size: int
     recompute: str
     ep: int
+    cp: int
     blocks: tuple[BlockCost, ...]
     by_layer_type: dict[str, BlockCost]
     type_costs: tuple[BlockCost, ...]  # per layer type, in type_counts order
@@ -218,13 +234,16 @@ def _check_ep(graph: ModelGraph, ep: int) -> None:
                 )
 
 
-def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, recompute: str, ep: int) -> BlockCost:
+def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, micro_batch: int, recompute: str, ep: int,
+                cp: int = 1) -> BlockCost:
     g, hw = model.graph, model.hw
     sp = sp and tp > 1
+    # per-token terms scale with the tokens a rank holds: 1/cp of the micro-batch's (module docstring)
+    mb = micro_batch / cp if cp > 1 else micro_batch
     experts = [op.experts for op in lt.ops if op.experts is not None]
     ep = ep if experts else 1  # a dense layer is the same at any ep
     imbalance = model.train.expert_load_imbalance
-    compute_key = ("layer compute", lt.name, tp, sp, mb, ep)  # the same for every recompute setting
+    compute_key = ("layer compute", lt.name, tp, sp, mb, ep, cp)  # the same for every recompute setting
     layer_time: LayerCompute | None = model.block_memo.get(compute_key)
     if layer_time is None:
         layer_time = model.block_memo[compute_key] = layer_compute(lt, hw, precision=model.train.precision,
@@ -232,7 +251,7 @@ def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, rec
                                                                    traced_param_dtype=g.param_dtype, tp=tp,
                                                                    sequence_parallel=sp, micro_batch_size=mb,
                                                                    curves=model.curves, ep=ep,
-                                                                   expert_load_imbalance=imbalance)
+                                                                   expert_load_imbalance=imbalance, cp=cp)
     splittable = bool(lt.tp_candidates) and tp > 1
     # TP collectives (see module docstring)
     tp_f = tp_b = tp_vol = 0.0
@@ -279,10 +298,21 @@ def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, rec
             ep_f += pair
             ep_b += 2 * comm.all_to_all_s(rows, link)
             ep_vol += 4 * comm.all_gather_volume_bytes(rows, ep)  # (ep-1)/ep of each send leaves the rank
+    # context parallelism's key/value all-gathers (module docstring)
+    cp_f = cp_b = cp_vol = kv_gathered = 0.0
+    fa = lt.fused_attention
+    if cp > 1 and fa is not None and fa.kv_bytes_per_sample > 0:
+        link = model.group_link(cp, tp)  # the cp group: tp apart (specs.MeshDims)
+        kv = fa.kv_bytes_per_sample * micro_batch * model.act_scale / (tp if splittable else 1)  # whole sequence
+        cp_f = comm.all_gather_s(kv, link)
+        cp_b = comm.all_gather_s(kv, link) + comm.reduce_scatter_s(kv, link)
+        cp_vol = 3 * comm.all_gather_volume_bytes(kv, cp)
+        kv_gathered = kv * (1 - 1 / cp)  # kept for backward beyond the local 1/cp in the saved bytes
     if recompute == "full":
         rec_s, rec_fl = forward_compute, layer_time.fwd_flops
         tp_b += tp_f
         ep_b += ep_f
+        cp_b += cp_f
     elif recompute == "selective":
         rec_s, rec_fl = layer_time.attention_core_forward_s, layer_time.attention_core_fwd_flops
     else:
@@ -304,8 +334,9 @@ def _layer_cost(model: CostModel, lt: LayerType, tp: int, sp: bool, mb: int, rec
     out_b = lt.output_bytes_per_sample * s / (tp if sp and splittable else 1)
     return BlockCost(
         forward_compute, backward_compute, layer_time.weight_grad_s, rec_s, tp_f, tp_b, tp_vol, params,
-        act.stored_bytes, act.working_bytes, out_b, layer_time.fwd_flops, layer_time.bwd_flops, rec_fl, n_tp_ops, n_param_ops,
+        act.stored_bytes + (kv_gathered if recompute != "full" else 0.0), act.working_bytes, out_b, layer_time.fwd_flops, layer_time.bwd_flops, rec_fl, n_tp_ops, n_param_ops,
         ep_forward_s=ep_f, ep_backward_s=ep_b, ep_volume_bytes=ep_vol, expert_params=expert_params,
+        cp_forward_s=cp_f, cp_backward_s=cp_b, cp_volume_bytes=cp_vol,
     )
 
 
@@ -329,9 +360,9 @@ def composition(model: CostModel, first: int, last: int) -> Composition:
 
 
 def block_costs_of(model: CostModel, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str,
-                   ep: int = 1) -> BlockCosts:
+                   ep: int = 1, cp: int = 1) -> BlockCosts:
     ep = ep if model.has_experts else 1
-    key = (tp, bool(sequence_parallel and tp > 1), micro_batch_size, recompute, ep)
+    key = (tp, bool(sequence_parallel and tp > 1), micro_batch_size, recompute, ep, cp)
     got: BlockCosts | None = model.block_memo.get(key)
     if got is not None:
         return got
@@ -341,12 +372,12 @@ def block_costs_of(model: CostModel, tp: int, sequence_parallel: bool, micro_bat
         _check_tp(model.graph, tp)
     if ep > 1:
         _check_ep(model.graph, ep)
-    by_type = {name: _layer_cost(model, lt, tp, key[1], micro_batch_size, recompute, ep)
+    by_type = {name: _layer_cost(model, lt, tp, key[1], micro_batch_size, recompute, ep, cp)
                for name, lt in model.graph.layer_types.items()}
     blocks = tuple(by_type[b.layer_type] for b in model.graph.blocks)
     names = list(by_type)
     block_type, counts, position_counts = block_types(model)
-    got = BlockCosts(tp, key[1], micro_batch_size, recompute, ep, blocks, by_type,
+    got = BlockCosts(tp, key[1], micro_batch_size, recompute, ep, cp, blocks, by_type,
                      tuple(by_type[n] for n in names), counts, block_type,
                      max(b.working_bytes for b in blocks), max(b.num_params for b in blocks), {}, {},
                      position_counts)
@@ -355,7 +386,7 @@ def block_costs_of(model: CostModel, tp: int, sequence_parallel: bool, micro_bat
 
 
 def block_costs(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, *, tp: int, sequence_parallel: bool,
-                micro_batch_size: int, recompute: str, ep: int = 1) -> BlockCosts:
+                micro_batch_size: int, recompute: str, ep: int = 1, cp: int = 1) -> BlockCosts:
     """Per-block costs of `graph` for one micro-batch on one tp rank (see module docstring).
 
     Args:
@@ -366,9 +397,10 @@ def block_costs(graph: ModelGraph, hw: HardwareSpec, train: TrainSpec, *, tp: in
         micro_batch_size: samples per micro-batch.
         recompute: "none", "selective" or "full" for every block.
         ep: expert-parallel degree (divides every MoE layer's experts; no effect on dense layers).
+        cp: context-parallel degree (each rank holds 1/cp of every sample's tokens).
     Returns:
         BlockCosts: `.blocks[i]` is block i's BlockCost; `.stage(first, last)` sums a range.
     """
     from cost_models.model import CostModel
 
-    return CostModel(graph, hw, train).block_costs(tp, sequence_parallel, micro_batch_size, recompute, ep)
+    return CostModel(graph, hw, train).block_costs(tp, sequence_parallel, micro_batch_size, recompute, ep, cp)

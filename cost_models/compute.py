@@ -110,7 +110,7 @@ def copies_time_s(n_bytes: float, kernels: int, hw: HardwareSpec, curves: Curves
     return k * op_time_s(0.0, n_bytes / k, "memory", hw, curves, 1.0)
 
 
-def expert_op_scaling(experts: ExpertsInfo, mb: int, ep: int, imbalance: float) -> tuple[float, int, float]:
+def expert_op_scaling(experts: ExpertsInfo, mb: float, ep: int, imbalance: float) -> tuple[float, int, float]:
     """(work factor, parameter split, FLOPs of one expert GEMM) of a mixture-of-experts layer's
     experts op on one rank, for `mb` samples per micro-batch.
 
@@ -156,15 +156,18 @@ def layer_compute(
     traced_param_dtype: str,
     tp: int,
     sequence_parallel: bool,
-    micro_batch_size: int,
+    micro_batch_size: float,
     curves: Curves | None = None,
     ep: int = 1,
     expert_load_imbalance: float = 1.0,
+    cp: int = 1,
 ) -> LayerCompute:
     """Forward / input-grad / weight-grad times of `layer` (see module docstring). `curves`: the
     efficiency curves of `hw` (cost_models.efficiency.curves_for; made here when not given).
     `ep`, `expert_load_imbalance`: expert parallelism of its experts op, if any
-    (`expert_op_scaling`)."""
+    (`expert_op_scaling`). `cp`: context parallelism; `micro_batch_size` is then the tokens a rank
+    holds in samples (micro-batch / cp) and a batched matmul's GEMMs (attention's) are 1/cp the
+    size (its queries are the local ones)."""
     curves = curves if curves is not None else curves_for(hw)
     dtype = compute_dtype(precision)
     peak = peak_flops_per_s(hw, dtype)
@@ -199,6 +202,8 @@ def layer_compute(
         # parameters read by the op (an embedding lookup reads only its rows: counted in act_bytes)
         param_bytes = 0.0 if op.kind == "embedding" else op.param_bytes * par_scale / (split if op.tp_split in TP_SPLIT else 1)
         gemm_size = gemm_flops(op)  # one GEMM of a batched matmul: independent of tp and micro-batch
+        if gemm_size is not None and cp > 1:
+            gemm_size /= cp
         if op.experts is not None:
             work, param_split, gemm_size = expert_op_scaling(op.experts, mb, ep, expert_load_imbalance)
             f, b, act_bytes, param_bytes = f * work, b * work, act_bytes * work, param_bytes / param_split

@@ -100,8 +100,8 @@ if TYPE_CHECKING:
     from cost_models.ranks import RankTerms
     from cost_models.stages import StageBounds
 
-TIME_TERMS = ("compute_forward_s", "compute_backward_s", "recompute_s", "tp_comm_s", "ep_comm_s", "dp_comm_s",
-              "pp_comm_s", "bubble_s", "optimizer_s", "offload_s")
+TIME_TERMS = ("compute_forward_s", "compute_backward_s", "recompute_s", "tp_comm_s", "cp_comm_s", "ep_comm_s",
+              "dp_comm_s", "pp_comm_s", "bubble_s", "optimizer_s", "offload_s")
 MEMORY_CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "transient", "margin")
 
 
@@ -253,6 +253,7 @@ def estimate(model: CostModel, k: Knobs, stages: Sequence[StageBounds]) -> StepE
         "compute_backward_s": m * busiest.backward_compute_s + tail.step_copy_s,
         "recompute_s": m * busiest.recompute_s,
         "tp_comm_s": m * busiest.tp_comm_s,
+        "cp_comm_s": m * busiest.cp_comm_s,
         "ep_comm_s": m * busiest.ep_comm_s,
         "dp_comm_s": m * busiest.fsdp_exposed_s + sync.exposed_s,
         "pp_comm_s": pp_exposed + tail.tied_comm_s,
@@ -266,14 +267,16 @@ def estimate(model: CostModel, k: Knobs, stages: Sequence[StageBounds]) -> StepE
         "pp": AxisCommEstimate(m * busiest.pp_volume_bytes, m * busiest.pp_time_s + tail.tied_comm_s,
                                pp_exposed + tail.tied_comm_s),
     }
+    if k.cp > 1:
+        comm_axes["cp"] = AxisCommEstimate(m * busiest.cp_volume_bytes, m * busiest.cp_comm_s, m * busiest.cp_comm_s)
     if k.ep > 1:
         comm_axes["ep"] = AxisCommEstimate(m * busiest.ep_volume_bytes, m * busiest.ep_comm_s, m * busiest.ep_comm_s)
     by_rank = tuple((rk.param_bytes, rk.grad_bytes, rk.optimizer_bytes, a, d - a, g)
                     for rk, a, d, g in zip(ranks, acts, dyn, margins, strict=True))
     samples = k.micro_batch_size * m * dp
     model_flops = model.model_flops_per_sample * samples
-    hw_flops = lay.flops_per_micro_batch * tp * m * dp
-    peak = peak_flops_per_s(model.hw, model.dtype) * (pp * dp * tp)
+    hw_flops = lay.flops_per_micro_batch * tp * k.cp * m * dp
+    peak = peak_flops_per_s(model.hw, model.dtype) * (pp * dp * k.cp * tp)
     inv = 1.0 / step if step > 0 else 0.0
     return StepEstimate(
         step_time_s=step, fits=peak_mem <= model.capacity, peak_memory_bytes=peak_mem,

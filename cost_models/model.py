@@ -3,7 +3,7 @@
     cm = CostModel(graph, hw, train)
     cm.estimate(knobs, stages) -> StepEstimate       one step of a candidate, term by term
     cm.lower_bound(knobs, stages) -> float           <= cm.estimate(...).step_time_s, no simulation
-    cm.block_costs(tp, sp, mb, recompute, ep)        per-block terms (the stage-partition DP's input)
+    cm.block_costs(tp, sp, mb, recompute, ep, cp)    per-block terms (the stage-partition DP's input)
     cm.estimate_plan(plan) -> StepEstimate           the same for a built Plan
 
 The formulation, from the bottom up (each level a named value; the module that computes it):
@@ -23,7 +23,7 @@ The formulation, from the bottom up (each level a named value; the module that c
 The object owns every memo; nothing is cached at module level, and a memo lives exactly as long
 as its CostModel (the search holds one for its whole run). Memos sit at three seams:
 
-1. block costs: `BlockCosts` per (tp, sp, micro-batch size, recompute, ep), and what they are made
+1. block costs: `BlockCosts` per (tp, sp, micro-batch size, recompute, ep, cp), and what they are made
    of per layer type (`block_memo`);
 2. stage terms per composition: one `StageSum` per (setting, blocks of each layer type), the
    `StageTerms` per (StageSum, data-parallel setting), the stage lists, layouts and rank terms
@@ -110,12 +110,12 @@ class CostModel:
 
     # ------------------------------------------------------------------ public API
     def block_costs(self, tp: int, sequence_parallel: bool, micro_batch_size: int, recompute: str,
-                    ep: int = 1) -> BlockCosts:
+                    ep: int = 1, cp: int = 1) -> BlockCosts:
         """Per-block costs for one micro-batch on one tp rank (cost_models.blocks.BlockCosts);
-        `ep`: expert parallelism of the MoE layers' experts."""
+        `ep`: expert parallelism of the MoE layers' experts; `cp`: context parallelism."""
         from cost_models.blocks import block_costs_of
 
-        return block_costs_of(self, tp, sequence_parallel, micro_batch_size, recompute, ep)
+        return block_costs_of(self, tp, sequence_parallel, micro_batch_size, recompute, ep, cp)
 
     def estimate(self, knobs: Knobs, stages: Sequence[tuple[int, int, str]]) -> StepEstimate:
         """One step of `knobs` with `stages` = (first, last, recompute) per virtual stage

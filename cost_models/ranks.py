@@ -120,6 +120,8 @@ class RankTerms:
     tp_volume_bytes: float
     ep_comm_s: float
     ep_volume_bytes: float
+    cp_comm_s: float
+    cp_volume_bytes: float
     fsdp_exposed_s: float
     pp_volume_bytes: float
     pp_time_s: float
@@ -248,7 +250,7 @@ def _rank(model: CostModel, k: Knobs, mesh: MeshDims, mine: list[StageTerms], ti
     sharding = k.sharding
     # the rank's per-micro-batch sums over its stages, in stage order
     num_params = forward_c = backward_c = recompute = tp_s = tp_v = fsdp_s = fsdp_t = window = 0.0
-    expert_params = ep_s = ep_v = 0.0
+    expert_params = ep_s = ep_v = cp_s = cp_v = 0.0
     pp_v = pp_t = 0.0
     biggest_block = output_max = recomputed = -1.0
     for st in mine:
@@ -264,6 +266,8 @@ def _rank(model: CostModel, k: Knobs, mesh: MeshDims, mine: list[StageTerms], ti
         expert_params += ss.expert_params
         ep_s += st.ep_comm_s
         ep_v += ss.ep_volume_bytes
+        cp_s += st.cp_comm_s
+        cp_v += ss.cp_volume_bytes
         fsdp_s += st.fsdp_exposed_s
         fsdp_t += st.fsdp_time_s
         window += st.backward_window_s
@@ -271,6 +275,9 @@ def _rank(model: CostModel, k: Knobs, mesh: MeshDims, mine: list[StageTerms], ti
         pp_t += st.pp_time_s
         recomputed = max(recomputed, st.recompute_working_bytes)
     num_params -= tied_params
+    cp = k.cp
+    if cp > 1:  # data parallelism sees the cp ranks of a replica as more data-parallel ranks
+        mesh, k = mesh.fold_cp(), k.model_copy(update={"dp": k.dp * cp, "cp": 1})
     shard_n = mesh.dp_shard if sharding == "hsdp" else mesh.dp
     dkey = ("dp", num_params, expert_params, mesh, sharding, k.offload)
     dp_terms: DataParallelTerms | None = model.stage_memo.get(dkey)
@@ -298,7 +305,7 @@ def _rank(model: CostModel, k: Knobs, mesh: MeshDims, mine: list[StageTerms], ti
     if holds_head:
         last_split = model.last_splittable and mesh.tp > 1
         transient += model.final_output_bytes * k.micro_batch_size * (1 + 2 * 4 / model.act_isz) / (
-            mesh.tp if last_split else 1)  # the logits, their fp32 upcast and softmax for the loss
+            (mesh.tp if last_split else 1) * cp)  # the logits, their fp32 upcast and softmax for the loss
     if recomputed >= 0:
         transient += recomputed
     offload = k.offload if engine == "fully_shard" else "none"  # the runtime offloads through FSDP2 only
@@ -312,7 +319,8 @@ def _rank(model: CostModel, k: Knobs, mesh: MeshDims, mine: list[StageTerms], ti
         fsdp_time_per_micro_batch_s=fsdp_t if engine == "fully_shard" else 0.0,
         tied_comm_s=tied_comm, optimizer_s=optimizer_s,
         forward_compute_s=forward_c, backward_compute_s=backward_c, recompute_s=recompute, tp_comm_s=tp_s,
-        tp_volume_bytes=tp_v, ep_comm_s=ep_s, ep_volume_bytes=ep_v, fsdp_exposed_s=fsdp_s, pp_volume_bytes=pp_v,
+        tp_volume_bytes=tp_v, ep_comm_s=ep_s, ep_volume_bytes=ep_v, cp_comm_s=cp_s, cp_volume_bytes=cp_v,
+        fsdp_exposed_s=fsdp_s, pp_volume_bytes=pp_v,
         pp_time_s=pp_t,
     )
 

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from cost_models.ranks import RankColumns, RankTerms
 
 StageBounds = tuple[int, int, str]  # one virtual stage: (first block, last block, recompute)
-SumsKey = tuple[int, bool, int, str, Composition, int]  # a StageSum's (tp, sp, micro-batch, recompute, composition, ep)
+SumsKey = tuple[int, bool, int, str, Composition, int, int]  # a StageSum's (tp, sp, micro-batch, recompute, composition, ep, cp)
 # per distinct stage (composition, recompute, is the last stage, first block, last block), and per
 # stage its index into them
 StageShape = tuple[tuple[tuple[Composition, str, bool, int, int], ...], tuple[int, ...]]
@@ -85,6 +85,7 @@ class StageTerms:
     backward_compute_s: float  # input- and weight-grad compute + host work in backward (compute_backward_s)
     tp_comm_s: float  # TP collectives, forward + backward
     ep_comm_s: float  # expert parallelism's all-to-alls, forward + backward
+    cp_comm_s: float  # context parallelism's key/value gathers and gradient reduce-scatters
     fsdp_exposed_s: float  # FSDP collectives not hidden, forward + backward
     backward_window_s: float  # the whole backward of one micro-batch (a gradient sync can hide behind it)
     pp_volume_bytes: float  # activation sent + its gradient received (0 for the last stage)
@@ -153,6 +154,7 @@ def stage_terms(model: CostModel, sums: StageSum, sums_key: SumsKey, mesh: MeshD
         backward_compute_s=ss.backward_compute_s + ss.weight_compute_s + copy_b,
         tp_comm_s=ss.tp_forward_s + ss.tp_backward_s,
         ep_comm_s=ss.ep_forward_s + ss.ep_backward_s,
+        cp_comm_s=ss.cp_forward_s + ss.cp_backward_s,
         fsdp_exposed_s=fwd_exp + bwd_exp,
         backward_window_s=ss.backward_s + bwd_exp + copy_b + ss.weight_compute_s,
         pp_volume_bytes=0.0 if last_stage else 2 * ss.output_bytes,
@@ -208,8 +210,8 @@ class StageList:
 
 
 def stage_list(model: CostModel, stages: tuple[StageBounds, ...], tp: int, sp: bool, mb: int,
-               ep: int = 1) -> StageList:
-    key = ("stage list", stages, tp, sp, mb, ep)
+               ep: int = 1, cp: int = 1) -> StageList:
+    key = ("stage list", stages, tp, sp, mb, ep, cp)
     got: StageList | None = model.stage_memo.get(key)
     if got is not None:
         return got
@@ -220,9 +222,9 @@ def stage_list(model: CostModel, stages: tuple[StageBounds, ...], tp: int, sp: b
     keys, pattern = shape
     distinct: list[tuple[StageSum, SumsKey, bool, str]] = []
     for comp, rec, last, first_block, last_block in keys:
-        bc = model.block_costs(tp, sp, mb, rec, ep)
-        distinct.append((bc.stage_sum(first_block, last_block), (tp, bc.sequence_parallel, mb, rec, comp, bc.ep),
-                         last, rec))
+        bc = model.block_costs(tp, sp, mb, rec, ep, cp)
+        distinct.append((bc.stage_sum(first_block, last_block),
+                         (tp, bc.sequence_parallel, mb, rec, comp, bc.ep, bc.cp), last, rec))
     flops = sum([ss.fwd_flops + ss.bwd_flops + ss.recompute_flops for ss, *_ in (distinct[i] for i in pattern)])
     got = model.stage_memo[key] = StageList(model.new_id(), tuple(distinct), pattern, flops)
     return got
@@ -318,14 +320,16 @@ def layout(model: CostModel, k: Knobs, stages: Sequence[StageBounds]) -> Layout:
         check_stages(model, stages, k.pp * k.virtual_stages)
         model.stage_memo[ckey] = True
     sp = bool(k.sequence_parallel and k.tp > 1)
-    partition_sums = stage_list(model, stages, k.tp, sp, k.micro_batch_size, k.ep)
+    partition_sums = stage_list(model, stages, k.tp, sp, k.micro_batch_size, k.ep, k.cp)
+    # data parallelism sees the cp ranks of a replica as more data-parallel ranks (MeshDims.fold_cp)
+    dp_mesh = mesh.fold_cp()
     # the stage terms of this stage list for this data-parallel setting (none and zero1 share them)
-    skey = ("stage terms", partition_sums.uid, mesh.group("dp_shard") if fsdp else None, mesh.group("expert_dp"),
-            mesh.stride("pp"),
+    skey = ("stage terms", partition_sums.uid, dp_mesh.group("dp_shard") if fsdp else None,
+            dp_mesh.group("expert_dp"), dp_mesh.stride("pp"),
             k.sharding if fsdp else "none", pipelined)
     got_terms: tuple[list[StageTerms], int] | None = model.stage_memo.get(skey)
     if got_terms is None:
-        distinct = [stage_terms(model, ss, ss_key, mesh, k.sharding if fsdp else "none", last, pipelined, rec)
+        distinct = [stage_terms(model, ss, ss_key, dp_mesh, k.sharding if fsdp else "none", last, pipelined, rec)
                     for ss, ss_key, last, rec in partition_sums.distinct]
         # a number for the stage times this gives (joint and split alike: the simulation memo
         # keys on the schedule too)

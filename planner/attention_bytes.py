@@ -30,12 +30,15 @@ class _FusedAttention:
     flash: float = 0.0
     flash_fp32: float = 0.0
     flash_core: float = 0.0
+    kv: float = 0.0
+    context_parallel: bool = True
 
     def per_sample(self, batch: int) -> FusedAttentionSaved:
         return FusedAttentionSaved(
             math_bytes_per_sample=self.math / batch, math_core_bytes_per_sample=self.math_core / batch,
             flash_bytes_per_sample=self.flash / batch, flash_fp32_bytes_per_sample=self.flash_fp32 / batch,
-            flash_core_bytes_per_sample=self.flash_core / batch)
+            flash_core_bytes_per_sample=self.flash_core / batch, kv_bytes_per_sample=self.kv / batch,
+            context_parallel=self.context_parallel)
 
 
 _ATTENTION_INPUTS = ("query", "key", "value")
@@ -57,7 +60,9 @@ def fused_attention_bytes(fused: list[fx.Node], b: BlockSpec, gm, values, m, dep
     Flash-family kernels keep q, k, v, the output and an fp32 log-sum-exp (batch x heads x queries):
     flash = inputs + the output (on CUDA the output's layout makes the head merge a view, so its
     consumers keep the same storage: counted once); flash_fp32 = the log-sum-exp; selective drops
-    the log-sum-exp and, where no consumer keeps the output, the output (flash_core)."""
+    the log-sum-exp and, where no consumer keeps the output, the output (flash_core).
+    Context parallelism: kv = the key and value arguments' bytes; context_parallel = no call has an
+    attn_mask tensor."""
     members = set(b.nodes)
     kept = {s.producer for s in m.saved.values() if not s.internal}  # nodes whose output storage is saved
     res = _FusedAttention(frozenset(fused))
@@ -70,6 +75,9 @@ def fused_attention_bytes(fused: list[fx.Node], b: BlockSpec, gm, values, m, dep
         args = [n.args[i] if i < len(n.args) else n.kwargs.get(name)
                 for i, name in enumerate(_ATTENTION_INPUTS)]
         mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+        res.kv += sum(_nbytes(values.get(a)) for a in args[1:3] if isinstance(a, fx.Node))
+        if isinstance(mask, fx.Node):
+            res.context_parallel = False  # torch's context_parallel splits causal or unmasked calls only
         if isinstance(mask, fx.Node) and mask in dependent:
             args.append(mask)
         inputs = 0.0

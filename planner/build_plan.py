@@ -130,7 +130,7 @@ def build_plan(
         model=model_ref(graph),
         hardware=hw,
         train=train,
-        mesh=Mesh(pp=k.pp, dp=k.dp, tp=k.tp, ep=k.ep),
+        mesh=Mesh(pp=k.pp, dp=k.dp, tp=k.tp, ep=k.ep, cp=k.cp),
         data_parallel=DataParallel(sharding=k.sharding, hsdp_shard_size=k.hsdp_shard_size, offload=k.offload),
         tensor_parallel=TensorParallel(
             sequence_parallel=k.sequence_parallel,

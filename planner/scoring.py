@@ -52,7 +52,7 @@ class Estimate(Protocol):
 
 
 class Backend(Protocol):
-    def profile(self, tp: int, sp: bool, mb: int, recompute: str, ep: int = 1) -> BlockProfile: ...
+    def profile(self, tp: int, sp: bool, mb: int, recompute: str, ep: int = 1, cp: int = 1) -> BlockProfile: ...
 
     def score(self, knobs: Knobs, stages: list[tuple[int, int, str]]) -> Estimate: ...
 
@@ -99,11 +99,11 @@ class CostModelBackend:
         self._profiles: dict[tuple, BlockProfile] = {}
         self._bpp = memory.bytes_per_param(train.precision, train.optimizer)
 
-    def profile(self, tp: int, sp: bool, mb: int, recompute: str, ep: int = 1) -> BlockProfile:
-        key = (tp, sp, mb, recompute, ep)
+    def profile(self, tp: int, sp: bool, mb: int, recompute: str, ep: int = 1, cp: int = 1) -> BlockProfile:
+        key = (tp, sp, mb, recompute, ep, cp)
         got = self._profiles.get(key)
         if got is None:
-            bc = self.model.block_costs(tp, sp, mb, recompute, ep)
+            bc = self.model.block_costs(tp, sp, mb, recompute, ep, cp)
             got = profile_from_block_costs(bc, self._bpp)
             self._profiles[key] = got
         return got

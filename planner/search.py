@@ -78,13 +78,13 @@ class Scored:
 
 def group_key(k: Knobs) -> tuple:
     """Alternatives are distinct in mesh, sharding, offload and schedule (best mb/sp/ckpt of each)."""
-    return (k.pp, k.dp, k.tp, k.ep, k.sharding, k.hsdp_shard_size or 0, k.offload, k.schedule, k.virtual_stages)
+    return (k.pp, k.dp, k.tp, k.ep, k.cp, k.sharding, k.hsdp_shard_size or 0, k.offload, k.schedule, k.virtual_stages)
 
 
 def _order(k: Knobs) -> tuple:
     """Deterministic tie-break between equal step times: simpler plans first."""
     return (
-        k.pp, k.tp, k.ep, SHARDINGS.index(k.sharding), k.hsdp_shard_size or 0, k.offload != "none",
+        k.pp, k.tp, k.cp, k.ep, SHARDINGS.index(k.sharding), k.hsdp_shard_size or 0, k.offload != "none",
         k.schedule, k.virtual_stages, -k.micro_batch_size, k.sequence_parallel, str(k.recompute),
     )
 
@@ -163,14 +163,15 @@ class Search(SearchSpace):
         return out
 
     def state_lower_bound(self, pp: int, dp: int, tp: int, sharding: str, hsdp: int | None, offload: str,
-                          ep: int = 1) -> float:
-        key = (pp, dp, tp, sharding, hsdp, offload, ep)
+                          ep: int = 1, cp: int = 1) -> float:
+        key = (pp, dp, tp, sharding, hsdp, offload, ep, cp)
         got = self._state_lb.get(key)
         if got is None:
             # at ep > 1 the profile holds 1/ep of the experts and sharded_states divides them by dp
-            # again (the estimate: by dp / ep): smaller than the estimate's, so still a bound
+            # again (the estimate: by dp / ep): smaller than the estimate's, so still a bound; at
+            # cp > 1 states are sharded over dp x cp (MeshDims.fold_cp)
             prof = self.backend.profile(tp, False, 1, self.modes[-1], ep)
-            st = self.state_bytes(prof, sharding, hsdp, offload, dp)
+            st = self.state_bytes(prof, sharding, hsdp and hsdp * cp, offload, dp * cp)
             # tied blocks on one rank hold their shared parameters once (cost_models.ranks._tied):
             # the smaller block of a pair bounds the copy the estimate does not count
             tied = sum(min(st[a], st[b]) for a, b in self.graph.tied_blocks)
@@ -180,13 +181,13 @@ class Search(SearchSpace):
 
     # ------------------------------------------------------------------ partitions
     def partitioner(self, tp: int, sp: bool, mb: int, sharding: str, hsdp: int | None, offload: str, dp: int,
-                    ep: int = 1) -> Partitioner:
-        key = (tp, sp, mb, sharding, hsdp, offload, dp, ep)
+                    ep: int = 1, cp: int = 1) -> Partitioner:
+        key = (tp, sp, mb, sharding, hsdp, offload, dp, ep, cp)
         got = self._partitioners.get(key)
         if got is None:
-            profs = [self.backend.profile(tp, sp, mb, m, ep) for m in self.modes]
+            profs = [self.backend.profile(tp, sp, mb, m, ep, cp) for m in self.modes]
             modes = [ModeCosts(m, pr.time_s, pr.act_bytes) for m, pr in zip(self.modes, profs, strict=True)]
-            st = self.state_bytes(profs[0], sharding, hsdp, offload, dp)
+            st = self.state_bytes(profs[0], sharding, hsdp and hsdp * cp, offload, dp * cp)
             got = Partitioner(modes, st, self.ends)
             self._partitioners[key] = got
         return got
@@ -197,11 +198,11 @@ class Search(SearchSpace):
         Fast path: the partition that ignores memory (shared by every sharding and schedule of
         the same tp/sp/mb/stage count) is optimal whenever it fits in its fastest modes."""
         part = self.partitioner(k.tp, k.sequence_parallel, k.micro_batch_size, k.sharding,
-                                k.hsdp_shard_size, k.offload, k.dp, k.ep)
+                                k.hsdp_shard_size, k.offload, k.dp, k.ep, k.cp)
         inflight = self.backend.inflight(k.schedule, k.pp, k.num_micro_batches, k.virtual_stages)
         per_stage = budget / k.virtual_stages
         key = (k.tp, k.sequence_parallel, k.micro_batch_size, k.sharding, k.hsdp_shard_size,
-               k.offload, k.dp, k.ep, inflight, per_stage)
+               k.offload, k.dp, k.ep, k.cp, inflight, per_stage)
         if key in self._partitions:
             return self._partitions[key]
         free = self.free_partition(k)
@@ -294,13 +295,13 @@ class Search(SearchSpace):
     def items(self, meshes) -> list[tuple[float, tuple, str, int]]:
         """(bound, region, schedule, virtual stages) for every region and schedule, best bound first."""
         out = []
-        for pp, dp, tp in meshes:
-            for ep in self.ep_options(pp, dp, tp):
+        for pp, dp, tp, cp in meshes:
+            for ep in self.ep_options(pp, dp, tp) if cp == 1 else [1]:
                 for mb, n_mb in self.micro_batches(pp, dp):
                     for sp in self.sp_options(tp):
-                        prof = self.backend.profile(tp, sp, mb, self.modes[0], ep)
+                        prof = self.backend.profile(tp, sp, mb, self.modes[0], ep, cp)
                         lb0 = self.region_bound(prof, pp, n_mb)
-                        region = (pp, dp, tp, mb, n_mb, sp, ep)
+                        region = (pp, dp, tp, mb, n_mb, sp, ep, cp)
                         for sched, v in self.schedules(pp, n_mb):
                             lb = max(lb0, self.schedule_bound(prof, region, sched, v))
                             out.append((lb, region, sched, v))
@@ -321,8 +322,8 @@ class Search(SearchSpace):
         micro-batch and, where the backend simulates the schedule, the warm-up and drain chains
         (cost_models.simulator.pipeline_lower_bound). It bounds that partition, the one the search
         scores first; 0 when there is no such partition."""
-        pp, _dp, tp, mb, n_mb, sp, ep = region
-        free = self._free(tp, sp, mb, pp * v, ep)
+        pp, _dp, tp, mb, n_mb, sp, ep, cp = region
+        free = self._free(tp, sp, mb, pp * v, ep, cp)
         if free is None:
             return 0.0
         t = free.stage_time_s
@@ -345,15 +346,15 @@ class Search(SearchSpace):
         return lb * (1 - 1e-9)  # prefix sums vs the simulator's order of additions
 
     def candidates(self, region: tuple, sched: str, v: int) -> Iterator[Knobs]:
-        pp, dp, tp, mb, n_mb, sp, ep = region
-        for sharding, hsdp, off in self.shardings(dp, pp, tp, ep):
+        pp, dp, tp, mb, n_mb, sp, ep, cp = region
+        for sharding, hsdp, off in self.shardings(dp, pp, tp, ep, cp):
             if knob_problem(sharding=sharding, offload=off, pp=pp, dp=dp, tp=tp,
                             precision=self.train.precision, schedule=sched):
                 continue  # e.g. zero_bubble with a resharding FSDP2 (planner.capabilities)
             yield Knobs(
                 pp=pp, dp=dp, tp=tp, sharding=sharding, hsdp_shard_size=hsdp, offload=off,
                 micro_batch_size=mb, num_micro_batches=n_mb, schedule=sched, virtual_stages=v,
-                recompute=self.modes[0] if len(self.modes) == 1 else "none", sequence_parallel=sp, ep=ep,
+                recompute=self.modes[0] if len(self.modes) == 1 else "none", sequence_parallel=sp, ep=ep, cp=cp,
             )
 
     def run(self) -> SearchResult:
@@ -400,10 +401,10 @@ class Search(SearchSpace):
         return fn(k, [tuple(s) for s in stages]) * (1 - 1e-9) if fn is not None else 0.0
 
     def _visit(self, region: tuple, sched: str, v: int, item_lb: float) -> None:
-        pp, dp, tp, mb, n_mb, sp, ep = region
-        mesh_name = f"pp={pp} dp={dp} tp={tp}" + (f" ep={ep}" if ep > 1 else "")
+        pp, dp, tp, mb, n_mb, sp, ep, cp = region
+        mesh_name = f"pp={pp} dp={dp} tp={tp}" + (f" ep={ep}" if ep > 1 else "") + (f" cp={cp}" if cp > 1 else "")
         for k in self.candidates(region, sched, v):
-            lb_state = self.state_lower_bound(pp, dp, tp, k.sharding, k.hsdp_shard_size, k.offload, ep)
+            lb_state = self.state_lower_bound(pp, dp, tp, k.sharding, k.hsdp_shard_size, k.offload, ep, cp)
             self._note_state(lb_state, k)
             if lb_state > self.budget_bytes:
                 zname = k.sharding if k.sharding != "hsdp" else f"hsdp({k.hsdp_shard_size})"
@@ -463,13 +464,13 @@ class Search(SearchSpace):
 
     def free_partition(self, k: Knobs) -> Partition | None:
         """Min-max partition ignoring memory, fastest mode (shared by shardings and schedules)."""
-        return self._free(k.tp, k.sequence_parallel, k.micro_batch_size, k.pp * k.virtual_stages, k.ep)
+        return self._free(k.tp, k.sequence_parallel, k.micro_batch_size, k.pp * k.virtual_stages, k.ep, k.cp)
 
-    def _free(self, tp: int, sp: bool, mb: int, num: int, ep: int = 1) -> Partition | None:
-        ukey = (tp, sp, mb, num, ep)
+    def _free(self, tp: int, sp: bool, mb: int, num: int, ep: int = 1, cp: int = 1) -> Partition | None:
+        ukey = (tp, sp, mb, num, ep, cp)
         if ukey not in self._unconstrained:
             # only the mode times matter here; the "none" partitioner has the same ones
-            part = self.partitioner(tp, sp, mb, "none", None, "none", 1, ep)
+            part = self.partitioner(tp, sp, mb, "none", None, "none", 1, ep, cp)
             self._unconstrained[ukey] = part.solve_free(num)
         return self._unconstrained[ukey]
 
@@ -479,8 +480,8 @@ class Search(SearchSpace):
 
     def _prune_rest(self, items) -> None:
         count = 0
-        for _, (pp, dp, tp, _mb, _n_mb, _sp, ep), _sched, _v in items:
-            count += len(self.shardings(dp, pp, tp, ep))
+        for _, (pp, dp, tp, _mb, _n_mb, _sp, ep, cp), _sched, _v in items:
+            count += len(self.shardings(dp, pp, tp, ep, cp))
         if count:
             self.reject(
                 "lower bound", f"{count} candidates whose lower bound (busiest rank's compute, pipeline "

@@ -71,24 +71,76 @@ class SearchSpace:
             return f"tp={tp}: no block has a tensor-parallel candidate, every op would be replicated"
         return None
 
-    def meshes(self) -> list[tuple[int, int, int]]:
-        """Valid (pp, dp, tp), with every invalid factorization recorded."""
+    def meshes(self) -> list[tuple[int, int, int, int]]:
+        """Valid (pp, dp, tp, cp), with every invalid factorization recorded."""
         n, per_node = self.num_devices, self.hw.devices_per_node
-        self._check_pinned_degrees(n)
         out = []
-        for tp in divisors(n):
-            for pp in divisors(n // tp):
-                dp = n // (tp * pp)
-                why = self._mesh_problem(pp, dp, tp, per_node)
-                if why is None:
-                    out.append((pp, dp, tp))
-                    self._reject_refused_shardings(pp, dp, tp)
-                elif why[0]:
-                    self.reject(why[0], why[1], self._mesh_size(pp, dp, tp))
+        for cp in self.cp_options(n):
+            m = n // cp
+            self._check_pinned_degrees(m, cp)
+            for tp in divisors(m):
+                for pp in divisors(m // tp):
+                    dp = m // (tp * pp)
+                    why = self._mesh_problem(pp, dp, tp, per_node)
+                    if why is None:
+                        out.append((pp, dp, tp, cp))
+                        self._reject_refused_shardings(pp, dp, tp)
+                    elif why[0]:
+                        region = why[0] + (f" cp={cp}" if cp > 1 else "")
+                        self.reject(region, why[1], self._mesh_size(pp, dp, tp))
         return out
 
-    def _check_pinned_degrees(self, n: int) -> None:
-        """Pinned pp/dp/tp must multiply to a divisor of the device count (all three: to it)."""
+    def cp_options(self, n: int) -> list[int]:
+        """Context-parallel degrees: 1, and where torch's context_parallel can run this model on
+        this hardware (`context_parallel_problem`), every divisor of the device count that splits
+        the sequence into 2 * cp equal chunks (its load balancing). A pinned cp that cannot run
+        is an error naming why."""
+        pin = self.pins.get("cp")
+        if pin is not None and pin > 1:
+            why = self.context_parallel_problem(pin, n)
+            if why:
+                raise SpecError(f"constraints.cp: pinned to {pin}, but {why}")
+            return [pin]
+        if pin == 1 or self.context_parallel_problem(2, n, sequence=False):
+            return [1]
+        out = [1]
+        for cp in divisors(n)[1:]:
+            why = self.context_parallel_problem(cp, n)
+            if why:
+                self.reject(f"cp={cp}", why, 0)
+            else:
+                out.append(cp)
+        return out
+
+    def context_parallel_problem(self, cp: int, n: int, sequence: bool = True) -> str | None:
+        """Why context parallelism of degree cp cannot run this model here, or None.
+        `sequence`: also check that cp splits the sequence."""
+        g = self.graph
+        if self.hw.device_is_host_cpu:
+            return ("context parallelism runs torch's context_parallel, which has no CPU path "
+                    "(torch 2.14: CPU attention kernels have no ring/all-gather implementation)")
+        if self.num_experts:
+            return "context parallelism with mixture-of-experts layers is not supported here"
+        attention = False
+        for name in sorted(g.layer_types):
+            lt = g.layer_types[name]
+            core = any(op.kind == "attention" or op.tp_split == "head" for op in lt.ops)
+            fa = lt.fused_attention
+            if core and (fa is None or not fa.context_parallel or fa.kv_bytes_per_sample <= 0):
+                return (f"{name}'s attention is not one causal F.scaled_dot_product_attention call, the "
+                        f"only attention torch's context_parallel splits")
+            attention = attention or fa is not None
+        if not attention:
+            return "the model has no attention for context parallelism to split"
+        if sequence and (not g.seq_len or g.seq_len % (2 * cp)):
+            return (f"cp={cp} must split the {g.seq_len}-token sequence into 2 * cp = {2 * cp} equal "
+                    f"chunks (load-balanced causal attention)")
+        if n % cp:
+            return f"cp={cp} does not divide the {n} devices"
+        return None
+
+    def _check_pinned_degrees(self, n: int, cp: int = 1) -> None:
+        """Pinned pp/dp/tp must multiply to a divisor of the device count / cp (all three: to it)."""
         pinned = {k: self.pins[k] for k in ("pp", "dp", "tp") if k in self.pins}
         if not pinned:
             return
@@ -96,11 +148,12 @@ class SearchSpace:
         for v in pinned.values():
             prod *= v
         expr = " * ".join(f"{k}({v})" for k, v in pinned.items())
+        devices = f"{n} devices" if cp == 1 else f"{n} devices per cp rank (cp={cp})"
         if len(pinned) == 3 and prod != n:
-            raise SpecError(f"constraints: {expr} = {prod}, but {self.hw} has {n} devices; "
+            raise SpecError(f"constraints: {expr} = {prod}, but {self.hw} has {devices}; "
                             f"pin degrees whose product is {n}")
         if n % prod:
-            raise SpecError(f"constraints: {expr} = {prod} does not divide the {n} devices of {self.hw}; "
+            raise SpecError(f"constraints: {expr} = {prod} does not divide the {devices} of {self.hw}; "
                             f"pin degrees whose product divides {n}")
 
     def _mesh_problem(self, pp: int, dp: int, tp: int, per_node: int) -> tuple[str, str] | None:
@@ -166,12 +219,15 @@ class SearchSpace:
             self.reject(region, f"the runtime refuses it: {why}", per)
 
     def shardings(self, dp: int, pp: int | None = None, tp: int | None = None,
-                  ep: int = 1) -> list[tuple[str, int | None, str]]:
+                  ep: int = 1, cp: int = 1) -> list[tuple[str, int | None, str]]:
         """(sharding, hsdp shard size, offload) options for dp; with pp and tp, only those the
-        runtime executes (planner.capabilities; with expert parallelism, specs.plan.check_expert_parallel)."""
+        runtime executes (planner.capabilities; with expert parallelism, specs.plan.check_expert_parallel;
+        with context parallelism no zero1: ZeroRedundancyOptimizer runs over DDP, which cannot)."""
         out = self._shardings(dp)
         if ep > 1:
             out = [x for x in out if x[0] not in EP_REFUSED_SHARDINGS]
+        if cp > 1:
+            out = [x for x in out if x[0] != "zero1"]
         if pp is None or tp is None:
             return out
         prec = self.train.precision

@@ -146,6 +146,14 @@ class FusedAttentionSaved(Frozen):
         ge=0, description="Of flash_bytes, what selective recompute drops (the output where no consumer "
         "keeps it); the log-sum-exp is dropped too.",
     )
+    kv_bytes_per_sample: float = Field(
+        default=0, ge=0, description="Bytes of the calls' key and value arguments (at the traced activation "
+        "dtype): what context parallelism all-gathers over its group, and keeps gathered for backward.",
+    )
+    context_parallel: bool = Field(
+        default=False, description="Every call is causal or unmasked (no attn_mask tensor): torch's "
+        "context_parallel can split it along the sequence.",
+    )
 
 
 class LayerType(Frozen):

@@ -2,11 +2,14 @@
 
 The device mesh is laid out outermost first as
 
-    pp  x  dp_replicate  x  dp_shard  x  tp
+    pp  x  dp_replicate  x  dp_shard  x  cp  x  tp
 
 so tp is innermost: the ranks of one tp group are consecutive (global rank =
-((pp_i * dp_replicate + replicate_i) * dp_shard + shard_i) * tp + tp_i) and stay inside a node
-when tp <= devices per node. The data-parallel axis dp = dp_replicate x dp_shard is split by
+(((pp_i * dp_replicate + replicate_i) * dp_shard + shard_i) * cp + cp_i) * tp + tp_i) and stay
+inside a node when tp <= devices per node. cp (context parallelism: each rank of a cp group holds
+1/cp of every sample's tokens) sits between the data-parallel axes and tp, as in torchtitan; the
+cp ranks of one replica hold the same parameters, so gradients are averaged and states sharded
+over dp x cp ("dp_cp", `fold_cp()`). The data-parallel axis dp = dp_replicate x dp_shard is split by
 what the data-parallel engine does with it: DDP / ZeRO-1 replicate over all of it
 (dp_shard = 1), ZeRO-2 / ZeRO-3 shard over all of it (dp_replicate = 1), HSDP shards within
 groups of `hsdp_shard_size` and replicates across them. This is torchtitan's `ParallelDims`
@@ -39,9 +42,10 @@ if TYPE_CHECKING:
     from specs.plan import Plan
 
 # outermost first
-AXES = ("pp", "dp_replicate", "dp_shard", "tp")
+AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 # groups made of several adjacent axes
-COMPOSITE = {"dp": ("dp_replicate", "dp_shard")}
+COMPOSITE = {"dp": ("dp_replicate", "dp_shard"), "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+             "dp_shard_cp": ("dp_shard", "cp")}
 # expert parallelism's groups, carved out of dp (module docstring)
 EXPERT = ("ep", "expert_dp")
 
@@ -57,6 +61,8 @@ class MeshKnobs(Protocol):
     def tp(self) -> int: ...
     @property
     def ep(self) -> int: ...
+    @property
+    def cp(self) -> int: ...
     @property
     def sharding(self) -> str: ...
     @property
@@ -74,6 +80,7 @@ class MeshDims:
     tp: int = 1
     hsdp: bool = False
     ep: int = 1
+    cp: int = 1
     # (size, stride) of every group, made once (the cost model asks for them per candidate)
     _groups: dict[str, tuple[int, int]] = field(init=False, repr=False, compare=False, hash=False)
 
@@ -87,9 +94,9 @@ class MeshDims:
             axes = self._axes(group)
             inner = AXES[AXES.index(axes[-1]) + 1 :]
             groups[group] = (prod(getattr(self, a) for a in axes), prod(getattr(self, a) for a in inner))
-        if not isinstance(self.ep, int) or self.ep < 1 or self.dp % self.ep or (self.ep > 1 and self.hsdp):
+        if not isinstance(self.ep, int) or self.ep < 1 or self.dp % self.ep or (self.ep > 1 and (self.hsdp or self.cp > 1)):
             raise SpecError(
-                f"mesh.ep: {self.ep!r} must be a positive divisor of dp ({self.dp}), without hsdp"
+                f"mesh.ep: {self.ep!r} must be a positive divisor of dp ({self.dp}), without hsdp or cp"
             )
         dp_stride = groups["dp"][1]
         groups["ep"] = (self.ep, dp_stride)
@@ -106,6 +113,7 @@ class MeshDims:
         sharding: str = "none",
         hsdp_shard_size: int | None = None,
         ep: int = 1,
+        cp: int = 1,
     ) -> MeshDims:
         """The mesh of a plan's knobs: dp split by the sharding (module docstring)."""
         if sharding == "hsdp":
@@ -114,10 +122,10 @@ class MeshDims:
                 raise SpecError(
                     f"hsdp_shard_size: {shard} must divide dp ({dp}); pick a divisor of dp"
                 )
-            return cls(pp=pp, dp_replicate=dp // shard, dp_shard=shard, tp=tp, hsdp=True, ep=ep)
+            return cls(pp=pp, dp_replicate=dp // shard, dp_shard=shard, tp=tp, hsdp=True, ep=ep, cp=cp)
         if sharding in ("zero2", "zero3"):
-            return cls(pp=pp, dp_replicate=1, dp_shard=dp, tp=tp, ep=ep)
-        return cls(pp=pp, dp_replicate=dp, dp_shard=1, tp=tp, ep=ep)
+            return cls(pp=pp, dp_replicate=1, dp_shard=dp, tp=tp, ep=ep, cp=cp)
+        return cls(pp=pp, dp_replicate=dp, dp_shard=1, tp=tp, ep=ep, cp=cp)
 
     @classmethod
     def from_knobs(cls, knobs: MeshKnobs) -> MeshDims:
@@ -129,6 +137,7 @@ class MeshDims:
             sharding=knobs.sharding,
             hsdp_shard_size=knobs.hsdp_shard_size,
             ep=knobs.ep,
+            cp=knobs.cp,
         )
 
     @classmethod
@@ -141,6 +150,7 @@ class MeshDims:
             sharding=data_parallel.sharding,
             hsdp_shard_size=data_parallel.hsdp_shard_size,
             ep=mesh.ep,
+            cp=mesh.cp,
         )
 
     @property
@@ -150,6 +160,18 @@ class MeshDims:
     @property
     def world(self) -> int:
         return prod(getattr(self, a) for a in AXES)
+
+    def fold_cp(self) -> MeshDims:
+        """The mesh as data parallelism sees it: the cp ranks of a replica folded into its
+        data-parallel shard axis (or, without sharding, its replicate axis), so that "dp" is
+        dp x cp ranks, tp apart (gradients are averaged and states sharded over them); self when
+        cp is 1. Every other group (pp, tp) keeps its size and stride."""
+        if self.cp == 1:
+            return self
+        if self.dp_shard > 1 or self.hsdp:
+            return MeshDims(pp=self.pp, dp_replicate=self.dp_replicate, dp_shard=self.dp_shard * self.cp,
+                            tp=self.tp, hsdp=self.hsdp)
+        return MeshDims(pp=self.pp, dp_replicate=self.dp_replicate * self.cp, tp=self.tp)
 
     def experts(self) -> MeshDims:
         """The mesh as the experts' data parallelism sees it: dp / ep copies of each expert shard,
@@ -192,11 +214,12 @@ class MeshDims:
 
     def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """(sizes, names) of the runtime's DeviceMesh, outermost first: the data-parallel axis as
-        two dimensions under HSDP, one ("dp") otherwise."""
+        two dimensions under HSDP, one ("dp") otherwise; a "cp" dimension only when cp > 1."""
+        cp = ((self.cp,), ("cp",)) if self.cp > 1 else ((), ())
         if self.hsdp:
-            sizes = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
-            return sizes, ("pp", "dp_replicate", "dp_shard", "tp")
-        return (self.pp, self.dp, self.tp), ("pp", "dp", "tp")
+            sizes = (self.pp, self.dp_replicate, self.dp_shard, *cp[0], self.tp)
+            return sizes, ("pp", "dp_replicate", "dp_shard", *cp[1], "tp")
+        return (self.pp, self.dp, *cp[0], self.tp), ("pp", "dp", *cp[1], "tp")
 
     def _axes(self, group: str) -> tuple[str, ...]:
         if group in AXES:

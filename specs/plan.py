@@ -58,9 +58,15 @@ class Mesh(Frozen):
         "Not a separate axis: ep borrows data-parallel ranks (world = pp * dp * tp).",
     )
 
+    cp: int = Field(
+        default=1, gt=0,
+        description="Context-parallel degree: each sample's tokens are split over cp ranks (attention's keys "
+        "and values gathered among them); between dp and tp in the mesh (world = pp * dp * cp * tp).",
+    )
+
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
 
 
 class DataParallel(Frozen):
@@ -155,6 +161,7 @@ class Knobs(Frozen):
     recompute: Recompute | Literal["mixed"] = "none"
     sequence_parallel: bool = False
     ep: int = 1
+    cp: int = 1
 
     def __str__(self) -> str:
         zero = {"none": "0", "zero1": "1", "zero2": "2", "zero3": "3", "hsdp": "hsdp"}[self.sharding]
@@ -166,6 +173,8 @@ class Knobs(Frozen):
         parts = [f"dp={self.dp}", f"tp={self.tp}", f"pp={self.pp}", f"zero={zero}"]
         if self.ep > 1:
             parts.insert(3, f"ep={self.ep}")
+        if self.cp > 1:
+            parts.insert(3, f"cp={self.cp}")
         parts.append(f"mb={self.micro_batch_size}x{self.num_micro_batches}")
         if self.pp > 1:
             parts.append(f"sched={sched}")
@@ -222,9 +231,15 @@ class Plan(Frozen):
             )
         m, hw = self.mesh, self.hardware
         if m.world_size != hw.num_devices:
+            cp = f" * cp({m.cp})" if m.cp > 1 else ""
             raise ValueError(
-                f"mesh: tp({m.tp}) * pp({m.pp}) * dp({m.dp}) = {m.world_size}, but the hardware has "
+                f"mesh: tp({m.tp}) * pp({m.pp}) * dp({m.dp}){cp} = {m.world_size}, but the hardware has "
                 f"{hw.num_devices} devices ({hw.num_nodes} nodes x {hw.devices_per_node})"
+            )
+        if m.cp > 1 and m.ep > 1:
+            raise ValueError(
+                f"mesh: context parallelism (cp={m.cp}) with expert parallelism (ep={m.ep}) is not "
+                f"supported; plan with one of them"
             )
         p = self.pipeline
         if p.virtual_stages > 1 and p.schedule not in ("interleaved_1f1b", "zero_bubble"):
@@ -290,7 +305,7 @@ class Plan(Frozen):
             num_micro_batches=self.pipeline.num_micro_batches,
             schedule=self.pipeline.schedule, virtual_stages=self.pipeline.virtual_stages,
             recompute=modes.pop() if len(modes) == 1 else "mixed",
-            sequence_parallel=self.tensor_parallel.sequence_parallel, ep=self.mesh.ep,
+            sequence_parallel=self.tensor_parallel.sequence_parallel, ep=self.mesh.ep, cp=self.mesh.cp,
         )
 
     def __str__(self) -> str:

@@ -56,6 +56,7 @@ class Constraints(Frozen):
     dp: int | None = Field(default=None, gt=0, description="Pin data-parallel degree.")
     tp: int | None = Field(default=None, gt=0, description="Pin tensor-parallel degree.")
     ep: int | None = Field(default=None, gt=0, description="Pin expert-parallel degree (MoE models; divides dp).")
+    cp: int | None = Field(default=None, gt=0, description="Pin context-parallel degree (splits each sequence).")
     sharding: Sharding | None = Field(default=None, description="Pin data-parallel sharding (zero stage).")
     hsdp_shard_size: int | None = Field(default=None, gt=0, description="Pin the HSDP shard-group size.")
     micro_batch_size: int | None = Field(default=None, gt=0, description="Pin the micro-batch size.")
@@ -89,7 +90,7 @@ class Constraints(Frozen):
     def pins(self) -> dict[str, object]:
         """The pinned knobs, by name."""
         names = (
-            "pp", "dp", "tp", "ep", "sharding", "hsdp_shard_size", "micro_batch_size", "num_micro_batches",
+            "pp", "dp", "tp", "ep", "cp", "sharding", "hsdp_shard_size", "micro_batch_size", "num_micro_batches",
             "schedule", "virtual_stages", "recompute", "sequence_parallel", "offload",
         )
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}

@@ -125,7 +125,7 @@ class FakeBackend:
             act = lt.input_bytes_per_sample / 2 * mb
         return time_s, 2 * params, 2 * params, 12 * params, max(act, 0.0)
 
-    def profile(self, tp: int, sp: bool, mb: int, recompute: str, ep: int = 1) -> BlockProfile:
+    def profile(self, tp: int, sp: bool, mb: int, recompute: str, ep: int = 1, cp: int = 1) -> BlockProfile:
         key = (tp, sp, mb, recompute)  # the fake models dense blocks only: ep changes nothing
         if key not in self._prof:
             rows = [self._block(i, tp, sp, mb, recompute) for i in range(self.graph.num_blocks)]

@@ -55,7 +55,7 @@ def _case(draw):
     search = Search(g, hw, train, cons, CostModelBackend(g, hw, train))
     meshes = search.meshes()
     assume(meshes)
-    pp, dp, tp = draw(st.sampled_from(meshes))
+    pp, dp, tp, cp = draw(st.sampled_from(meshes))
     mbs = search.micro_batches(pp, dp)
     assume(mbs)
     mb, n_mb = draw(st.sampled_from(mbs))
@@ -77,7 +77,7 @@ def _case(draw):
         first = b + 1
     k = Knobs(pp=pp, dp=dp, tp=tp, sharding=sharding, hsdp_shard_size=hsdp, offload=offload,
               micro_batch_size=mb, num_micro_batches=n_mb, schedule=sched, virtual_stages=v,
-              sequence_parallel=sp)
+              sequence_parallel=sp, cp=cp)
     return search, Search.with_recompute(k, stages), stages
 
 
@@ -92,13 +92,13 @@ def _check_bounds(search: Search, k: Knobs, stages: list[tuple[int, int, str]]) 
     est = estimate_knobs(search.graph, k, stages, search.hw, search.train)
 
     # memory: the model states alone, by which a point is rejected unscored
-    states = search.state_lower_bound(k.pp, k.dp, k.tp, k.sharding, k.hsdp_shard_size, k.offload, k.ep)
+    states = search.state_lower_bound(k.pp, k.dp, k.tp, k.sharding, k.hsdp_shard_size, k.offload, k.ep, k.cp)
     if currently_in_test_context():
         target(states / est.peak_memory_bytes, label="state bound / peak memory")  # seek the tight cases
     assert states <= est.peak_memory_bytes * (1 + REL), (k, states, est.peak_memory_bytes)
 
     # time: the region's bound, for any partition of the region
-    prof = search.backend.profile(k.tp, k.sequence_parallel, k.micro_batch_size, search.modes[0], k.ep)
+    prof = search.backend.profile(k.tp, k.sequence_parallel, k.micro_batch_size, search.modes[0], k.ep, k.cp)
     assert search.region_bound(prof, k.pp, k.num_micro_batches) <= est.step_time_s * (1 + REL)
 
     # time: the backend's exact bound of this point
@@ -107,7 +107,7 @@ def _check_bounds(search: Search, k: Knobs, stages: list[tuple[int, int, str]]) 
     # time: the schedule's bound, for the memory-free partition it is computed from
     free = search.free_partition(k)
     if free is not None:
-        region = (k.pp, k.dp, k.tp, k.micro_batch_size, k.num_micro_batches, k.sequence_parallel, k.ep)
+        region = (k.pp, k.dp, k.tp, k.micro_batch_size, k.num_micro_batches, k.sequence_parallel, k.ep, k.cp)
         kf = Search.with_recompute(k, free.stages)
         est_free = estimate_knobs(search.graph, kf, list(free.stages), search.hw, search.train)
         bound = search.schedule_bound(prof, region, k.schedule, k.virtual_stages)

@@ -54,8 +54,8 @@ def test_a_term_added_in_one_place_flows_everywhere(monkeypatch):
     with monkeypatch.context() as m:
         original = blocks._layer_cost
 
-        def with_fake(model, lt, tp, sp, mb, recompute, ep):
-            cost = original(model, lt, tp, sp, mb, recompute, ep)
+        def with_fake(model, lt, tp, sp, mb, recompute, ep, cp):
+            cost = original(model, lt, tp, sp, mb, recompute, ep, cp)
             return dataclasses.replace(cost, tp_forward_s=cost.tp_forward_s + FAKE_S)
 
         m.setattr(blocks, "_layer_cost", with_fake)

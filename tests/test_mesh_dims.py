@@ -25,6 +25,9 @@ SHAPES = [
     MeshDims(dp_replicate=3, dp_shard=2, hsdp=True),
     MeshDims(pp=2, dp_replicate=2, dp_shard=4, tp=2, hsdp=True),
     MeshDims(pp=3, dp_replicate=5, dp_shard=2, tp=4, hsdp=True),
+    MeshDims(pp=2, dp_shard=2, cp=2, tp=2),
+    MeshDims(dp_replicate=3, cp=4, tp=2),
+    MeshDims(pp=2, dp_replicate=2, dp_shard=2, cp=2, tp=2, hsdp=True),
 ]
 GROUPS = (*AXES, *COMPOSITE)
 
@@ -60,11 +63,37 @@ def test_groups_are_the_lines_of_the_rank_tensor(dims, group):
 
 @pytest.mark.parametrize("dims", SHAPES, ids=str)
 def test_sizes_multiply_to_the_world(dims):
-    assert dims.world == dims.pp * dims.dp * dims.tp
+    assert dims.world == dims.pp * dims.dp * dims.cp * dims.tp
     assert dims.size("dp") == dims.dp == dims.dp_replicate * dims.dp_shard
-    assert dims.stride("tp") == 1 and dims.stride("dp") == dims.tp == dims.stride("dp_shard")
-    assert dims.stride("dp_replicate") == dims.dp_shard * dims.tp
-    assert dims.stride("pp") == dims.dp * dims.tp
+    assert dims.stride("tp") == 1 and dims.stride("cp") == dims.tp == dims.stride("dp_cp")
+    assert dims.stride("dp") == dims.cp * dims.tp == dims.stride("dp_shard")
+    assert dims.stride("dp_replicate") == dims.dp_shard * dims.cp * dims.tp
+    assert dims.stride("pp") == dims.dp * dims.cp * dims.tp
+
+
+@pytest.mark.parametrize("dims", SHAPES, ids=str)
+def test_fold_cp_makes_dp_the_gradient_group(dims):
+    """Data parallelism over dp x cp: the folded mesh's "dp" is the "dp_cp" group, and its pp and
+    tp groups are the mesh's."""
+    folded = dims.fold_cp()
+    assert folded.cp == 1 and folded.world == dims.world
+    assert folded.group("dp") == dims.group("dp_cp")
+    assert folded.group("pp") == dims.group("pp") and folded.group("tp") == dims.group("tp")
+    if dims.hsdp:
+        assert folded.group("dp_replicate") == dims.group("dp_replicate")
+        assert folded.group("dp_shard") == dims.group("dp_shard_cp")
+
+
+def test_expert_groups_are_carved_out_of_dp():
+    """ep consecutive dp ranks (the all-to-all), and the dp / ep copies of an expert shard, as the
+    runtime's (pp, expert_dp, ep, tp) mesh lays them out (runtime/expert_parallel.py)."""
+    dims = MeshDims.of(pp=2, dp=8, tp=2, sharding="zero3", ep=4)
+    ranks = torch.arange(dims.world).reshape(2, 2, 4, 2)  # (pp, expert_dp, ep, tp)
+    assert dims.first_group("ep") == ranks[0, 0, :, 0].tolist()
+    assert dims.first_group("expert_dp") == ranks[0, :, 0, 0].tolist()
+    assert dims.experts().group("dp") == dims.group("expert_dp")
+    with pytest.raises(SpecError, match="mesh.ep"):
+        MeshDims.of(pp=1, dp=6, tp=1, ep=4)
 
 
 def test_of_splits_dp_by_the_sharding():
@@ -87,6 +116,7 @@ def test_of_splits_dp_by_the_sharding():
             (2, 2, 2, 2),
             ("pp", "dp_replicate", "dp_shard", "tp"),
         ),
+        (MeshDims(pp=2, dp_shard=2, cp=2, tp=2), (2, 2, 2, 2), ("pp", "dp", "cp", "tp")),
     ],
 )
 def test_mesh_shape_is_the_runtime_mesh(dims, sizes, names):
@@ -94,7 +124,8 @@ def test_mesh_shape_is_the_runtime_mesh(dims, sizes, names):
     # the 3-D mesh's dp dimension holds the same ranks as the composite "dp" group
     ranks = torch.arange(dims.world).reshape(sizes)
     if "dp" in names:
-        assert ranks[0, :, 0].tolist() == dims.first_group("dp")
+        index = tuple(slice(None) if n == "dp" else 0 for n in names)
+        assert ranks[index].tolist() == dims.first_group("dp")
 
 
 def test_mesh_of_a_plan_follows_its_data_parallel_section():
@@ -136,8 +167,8 @@ def test_nodes_spanned(dims, group, per_node, nodes):
             r"hsdp_shard_size: 4 must divide dp \(6\)",
         ),
         (
-            lambda: MeshDims().size("cp"),
-            r"mesh group 'cp': not one of pp, dp_replicate, dp_shard, tp, dp",
+            lambda: MeshDims().size("xp"),
+            r"mesh group 'xp': not one of pp, dp_replicate, dp_shard, cp, tp, dp",
         ),
         (lambda: MeshDims().stride("dp_rep"), r"mesh group 'dp_rep'"),
     ],

@@ -45,6 +45,7 @@ _PIN_FIELDS = (
     "dp",
     "tp",
     "ep",
+    "cp",
     "sharding",
     "hsdp_shard_size",
     "micro_batch_size",
@@ -168,18 +169,19 @@ def complete_knobs(
     data = base.model_dump()
     data.update(overrides)
     given = set(overrides)
-    pp, tp = int(data["pp"]), int(data["tp"])
+    pp, tp, cp = int(data["pp"]), int(data["tp"]), int(data.get("cp", 1))
+    cps = f" * cp({cp})" if cp > 1 else ""
     if "dp" not in given:
-        if world_size % (pp * tp):
+        if world_size % (pp * tp * cp):
             raise SpecError(
-                f"tp({tp}) * pp({pp}) = {tp * pp} does not divide the {world_size} devices; "
+                f"tp({tp}) * pp({pp}){cps} = {tp * pp * cp} does not divide the {world_size} devices; "
                 f"choose degrees whose product divides {world_size}"
             )
-        data["dp"] = world_size // (pp * tp)
+        data["dp"] = world_size // (pp * tp * cp)
     dp = int(data["dp"])
-    if pp * dp * tp != world_size:
+    if pp * dp * tp * cp != world_size:
         raise SpecError(
-            f"tp({tp}) * pp({pp}) * dp({dp}) = {tp * pp * dp}, but the hardware has {world_size} devices"
+            f"tp({tp}) * pp({pp}) * dp({dp}){cps} = {tp * pp * dp * cp}, but the hardware has {world_size} devices"
         )
     mbs = int(data["micro_batch_size"])
     if "num_micro_batches" not in given:
