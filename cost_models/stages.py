@@ -341,6 +341,9 @@ def layout(model: CostModel, k: Knobs, stages: Sequence[StageBounds]) -> Layout:
     notes = list(rank_notes)
     if split:
         notes.append("zero_bubble modelled as ZB-H1 (v=1); activations counted until W (conservative)")
+    if k.cp > 1:
+        notes.append(f"context parallelism (cp={k.cp}): for export (torchtitan context_parallel_degree, Megatron "
+                     f"--context-parallel-size); autoplan's runtime does not run it yet")
     if model.train.optimizer == "sgd":
         notes.append("sgd assumed with momentum (4 bytes/param of state)")
     got = model.stage_memo[key] = Layout(mesh, schedule, per_stage, times, times_id, ranks, columns,

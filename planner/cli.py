@@ -55,6 +55,8 @@ def cmd_plan(args) -> int:
         train_fields["global_batch_size"] = args.batch
     if args.allow_offload:
         train_fields["allow_offload"] = True
+    if getattr(args, "allow_context_parallel", False):
+        train_fields["allow_context_parallel"] = True
     train = validate_model(TrainSpec, train_fields, "train")
     extra = {"top_k": args.top_k} if args.top_k is not None else {}
     constraints = constraints_from_pins(args.pin or [], **extra)
@@ -264,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw")
     sp.add_argument(
         "--allow-offload", action="store_true", help="let the planner offload optimizer states"
+    )
+    sp.add_argument(
+        "--allow-context-parallel",
+        action="store_true",
+        help="let the planner split sequences over ranks (cp); such plans are for export to "
+        "torchtitan/Megatron-LM: autoplan's runtime does not run them yet",
     )
     sp.add_argument(
         "--pin",

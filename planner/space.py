@@ -103,6 +103,11 @@ class SearchSpace:
             return [pin]
         if pin == 1 or self.context_parallel_problem(2, n, sequence=False):
             return [1]
+        if not self.train.allow_context_parallel:
+            self.reject("cp > 1", "not offered: autoplan's runtime does not execute context parallelism yet; "
+                        "allow it (--allow-context-parallel) for a plan to export to torchtitan or "
+                        "Megatron-LM", 0)
+            return [1]
         out = [1]
         for cp in divisors(n)[1:]:
             why = self.context_parallel_problem(cp, n)

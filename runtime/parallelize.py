@@ -503,6 +503,12 @@ def parallelize(
         The ParallelModel; train with `.train_step(pm.local_batch(x, y))`.
     """
     validate_world(plan, dist.get_world_size())  # before any collective
+    if plan.mesh.cp > 1:
+        raise SpecError(
+            f"mesh.cp: this runtime does not execute context parallelism (cp={plan.mesh.cp}) yet: torch's "
+            f"context_parallel has no CPU path to test it on; run the plan through `autoplan export --to "
+            f"torchtitan` (context_parallel_degree) or megatron (--context-parallel-size), or re-plan with cp=1"
+        )
     validate_data_parallel(plan)
     notes = validate_model(model, plan, example_inputs)
     validate_loop_options(plan, loss_fn=loss_fn, forward_fn=forward_fn, optimizer_fn=optimizer_fn,

@@ -36,6 +36,12 @@ class TrainSpec(Frozen):
     allow_grad_accumulation: bool = Field(default=True, description="May use several micro-batches per step.")
     allow_checkpointing: bool = Field(default=True, description="May recompute activations (selective/full).")
     allow_offload: bool = Field(default=False, description="May offload optimizer states to the host.")
+    allow_context_parallel: bool = Field(
+        default=False,
+        description="May split sequences over ranks (context parallelism). autoplan's runtime does not "
+        "execute it yet (torch's context_parallel has no CPU path to test it on); such plans are for "
+        "export to torchtitan or Megatron-LM.",
+    )
     expert_load_imbalance: float = Field(
         default=1.0, ge=1.0, le=64.0,
         description="Mixture-of-experts routing: routed tokens of the busiest expert-parallel rank over the "

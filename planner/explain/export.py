@@ -15,6 +15,7 @@ express exactly (with what was written instead). Mapping, knob by knob:
 | tp, sp             | tensor_parallel.autotp_size        | tensor_parallel_degree             | --tensor-model-parallel-size, -sp   |
 | pp, schedule, v    | (set in code: PipelineModule)      | pipeline_parallel_* keys           | --pipeline-model-parallel-size, vpp |
 | ep                 | (set in code: MoE(ep_size=...))    | expert_parallel_degree             | --expert-model-parallel-size        |
+| cp                 | (none: note; Ulysses differs)      | context_parallel_degree            | --context-parallel-size             |
 | recompute          | (in code: activation_checkpointing)| [activation_checkpoint] mode       | --recompute-granularity             |
 | precision          | bf16 / fp16 blocks                 | mixed_precision_param              | --bf16 / --fp16                     |
 """
@@ -130,6 +131,11 @@ def to_deepspeed(plan: Plan) -> Export:
                 f"schedule {k.schedule} (v={k.virtual_stages}): DeepSpeed pipelines run their own "
                 f"1F1B-style TrainSchedule only"
             )
+    if k.cp > 1:
+        notes.append(
+            f"cp={k.cp}: DeepSpeed has no ring/all-gather context parallelism in its config (its "
+            f"Ulysses sequence parallelism is a different, all-to-all scheme); not written"
+        )
     if k.ep > 1:
         notes.append(
             f"ep={k.ep}: DeepSpeed sets expert parallelism in the model code "
@@ -200,7 +206,7 @@ def to_torchtitan(plan: Plan) -> Export:
             )
         if k.virtual_stages > 1 and k.schedule == "zero_bubble":
             notes.append("zero_bubble with virtual stages: written as InterleavedZeroBubble")
-    par["context_parallel_degree"] = 1
+    par["context_parallel_degree"] = k.cp
     if k.ep > 1:
         # torchtitan's EP borrows ranks from FSDP's shard dimension and TP (efsdp = dp_shard * cp
         # * tp / ep, ep >= tp); the plan's borrows data-parallel ranks only, experts whole on
@@ -294,6 +300,8 @@ def to_megatron(plan: Plan) -> Export:
             )
     if k.sequence_parallel:
         args.append("--sequence-parallel")
+    if k.cp > 1:
+        args += ["--context-parallel-size", str(k.cp)]
     if k.ep > 1:  # Megatron's EP, like the plan's, is carved out of the data-parallel ranks
         args += ["--expert-model-parallel-size", str(k.ep)]
     rc = _recompute(plan)

@@ -58,11 +58,12 @@ def plan_tree(d: dict) -> Tree:
     axes = {a["axis"]: a for a in d["mesh"]}
     world = d["num_devices"]
     root = Tree(Text("layout", style="bold"))
+    cp = f" x cp={axes['cp']['degree']}" if "cp" in axes else ""
     mesh = root.add(
-        f"mesh pp={axes['pp']['degree']} x dp={axes['dp']['degree']} x tp={axes['tp']['degree']} = "
+        f"mesh pp={axes['pp']['degree']} x dp={axes['dp']['degree']}{cp} x tp={axes['tp']['degree']} = "
         f"{world} devices"
     )
-    for axis in ("tp", "dp", "pp"):
+    for axis in ("tp", "cp", "dp", "pp") if cp else ("tp", "dp", "pp"):
         a = axes[axis]
         if a["degree"] == 1:
             mesh.add(Text(f"{axis}=1  (not used)", style="dim"))
@@ -81,6 +82,13 @@ def plan_tree(d: dict) -> Tree:
         "hsdp": f"HSDP: sharded in groups of {dp.get('hsdp_shard_size')}, replicated across",
     }[sharding]
     root.add(f"data parallel: {sharding} ({what}); optimizer offload: {dp['offload']}")
+    cp_degree = d["knobs"].get("cp", 1)
+    if cp_degree > 1:
+        root.add(
+            f"context parallel: cp={cp_degree}: each sample's tokens split over {cp_degree} ranks "
+            f"(2 x {cp_degree} load-balanced causal chunks); attention all-gathers keys and values "
+            f"among them (torch's context_parallel); gradients average over dp x cp"
+        )
     ep = d["knobs"].get("ep", 1)
     if ep > 1:
         root.add(

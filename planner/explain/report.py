@@ -66,7 +66,10 @@ def mesh_axes(plan: Plan) -> list[dict[str, Any]]:
     dims = MeshDims.from_plan(plan)
     hw = plan.hardware
     intra, inter = _link_names(plan)
-    groups: list[tuple[str, str | None]] = [("tp", None), ("dp", None)]
+    groups: list[tuple[str, str | None]] = [("tp", None)]
+    if dims.cp > 1:  # context parallelism: between tp and dp (specs.MeshDims)
+        groups.append(("cp", None))
+    groups.append(("dp", None))
     if dims.hsdp:
         groups += [("dp_shard", "dp"), ("dp_replicate", "dp")]
     if dims.ep > 1:  # expert parallelism carves dp (specs.MeshDims): its all-to-all and gradient groups
@@ -133,6 +136,7 @@ def _knob_tokens(k: Knobs) -> dict[str, str]:
         "tp": f"tp={k.tp}",
         "pp": f"pp={k.pp}",
         "ep": f"ep={k.ep}" if k.ep > 1 else "",
+        "cp": f"cp={k.cp}" if k.cp > 1 else "",
         "zero": f"zero={zero}",
         "mb": f"mb={k.micro_batch_size}x{k.num_micro_batches}",
         "sched": f"sched={sched}" if k.pp > 1 else "",

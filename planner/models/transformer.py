@@ -43,6 +43,10 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     num_experts: int = 0  # > 0: each layer's MLP is a mixture of this many experts (planner.models.moe)
     top_k: int = 2  # experts per token when num_experts > 0
+    # "math": explicit q k^T, causal mask buffer, softmax, dropout (the equality tests' exact path);
+    # "sdpa": F.scaled_dot_product_attention(is_causal=True), what large models train with (flash
+    # kernels on GPU: no a*s^2 scores kept) and the only attention torch's context_parallel splits
+    attention: str = "math"
 
     @property
     def head_dim(self) -> int:
@@ -100,9 +104,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * hd, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden, bias=cfg.bias)
         self.attn_dropout = nn.Dropout(cfg.dropout)
-        self.register_buffer(
-            "causal_mask", torch.ones(cfg.seq_len, cfg.seq_len, dtype=torch.bool).tril(), persistent=False
-        )
+        if cfg.attention not in ("math", "sdpa"):
+            raise ValueError(f"attention: {cfg.attention!r}; use 'math' or 'sdpa'")
+        if cfg.attention == "math":  # sdpa masks by is_causal (no seq_len^2 buffer)
+            self.register_buffer(
+                "causal_mask", torch.ones(cfg.seq_len, cfg.seq_len, dtype=torch.bool).tril(), persistent=False
+            )
         if cfg.style == "llama":
             inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
             freqs = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float32), inv)
@@ -126,6 +133,10 @@ class Attention(nn.Module):
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
+        if self.cfg.attention == "sdpa":
+            p = self.cfg.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
         scores = scores.masked_fill(~_leading(self.causal_mask, T, 2), float("-inf"))
         probs = self.attn_dropout(F.softmax(scores, dim=-1))
@@ -278,11 +289,15 @@ LLAMA_CONFIGS: dict[str, TransformerConfig] = {
     "llama-tiny": TransformerConfig(vocab_size=128, hidden=64, num_layers=4, num_heads=4, num_kv_heads=2,
                                     ffn_hidden=128, seq_len=32, **_LLAMA),
     "llama3-8b": TransformerConfig(vocab_size=128256, hidden=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                                   ffn_hidden=14336, seq_len=8192, **_LLAMA),
+                                   ffn_hidden=14336, seq_len=8192, attention="sdpa", **_LLAMA),
     "llama3-70b": TransformerConfig(vocab_size=128256, hidden=8192, num_layers=80, num_heads=64, num_kv_heads=8,
-                                    ffn_hidden=28672, seq_len=8192, **_LLAMA),
+                                    ffn_hidden=28672, seq_len=8192, attention="sdpa", **_LLAMA),
+    # the long-context phase's sequence (Dubey et al. 2024 §3.4.2: context grown to 128K tokens)
+    "llama3-70b-128k": TransformerConfig(vocab_size=128256, hidden=8192, num_layers=80, num_heads=64,
+                                         num_kv_heads=8, ffn_hidden=28672, seq_len=131072, attention="sdpa",
+                                         **_LLAMA),
     "llama3-405b": TransformerConfig(vocab_size=128256, hidden=16384, num_layers=126, num_heads=128,
-                                     num_kv_heads=8, ffn_hidden=53248, seq_len=8192, **_LLAMA),
+                                     num_kv_heads=8, ffn_hidden=53248, seq_len=8192, attention="sdpa", **_LLAMA),
 }
 
 # Mixture-of-experts transformers (planner.models.moe). moe-llama-tiny has Mixtral's structure
@@ -297,6 +312,6 @@ MOE_CONFIGS: dict[str, TransformerConfig] = {
     "moe-llama-tiny": TransformerConfig(vocab_size=128, hidden=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                         ffn_hidden=128, seq_len=32, num_experts=4, top_k=2, **_LLAMA),
     "mixtral-8x7b": TransformerConfig(vocab_size=32000, hidden=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                                      ffn_hidden=14336, seq_len=4096, num_experts=8, top_k=2,
+                                      ffn_hidden=14336, seq_len=4096, num_experts=8, top_k=2, attention="sdpa",
                                       **{**_LLAMA, "rope_theta": 1e6}),
 }
