@@ -1,9 +1,10 @@
 """`autoplan run PLAN --model REF`: check a training launch in this process, then start torchrun.
 
 Every check fails with one line (exit 2) before any process starts: options (runtime.launch's own,
-from specs.launch_args), the plan file, its world size against --nproc, the model (resolved only
-because the user typed it; it must give a loss and trace to the plan's fingerprint), --data, the
-checkpoint folders and the log file. Then `python -m torch.distributed.run ... -m runtime.launch`
+from specs.launch_args), the plan file and the options it cannot run with (--meta-init with
+ep > 1), its world size against --nproc, the model (resolved only because the user typed it; it
+must give a loss and trace to the plan's fingerprint), --data, the checkpoint folders and the log
+file. Then `python -m torch.distributed.run ... -m runtime.launch`
 runs (a subprocess: planner never imports runtime/); its stdout streams through, and its stderr is
 filtered by `_TorchrunStderr`, which leaves out torchrun's multi-screen failure report in favour of
 the workers' own line and returns the failed worker's exit code.
@@ -22,9 +23,10 @@ def cmd_run(args) -> int:
     """Check everything a training launch needs, then start torchrun on this machine.
 
     Every check fails with one line (exit 2) before any process starts; the checks in order:
-    options, the plan file, its world size against --nproc, the model (resolves, has a loss,
-    traces to the plan's fingerprint), --data, checkpoint folders and the log file. Returns
-    torchrun's exit code, or the failed worker's (the Root Cause of torchrun's report)."""
+    options, the plan file (and the options it cannot run with), its world size against
+    --nproc, the model (resolves, has a loss, traces to the plan's fingerprint), --data,
+    checkpoint folders and the log file. Returns torchrun's exit code, or the failed worker's
+    (the Root Cause of torchrun's report)."""
     try:
         cmd, nproc = _checked_launch(args)
     except SpecError as e:  # a plan with several problems lists them: one line here
@@ -39,7 +41,12 @@ def cmd_run(args) -> int:
 
 def _checked_launch(args) -> tuple[list[str], int]:
     """The torchrun command and its process count, after every check (SpecError on a problem)."""
-    from specs.launch_args import launch_argv, validate_launch_args, validate_launch_paths
+    from specs.launch_args import (
+        launch_argv,
+        validate_launch_args,
+        validate_launch_paths,
+        validate_launch_plan,
+    )
 
     validate_launch_args(args)
     if args.nproc is not None and args.nproc < 1:
@@ -47,6 +54,7 @@ def _checked_launch(args) -> tuple[list[str], int]:
     if args.max_restarts < 0:
         raise SpecError(f"--max-restarts: must be >= 0 (got {args.max_restarts})")
     plan = Plan.from_file(args.plan)
+    validate_launch_plan(args, plan)
     nproc = _run_world_size(args, plan)
     _check_run_model(args, plan, nproc)
     _check_run_data(args.data)

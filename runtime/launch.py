@@ -14,7 +14,11 @@ seed + k (so the data position is the step), or `--data pkg.mod:fn`, where
 `fn(batch_size=, seed=)` yields (inputs, targets) global batches; on resume the first
 `data_position` batches are skipped. Every rank draws the same global batch and trains on its
 dp slice. `--meta-init` builds the model on the meta device and materialises only each
-rank's shards (to_empty + init_weights), for models larger than one rank's memory.
+rank's shards (to_empty, then the model's init_weights(); torchvision's own initialisation for
+its ResNet and ViT), for models larger than one rank's memory (`build_run_model`,
+`meta_init_fn`: tied parameters stay tied, pipeline stages split by torch.fx are initialised
+through the model, ones split by torch.export are refused). A plan with ep > 1 refuses it before
+the process group exists (the experts are sharded from real weights).
 
 Per step, rank 0 prints (and appends to --log-file as JSON lines): step, loss (mean over the
 global batch), step_time_s, peak_memory_bytes (CUDA: max allocated; CPU: the process's peak
@@ -64,15 +68,18 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.tensor import DTensor
 
-from planner.models import build_model
+from planner.models import BuiltModel, build_model
 from runtime.mesh import validate_world
 from runtime.parallelize import parallelize
 from specs import Plan, SpecError
@@ -83,6 +90,7 @@ from specs.launch_args import (
     open_log_file,
     validate_launch_args,
     validate_launch_paths,
+    validate_launch_plan,
 )
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -313,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = Plan.from_file(args.plan)
     validate_world(plan, int(os.environ.get("WORLD_SIZE", "1")))  # before the process group exists
+    validate_launch_plan(args, plan)
     _check_launch(args)
     log = _open_log(args)
     try:
@@ -404,18 +413,188 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def build_run_model(ref: str, *, batch: int, dtype: torch.dtype,
+                    meta_init: bool) -> tuple[BuiltModel, Callable[[nn.Module], None] | None]:
+    """The model a run trains and, with --meta-init, how its materialised parts are initialised.
+
+    Without --meta-init the model is built on the CPU (its weights are the ones trained). With it,
+    on the meta device: no weights are allocated; parallelize shards the model, materialises each
+    rank's part (to_empty) and initialises it with the returned init_fn (`meta_init_fn`). The
+    example inputs move to the model's device, so the fingerprint check traces a meta model with
+    meta inputs (the tracer refuses to mix meta and CPU tensors) and the pipeline split never
+    allocates a batch.
+
+    Returns:
+        (built model, init_fn); init_fn is None without --meta-init.
+    Raises:
+        SpecError: no loss, or --meta-init for a model it cannot initialise (`meta_init_fn`).
+    """
+    built = build_model(ref, batch=batch, device="meta" if meta_init else "cpu", dtype=dtype)
+    if built.loss_fn is None:
+        raise missing_loss_error(ref)
+    if not meta_init:
+        return built, None
+    init_fn = meta_init_fn(built.module, ref)
+    example = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in built.example_inputs)
+    return replace(built, example_inputs=example), init_fn
+
+
+def meta_init_fn(model: nn.Module, ref: str = "the model") -> Callable[[nn.Module], None]:
+    """parallelize's init_fn for `model` built on meta, called once per materialised part: the
+    model itself, or one pipeline stage (an fx GraphModule holding the model's own submodules).
+
+    The part's parameters are first re-tied where to_empty untied them (it gives each module a
+    new parameter of its own; FSDP2 keeps ties, a plain module does not). Then the model's own
+    initialisation runs on the whole model, in place: its init_weights() (planner's Transformer
+    and MLP, Hugging Face's PreTrainedModel) or torchvision's, repeated for ResNet and
+    VisionTransformer (they initialise in __init__, which ran on meta); what other stages hold is
+    still on meta, where initialising is a no-op. It runs as the model's own class: FSDP2 swaps
+    that for FSDP<Name>, which Hugging Face's init_weights takes for custom code, and then skips
+    every module without parameters of its own (GPT-2's attention and MLP, whose c_proj get their
+    depth-scaled std there). The part keeps the tensors it was materialised with (Hugging Face's
+    tie_weights re-binds, which in a stage could bind another stage's parameter, still on meta).
+
+    Raises:
+        SpecError: a model with no initialisation known (here, when the run starts), or pipeline
+            stages split by torch.export (copies of the model's modules, not its own; and their
+            graphs assert the meta device they were traced on, so they could not run anyway).
+    """
+    if hasattr(model, "init_weights"):
+        init = type(model).init_weights
+    elif (type(model).__module__, type(model).__name__) == ("torchvision.models.resnet", "ResNet"):
+        init = _init_torchvision_resnet
+    elif (type(model).__module__, type(model).__name__) == ("torchvision.models.vision_transformer",
+                                                            "VisionTransformer"):
+        init = _init_torchvision_vit
+    else:
+        raise SpecError(
+            f"--meta-init: {ref} ({type(model).__name__}) has no init_weights() to initialise its "
+            f"shards once they are materialised; give the module an init_weights() (called under "
+            f"torch.no_grad() on the sharded model) or leave out --meta-init"
+        )
+    ties, model_cls = _tied_names(model), type(model)
+
+    def init_part(part: nn.Module) -> None:
+        if part is not model and not {id(p) for p in part.parameters()} <= {id(p) for p in model.parameters()}:
+            # a torch.export stage: copies of the model's modules (an fx stage holds its own)
+            raise SpecError(
+                f"--meta-init: {ref} is split into pipeline stages by torch.export, whose stages are "
+                f"fixed to the meta device they were traced on; leave out --meta-init, or plan pp=1"
+            )
+        _retie(part, ties)
+        own = _tensor_slots(part)
+        sharded_cls = type(model)
+        model.__class__ = model_cls  # FSDP2's FSDP<Name> back to <Name> while it initialises
+        try:
+            init(model)
+        finally:
+            model.__class__ = sharded_cls
+            for name, (table, tensor) in own.items():
+                table[name.rpartition(".")[2]] = tensor
+
+    return init_part
+
+
+def _tensor_slots(module: nn.Module) -> dict[str, tuple[dict, torch.Tensor]]:
+    """Each parameter's and buffer's name -> (the _parameters or _buffers dict holding it, it)."""
+    out = {}
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for table in (mod._parameters, mod._buffers):
+            for attr, tensor in table.items():
+                if tensor is not None:
+                    out[f"{prefix}.{attr}" if prefix else attr] = (table, tensor)
+    return out
+
+
+def _tied_names(model: nn.Module) -> list[tuple[str, str]]:
+    """(alias, first name) of each parameter registered under several names."""
+    first: dict[int, str] = {}
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    return out
+
+
+def _retie(part: nn.Module, ties: list[tuple[str, str]]) -> None:
+    """Make each alias in `part` the same parameter as its first name again (both of the same kind
+    and shape: a DTensor tie keeps its placements)."""
+    params = dict(part.named_parameters(remove_duplicate=False))
+    for alias, first in ties:
+        a, f = params.get(alias), params.get(first)
+        if a is None or f is None or a is f or type(a) is not type(f) or a.shape != f.shape:
+            continue
+        if isinstance(f, DTensor) and (a.device_mesh, a.placements) != (f.device_mesh, f.placements):
+            continue
+        owner, _, attr = alias.rpartition(".")
+        setattr(part.get_submodule(owner), attr, f)
+
+
+def _reset_parameters(model: nn.Module) -> None:
+    """Every layer's own default initialisation (nn.Linear, nn.Conv2d, norms incl. BatchNorm's
+    running statistics, nn.MultiheadAttention's projections), inner modules first (so that
+    MultiheadAttention zeroes its out_proj's bias after nn.Linear's reset, as in __init__)."""
+    for m in reversed(list(model.modules())):
+        reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
+        if callable(reset):
+            reset()
+
+
+def _init_torchvision_resnet(model: nn.Module) -> None:
+    """torchvision/models/resnet.py ResNet.__init__: Kaiming-normal (fan_out, relu) convolutions,
+    norms at weight 1 and bias 0, nn.Linear's default for fc (zero_init_residual=False, the
+    bundled default)."""
+    _reset_parameters(model)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def _init_torchvision_vit(model: nn.Module) -> None:
+    """torchvision/models/vision_transformer.py: MLPBlock.__init__ (Xavier-uniform weights, biases
+    normal(std=1e-6)), Encoder.__init__ (pos_embedding normal(std=0.02)) and
+    VisionTransformer.__init__ (class token 0, patchify stem truncated-normal(std=sqrt(1/fan_in)),
+    pre_logits likewise, head 0); every other layer keeps its default."""
+    from torchvision.models.vision_transformer import MLPBlock
+
+    _reset_parameters(model)
+    for block in model.modules():
+        if isinstance(block, MLPBlock):
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        nn.init.normal_(m.bias, std=1e-6)
+    model.class_token.zero_()
+    nn.init.normal_(model.encoder.pos_embedding, std=0.02)
+    stem = model.conv_proj
+    if isinstance(stem, nn.Conv2d):
+        _trunc_normal_fan_in(stem, stem.in_channels * stem.kernel_size[0] * stem.kernel_size[1])
+    elif isinstance(getattr(stem, "conv_last", None), nn.Conv2d):
+        nn.init.normal_(stem.conv_last.weight, std=math.sqrt(2.0 / stem.conv_last.out_channels))
+        if stem.conv_last.bias is not None:
+            nn.init.zeros_(stem.conv_last.bias)
+    if isinstance(getattr(model.heads, "pre_logits", None), nn.Linear):
+        _trunc_normal_fan_in(model.heads.pre_logits, model.heads.pre_logits.in_features)
+    if isinstance(model.heads.head, nn.Linear):
+        nn.init.zeros_(model.heads.head.weight)
+        nn.init.zeros_(model.heads.head.bias)
+
+
+def _trunc_normal_fan_in(layer: nn.Module, fan_in: int) -> None:
+    nn.init.trunc_normal_(layer.weight, std=math.sqrt(1 / fan_in))
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 def _train(args, plan: Plan, log) -> int:
     rank = dist.get_rank()
     torch.manual_seed(args.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     batch = plan.train.global_batch_size
-    built = build_model(args.model, batch=batch, device="meta" if args.meta_init else "cpu",
-                        dtype=_DTYPES[args.dtype])
-    if built.loss_fn is None:
-        raise missing_loss_error(args.model)
-    example = built.example_inputs
-    if args.meta_init:
-        example = tuple(torch.zeros(x.shape, dtype=x.dtype) for x in example)
+    built, init_fn = build_run_model(args.model, batch=batch, dtype=_DTYPES[args.dtype], meta_init=args.meta_init)
     nan_at = args.fault_nan_at_step if not _attempt() and rank == args.fault_rank else None
     guard = NonFiniteGuard(device, nan_at_step=nan_at)
     # Under a pipeline torch's schedule also calls the loss while it sets its stages up, on outputs
@@ -423,8 +602,8 @@ def _train(args, plan: Plan, log) -> int:
     # guard then judges by the gradients (a non-finite loss gives non-finite gradients) and the
     # step's returned loss (--fault-nan-at-step, which injects through the watch, is pp = 1 only).
     loss_fn = guard.watch_loss(built.loss_fn) if plan.mesh.pp == 1 else built.loss_fn
-    pm = parallelize(built.module, plan, loss_fn=loss_fn, example_inputs=example,
-                     device=device, optimizer_kwargs={"lr": args.lr})
+    pm = parallelize(built.module, plan, loss_fn=loss_fn, example_inputs=built.example_inputs,
+                     device=device, init_fn=init_fn, optimizer_kwargs={"lr": args.lr})
     if pm.precision.scaler is None:  # a scaler skips overflowing steps itself
         guard.install(pm.optimizers)
     start, data_pos = 0, 0

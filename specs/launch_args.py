@@ -9,6 +9,7 @@ callers, which can import them.
 - `add_launch_arguments(parser)`: the options (PLAN, --model, --steps, ...), from one table.
 - `launch_argv(args)`: parsed options back as runtime.launch's argv (what `autoplan run` passes on).
 - `validate_launch_args(args)`: numbers in range, options that need one another. Pure.
+- `validate_launch_plan(args, plan)`: options the plan cannot run with (--meta-init with ep > 1). Pure.
 - `validate_launch_paths(args)`: what the file system must give before training starts: a committed
   checkpoint for --resume / --resume-from, a writable --checkpoint-dir. It creates --checkpoint-dir
   (training would) and writes and removes one empty probe file there.
@@ -23,9 +24,12 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from specs._base import SpecError
+
+if TYPE_CHECKING:
+    from specs.plan import Plan
 
 DTYPES = ("float32", "float64")
 
@@ -144,6 +148,15 @@ def validate_launch_args(args: argparse.Namespace) -> None:
         raise SpecError("--checkpoint-every needs --checkpoint-dir")
     if args.resume and not args.checkpoint_dir:
         raise SpecError("--resume needs --checkpoint-dir")
+
+
+def validate_launch_plan(args: argparse.Namespace, plan: Plan) -> None:
+    """Raise SpecError (one line) for options that `plan` cannot run with. Pure."""
+    if args.meta_init and plan.mesh.ep > 1:
+        raise SpecError(
+            f"--meta-init: the plan shards the experts (mesh.ep={plan.mesh.ep}), which the runtime "
+            f"does from real weights; leave out --meta-init, or re-plan with --pin ep=1"
+        )
 
 
 def has_committed_checkpoint(directory: str | os.PathLike[str]) -> bool:
