@@ -19,7 +19,7 @@ from benchmarks import fidelity_published as fp  # noqa: E402
 @pytest.mark.parametrize("run", fp.RUNS, ids=lambda r: r.name)
 def test_row_is_well_formed(run):
     assert run.source.strip() and any(w in run.source for w in ("Table", "sec.")), run.source
-    assert run.tp * run.pp * run.dp == run.num_gpus, (run.tp, run.pp, run.dp, run.num_gpus)
+    assert run.tp * run.pp * run.dp * run.cp == run.num_gpus, (run.tp, run.pp, run.dp, run.cp, run.num_gpus)
     assert run.num_gpus % 8 == 0
     assert run.global_batch % (run.dp * run.micro_batch) == 0
     assert run.num_micro_batches >= 1

@@ -126,8 +126,8 @@ def test_tracer_records_what_context_parallelism_gathers(sdpa_graph):
     cfg, g = sdpa_graph
     fa = g.layer(1).fused_attention
     assert fa is not None and fa.context_parallel
-    # k and v as the SDPA call gets them: repeated to every head (grouped-query), fp32, per sample
-    assert fa.kv_bytes_per_sample == 2 * cfg.seq_len * cfg.num_heads * cfg.head_dim * 4
+    # k and v as the SDPA call gets them: the kv heads only (grouped-query, enable_gqa), fp32, per sample
+    assert fa.kv_bytes_per_sample == 2 * cfg.seq_len * cfg.kv_heads * cfg.head_dim * 4
 
 
 def test_context_parallel_splits_the_tokens_and_gathers_keys_and_values(sdpa_graph):

@@ -130,13 +130,13 @@ class Attention(nn.Module):
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
         rep = self.cfg.num_heads // self.cfg.kv_heads
+        if self.cfg.attention == "sdpa":  # grouped-query heads shared inside the kernel (enable_gqa)
+            p = self.cfg.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=rep > 1)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        if self.cfg.attention == "sdpa":
-            p = self.cfg.dropout if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
         scores = scores.masked_fill(~_leading(self.causal_mask, T, 2), float("-inf"))
         probs = self.attn_dropout(F.softmax(scores, dim=-1))
@@ -247,8 +247,9 @@ class Transformer(nn.Module):
         cfg = self.cfg
         for mod in self.modules():
             if isinstance(mod, Attention):
-                dev = mod.causal_mask.device
-                mod.causal_mask.copy_(torch.ones(cfg.seq_len, cfg.seq_len, dtype=torch.bool, device=dev).tril())
+                dev = mod.q_proj.weight.device
+                if cfg.attention == "math":
+                    mod.causal_mask.copy_(torch.ones(cfg.seq_len, cfg.seq_len, dtype=torch.bool, device=dev).tril())
                 if cfg.style == "llama":
                     hd = cfg.head_dim
                     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=dev) / hd))
