@@ -51,6 +51,7 @@ class EPCase:
     tp: int = 1  # tensor parallel attention (experts whole on each tp rank)
     pp: int = 1  # pipeline stages (each stage's experts sharded over its ranks)
     schedule: str = "gpipe"
+    virtual_stages: int = 1
     recompute: str = "none"  # activation checkpointing: the recomputation repeats the all-to-alls
     max_grad_norm: float | None = (
         None  # clipping by the global norm (expert DTensors on their own mesh)
@@ -92,6 +93,12 @@ CASES = [
         schedule="1f1b",
         max_grad_norm=0.5,
     ),
+    # the schedules the planner picks with a pipeline: zero-bubble (backward split into input and
+    # weight passes around the all-to-alls) and interleaved 1F1B (two chunks per rank)
+    EPCase("ep2-pp2-zero2-zb-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero2", pp=2,
+           num_micro_batches=2, schedule="zero_bubble"),
+    EPCase("ep2-pp2-zero3-interleaved-moe-gpt", 4, "moe-gpt-tiny", ep=2, sharding="zero3", pp=2,
+           num_micro_batches=2, schedule="interleaved_1f1b", virtual_stages=2),
     # Hugging Face MoE models from small configs (their experts' forward replaced by the EP one)
     EPCase("ep2-zero3-hf-mixtral", 2, "hf/mixtral", ep=2, sharding="zero3"),
     EPCase("ep2-dp2-zero2-hf-qwen3_moe", 4, "hf/qwen3_moe", ep=2, sharding="zero2"),
@@ -228,6 +235,7 @@ def run_ep_case(case: EPCase) -> dict:
         tp=case.tp,
         pp=case.pp,
         schedule=case.schedule,
+        virtual_stages=case.virtual_stages,
         sharding=case.sharding,
         recompute=case.recompute,
         num_micro_batches=case.num_micro_batches,
