@@ -229,8 +229,8 @@ class SearchSpace:
         runtime executes (planner.capabilities; with expert parallelism, specs.plan.check_expert_parallel;
         with context parallelism no zero1: ZeroRedundancyOptimizer runs over DDP, which cannot)."""
         out = self._shardings(dp)
-        if ep > 1:
-            out = [x for x in out if x[0] not in EP_REFUSED_SHARDINGS]
+        if ep > 1:  # and no offload: the experts' FSDP2 group keeps its states on the device
+            out = [x for x in out if x[0] not in EP_REFUSED_SHARDINGS and x[2] == "none"]
         if cp > 1:
             out = [x for x in out if x[0] != "zero1"]
         if pp is None or tp is None:

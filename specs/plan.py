@@ -288,6 +288,11 @@ class Plan(Frozen):
             raise ValueError("data_parallel.hsdp_shard_size: only meaningful with sharding: hsdp")
         if m.ep > 1:
             check_expert_parallel(m.ep, m.dp, dpc.sharding)
+            if dpc.offload != "none":
+                raise ValueError(
+                    f"data_parallel.offload: cpu offload with expert parallelism (ep={m.ep}) is not supported "
+                    f"(the experts' own FSDP2 group keeps its states on the device); use offload none"
+                )
         if self.model.block_names and len(self.model.block_names) != self.model.num_blocks:
             raise ValueError(
                 f"model.block_names: {len(self.model.block_names)} names for {self.model.num_blocks} blocks"
