@@ -36,7 +36,11 @@ def gpt(hidden: int, layers: int, heads: int, vocab: int = V_MEGATRON, seq: int 
     return TransformerConfig(vocab_size=vocab, hidden=hidden, num_layers=layers, num_heads=heads, seq_len=seq)
 
 
-_LLAMA = dict(style="llama", tie_embeddings=False, bias=False, rope_theta=500000.0, vocab_size=128256, seq_len=8192)
+# attention "sdpa": both Llama 3 rows' trainers call fused attention (torchtitan's Llama 3 model calls
+# F.scaled_dot_product_attention; Meta's pre-training used flash attention), so on H100 the cost model
+# keeps q, k, v, the output and the log-sum-exp per layer, not the math path's a*s^2 scores
+_LLAMA = dict(style="llama", tie_embeddings=False, bias=False, rope_theta=500000.0, vocab_size=128256, seq_len=8192,
+              attention="sdpa")
 # Llama 3 / 3.1 shapes: Dubey et al. 2024 Table 3 (as planner.models LLAMA_CONFIGS).
 LLAMA3_8B = TransformerConfig(hidden=4096, num_layers=32, num_heads=32, num_kv_heads=8, ffn_hidden=14336, **_LLAMA)
 LLAMA3_405B = TransformerConfig(hidden=16384, num_layers=126, num_heads=128, num_kv_heads=8, ffn_hidden=53248,
@@ -320,7 +324,7 @@ _L3 = dict(model=LLAMA3_405B, hardware="dgx-h100-80gb", measured_kind="tflops_pe
 # parallelism modelled as torch's all-gather of keys and values (Meta's CP is all-gather based too,
 # sec. 3.3.2: "all-gather based method ... first all-gather the key (K) and value (V) tensors").
 LLAMA3_405B_128K = TransformerConfig(hidden=16384, num_layers=126, num_heads=128, num_kv_heads=8, ffn_hidden=53248,
-                                     **{**_LLAMA, "seq_len": 131072}, attention="sdpa")
+                                     **{**_LLAMA, "seq_len": 131072})
 LLAMA3 = [
     PublishedRun(name="llama3-405b-8k-gpus", source="Dubey et al. 2024, Table 4, row 1 (8,192 GPUs, DP 64)",
                  num_gpus=8192, dp=64, global_batch=2048, measured=430, **_L3),
