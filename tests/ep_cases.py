@@ -95,6 +95,8 @@ CASES = [
     ),
     # the schedules the planner picks with a pipeline: zero-bubble (backward split into input and
     # weight passes around the all-to-alls) and interleaved 1F1B (two chunks per rank)
+    EPCase("ep2-pp2-none-gpipe-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="none", pp=2,
+           num_micro_batches=1, schedule="gpipe"),
     EPCase("ep2-pp2-zero2-zb-moe-llama", 4, "moe-llama-tiny", ep=2, sharding="zero2", pp=2,
            num_micro_batches=2, schedule="zero_bubble"),
     EPCase("ep2-pp2-zero3-interleaved-moe-gpt", 4, "moe-gpt-tiny", ep=2, sharding="zero3", pp=2,
