@@ -82,6 +82,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 
+from planner.experts import is_hf_experts  # the tracer's test: what it costs is what EP shards
 from planner.models.moe import GroupedExperts, local_expert_weight, sort_by_expert
 from specs import SpecError
 
@@ -208,25 +209,6 @@ def _by_expert_order(recv: torch.Tensor, device: torch.device) -> torch.Tensor:
         for s in range(ep)
     ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
-
-
-def is_hf_experts(mod: nn.Module) -> bool:
-    """A Hugging Face transformers 5 experts module in its plain layout (MixtralExperts,
-    Qwen2MoeExperts, Qwen3MoeExperts): stacked `gate_up_proj` (E, 2F, D) [gate; up] and `down_proj`
-    (E, D, F), no bias, called as
-    experts(hidden (N, D), top_k_index (N, k), top_k_weights (N, k))."""
-    gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
-    return (
-        isinstance(gate_up, nn.Parameter)
-        and isinstance(down, nn.Parameter)
-        and gate_up.dim() == 3
-        and hasattr(mod, "num_experts")
-        and hasattr(mod, "act_fn")
-        and getattr(mod, "is_concatenated", True)
-        and not getattr(mod, "is_transposed", False)
-        and not getattr(mod, "has_bias", False)
-        and getattr(mod, "has_gate", True)
-    )
 
 
 def _hf_experts_forward(
