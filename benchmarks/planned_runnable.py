@@ -25,6 +25,7 @@ table and `--out` (default benchmarks/results/planned_runnable.json).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -62,7 +63,8 @@ def models() -> list[str]:
 
 def scaled_down(knobs: Knobs, world: int) -> Knobs:
     """A cluster plan's structure on `world` processes: tp and pp kept where they fit (tp first),
-    dp what is left; sharding, sp, schedule, recompute kept; BATCH split into pp micro-batches."""
+    dp what is left, ep as far as it divides that dp; sharding, sp, schedule, recompute kept; BATCH
+    split into pp micro-batches."""
     tp = min(knobs.tp, world)
     pp = min(knobs.pp, world // tp)
     dp = world // (tp * pp)
@@ -72,10 +74,11 @@ def scaled_down(knobs: Knobs, world: int) -> Knobs:
         and 1 < knobs.hsdp_shard_size < dp else None
     if sharding == "hsdp" and hsdp is None:
         sharding = "zero3"
+    ep = math.gcd(knobs.ep, dp)  # expert parallelism kept as far as the dp left allows
     return Knobs(pp=pp, dp=dp, tp=tp, sharding=sharding, hsdp_shard_size=hsdp, micro_batch_size=BATCH // (dp * nmb),
                  num_micro_batches=nmb, schedule=knobs.schedule if pp > 1 else "1f1b", virtual_stages=1,
                  recompute=knobs.recompute if knobs.recompute != "mixed" else "none",
-                 sequence_parallel=knobs.sequence_parallel and tp > 1)
+                 sequence_parallel=knobs.sequence_parallel and tp > 1, ep=ep)
 
 
 def points(name: str, dtype: torch.dtype, alternatives: int, scale_from: str | None = None) -> list[dict]:
