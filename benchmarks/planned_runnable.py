@@ -156,7 +156,10 @@ def main() -> None:
     for name in names:
         dtype = torch.float32 if name in FLOAT32 else torch.float64
         try:
-            results += points(name, dtype, args.alternatives, args.scale_from)
+            got = points(name, dtype, args.alternatives, args.scale_from)
+            results += got
+            if dist.get_rank() == 0:  # progress, so a run that dies still says how far it got
+                print(f"done {name}: " + ", ".join(verdict(r) for r in got), flush=True)
         except Exception as e:  # noqa: BLE001 - the planner itself failed on this model
             results.append({"name": name, "model": name, "chosen": True,
                             "error": f"planning failed: {type(e).__name__}: {e}"[:500]})
