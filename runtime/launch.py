@@ -16,9 +16,9 @@ seed + k (so the data position is the step), or `--data pkg.mod:fn`, where
 dp slice. `--meta-init` builds the model on the meta device and materialises only each
 rank's shards (to_empty, then the model's init_weights(); torchvision's own initialisation for
 its ResNet and ViT), for models larger than one rank's memory (`build_run_model`,
-`meta_init_fn`: tied parameters stay tied, pipeline stages split by torch.fx are initialised
-through the model, ones split by torch.export are refused). A plan with ep > 1 refuses it before
-the process group exists (the experts are sharded from real weights).
+`meta_init_fn`; runtime/meta_init.py: tied parameters stay tied, pipeline stages split by torch.fx
+are initialised through the model, ones split by torch.export are refused). A plan with ep > 1
+refuses it before the process group exists (the experts are sharded from real weights).
 
 Per step, rank 0 prints (and appends to --log-file as JSON lines): step, loss (mean over the
 global batch), step_time_s, peak_memory_bytes (CUDA: max allocated; CPU: the process's peak
@@ -81,6 +81,7 @@ from torch.distributed.tensor import DTensor
 
 from planner.models import BuiltModel, build_model
 from runtime.mesh import validate_world
+from runtime.meta_init import MetaInit
 from runtime.parallelize import parallelize
 from specs import Plan, SpecError
 from specs.launch_args import (
@@ -439,154 +440,16 @@ def build_run_model(ref: str, *, batch: int, dtype: torch.dtype,
     return replace(built, example_inputs=example), init_fn
 
 
-def meta_init_fn(model: nn.Module, ref: str = "the model") -> Callable[[nn.Module], None]:
-    """parallelize's init_fn for `model` built on meta, called once per materialised part: the
-    model itself, or one pipeline stage (an fx GraphModule holding the model's own submodules).
-
-    The part's parameters are first re-tied where to_empty untied them (it gives each module a
-    new parameter of its own; FSDP2 keeps ties, a plain module does not). Then the model's own
-    initialisation runs on the whole model, in place: its init_weights() (planner's Transformer
-    and MLP, Hugging Face's PreTrainedModel) or torchvision's, repeated for ResNet and
-    VisionTransformer (they initialise in __init__, which ran on meta); what other stages hold is
-    still on meta, where initialising is a no-op. It runs as the model's own class: FSDP2 swaps
-    that for FSDP<Name>, which Hugging Face's init_weights takes for custom code, and then skips
-    every module without parameters of its own (GPT-2's attention and MLP, whose c_proj get their
-    depth-scaled std there). The part keeps the tensors it was materialised with (Hugging Face's
-    tie_weights re-binds, which in a stage could bind another stage's parameter, still on meta).
+def meta_init_fn(model: nn.Module, ref: str = "the model") -> MetaInit:
+    """parallelize's init_fn for `model` built on meta with --meta-init (runtime.meta_init.MetaInit:
+    ties re-bound, the model's own initialisation run through the whole model, pipeline stages
+    split by torch.fx initialised through it, sharded parameters drawn as on one device).
 
     Raises:
-        SpecError: a model with no initialisation known (here, when the run starts), or pipeline
-            stages split by torch.export (copies of the model's modules, not its own; and their
-            graphs assert the meta device they were traced on, so they could not run anyway).
+        SpecError: a model with no initialisation known (here, when the run starts), or, when a
+            part is initialised, pipeline stages split by torch.export.
     """
-    if hasattr(model, "init_weights"):
-        init = type(model).init_weights
-    elif (type(model).__module__, type(model).__name__) == ("torchvision.models.resnet", "ResNet"):
-        init = _init_torchvision_resnet
-    elif (type(model).__module__, type(model).__name__) == ("torchvision.models.vision_transformer",
-                                                            "VisionTransformer"):
-        init = _init_torchvision_vit
-    else:
-        raise SpecError(
-            f"--meta-init: {ref} ({type(model).__name__}) has no init_weights() to initialise its "
-            f"shards once they are materialised; give the module an init_weights() (called under "
-            f"torch.no_grad() on the sharded model) or leave out --meta-init"
-        )
-    ties, model_cls = _tied_names(model), type(model)
-
-    def init_part(part: nn.Module) -> None:
-        if part is not model and not {id(p) for p in part.parameters()} <= {id(p) for p in model.parameters()}:
-            # a torch.export stage: copies of the model's modules (an fx stage holds its own)
-            raise SpecError(
-                f"--meta-init: {ref} is split into pipeline stages by torch.export, whose stages are "
-                f"fixed to the meta device they were traced on; leave out --meta-init, or plan pp=1"
-            )
-        _retie(part, ties)
-        own = _tensor_slots(part)
-        sharded_cls = type(model)
-        model.__class__ = model_cls  # FSDP2's FSDP<Name> back to <Name> while it initialises
-        try:
-            init(model)
-        finally:
-            model.__class__ = sharded_cls
-            for name, (table, tensor) in own.items():
-                table[name.rpartition(".")[2]] = tensor
-
-    return init_part
-
-
-def _tensor_slots(module: nn.Module) -> dict[str, tuple[dict, torch.Tensor]]:
-    """Each parameter's and buffer's name -> (the _parameters or _buffers dict holding it, it)."""
-    out = {}
-    for prefix, mod in module.named_modules(remove_duplicate=False):
-        for table in (mod._parameters, mod._buffers):
-            for attr, tensor in table.items():
-                if tensor is not None:
-                    out[f"{prefix}.{attr}" if prefix else attr] = (table, tensor)
-    return out
-
-
-def _tied_names(model: nn.Module) -> list[tuple[str, str]]:
-    """(alias, first name) of each parameter registered under several names."""
-    first: dict[int, str] = {}
-    out = []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            out.append((name, first[id(p)]))
-        else:
-            first[id(p)] = name
-    return out
-
-
-def _retie(part: nn.Module, ties: list[tuple[str, str]]) -> None:
-    """Make each alias in `part` the same parameter as its first name again (both of the same kind
-    and shape: a DTensor tie keeps its placements)."""
-    params = dict(part.named_parameters(remove_duplicate=False))
-    for alias, first in ties:
-        a, f = params.get(alias), params.get(first)
-        if a is None or f is None or a is f or type(a) is not type(f) or a.shape != f.shape:
-            continue
-        if isinstance(f, DTensor) and (a.device_mesh, a.placements) != (f.device_mesh, f.placements):
-            continue
-        owner, _, attr = alias.rpartition(".")
-        setattr(part.get_submodule(owner), attr, f)
-
-
-def _reset_parameters(model: nn.Module) -> None:
-    """Every layer's own default initialisation (nn.Linear, nn.Conv2d, norms incl. BatchNorm's
-    running statistics, nn.MultiheadAttention's projections), inner modules first (so that
-    MultiheadAttention zeroes its out_proj's bias after nn.Linear's reset, as in __init__)."""
-    for m in reversed(list(model.modules())):
-        reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
-        if callable(reset):
-            reset()
-
-
-def _init_torchvision_resnet(model: nn.Module) -> None:
-    """torchvision/models/resnet.py ResNet.__init__: Kaiming-normal (fan_out, relu) convolutions,
-    norms at weight 1 and bias 0, nn.Linear's default for fc (zero_init_residual=False, the
-    bundled default)."""
-    _reset_parameters(model)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-
-def _init_torchvision_vit(model: nn.Module) -> None:
-    """torchvision/models/vision_transformer.py: MLPBlock.__init__ (Xavier-uniform weights, biases
-    normal(std=1e-6)), Encoder.__init__ (pos_embedding normal(std=0.02)) and
-    VisionTransformer.__init__ (class token 0, patchify stem truncated-normal(std=sqrt(1/fan_in)),
-    pre_logits likewise, head 0); every other layer keeps its default."""
-    from torchvision.models.vision_transformer import MLPBlock
-
-    _reset_parameters(model)
-    for block in model.modules():
-        if isinstance(block, MLPBlock):
-            for m in block.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.xavier_uniform_(m.weight)
-                    if m.bias is not None:
-                        nn.init.normal_(m.bias, std=1e-6)
-    model.class_token.zero_()
-    nn.init.normal_(model.encoder.pos_embedding, std=0.02)
-    stem = model.conv_proj
-    if isinstance(stem, nn.Conv2d):
-        _trunc_normal_fan_in(stem, stem.in_channels * stem.kernel_size[0] * stem.kernel_size[1])
-    elif isinstance(getattr(stem, "conv_last", None), nn.Conv2d):
-        nn.init.normal_(stem.conv_last.weight, std=math.sqrt(2.0 / stem.conv_last.out_channels))
-        if stem.conv_last.bias is not None:
-            nn.init.zeros_(stem.conv_last.bias)
-    if isinstance(getattr(model.heads, "pre_logits", None), nn.Linear):
-        _trunc_normal_fan_in(model.heads.pre_logits, model.heads.pre_logits.in_features)
-    if isinstance(model.heads.head, nn.Linear):
-        nn.init.zeros_(model.heads.head.weight)
-        nn.init.zeros_(model.heads.head.bias)
-
-
-def _trunc_normal_fan_in(layer: nn.Module, fan_in: int) -> None:
-    nn.init.trunc_normal_(layer.weight, std=math.sqrt(1 / fan_in))
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
+    return MetaInit(model, ref=ref, context="--meta-init", remedy="leave out --meta-init")
 
 
 def _train(args, plan: Plan, log) -> int:

@@ -55,6 +55,7 @@ from runtime.data_parallel import (
     validate_data_parallel,
 )
 from runtime.mesh import Meshes, build_mesh, validate_world
+from runtime.meta_init import MetaInit, materialize
 from runtime.precision import PrecisionSetup, build_precision
 from runtime.tensor_parallel import apply_tensor_parallel, resolve_styles
 from runtime.training import (
@@ -128,21 +129,11 @@ def validate_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.
     return notes
 
 
-def _materialize(module: nn.Module, device: torch.device, init_fn: Callable[[nn.Module], None] | None) -> None:
-    if not any(p.is_meta for p in module.parameters()) and not any(b.is_meta for b in module.buffers()):
-        return
-    module.to_empty(device=device)
-    inner = module.module if isinstance(module, DDP) else module
-    with torch.no_grad():
-        if init_fn is not None:
-            init_fn(inner)
-        elif hasattr(inner, "init_weights"):
-            inner.init_weights()
-        else:
-            raise SpecError(
-                f"model on the meta device: {type(inner).__name__} has no init_weights(); pass init_fn= "
-                f"to parallelize, or build the model on a real device"
-            )
+def _materialize(module: nn.Module, device: torch.device, init: MetaInit | None) -> None:
+    """`module` (the model or a stage, sharded) to `device` and initialised, if built on meta
+    (runtime/meta_init.py: ties kept, as the model built on one device would be initialised)."""
+    if init is not None:
+        materialize(module, device, init)
 
 
 def _trace_batch_one(model: nn.Module, inputs: tuple[Any, ...]) -> ModelGraph:
@@ -489,7 +480,9 @@ def parallelize(
             (dicts, several tensors); pp = 1 only. Give loss_fn or forward_fn.
         example_inputs: inputs with the model's shapes (for the fingerprint and pipeline split).
         device: where parameters live (default: cuda:LOCAL if available, else cpu).
-        init_fn: initialises a materialised meta model (default: its init_weights()).
+        init_fn: initialises each materialised part of a meta model, after its ties are re-bound
+            (default: the model's init_weights() or torchvision's, run through the whole model;
+            runtime/meta_init.py).
         optimizer_kwargs: keyword arguments of the plan's optimizer (plan.train.optimizer: lr,
             weight_decay, ...), the default.
         optimizer_fn: builds the optimizer instead: optimizer_fn(params) -> any torch.optim
@@ -526,15 +519,18 @@ def parallelize(
                                 device_type=device.type)
     styles = resolve_styles(model, plan) if plan.mesh.tp > 1 else {}
     meta = any(p.is_meta for p in model.parameters())
+    # before sharding and the split: the ties and the model's class as built (launch passes its own)
+    meta_init = (init_fn if isinstance(init_fn, MetaInit) and init_fn.model is model
+                 else MetaInit(model, init_fn)) if meta else None
 
     def apply(stage: nn.Module, is_stage: bool = False) -> nn.Module:
         apply_tensor_parallel(stage, meshes.tp, plan, styles=styles)
         notes.extend(apply_activation_checkpointing(stage, plan))
         if not fsdp:
-            _materialize(stage, device, init_fn)
+            _materialize(stage, device, meta_init)
         stage = apply_data_parallel(stage, meshes, plan, mp_policy=precision.mp_policy, is_pipeline_stage=is_stage)
         if fsdp:
-            _materialize(stage, device, init_fn)
+            _materialize(stage, device, meta_init)
         return stage
 
     aliases = _param_aliases(model)  # before the split: stage modules keep one name per parameter
