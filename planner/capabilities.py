@@ -88,6 +88,15 @@ def sequence_parallel_problem(graph) -> str | None:
         why = graph.layer_types[name].unsplit_attention
         if why:
             return f"sequence parallelism needs every attention split by heads; {name}'s is not: {why}"
+    for b in graph.blocks[1:-1]:
+        lt = graph.layer(b.index)
+        if lt.output_bytes_per_sample == 0 and not lt.tp_candidates:
+            # a block that reads the token stream and passes on only side values (a rotary table
+            # computed from the hidden states' shape, then shared by every layer): under sequence
+            # parallelism it sees its rank's tokens only (a crash on the shapes, or wrong values)
+            return (f"sequence parallelism splits the token stream between blocks; block {b.name!r} reads "
+                    f"it and passes on only values computed from it (shared by later blocks), which "
+                    f"would cover its rank's tokens only")
     for name in sorted(graph.layer_types):
         for op in graph.layer_types[name].ops:
             # a parameterised op no tp style covers (a MoE router, experts held as 3-D weights): its

@@ -72,6 +72,15 @@ def test_per_head_norms_get_their_style(graphs):
 
 
 @pytest.mark.tier1
+def test_no_sequence_parallelism_when_a_block_derives_shared_values_from_the_stream(graphs):
+    """rotary_shared computes its rotary table from the hidden states' length in a block of its own
+    and hands it to every layer: under sp that block sees its rank's tokens (the planned-runnable
+    sweep's tp=2 + sp points crashed with "size of tensor a (16) must match ... b (8)")."""
+    why = sequence_parallel_problem(graphs["rotary_shared"])
+    assert why is not None and "'rotary'" in why
+
+
+@pytest.mark.tier1
 def test_non_linear_projection_is_not_styled():
     """GPT-2's Conv1D (not an nn.Linear): no colwise/rowwise style the runtime would refuse."""
     transformers = pytest.importorskip("transformers")
