@@ -6,6 +6,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="${1:-$(mktemp -d)}"
 mkdir -p "$work"
+# the venv holds a full torch (~6 GB): removed on exit, pass or fail (runs used to fill the disk)
+trap 'rm -rf "$work/venv"' EXIT
 python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install --quiet --upgrade pip
 start=$(date +%s)
