@@ -30,3 +30,19 @@ def pytest_collection_modifyitems(config, items):
 
         item._id = NodeId.parse(item.nodeid + suffix)
     return result
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A one-process gloo group (rank 0 of 1), on one thread: on a shared 2-core machine torch's
+    default of one thread per core made one ViT step take minutes instead of 3 s."""
+    import torch
+    import torch.distributed as dist
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    torch.set_num_threads(threads)
+

@@ -24,13 +24,6 @@ from tests.runtime_plans import make_plan
 pytestmark = pytest.mark.tier2
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _setup(guard: NonFiniteGuard):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -58,18 +57,6 @@ _PARAMS = {name: sum(p.numel() for p in build_model(name, device="meta").module.
            for name in list_models()}
 SMALL = [n for n in list_models() if _PARAMS[n] < SMALL_PARAMS]
 _RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    """A one-process gloo group, on one thread (on a shared 2-core machine, torch's default of
-    one thread per core made one ViT step take minutes instead of 3 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    torch.set_num_threads(threads)
 
 
 @functools.cache

@@ -163,16 +163,6 @@ def _check(r: dict, plan_kw: dict) -> None:
 
 
 # ------------------------------------------------------------------ tier 2: one rank, in process
-@pytest.fixture
-def one_rank(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.tier2
 def test_dp1_equals_the_cpu_model(one_rank):
     """No data-parallel engine: the whole model materialised, the tie kept, the init the model's."""
