@@ -54,12 +54,13 @@ MoE transformers and on Hugging Face Mixtral, Qwen2-MoE (its shared expert data-
 any dense MLP) and Qwen3-MoE built from configs).
 
 A plan's `mesh.ep` (a divisor of dp and of every MoE layer's num_experts; specs.Plan) is applied
-by runtime.parallelize: `build_expert_meshes` over the plan's dp ranks, then `apply_expert_parallel`
-on the whole model before the pipeline split, tensor and data parallelism, with the experts' group
-following the plan's sharding (zero3: fully_shard resharding after forward; zero2: without; none:
-FSDP2's `replicate`); the rest of the model then runs FSDP2 (`replicate` for sharding none, as
-cost_models.engines says for ep > 1). zero1 and hsdp are refused with ep > 1
-(specs.plan.check_expert_parallel). EP x TP: tensor parallelism on the attention, experts whole on each tp rank
+by runtime.parallelize through `apply_plan_expert_parallel`: `build_expert_meshes` over the plan's
+dp ranks, then `apply_expert_parallel` on the whole model before the pipeline split, tensor and
+data parallelism, with the experts' group following the plan's sharding (zero3: fully_shard
+resharding after forward; zero2: without; none: FSDP2's `replicate`); the rest of the model then
+runs FSDP2 (`replicate` for sharding none, as cost_models.engines says for ep > 1). zero1, hsdp
+and cpu offload are refused with ep > 1 (specs.Plan). EP x TP: tensor parallelism on the
+attention, experts whole on each tp rank
 (`build_expert_meshes(tp=...)`). EP x PP: EP applied to the whole model before parallelize's
 pipeline split, which keeps the block modules (hooks and DTensor experts included) and runs
 several micro-batches' forwards before their backwards (each forward's send/receive pair is
@@ -84,7 +85,8 @@ from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 
 from planner.experts import is_hf_experts  # the tracer's test: what it costs is what EP shards
 from planner.models.moe import GroupedExperts, local_expert_weight, sort_by_expert
-from specs import SpecError
+from runtime.precision import build_precision
+from specs import Plan, SpecError
 
 
 @dataclass(frozen=True)
@@ -296,3 +298,25 @@ def apply_expert_parallel(
             f"applies to planner.models.moe.GroupedExperts and Hugging Face MoE experts)"
         )
     return names
+
+
+def apply_plan_expert_parallel(model: nn.Module, plan: Plan, device: torch.device) -> list[str]:
+    """A plan's expert parallelism, as runtime.parallelize applies it before anything else touches
+    the model (pipeline split, tensor and data parallelism): `build_expert_meshes` over the plan's
+    ranks, then `apply_expert_parallel` with the experts' group following the plan's sharding
+    (module docstring). Returns the notes for the ParallelModel."""
+    if any(p.is_meta for p in model.parameters()):
+        raise SpecError(
+            f"mesh.ep: expert parallelism (ep={plan.mesh.ep}) shards the experts from real weights; "
+            f"build the model on a device (not meta), or plan with ep=1"
+        )
+    model.to(device)
+    m = plan.mesh
+    meshes = build_expert_meshes(dp=m.dp, ep=m.ep, tp=m.tp, pp=m.pp, device_type=device.type)
+    precision = build_precision(plan.train.precision, fsdp=True, sharded_grads=True, device_type=device.type)
+    sharding = plan.data_parallel.sharding
+    names = apply_expert_parallel(model, meshes, reshard_after_forward=sharding == "zero3",
+                                  mp_policy=precision.mp_policy, replicate_experts=sharding == "none")
+    return [f"expert parallel: {len(names)} experts modules sharded over ep={m.ep} "
+            f"({m.dp // m.ep} copies of each shard)"]
+

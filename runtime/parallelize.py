@@ -513,7 +513,9 @@ def parallelize(
         raise SpecError("train.precision: fp16 loss scaling is not supported with a pipeline (pp > 1); use bf16")
     meshes = build_mesh(plan, device.type)
     if plan.mesh.ep > 1:
-        notes.extend(_apply_expert_parallel(model, plan, device))
+        from runtime.expert_parallel import apply_plan_expert_parallel
+
+        notes.extend(apply_plan_expert_parallel(model, plan, device))
     fsdp = uses_fsdp(plan)
     precision = build_precision(plan.train.precision, fsdp=fsdp, sharded_grads=fsdp or plan.mesh.tp > 1,
                                 device_type=device.type)
@@ -549,28 +551,6 @@ def parallelize(
                        forward_fn=forward_fn, lr_schedulers=schedulers, max_grad_norm=max_grad_norm, device=device)
     pm.param_aliases = aliases
     return pm
-
-
-def _apply_expert_parallel(model: nn.Module, plan: Plan, device: torch.device) -> list[str]:
-    """The plan's expert parallelism (runtime/expert_parallel.py): the experts sharded over ep of
-    the dp ranks, each with its own data-parallel group over the others, before everything else
-    touches the model (pipeline split, tensor and data parallelism)."""
-    from runtime.expert_parallel import apply_expert_parallel, build_expert_meshes
-
-    if any(p.is_meta for p in model.parameters()):
-        raise SpecError(
-            f"mesh.ep: expert parallelism (ep={plan.mesh.ep}) shards the experts from real weights; "
-            f"build the model on a device (not meta), or plan with ep=1"
-        )
-    model.to(device)
-    m = plan.mesh
-    meshes = build_expert_meshes(dp=m.dp, ep=m.ep, tp=m.tp, pp=m.pp, device_type=device.type)
-    precision = build_precision(plan.train.precision, fsdp=True, sharded_grads=True, device_type=device.type)
-    sharding = plan.data_parallel.sharding
-    names = apply_expert_parallel(model, meshes, reshard_after_forward=sharding == "zero3",
-                                  mp_policy=precision.mp_policy, replicate_experts=sharding == "none")
-    return [f"expert parallel: {len(names)} experts modules sharded over ep={m.ep} "
-            f"({m.dp // m.ep} copies of each shard)"]
 
 
 def _param_aliases(model: nn.Module) -> dict[str, str]:
